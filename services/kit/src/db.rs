@@ -1,0 +1,123 @@
+//! Database connections: an SQLite file in the service's data directory by default (WAL,
+//! synchronous=FULL), or PostgreSQL when `database.url` is set.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sea_orm::{ConnectOptions, Database, DatabaseConnection};
+use serde::Deserialize;
+
+/// The `[database]` section of a service config.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `postgres://…` for PostgreSQL; unset: `<data_dir>/<service>.sqlite3`.
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+fn default_max_connections() -> u32 {
+    8
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("data_dir {path}: {reason}")]
+    DataDir { path: PathBuf, reason: String },
+    #[error("database.url: cannot open {target}: {source}")]
+    Connect {
+        target: String,
+        source: sea_orm::DbErr,
+    },
+}
+
+/// Makes sure `dir` exists, is a directory and is writable (by writing and removing a probe).
+pub fn prepare_data_dir(dir: &Path) -> Result<(), DbError> {
+    let fail = |reason: String| DbError::DataDir {
+        path: dir.to_owned(),
+        reason,
+    };
+    if dir.exists() && !dir.is_dir() {
+        return Err(fail("exists and is not a directory".into()));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+    let probe = dir.join(".write-probe");
+    std::fs::write(&probe, b"probe").map_err(|e| fail(format!("not writable: {e}")))?;
+    std::fs::remove_file(&probe).map_err(|e| fail(format!("not writable: {e}")))?;
+    Ok(())
+}
+
+/// Opens the service database, creating the SQLite file when needed.
+pub async fn connect(
+    settings: &DatabaseSettings,
+    data_dir: &Path,
+    service: &str,
+) -> Result<DatabaseConnection, DbError> {
+    let (url, shown) = match &settings.url {
+        Some(url) => (url.clone(), redact_url(url)),
+        None => {
+            prepare_data_dir(data_dir)?;
+            let file = data_dir.join(format!("{service}.sqlite3"));
+            (
+                format!("sqlite://{}?mode=rwc", file.display()),
+                file.display().to_string(),
+            )
+        }
+    };
+    let mut options = ConnectOptions::new(url.clone());
+    options
+        .max_connections(settings.max_connections)
+        .connect_timeout(Duration::from_secs(5))
+        .sqlx_logging(false);
+    if url.starts_with("sqlite:") {
+        options.map_sqlx_sqlite_opts(|o| {
+            o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(5))
+                .foreign_keys(true)
+        });
+    }
+    Database::connect(options)
+        .await
+        .map_err(|source| DbError::Connect {
+            target: shown,
+            source,
+        })
+}
+
+/// The URL without its password, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}://{}:***@{}", &url[..scheme_end], user, &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("postgres://cms:s3cret@127.0.0.1:5432/cms"),
+            "postgres://cms:***@127.0.0.1:5432/cms"
+        );
+        assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+
+    #[test]
+    fn data_dir_that_is_a_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let err = prepare_data_dir(&file).unwrap_err().to_string();
+        assert!(err.contains("not a directory"), "{err}");
+    }
+}

@@ -1,0 +1,175 @@
+//! Workload identities: SPIFFE-style URI SANs (`spiffe://<trust-domain>/<path>`).
+//!
+//! The TLS acceptor reads the identity from the verified client certificate once and puts a
+//! [`PeerIdentity`] into every request's extensions; handlers never parse certificates.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use rustls_pki_types::CertificateDer;
+
+/// A validated SPIFFE ID.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpiffeId(String);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdentityError {
+    #[error("not a SPIFFE ID (must start with spiffe://): {0:?}")]
+    Scheme(String),
+    #[error("SPIFFE ID has an empty or invalid trust domain: {0:?}")]
+    TrustDomain(String),
+    #[error("SPIFFE ID has an empty, invalid or dot path segment: {0:?}")]
+    Path(String),
+    #[error("certificate cannot be parsed")]
+    Certificate,
+    #[error("certificate has no spiffe:// URI SAN")]
+    Missing,
+    #[error("certificate has more than one spiffe:// URI SAN")]
+    Ambiguous,
+}
+
+impl SpiffeId {
+    /// Builds `spiffe://<trust_domain>/cms/<workload>`, the form every CMS component uses.
+    pub fn for_workload(trust_domain: &str, workload: &str) -> Result<Self, IdentityError> {
+        format!("spiffe://{trust_domain}/cms/{workload}").parse()
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        let rest = &self.0["spiffe://".len()..];
+        rest.split('/').next().unwrap_or_default()
+    }
+
+    /// The path after the trust domain, e.g. `/cms/gateway`.
+    pub fn path(&self) -> &str {
+        let rest = &self.0["spiffe://".len()..];
+        &rest[self.trust_domain().len()..]
+    }
+
+    /// Reads the single `spiffe://` URI SAN of a DER certificate.
+    pub fn from_certificate(cert: &CertificateDer<'_>) -> Result<Self, IdentityError> {
+        use x509_parser::prelude::*;
+        let (_, parsed) =
+            X509Certificate::from_der(cert.as_ref()).map_err(|_| IdentityError::Certificate)?;
+        let mut found: Option<SpiffeId> = None;
+        if let Ok(Some(san)) = parsed.subject_alternative_name() {
+            for name in &san.value.general_names {
+                if let GeneralName::URI(uri) = name
+                    && uri.starts_with("spiffe://")
+                {
+                    if found.is_some() {
+                        return Err(IdentityError::Ambiguous);
+                    }
+                    found = Some(uri.parse()?);
+                }
+            }
+        }
+        found.ok_or(IdentityError::Missing)
+    }
+}
+
+impl FromStr for SpiffeId {
+    type Err = IdentityError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| IdentityError::Scheme(s.to_owned()))?;
+        let (domain, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let domain_ok = !domain.is_empty()
+            && domain
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+        if !domain_ok {
+            return Err(IdentityError::TrustDomain(s.to_owned()));
+        }
+        if !path.is_empty() {
+            for segment in path[1..].split('/') {
+                let ok = !segment.is_empty()
+                    && segment != "."
+                    && segment != ".."
+                    && segment
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+                if !ok {
+                    return Err(IdentityError::Path(s.to_owned()));
+                }
+            }
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SpiffeId({})", self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SpiffeId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl serde::Serialize for SpiffeId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+/// Who is on the other end of a mutual-TLS connection, as verified by the acceptor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerIdentity {
+    pub spiffe_id: SpiffeId,
+    pub remote_addr: Option<SocketAddr>,
+}
+
+impl PeerIdentity {
+    /// The verified caller of a request, put there by the acceptor.
+    pub fn of<T>(request: &tonic::Request<T>) -> Option<&PeerIdentity> {
+        request.extensions().get::<PeerIdentity>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_splits() {
+        let id: SpiffeId = "spiffe://cms.local/cms/gateway".parse().unwrap();
+        assert_eq!(id.trust_domain(), "cms.local");
+        assert_eq!(id.path(), "/cms/gateway");
+        assert_eq!(SpiffeId::for_workload("cms.local", "gateway").unwrap(), id);
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        for bad in [
+            "http://cms.local/x",
+            "spiffe://",
+            "spiffe://CMS/x",
+            "spiffe://cms.local/",
+            "spiffe://cms.local//x",
+            "spiffe://cms.local/../x",
+            "spiffe://cms.local/a b",
+        ] {
+            assert!(bad.parse::<SpiffeId>().is_err(), "{bad} accepted");
+        }
+    }
+}

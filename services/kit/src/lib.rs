@@ -1,0 +1,23 @@
+//! Shared runtime of the CMS services.
+//!
+//! Every server is built the same way: `main` parses its [`config`], installs the one rustls
+//! crypto provider ([`tls::install_crypto_provider`]), starts [`telemetry`], binds its listeners
+//! and calls the service's `run`, which hands a tonic router to [`server::serve`].
+
+pub mod accept;
+pub mod authz;
+pub mod client;
+pub mod config;
+pub mod db;
+pub mod exit;
+pub mod identity;
+pub mod metrics;
+pub mod ops;
+pub mod pki;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+pub mod tls;
+pub mod trace;
+
+pub use identity::{PeerIdentity, SpiffeId};

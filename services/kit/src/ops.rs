@@ -1,0 +1,78 @@
+//! The plaintext ops port: `/livez`, `/readyz` and `/metrics` for kubelet and Prometheus,
+//! which cannot speak our mutual TLS. It serves no data and accepts no commands.
+
+use std::sync::{Arc, RwLock};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio::net::TcpListener;
+
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+
+/// Whether the service can take traffic now, and if not, why (shown on `/readyz`).
+#[derive(Clone, Debug)]
+pub struct Readiness(Arc<RwLock<Option<String>>>);
+
+impl Readiness {
+    /// Starts not ready, with the reason given.
+    pub fn new(reason: &str) -> Self {
+        Self(Arc::new(RwLock::new(Some(reason.to_owned()))))
+    }
+
+    pub fn set_ready(&self) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    pub fn set_not_ready(&self, reason: &str) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_owned());
+    }
+
+    /// `None` when ready, else the reason.
+    pub fn reason(&self) -> Option<String> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[derive(Clone)]
+struct OpsState {
+    readiness: Readiness,
+    metrics: Metrics,
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    readiness: Readiness,
+    metrics: Metrics,
+    shutdown: Shutdown,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(OpsState { readiness, metrics });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.wait())
+        .await
+}
+
+async fn readyz(State(state): State<OpsState>) -> (StatusCode, String) {
+    match state.readiness.reason() {
+        None => (StatusCode::OK, "ready\n".into()),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+    }
+}
+
+async fn metrics_text(
+    State(state): State<OpsState>,
+) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+}

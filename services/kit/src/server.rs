@@ -1,0 +1,196 @@
+//! Runs a tonic server the same way for every service: our mTLS acceptor, the allow-list,
+//! trace propagation and metrics, gRPC health and reflection, the plaintext ops port, and a
+//! graceful shutdown bounded by a timeout.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+use tonic_health::ServingStatus;
+
+use crate::accept::{self, AcceptLimits};
+use crate::authz::{AccessSettings, AllowListLayer};
+use crate::metrics::Metrics;
+use crate::ops::{self, Readiness};
+use crate::shutdown::Shutdown;
+use crate::tls::TlsSource;
+use crate::trace::ServerTraceLayer;
+
+/// The `[server]` section of every service config.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// gRPC (mutual TLS) listen address.
+    pub listen: SocketAddr,
+    /// Plaintext `/livez`, `/readyz`, `/metrics` listen address.
+    pub ops_listen: SocketAddr,
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    #[serde(default = "default_max_handshakes")]
+    pub max_concurrent_handshakes: usize,
+    /// How long in-flight requests may take to finish after shutdown starts.
+    #[serde(default = "default_grace_ms")]
+    pub shutdown_grace_ms: u64,
+    /// Requests in flight per connection.
+    #[serde(default = "default_concurrency")]
+    pub max_concurrent_streams: u32,
+}
+
+fn default_handshake_timeout_ms() -> u64 {
+    5_000
+}
+fn default_max_handshakes() -> usize {
+    256
+}
+fn default_grace_ms() -> u64 {
+    10_000
+}
+fn default_concurrency() -> u32 {
+    1_024
+}
+
+/// The two listeners a service needs; bound by `main` (or a test) and passed in.
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub ops: TcpListener,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("{key}: cannot listen on {addr}: {source}")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+impl Listeners {
+    pub async fn bind(settings: &ServerSettings) -> Result<Self, BindError> {
+        let bind = |key, addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| BindError::Bind { key, addr, source })
+        };
+        Ok(Self {
+            grpc: bind("server.listen", settings.listen).await?,
+            ops: bind("server.ops_listen", settings.ops_listen).await?,
+        })
+    }
+
+    /// Both on 127.0.0.1 with ports chosen by the kernel, for tests.
+    pub async fn loopback() -> std::io::Result<Self> {
+        Ok(Self {
+            grpc: TcpListener::bind("127.0.0.1:0").await?,
+            ops: TcpListener::bind("127.0.0.1:0").await?,
+        })
+    }
+}
+
+/// Everything `serve` needs besides the routes.
+pub struct Serve {
+    /// Short service name, e.g. "custody".
+    pub name: &'static str,
+    /// Fully qualified gRPC service names reported SERVING by the health service.
+    pub grpc_services: &'static [&'static str],
+    /// Encoded FileDescriptorSet for reflection.
+    pub descriptors: &'static [u8],
+    pub settings: ServerSettings,
+    pub access: AccessSettings,
+    pub tls: Arc<TlsSource>,
+    pub readiness: Readiness,
+    pub metrics: Metrics,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("ops server: {0}")]
+    Ops(std::io::Error),
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves until `shutdown`, then lets in-flight requests finish for at most
+/// `shutdown_grace_ms`.
+pub async fn serve(
+    spec: Serve,
+    routes: Routes,
+    listeners: Listeners,
+    shutdown: Shutdown,
+) -> Result<(), ServeError> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    for name in spec.grpc_services {
+        health_reporter
+            .set_service_status(*name, ServingStatus::Serving)
+            .await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(spec.descriptors)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let routes = routes.add_service(health_service).add_service(reflection);
+
+    let reloader = spec.tls.spawn_reloader(shutdown.clone());
+    let grpc_addr = listeners.grpc.local_addr().ok();
+    let ops_addr = listeners.ops.local_addr().ok();
+    let incoming = accept::incoming(
+        listeners.grpc,
+        spec.tls.clone(),
+        AcceptLimits {
+            handshake_timeout: Duration::from_millis(spec.settings.handshake_timeout_ms),
+            max_concurrent_handshakes: spec.settings.max_concurrent_handshakes,
+        },
+        spec.metrics.clone(),
+        shutdown.clone(),
+    );
+    let ops = tokio::spawn(ops::serve(
+        listeners.ops,
+        spec.readiness.clone(),
+        spec.metrics.clone(),
+        shutdown.clone(),
+    ));
+
+    let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(spec.settings.max_concurrent_streams)
+        .layer(ServerTraceLayer::new(spec.metrics.clone()))
+        .layer(AllowListLayer::new(spec.access.allow.iter().cloned()))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, shutdown.wait());
+    tracing::info!(
+        service = spec.name,
+        identity = %spec.tls.identity(),
+        grpc = ?grpc_addr,
+        ops = ?ops_addr,
+        "serving"
+    );
+    spec.readiness.set_ready();
+
+    tokio::pin!(server);
+    let result = tokio::select! {
+        r = &mut server => r,
+        () = shutdown.wait() => {
+            spec.readiness.set_not_ready("shutting down");
+            let grace = Duration::from_millis(spec.settings.shutdown_grace_ms);
+            match tokio::time::timeout(grace, &mut server).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!(grace_ms = spec.settings.shutdown_grace_ms, "requests still in flight after the grace period; closing them");
+                    Ok(())
+                }
+            }
+        }
+    };
+    reloader.abort();
+    match ops.await {
+        Ok(Err(e)) => return Err(ServeError::Ops(e)),
+        Ok(Ok(())) | Err(_) => {}
+    }
+    tracing::info!(service = spec.name, "stopped");
+    Ok(result?)
+}

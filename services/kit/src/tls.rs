@@ -1,0 +1,289 @@
+//! TLS material for mutual TLS, loaded from PEM files and reloaded when the files change.
+//!
+//! One [`TlsSource`] per process serves both directions: the acceptor takes
+//! [`TlsSource::server_config`] for every new handshake and clients take
+//! [`TlsSource::client_config`] for every new connection, so a certificate replaced on disk
+//! (cert-manager, SPIRE, `cms pki init`) is used without a restart.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+
+use crate::identity::{IdentityError, SpiffeId};
+use crate::shutdown::Shutdown;
+
+/// Installs ring as the process-wide rustls provider. Call once from `main`; the only provider
+/// in the dependency graph, so a second call is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The `[tls]` section of every service config.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM bundle of the CA certificates that sign peers (clients and servers).
+    pub ca: PathBuf,
+    /// PEM certificate chain of this workload, leaf first, carrying its spiffe:// URI SAN.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, SEC1 or PKCS#1) of this workload.
+    pub key: PathBuf,
+    /// How often the files are checked for changes, in milliseconds.
+    #[serde(default = "default_reload_ms")]
+    pub reload_interval_ms: u64,
+}
+
+fn default_reload_ms() -> u64 {
+    5_000
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{key}: cannot read {path}: {source}")]
+    Read {
+        key: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("{key}: {path} holds no {what}")]
+    Empty {
+        key: &'static str,
+        path: PathBuf,
+        what: &'static str,
+    },
+    #[error("tls.cert: {path}: {source}")]
+    Identity { path: PathBuf, source: IdentityError },
+    #[error("tls: {0}")]
+    Rustls(String),
+}
+
+/// What was built from one reading of the files.
+struct Loaded {
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+    roots: Arc<RootCertStore>,
+    identity: SpiffeId,
+    stamp: Stamp,
+}
+
+/// Modification time and length of the three files: a change in any triggers a reload.
+type Stamp = [(Option<SystemTime>, u64); 3];
+
+pub struct TlsSource {
+    settings: TlsSettings,
+    current: RwLock<Arc<Loaded>>,
+}
+
+impl std::fmt::Debug for TlsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSource")
+            .field("cert", &self.settings.cert)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsSource {
+    /// Reads and checks the files now; errors name the config key and the file.
+    pub fn load(settings: TlsSettings) -> Result<Arc<Self>, TlsError> {
+        let loaded = load(&settings)?;
+        Ok(Arc::new(Self {
+            settings,
+            current: RwLock::new(Arc::new(loaded)),
+        }))
+    }
+
+    fn current(&self) -> Arc<Loaded> {
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.current().server.clone()
+    }
+
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        self.current().client.clone()
+    }
+
+    /// The CA roots currently trusted.
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        self.current().roots.clone()
+    }
+
+    /// This workload's own SPIFFE ID, from its certificate.
+    pub fn identity(&self) -> SpiffeId {
+        self.current().identity.clone()
+    }
+
+    /// Reloads when any file changed. A bad new file keeps the old material in use.
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let old = self.current();
+        if stamp(&self.settings) == old.stamp {
+            return Ok(false);
+        }
+        let loaded = load(&self.settings)?;
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(loaded);
+        Ok(true)
+    }
+
+    /// Checks the files every `reload_interval_ms` until shutdown.
+    pub fn spawn_reloader(self: &Arc<Self>, shutdown: Shutdown) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        let every = Duration::from_millis(self.settings.reload_interval_ms.max(50));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = shutdown.wait() => return,
+                }
+                match this.reload_if_changed() {
+                    Ok(true) => tracing::info!(identity = %this.identity(), "TLS certificates reloaded"),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "TLS files changed but cannot be used; keeping the previous ones"),
+                }
+            }
+        })
+    }
+}
+
+fn stamp(settings: &TlsSettings) -> Stamp {
+    let one = |p: &Path| match fs::metadata(p) {
+        Ok(m) => (m.modified().ok(), m.len()),
+        Err(_) => (None, 0),
+    };
+    [
+        one(&settings.ca),
+        one(&settings.cert),
+        one(&settings.key),
+    ]
+}
+
+fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    fs::read(path).map_err(|source| TlsError::Read {
+        key,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+pub(crate) fn parse_certs(
+    key: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<_, _>>()
+        .map_err(|source| TlsError::Read {
+            key,
+            path: path.to_owned(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Empty {
+            key,
+            path: path.to_owned(),
+            what: "PEM certificate",
+        });
+    }
+    Ok(certs)
+}
+
+fn load(settings: &TlsSettings) -> Result<Loaded, TlsError> {
+    // Stamp first: a file replaced while we read is seen again at the next tick.
+    let stamp = stamp(settings);
+    let ca_pem = read("tls.ca", &settings.ca)?;
+    let cert_pem = read("tls.cert", &settings.cert)?;
+    let key_pem = read("tls.key", &settings.key)?;
+
+    let mut roots = RootCertStore::empty();
+    for ca in parse_certs("tls.ca", &settings.ca, &ca_pem)? {
+        roots
+            .add(ca)
+            .map_err(|e| TlsError::Rustls(format!("tls.ca: {}: {e}", settings.ca.display())))?;
+    }
+    let roots = Arc::new(roots);
+    let chain = parse_certs("tls.cert", &settings.cert, &cert_pem)?;
+    let identity =
+        SpiffeId::from_certificate(&chain[0]).map_err(|source| TlsError::Identity {
+            path: settings.cert.clone(),
+            source,
+        })?;
+    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
+        .map_err(|source| TlsError::Read {
+            key: "tls.key",
+            path: settings.key.clone(),
+            source,
+        })?
+        .ok_or_else(|| TlsError::Empty {
+            key: "tls.key",
+            path: settings.key.clone(),
+            what: "PEM private key",
+        })?;
+
+    let server = server_config(roots.clone(), chain.clone(), key.clone_key())?;
+    let client = client_config(roots.clone(), chain, key)?;
+    Ok(Loaded {
+        server: Arc::new(server),
+        client: Arc::new(client),
+        roots,
+        identity,
+        stamp,
+    })
+}
+
+fn server_config(
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<ServerConfig, TlsError> {
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+        .build()
+        .map_err(|e| TlsError::Rustls(format!("client verifier: {e}")))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Rustls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Rustls(format!("tls.cert/tls.key do not match: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+fn client_config(
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<ClientConfig, TlsError> {
+    let provider = provider();
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+        .build()
+        .map_err(|e| TlsError::Rustls(format!("server verifier: {e}")))?;
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Rustls(e.to_string()))?
+        .with_webpki_verifier(verifier)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| TlsError::Rustls(format!("tls.cert/tls.key do not match: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
