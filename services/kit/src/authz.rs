@@ -4,7 +4,6 @@
 //! gets PERMISSION_DENIED (the connection and the service stay up). Health and reflection stay
 //! open to any peer with a valid certificate of our CA, so probes and tooling work.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -14,13 +13,52 @@ use serde::Deserialize;
 
 use crate::identity::{PeerIdentity, SpiffeId};
 
+
 /// The `[access]` section of a service config.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccessSettings {
-    /// SPIFFE IDs allowed to call this service's API.
+    /// Callers allowed to use this service's API: exact SPIFFE IDs, or `spiffe://td/path/*`
+    /// for every identity below a path (one agent identity per desktop, say).
     #[serde(default)]
-    pub allow: BTreeSet<SpiffeId>,
+    pub allow: Vec<IdentityPattern>,
+}
+
+/// An exact SPIFFE ID, or every ID below a path.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum IdentityPattern {
+    Exact(SpiffeId),
+    Below(SpiffeId),
+}
+
+impl IdentityPattern {
+    pub fn matches(&self, id: &SpiffeId) -> bool {
+        match self {
+            Self::Exact(exact) => exact == id,
+            Self::Below(base) => id
+                .as_str()
+                .strip_prefix(base.as_str())
+                .is_some_and(|rest| rest.starts_with('/')),
+        }
+    }
+}
+
+impl std::str::FromStr for IdentityPattern {
+    type Err = crate::identity::IdentityError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.strip_suffix("/*") {
+            Some(base) => Ok(Self::Below(base.parse()?)),
+            None => Ok(Self::Exact(s.parse()?)),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for IdentityPattern {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// gRPC paths every authenticated peer may call.
@@ -28,13 +66,13 @@ const OPEN_PREFIXES: &[&str] = &["/grpc.health.v1.Health/", "/grpc.reflection."]
 
 #[derive(Clone, Debug)]
 pub struct AllowListLayer {
-    allowed: Arc<BTreeSet<SpiffeId>>,
+    allowed: Arc<[IdentityPattern]>,
 }
 
 impl AllowListLayer {
-    pub fn new(allowed: impl IntoIterator<Item = SpiffeId>) -> Self {
+    pub fn new(allowed: impl IntoIterator<Item = IdentityPattern>) -> Self {
         Self {
-            allowed: Arc::new(allowed.into_iter().collect()),
+            allowed: allowed.into_iter().collect(),
         }
     }
 }
@@ -53,19 +91,19 @@ impl<S> tower_layer::Layer<S> for AllowListLayer {
 #[derive(Clone, Debug)]
 pub struct AllowList<S> {
     inner: S,
-    allowed: Arc<BTreeSet<SpiffeId>>,
+    allowed: Arc<[IdentityPattern]>,
 }
 
 /// Whether `peer` may call `path`. Pure, so it is unit-tested without a server.
 pub fn decide(
-    allowed: &BTreeSet<SpiffeId>,
+    allowed: &[IdentityPattern],
     peer: Option<&PeerIdentity>,
     path: &str,
 ) -> Result<(), tonic::Status> {
     let Some(peer) = peer else {
         return Err(tonic::Status::unauthenticated("no verified client identity"));
     };
-    if OPEN_PREFIXES.iter().any(|p| path.starts_with(p)) || allowed.contains(&peer.spiffe_id) {
+    if OPEN_PREFIXES.iter().any(|p| path.starts_with(p)) || allowed.iter().any(|p| p.matches(&peer.spiffe_id)) {
         return Ok(());
     }
     Err(tonic::Status::permission_denied(format!(
@@ -117,9 +155,15 @@ mod tests {
 
     #[test]
     fn allow_list_decisions() {
-        let allowed: BTreeSet<SpiffeId> = ["spiffe://cms.local/cms/gateway".parse().unwrap()].into();
+        let allowed: Vec<IdentityPattern> = vec![
+            "spiffe://cms.local/cms/gateway".parse().unwrap(),
+            "spiffe://cms.local/cms/agent/*".parse().unwrap(),
+        ];
         let gw = peer("spiffe://cms.local/cms/gateway");
-        let other = peer("spiffe://cms.local/cms/agent");
+        let other = peer("spiffe://cms.local/cms/agentx");
+        let desktop = peer("spiffe://cms.local/cms/agent/desktop-7");
+        assert!(decide(&allowed, Some(&desktop), "/cms.gateway.v1.AgentLinkService/Connect").is_ok());
+        assert!(decide(&allowed, Some(&peer("spiffe://cms.local/cms/agent")), "/x.Y/Z").is_err());
         assert!(decide(&allowed, Some(&gw), "/cms.custody.v1.CustodyService/GetStatus").is_ok());
         let denied = decide(&allowed, Some(&other), "/cms.custody.v1.CustodyService/GetStatus")
             .unwrap_err();

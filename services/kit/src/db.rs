@@ -8,7 +8,7 @@ use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 use serde::Deserialize;
 
 /// The `[database]` section of a service config.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
     /// `postgres://…` for PostgreSQL; unset: `<data_dir>/<service>.sqlite3`.
@@ -22,10 +22,21 @@ fn default_max_connections() -> u32 {
     8
 }
 
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("data_dir {path}: {reason}")]
     DataDir { path: PathBuf, reason: String },
+    #[error("database.max_connections must be at least 1")]
+    NoConnections,
     #[error("database.url: cannot open {target}: {source}")]
     Connect {
         target: String,
@@ -55,6 +66,9 @@ pub async fn connect(
     data_dir: &Path,
     service: &str,
 ) -> Result<DatabaseConnection, DbError> {
+    if settings.max_connections == 0 {
+        return Err(DbError::NoConnections);
+    }
     let (url, shown) = match &settings.url {
         Some(url) => (url.clone(), redact_url(url)),
         None => {

@@ -5,7 +5,8 @@ use std::error::Error;
 use std::fmt::Write;
 use std::process::ExitCode;
 
-/// Formats an error with its sources on one line: `outer: inner: root`.
+/// Formats an error with its sources as `outer: inner: root` (one line unless a message
+/// itself carries lines, like a log tail).
 pub fn one_line(err: &(dyn Error + 'static)) -> String {
     let mut line = err.to_string();
     let mut source = err.source();
@@ -16,7 +17,7 @@ pub fn one_line(err: &(dyn Error + 'static)) -> String {
         }
         source = s.source();
     }
-    line.replace('\n', " ")
+    line
 }
 
 /// Builds a multi-threaded runtime, runs `main`, and turns an error into one line on stderr.
@@ -25,6 +26,7 @@ where
     E: Error + 'static,
     F: std::future::Future<Output = Result<(), E>>,
 {
+    install_panic_hook(program);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -39,4 +41,22 @@ where
             ExitCode::from(2)
         }
     }
+}
+
+/// A panic is a bug; report it on one line (with where it happened) instead of a backtrace.
+fn install_panic_hook(program: &str) {
+    let program = program.to_owned();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let place = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("{program}: internal error (a bug, please report it): {message}{place}");
+    }));
 }

@@ -6,6 +6,7 @@
 
 pub mod accept;
 pub mod authz;
+pub mod service;
 pub mod client;
 pub mod config;
 pub mod db;

@@ -157,6 +157,15 @@ impl Ca {
     }
 }
 
+/// The SPIFFE ID of the first certificate in a PEM file.
+pub fn spiffe_id_of_pem(pem: &[u8]) -> Result<SpiffeId, String> {
+    let cert = rustls_pemfile::certs(&mut &pem[..])
+        .next()
+        .ok_or("no PEM certificate")?
+        .map_err(|e| e.to_string())?;
+    SpiffeId::from_certificate(&cert).map_err(|e| e.to_string())
+}
+
 /// Where the dev PKI keeps its files.
 #[derive(Clone, Debug)]
 pub struct DevPki {

@@ -37,6 +37,10 @@ pub struct ServerSettings {
     /// Requests in flight per connection.
     #[serde(default = "default_concurrency")]
     pub max_concurrent_streams: u32,
+    /// When set, the bound addresses are written here once serving (`grpc=…` and `ops=…`
+    /// lines), so a supervisor can use port 0.
+    #[serde(default)]
+    pub announce_file: Option<std::path::PathBuf>,
 }
 
 fn default_handshake_timeout_ms() -> u64 {
@@ -95,6 +99,8 @@ impl Listeners {
 pub struct Serve {
     /// Short service name, e.g. "custody".
     pub name: &'static str,
+    /// Software version, sent back in the `x-cms-version` response header.
+    pub version: &'static str,
     /// Fully qualified gRPC service names reported SERVING by the health service.
     pub grpc_services: &'static [&'static str],
     /// Encoded FileDescriptorSet for reflection.
@@ -114,6 +120,30 @@ pub enum ServeError {
     Ops(std::io::Error),
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("server.announce_file: {0}")]
+    Announce(std::io::Error),
+}
+
+/// Writes the announce file atomically (temporary file, then rename).
+fn announce(path: &std::path::Path, grpc: SocketAddr, ops: SocketAddr) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("grpc={grpc}\nops={ops}\n"))?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Reads an announce file written by a serving process.
+pub fn read_announce(path: &std::path::Path) -> Option<(SocketAddr, SocketAddr)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut grpc = None;
+    let mut ops = None;
+    for line in text.lines() {
+        match line.split_once('=') {
+            Some(("grpc", a)) => grpc = a.parse().ok(),
+            Some(("ops", a)) => ops = a.parse().ok(),
+            _ => {}
+        }
+    }
+    Some((grpc?, ops?))
 }
 
 /// Serves until `shutdown`, then lets in-flight requests finish for at most
@@ -158,7 +188,7 @@ pub async fn serve(
 
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(spec.settings.max_concurrent_streams)
-        .layer(ServerTraceLayer::new(spec.metrics.clone()))
+        .layer(ServerTraceLayer::new(spec.metrics.clone(), spec.version))
         .layer(AllowListLayer::new(spec.access.allow.iter().cloned()))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown.wait());
@@ -169,6 +199,9 @@ pub async fn serve(
         ops = ?ops_addr,
         "serving"
     );
+    if let (Some(path), Some(grpc), Some(ops)) = (&spec.settings.announce_file, grpc_addr, ops_addr) {
+        announce(path, grpc, ops).map_err(ServeError::Announce)?;
+    }
     spec.readiness.set_ready();
 
     tokio::pin!(server);

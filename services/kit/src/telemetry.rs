@@ -109,13 +109,18 @@ pub fn init(service: &str, settings: &TelemetrySettings) -> Result<TelemetryGuar
     let otel_layer = tracing_opentelemetry::layer().with_tracer(provider.tracer(format!("cms-{service}")));
 
     let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let result = if settings.json {
         registry
             .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))
             .try_init()
     } else {
         registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(std::io::stderr),
+            )
             .try_init()
     };
     result.map_err(|e| TelemetryError::Init(e.to_string()))?;

@@ -85,11 +85,18 @@ where
 #[derive(Clone, Debug)]
 pub struct ServerTraceLayer {
     metrics: Metrics,
+    version: HeaderValue,
 }
 
+/// Response header that tells callers which software version answered.
+pub const VERSION_HEADER: &str = "x-cms-version";
+
 impl ServerTraceLayer {
-    pub fn new(metrics: Metrics) -> Self {
-        Self { metrics }
+    pub fn new(metrics: Metrics, version: &'static str) -> Self {
+        Self {
+            metrics,
+            version: HeaderValue::from_static(version),
+        }
     }
 }
 
@@ -100,6 +107,7 @@ impl<S> tower_layer::Layer<S> for ServerTraceLayer {
         ServerTrace {
             inner,
             metrics: self.metrics.clone(),
+            version: self.version.clone(),
         }
     }
 }
@@ -108,6 +116,7 @@ impl<S> tower_layer::Layer<S> for ServerTraceLayer {
 pub struct ServerTrace<S> {
     inner: S,
     metrics: Metrics,
+    version: HeaderValue,
 }
 
 impl<S, B, RB> tower_service::Service<Request<B>> for ServerTrace<S>
@@ -150,6 +159,7 @@ where
         });
         let _ = span.set_parent(parent);
         let metrics = self.metrics.clone();
+        let version = self.version.clone();
         let started = Instant::now();
         let fut = {
             let _enter = span.enter();
@@ -157,7 +167,10 @@ where
         };
         Box::pin(
             async move {
-                let result = fut.await;
+                let mut result = fut.await;
+                if let Ok(resp) = &mut result {
+                    resp.headers_mut().insert(VERSION_HEADER, version);
+                }
                 // Errors from handlers are trailers-only responses with grpc-status in the
                 // headers; a successful stream carries 0 in its trailers.
                 let code = match &result {

@@ -1,0 +1,6 @@
+//! The local all-in-one deployment: a data directory with the dev PKI, one config per
+//! service, and the five services as supervised child processes. Used by `cms up` and by the
+//! end-to-end test harness.
+
+pub mod layout;
+pub mod supervise;

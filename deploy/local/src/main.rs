@@ -1,0 +1,241 @@
+//! `cms`: the local launcher. `cms up` runs the whole system on this machine with embedded
+//! defaults; `cms pki init` makes the dev PKI; `cms serve <service>` runs one service in the
+//! foreground (what `up` starts for each service).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use cms_launcher::layout::{self, Layout, Peers, Ports, START_ORDER};
+use cms_launcher::supervise::{self, Service};
+
+#[derive(Parser)]
+#[command(name = "cms", version, about = "Smart-card PIN unblock CMS: local launcher")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start all five services on 127.0.0.1 and stop them on Ctrl-C or SIGTERM.
+    Up {
+        #[command(flatten)]
+        data: DataArgs,
+        /// First port: gateway BASE, template +1, directory +2, custody +3, agent +4; their
+        /// plaintext ops ports are +10 each. Used only when a config is first written.
+        #[arg(long, default_value_t = 7400)]
+        base_port: u16,
+    },
+    /// Development PKI.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCmd,
+    },
+    /// Run one service in the foreground.
+    Serve {
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(START_ORDER))]
+        service: String,
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Create the CA and every missing certificate under <data-dir>/pki.
+    Init {
+        #[command(flatten)]
+        data: DataArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct DataArgs {
+    /// Where the PKI, configs, databases and logs live.
+    #[arg(long, env = "CMS_DATA_DIR", default_value = "./cms-data")]
+    data_dir: PathBuf,
+    /// SPIFFE trust domain of the dev PKI.
+    #[arg(long, default_value = layout::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error(transparent)]
+    Layout(#[from] layout::LayoutError),
+    #[error(transparent)]
+    Pki(#[from] cms_kit::pki::PkiError),
+    #[error(transparent)]
+    Supervise(#[from] supervise::SuperviseError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Failed(String),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Serve { service, config } => serve(&service, &config),
+        Cmd::Pki {
+            command: PkiCmd::Init { data },
+        } => cms_kit::exit::run("cms", || async move { pki_init(&data) }),
+        Cmd::Up { data, base_port } => {
+            cms_kit::exit::run("cms", || async move { up(&data, base_port).await })
+        }
+    }
+}
+
+fn serve(service: &str, config: &Path) -> ExitCode {
+    use cms_kit::service::main;
+    let config = Some(config);
+    match service {
+        "template" => main("template", config, cms_template::run),
+        "directory" => main("directory", config, cms_directory::run),
+        "custody" => main("custody", config, cms_custody::run),
+        "gateway" => main("gateway", config, cms_gateway::run),
+        "agent" => main("agent", config, cms_agent::run),
+        other => {
+            eprintln!("cms: unknown service {other:?}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn layout_of(data: &DataArgs) -> Result<Layout, Error> {
+    let layout = Layout::new(&data.data_dir, &data.trust_domain)?;
+    layout.create_dirs()?;
+    Ok(layout)
+}
+
+fn pki_init(data: &DataArgs) -> Result<(), Error> {
+    let layout = layout_of(data)?;
+    let pki = layout.pki();
+    let written = pki.init()?;
+    if written.is_empty() {
+        println!("dev PKI in {} is complete; nothing to do", pki.dir.display());
+    } else {
+        println!("dev PKI in {} (trust domain {}):", pki.dir.display(), layout.trust_domain);
+        for path in written {
+            println!("  wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// gRPC and ops ports of a service for a first-time config.
+fn default_ports(service: &str, base: u16) -> Result<Ports, Error> {
+    let offset = match service {
+        "gateway" => 0,
+        "template" => 1,
+        "directory" => 2,
+        "custody" => 3,
+        _ => 4,
+    };
+    let port = |delta: u16| {
+        base.checked_add(delta)
+            .ok_or_else(|| Error::Failed(format!("--base-port {base} leaves no room for the ports")))
+    };
+    Ok(Ports {
+        grpc: SocketAddr::from((Ipv4Addr::LOCALHOST, port(offset)?)),
+        ops: SocketAddr::from((Ipv4Addr::LOCALHOST, port(offset + 10)?)),
+    })
+}
+
+async fn up(data: &DataArgs, base_port: u16) -> Result<(), Error> {
+    let layout = layout_of(data)?;
+    let written = layout.pki().init()?;
+    if !written.is_empty() {
+        println!("created the dev PKI in {}", layout.pki().dir.display());
+    }
+    let peers = Peers {
+        template: Some(default_ports("template", base_port)?.grpc),
+        directory: Some(default_ports("directory", base_port)?.grpc),
+        custody: Some(default_ports("custody", base_port)?.grpc),
+        gateway: Some(default_ports("gateway", base_port)?.grpc),
+    };
+    for name in START_ORDER {
+        let path = layout.config_path(name);
+        if path.exists() {
+            continue;
+        }
+        let text = layout.service_config(name, default_ports(name, base_port)?, &peers, "")?;
+        std::fs::write(&path, text).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+    }
+
+    let exe = std::env::current_exe().map_err(|source| Error::Io {
+        path: "current executable".into(),
+        source,
+    })?;
+    let shutdown = cms_kit::shutdown::on_signals().map_err(|source| Error::Io {
+        path: "signal handlers".into(),
+        source,
+    })?;
+    let mut running: Vec<Service> = Vec::new();
+    for name in START_ORDER {
+        println!("starting {name} ...");
+        let started = tokio::select! {
+            r = supervise::start(&exe, &layout, name, Duration::from_secs(60)) => r,
+            () = shutdown.wait() => {
+                supervise::stop_all(&mut running, Duration::from_secs(15)).await;
+                return Ok(());
+            }
+        };
+        match started {
+            Ok(service) => running.push(service),
+            Err(e) => {
+                supervise::stop_all(&mut running, Duration::from_secs(15)).await;
+                return Err(e.into());
+            }
+        }
+    }
+
+    println!("\nCMS is up. Data: {}", layout.data_dir.display());
+    println!("  {:<10} {:<22} {:<22} identity", "service", "gRPC (mTLS)", "ops (/readyz)");
+    for s in &running {
+        let id = layout.pki().spiffe_id(s.name).map(|i| i.to_string()).unwrap_or_default();
+        println!("  {:<10} {:<22} {:<22} {id}", s.name, s.grpc.to_string(), s.ops.to_string());
+    }
+    println!("Logs: {}", layout.data_dir.join("logs").display());
+    println!(
+        "Status: cargo run --release --bin cmsctl -- --data-dir {} status",
+        layout.data_dir.display()
+    );
+    println!("Ctrl-C stops everything.");
+
+    let outcome = watch(&mut running, &shutdown).await;
+    println!("stopping ...");
+    supervise::stop_all(&mut running, Duration::from_secs(15)).await;
+    println!("stopped");
+    outcome
+}
+
+/// Waits for a signal (Ok) or for a service to die (Err, with its last log lines).
+async fn watch(running: &mut [Service], shutdown: &cms_kit::shutdown::Shutdown) -> Result<(), Error> {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            () = shutdown.wait() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        for service in running.iter_mut() {
+            if let Ok(Some(status)) = service.process.try_wait() {
+                return Err(Error::Failed(format!(
+                    "{} stopped unexpectedly ({status}); last lines of {}:\n{}",
+                    service.name,
+                    service.log.display(),
+                    supervise::tail(&service.log, 20)
+                )));
+            }
+        }
+    }
+}

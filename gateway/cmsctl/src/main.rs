@@ -1,0 +1,183 @@
+//! `cmsctl`: the operator and admin CLI. Every command goes to the gateway over mutual TLS
+//! with the operator's certificate; by default the files of a local `cms up` data directory.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use cms_kit::SpiffeId;
+use cms_kit::client::UpstreamSettings;
+use cms_kit::tls::{TlsSettings, TlsSource};
+use cms_proto::common::v1::ServingState;
+use cms_proto::gateway::v1::GetSystemStatusRequest;
+use cms_proto::gateway::v1::admin_service_client::AdminServiceClient;
+
+#[derive(Parser)]
+#[command(name = "cmsctl", version, about = "Smart-card PIN unblock CMS: operator CLI")]
+struct Cli {
+    /// Data directory of a local `cms up`: supplies the defaults below.
+    #[arg(long, env = "CMS_DATA_DIR", default_value = "./cms-data", global = true)]
+    data_dir: PathBuf,
+    /// Gateway address (host:port). Default: server.listen of <data-dir>/config/gateway.toml.
+    #[arg(long, env = "CMSCTL_GATEWAY", global = true)]
+    gateway: Option<String>,
+    /// SPIFFE ID the gateway must present. Default: the one in <data-dir>/pki/gateway.pem.
+    #[arg(long, env = "CMSCTL_GATEWAY_ID", global = true)]
+    gateway_id: Option<SpiffeId>,
+    /// CA bundle. Default: <data-dir>/pki/ca.pem.
+    #[arg(long, env = "CMSCTL_CA", global = true)]
+    ca: Option<PathBuf>,
+    /// Operator certificate. Default: <data-dir>/pki/operator-admin.pem.
+    #[arg(long, env = "CMSCTL_CERT", global = true)]
+    cert: Option<PathBuf>,
+    /// Operator private key. Default: <data-dir>/pki/operator-admin.key.
+    #[arg(long, env = "CMSCTL_KEY", global = true)]
+    key: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Each service's state, verified identity and address, as the gateway sees them.
+    /// Exits 0 when everything is serving, 1 otherwise.
+    Status,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Tls(#[from] cms_kit::tls::TlsError),
+    #[error(transparent)]
+    Client(#[from] cms_kit::client::ClientError),
+    #[error("gateway at {address}: {status}")]
+    Rpc {
+        address: String,
+        status: Box<tonic::Status>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut code = ExitCode::SUCCESS;
+    let result = {
+        let code = &mut code;
+        cms_kit::exit::run("cmsctl", || async move {
+            cms_kit::tls::install_crypto_provider();
+            match cli.command {
+                Cmd::Status => {
+                    if !status(&cli).await? {
+                        *code = ExitCode::from(1);
+                    }
+                }
+            }
+            Ok::<(), Error>(())
+        })
+    };
+    if result == ExitCode::SUCCESS { code } else { result }
+}
+
+fn pki_file(cli: &Cli, given: &Option<PathBuf>, name: &str) -> PathBuf {
+    given.clone().unwrap_or_else(|| cli.data_dir.join("pki").join(name))
+}
+
+/// The gateway to talk to and who it must be.
+fn gateway(cli: &Cli) -> Result<UpstreamSettings, Error> {
+    let address = match &cli.gateway {
+        Some(a) => a.clone(),
+        None => {
+            let path = cli.data_dir.join("config").join("gateway.toml");
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                Error::Setup(format!(
+                    "no --gateway given and {} is unreadable ({e}); is `cms up` running here?",
+                    path.display()
+                ))
+            })?;
+            let value: toml::Table = text
+                .parse()
+                .map_err(|e| Error::Setup(format!("{}: {e}", path.display())))?;
+            value
+                .get("server")
+                .and_then(|s| s.get("listen"))
+                .and_then(|l| l.as_str())
+                .ok_or_else(|| Error::Setup(format!("{}: no server.listen", path.display())))?
+                .to_owned()
+        }
+    };
+    let identity = match &cli.gateway_id {
+        Some(id) => id.clone(),
+        None => {
+            let path = cli.data_dir.join("pki").join("gateway.pem");
+            let pem = std::fs::read(&path).map_err(|e| {
+                Error::Setup(format!(
+                    "no --gateway-id given and {} is unreadable ({e})",
+                    path.display()
+                ))
+            })?;
+            cms_kit::pki::spiffe_id_of_pem(&pem)
+                .map_err(|e| Error::Setup(format!("{}: {e}", path.display())))?
+        }
+    };
+    Ok(UpstreamSettings {
+        address,
+        identity,
+        connect_timeout_ms: 3_000,
+    })
+}
+
+async fn status(cli: &Cli) -> Result<bool, Error> {
+    let tls = TlsSource::load(TlsSettings {
+        ca: pki_file(cli, &cli.ca, "ca.pem"),
+        cert: pki_file(cli, &cli.cert, "operator-admin.pem"),
+        key: pki_file(cli, &cli.key, "operator-admin.key"),
+        reload_interval_ms: 0,
+    })?;
+    let upstream = gateway(cli)?;
+    let channel = cms_kit::client::channel(&upstream, tls.clone())?;
+    let mut admin = AdminServiceClient::new(channel);
+    let response = admin
+        .get_system_status(GetSystemStatusRequest {})
+        .await
+        .map_err(|status| Error::Rpc {
+            address: upstream.address.clone(),
+            status: Box::new(status),
+        })?
+        .into_inner();
+
+    println!("as {} via gateway {}", tls.identity(), upstream.address);
+    println!(
+        "{:<10} {:<12} {:<22} {:<36} {:<8} detail",
+        "SERVICE", "STATE", "ADDRESS", "IDENTITY (verified)", "VERSION"
+    );
+    let mut all_serving = true;
+    for s in &response.services {
+        let state = ServingState::try_from(s.state).unwrap_or(ServingState::Unspecified);
+        all_serving &= state == ServingState::Serving;
+        println!(
+            "{:<10} {:<12} {:<22} {:<36} {:<8} {}",
+            s.name,
+            state_name(state),
+            s.address,
+            if s.identity.is_empty() { "-" } else { &s.identity },
+            if s.version.is_empty() { "-" } else { &s.version },
+            s.detail
+        );
+    }
+    if response.agents.is_empty() {
+        println!("agent      NONE         no agent is linked to the gateway");
+        all_serving = false;
+    }
+    Ok(all_serving)
+}
+
+fn state_name(state: ServingState) -> &'static str {
+    match state {
+        ServingState::Serving => "SERVING",
+        ServingState::Degraded => "DEGRADED",
+        ServingState::NotServing => "NOT_SERVING",
+        ServingState::Unreachable => "UNREACHABLE",
+        ServingState::Unspecified => "UNKNOWN",
+    }
+}

@@ -1,0 +1,66 @@
+//! The auth gateway: the one entry point for operators' clients, agents and other services.
+//! It authenticates every caller by its mTLS identity, runs the workflows, and talks to the
+//! template, directory and custody services on their behalf.
+
+mod admin;
+mod agents;
+mod backends;
+pub mod caller;
+mod config;
+mod error;
+
+pub use config::{AgentLinkSettings, Backends as BackendSettings, Config};
+pub use error::Error;
+
+use std::time::Duration;
+
+use cms_kit::metrics::Metrics;
+use cms_kit::ops::Readiness;
+use cms_kit::server::{Listeners, Serve};
+use cms_kit::shutdown::Shutdown;
+use cms_kit::tls::TlsSource;
+use cms_proto::gateway::v1::admin_service_server::AdminServiceServer;
+use cms_proto::gateway::v1::agent_link_service_server::AgentLinkServiceServer;
+
+pub const NAME: &str = "gateway";
+
+/// Serves the gateway on `listeners` until `shutdown`.
+pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> Result<(), Error> {
+    let tls = TlsSource::load(config.tls)?;
+    let backends = backends::Backends::connect(&config.backends, &tls)?;
+    let registry = agents::Registry::default();
+    let listen = listeners
+        .grpc
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let admin = admin::Admin {
+        backends,
+        agents: registry.clone(),
+        tls: tls.clone(),
+        listen,
+        stale_after: Duration::from_millis(config.agent_link.stale_after_ms),
+    };
+    let link = agents::AgentLink {
+        registry,
+        settings: config.agent_link.clone(),
+    };
+    let routes = tonic::service::Routes::new(AdminServiceServer::new(admin))
+        .add_service(AgentLinkServiceServer::new(link));
+    let spec = Serve {
+        name: NAME,
+        version: env!("CARGO_PKG_VERSION"),
+        grpc_services: &[
+            "cms.gateway.v1.AdminService",
+            "cms.gateway.v1.AgentLinkService",
+        ],
+        descriptors: cms_proto::FILE_DESCRIPTOR_SET,
+        settings: config.server,
+        access: config.access,
+        tls,
+        readiness: Readiness::new("starting"),
+        metrics: Metrics::new(NAME),
+    };
+    cms_kit::server::serve(spec, routes, listeners, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,12 @@
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let config_path = match cms_kit::service::config_path_from_args("agent") {
+        Ok(path) => path,
+        Err(usage) => {
+            eprintln!("{usage}");
+            return ExitCode::from(2);
+        }
+    };
+    cms_kit::service::main("agent", config_path.as_deref(), cms_agent::run)
+}
