@@ -18,7 +18,8 @@ struct Cli {
     /// Data directory of a local `cms up`: supplies the defaults below.
     #[arg(long, env = "CMS_DATA_DIR", default_value = "./cms-data", global = true)]
     data_dir: PathBuf,
-    /// Gateway address (host:port). Default: server.listen of <data-dir>/config/gateway.toml.
+    /// Gateway address (host:port). Default: the address a local gateway announced in
+    /// <data-dir>/run/gateway.addr, else server.listen of <data-dir>/config/gateway.toml.
     #[arg(long, env = "CMSCTL_GATEWAY", global = true)]
     gateway: Option<String>,
     /// SPIFFE ID the gateway must present. Default: the one in <data-dir>/pki/gateway.pem.
@@ -85,9 +86,11 @@ fn pki_file(cli: &Cli, given: &Option<PathBuf>, name: &str) -> PathBuf {
 
 /// The gateway to talk to and who it must be.
 fn gateway(cli: &Cli) -> Result<UpstreamSettings, Error> {
-    let address = match &cli.gateway {
-        Some(a) => a.clone(),
-        None => {
+    let announced = cms_kit::server::read_announce(&cli.data_dir.join("run").join("gateway.addr"));
+    let address = match (&cli.gateway, announced) {
+        (Some(a), _) => a.clone(),
+        (None, Some((grpc, _))) => grpc.to_string(),
+        (None, None) => {
             let path = cli.data_dir.join("config").join("gateway.toml");
             let text = std::fs::read_to_string(&path).map_err(|e| {
                 Error::Setup(format!(

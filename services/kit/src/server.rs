@@ -220,6 +220,9 @@ pub async fn serve(
         }
     };
     reloader.abort();
+    if let Some(path) = &spec.settings.announce_file {
+        let _ = std::fs::remove_file(path);
+    }
     match ops.await {
         Ok(Err(e)) => return Err(ServeError::Ops(e)),
         Ok(Ok(())) | Err(_) => {}

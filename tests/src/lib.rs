@@ -1,0 +1,28 @@
+//! The end-to-end test harness: a throwaway PKI, services in-process on bound listeners, or
+//! the whole system as real processes (`cms serve …`) on 127.0.0.1 with real certificates.
+//!
+//! Process tests need the workspace binaries (`cms`, `cmsctl`): `tests/run.sh` builds them
+//! first; when iterating, run `cargo build --workspace --bins` before `cargo test -p cms-tests`.
+
+pub mod cluster;
+pub mod inproc;
+pub mod pki;
+
+use std::path::PathBuf;
+
+/// Path of a workspace binary built beside the test executable.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the binaries first (cargo build --workspace --bins; tests/run.sh does)",
+        path.display()
+    );
+    path
+}
