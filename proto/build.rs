@@ -107,7 +107,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let is_sensitive = |field: &prost_reflect::FieldDescriptor| {
         let options = field.options();
         options.has_extension(&sensitive_ext)
-            && matches!(options.get_extension(&sensitive_ext).as_ref(), Value::Bool(true))
+            && matches!(
+                options.get_extension(&sensitive_ext).as_ref(),
+                Value::Bool(true)
+            )
     };
 
     let mut skip = BTreeSet::new();
@@ -133,15 +136,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 if oneofs_done.insert(oneof.name().to_owned()) {
                     let secret = oneof.fields().any(|f| is_sensitive(&f));
                     if secret {
-                        let _ = writeln!(impls, "            .field({:?}, &\"<redacted>\")", oneof.name());
+                        let _ = writeln!(
+                            impls,
+                            "            .field({:?}, &\"<redacted>\")",
+                            oneof.name()
+                        );
                     } else {
-                        let _ = writeln!(impls, "            .field({:?}, &self.{})", oneof.name(), field_ident(oneof.name()));
+                        let _ = writeln!(
+                            impls,
+                            "            .field({:?}, &self.{})",
+                            oneof.name(),
+                            field_ident(oneof.name())
+                        );
                     }
                 }
             } else if is_sensitive(field) {
-                let _ = writeln!(impls, "            .field({:?}, &\"<redacted>\")", field.name());
+                let _ = writeln!(
+                    impls,
+                    "            .field({:?}, &\"<redacted>\")",
+                    field.name()
+                );
             } else {
-                let _ = writeln!(impls, "            .field({:?}, &self.{})", field.name(), field_ident(field.name()));
+                let _ = writeln!(
+                    impls,
+                    "            .field({:?}, &self.{})",
+                    field.name(),
+                    field_ident(field.name())
+                );
             }
         }
         impls.push_str("            .finish()\n    }\n}\n\n");
@@ -166,9 +187,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             for field in oneof.fields() {
                 let variant = camel(field.name());
                 if is_sensitive(&field) {
-                    let _ = writeln!(impls, "            Self::{variant}(_) => f.write_str(\"{variant}(<redacted>)\"),");
+                    let _ = writeln!(
+                        impls,
+                        "            Self::{variant}(_) => f.write_str(\"{variant}(<redacted>)\"),"
+                    );
                 } else {
-                    let _ = writeln!(impls, "            Self::{variant}(v) => f.debug_tuple({variant:?}).field(v).finish(),");
+                    let _ = writeln!(
+                        impls,
+                        "            Self::{variant}(v) => f.debug_tuple({variant:?}).field(v).finish(),"
+                    );
                 }
             }
             impls.push_str("        }\n    }\n}\n\n");

@@ -159,7 +159,11 @@ impl AgentLinkService for AgentLink {
             .map_err(|_| Error::Timeout("no Hello within the hello timeout".into()))??;
         let hello = match first.and_then(|m| m.body) {
             Some(Body::Hello(hello)) => hello,
-            _ => return Err(Error::BadRequest("the first message of a link must be Hello".into()).into()),
+            _ => {
+                return Err(
+                    Error::BadRequest("the first message of a link must be Hello".into()).into(),
+                );
+            }
         };
         if hello.agent_id != agent_id {
             return Err(Error::Forbidden(format!(
@@ -203,7 +207,10 @@ impl AgentLinkService for AgentLink {
 fn apply_reader_event(hello: &mut Hello, event: &cms_proto::agent::v1::ReaderEvent) {
     use cms_proto::agent::v1::{Reader, ReaderEventKind};
     let kind = ReaderEventKind::try_from(event.kind).unwrap_or(ReaderEventKind::Unspecified);
-    let position = hello.reader_states.iter().position(|r| r.name == event.reader);
+    let position = hello
+        .reader_states
+        .iter()
+        .position(|r| r.name == event.reader);
     match (kind, position) {
         (ReaderEventKind::ReaderRemoved, Some(i)) => {
             hello.reader_states.remove(i);

@@ -68,11 +68,20 @@ mod tests {
 
     #[test]
     fn classifies_paths() {
-        assert_eq!(of("spiffe://t/cms/operator/alice"), Caller::Operator("alice".into()));
+        assert_eq!(
+            of("spiffe://t/cms/operator/alice"),
+            Caller::Operator("alice".into())
+        );
         assert_eq!(of("spiffe://t/cms/agent"), Caller::Agent("agent".into()));
-        assert_eq!(of("spiffe://t/cms/agent/desk-1"), Caller::Agent("agent/desk-1".into()));
+        assert_eq!(
+            of("spiffe://t/cms/agent/desk-1"),
+            Caller::Agent("agent/desk-1".into())
+        );
         assert_eq!(of("spiffe://t/cms/agentx"), Caller::Other);
-        assert_eq!(of("spiffe://t/cms/service/billing"), Caller::Service("billing".into()));
+        assert_eq!(
+            of("spiffe://t/cms/service/billing"),
+            Caller::Service("billing".into())
+        );
         assert_eq!(of("spiffe://t/cms/gateway"), Caller::Other);
     }
 }

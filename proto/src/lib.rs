@@ -7,7 +7,8 @@
 #![allow(clippy::all, clippy::pedantic, missing_docs, unreachable_pub)]
 
 /// The encoded FileDescriptorSet of every CMS proto, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cms_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/cms_descriptor.bin"));
 
 /// Fully qualified names of the messages and oneofs whose Debug is redacted.
 pub const SENSITIVE_TYPES: &str = include_str!(concat!(env!("OUT_DIR"), "/sensitive_types.txt"));

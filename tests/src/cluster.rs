@@ -32,7 +32,15 @@ impl Cluster {
         let mut services: Vec<Service> = Vec::new();
         for name in START_ORDER {
             let text = layout
-                .service_config(name, Ports { grpc: any, ops: any }, &peers, &extra(name))
+                .service_config(
+                    name,
+                    Ports {
+                        grpc: any,
+                        ops: any,
+                    },
+                    &peers,
+                    &extra(name),
+                )
                 .expect("config");
             std::fs::write(layout.config_path(name), text).expect("write config");
             let service = supervise::start(&exe, &layout, name, Duration::from_secs(30))

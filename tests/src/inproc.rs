@@ -58,7 +58,10 @@ impl Running {
             if let Ok((200, _)) = cms_kit::ops::http_get(self.ops, "/readyz").await {
                 return;
             }
-            assert!(!self.task.is_finished(), "service stopped before it was ready");
+            assert!(
+                !self.task.is_finished(),
+                "service stopped before it was ready"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(25)).await;
         }
         panic!("service not ready after 5 s");
@@ -76,12 +79,24 @@ impl Running {
 }
 
 /// The config of `service` for an in-process run under `dir` (the dev PKI is `dir/pki`).
-pub fn config<C: serde::de::DeserializeOwned>(dir: &Path, service: &'static str, peers: &Peers) -> C {
+pub fn config<C: serde::de::DeserializeOwned>(
+    dir: &Path,
+    service: &'static str,
+    peers: &Peers,
+) -> C {
     let layout = Layout::new(dir, TRUST_DOMAIN).expect("layout");
     layout.create_dirs().expect("dirs");
     let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
     let text = layout
-        .service_config(service, Ports { grpc: any, ops: any }, peers, "")
+        .service_config(
+            service,
+            Ports {
+                grpc: any,
+                ops: any,
+            },
+            peers,
+            "",
+        )
         .expect("config");
     cms_kit::config::from_toml(&text).expect("parse config")
 }

@@ -14,7 +14,15 @@ fn valid() -> (tempfile::TempDir, Layout, String) {
     layout.create_dirs().unwrap();
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let text = layout
-        .service_config("template", Ports { grpc: any, ops: any }, &Peers::default(), "")
+        .service_config(
+            "template",
+            Ports {
+                grpc: any,
+                ops: any,
+            },
+            &Peers::default(),
+            "",
+        )
         .unwrap();
     (dir, layout, text)
 }
@@ -35,7 +43,10 @@ fn fails_with(layout: &Layout, text: &str, env: &[(&str, &str)]) -> String {
     // The log may have a line before the error; the error itself is the last line.
     let last = stderr.lines().last().unwrap_or_default().to_owned();
     assert!(last.starts_with("cms-template: error: "), "{stderr}");
-    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr}"
+    );
     last
 }
 
@@ -54,8 +65,14 @@ fn the_valid_config_starts() {
     let announce = layout.announce_path("template");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while cms_kit::server::read_announce(&announce).is_none() {
-        assert!(child.try_wait().unwrap().is_none(), "valid config did not start");
-        assert!(std::time::Instant::now() < deadline, "not serving after 20 s");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "valid config did not start"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not serving after 20 s"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     child.kill().unwrap();
@@ -72,7 +89,11 @@ fn unknown_key_is_named() {
 #[test]
 fn unknown_key_from_the_environment_is_named() {
     let (_dir, layout, text) = valid();
-    let msg = fails_with(&layout, &text, &[("CMS_TEMPLATE__SERVER__LISTN", "127.0.0.1:1")]);
+    let msg = fails_with(
+        &layout,
+        &text,
+        &[("CMS_TEMPLATE__SERVER__LISTN", "127.0.0.1:1")],
+    );
     assert!(msg.contains("listn"), "{msg}");
 }
 
@@ -82,7 +103,10 @@ fn missing_certificate_file_is_named() {
     let cert = dir.path().join("pki/template.pem").display().to_string();
     let text = text.replace(&cert, "/nonexistent/template.pem");
     let msg = fails_with(&layout, &text, &[]);
-    assert!(msg.contains("tls.cert") && msg.contains("/nonexistent/template.pem"), "{msg}");
+    assert!(
+        msg.contains("tls.cert") && msg.contains("/nonexistent/template.pem"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -90,9 +114,16 @@ fn port_in_use_is_named() {
     let (_dir, layout, text) = valid();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
-    let text = text.replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""), 1);
+    let text = text.replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"{addr}\""),
+        1,
+    );
     let msg = fails_with(&layout, &text, &[]);
-    assert!(msg.contains("server.listen") && msg.contains(&addr.to_string()), "{msg}");
+    assert!(
+        msg.contains("server.listen") && msg.contains(&addr.to_string()),
+        "{msg}"
+    );
     assert!(msg.to_lowercase().contains("in use"), "{msg}");
 }
 
@@ -103,9 +134,15 @@ fn unusable_data_dir_is_named() {
     let file = dir.path().join("not-a-dir");
     std::fs::write(&file, b"x").unwrap();
     let data_dir = dir.path().join("template").display().to_string();
-    let text = text.replace(&format!("data_dir = \"{data_dir}\""), &format!("data_dir = \"{}\"", file.display()));
+    let text = text.replace(
+        &format!("data_dir = \"{data_dir}\""),
+        &format!("data_dir = \"{}\"", file.display()),
+    );
     let msg = fails_with(&layout, &text, &[]);
-    assert!(msg.contains("data_dir") && msg.contains("not a directory"), "{msg}");
+    assert!(
+        msg.contains("data_dir") && msg.contains("not a directory"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -17,14 +17,21 @@ use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-async fn start_custody(dir: &std::path::Path, tweak: impl FnOnce(&mut cms_custody::Config)) -> Running {
+async fn start_custody(
+    dir: &std::path::Path,
+    tweak: impl FnOnce(&mut cms_custody::Config),
+) -> Running {
     let mut config: cms_custody::Config = inproc::config(dir, "custody", &Peers::default());
     config.tls.reload_interval_ms = 100;
     tweak(&mut config);
     Running::start(config, cms_custody::run).await
 }
 
-async fn get_status(pki: &TestPki, tls: TlsSettings, addr: SocketAddr) -> Result<(), tonic::Status> {
+async fn get_status(
+    pki: &TestPki,
+    tls: TlsSettings,
+    addr: SocketAddr,
+) -> Result<(), tonic::Status> {
     let channel = inproc::channel(tls, addr, pki.id("custody"));
     CustodyServiceClient::new(channel)
         .get_status(GetStatusRequest {})
@@ -34,7 +41,9 @@ async fn get_status(pki: &TestPki, tls: TlsSettings, addr: SocketAddr) -> Result
 
 /// How many handshakes the server refused so far, from its Prometheus metrics.
 async fn refused_handshakes(server: &Running) -> u64 {
-    let (code, body) = cms_kit::ops::http_get(server.ops, "/metrics").await.expect("metrics");
+    let (code, body) = cms_kit::ops::http_get(server.ops, "/metrics")
+        .await
+        .expect("metrics");
     assert_eq!(code, 200);
     body.lines()
         .find(|l| l.starts_with("cms_tls_handshakes_total{") && l.contains("outcome=\"refused\""))
@@ -70,12 +79,17 @@ async fn refuses_bad_clients_serves_allowed_one_and_keeps_running() {
     let server = start_custody(dir.path(), |_| {}).await;
 
     // Served: the gateway is on custody's allow-list.
-    get_status(&pki, pki.tls("gateway"), server.grpc).await.expect("gateway is served");
+    get_status(&pki, pki.tls("gateway"), server.grpc)
+        .await
+        .expect("gateway is served");
     assert_eq!(refused_handshakes(&server).await, 0);
 
     // No certificate: the handshake is refused.
     let outcome = handshake_without_certificate(&pki, server.grpc).await;
-    assert!(!matches!(outcome, Ok(n) if n > 0), "got data without a certificate: {outcome:?}");
+    assert!(
+        !matches!(outcome, Ok(n) if n > 0),
+        "got data without a certificate: {outcome:?}"
+    );
     assert_eq!(refused_handshakes(&server).await, 1);
 
     // A certificate from another CA, with an allowed SPIFFE ID.
@@ -91,19 +105,29 @@ async fn refuses_bad_clients_serves_allowed_one_and_keeps_running() {
     assert_eq!(refused_handshakes(&server).await, 3);
 
     // A valid certificate whose SPIFFE ID is not on custody's allow-list.
-    let err = get_status(&pki, pki.tls("operator/admin"), server.grpc).await.unwrap_err();
+    let err = get_status(&pki, pki.tls("operator/admin"), server.grpc)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
-    assert!(err.message().contains("spiffe://cms.test/cms/operator/admin"), "{err:?}");
+    assert!(
+        err.message()
+            .contains("spiffe://cms.test/cms/operator/admin"),
+        "{err:?}"
+    );
     // ... who may still ask for health (open to any peer of our CA).
     let channel = inproc::channel(pki.tls("operator/admin"), server.grpc, pki.id("custody"));
     HealthClient::new(channel)
-        .check(HealthCheckRequest { service: String::new() })
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .expect("health is open to authenticated peers");
 
     // After all that, the service is still up and serves the allowed caller.
     assert!(server.is_running());
-    get_status(&pki, pki.tls("gateway"), server.grpc).await.expect("still served");
+    get_status(&pki, pki.tls("gateway"), server.grpc)
+        .await
+        .expect("still served");
     server.stop().await.expect("clean stop");
 }
 
@@ -120,7 +144,10 @@ async fn client_refuses_a_server_with_another_identity() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
     let text = format!("{err:?}");
-    assert!(text.contains("server identity is spiffe://cms.test/cms/custody"), "{text}");
+    assert!(
+        text.contains("server identity is spiffe://cms.test/cms/custody"),
+        "{text}"
+    );
     server.stop().await.expect("clean stop");
 }
 
@@ -132,12 +159,17 @@ async fn presented_certificate(pki: &TestPki, addr: SocketAddr) -> CertificateDe
         .connect(ServerName::try_from("localhost").expect("name"), tcp)
         .await
         .expect("handshake");
-    tls.get_ref().1.peer_certificates().expect("certificates")[0].clone().into_owned()
+    tls.get_ref().1.peer_certificates().expect("certificates")[0]
+        .clone()
+        .into_owned()
 }
 
 fn first_cert(path: &std::path::Path) -> CertificateDer<'static> {
     let pem = std::fs::read(path).unwrap();
-    rustls_pemfile::certs(&mut &pem[..]).next().unwrap().unwrap()
+    rustls_pemfile::certs(&mut &pem[..])
+        .next()
+        .unwrap()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -166,7 +198,9 @@ async fn replaced_certificate_is_used_for_new_connections_without_restart() {
     }
     assert_eq!(seen, new, "the new certificate was not picked up");
     // And the service still serves over the new certificate.
-    get_status(&pki, pki.tls("gateway"), server.grpc).await.expect("served");
+    get_status(&pki, pki.tls("gateway"), server.grpc)
+        .await
+        .expect("served");
     server.stop().await.expect("clean stop");
 }
 

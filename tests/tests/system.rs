@@ -41,11 +41,13 @@ fn assert_all_serving(table: &str, trust_domain: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_processes_serve_and_cmsctl_reports_each_identity() {
     let cluster = Cluster::start(|_| String::new()).await;
-    let table = tokio::task::block_in_place(|| {
-        status_until_all_serving(|| cluster.cmsctl(&["status"]))
-    });
+    let table =
+        tokio::task::block_in_place(|| status_until_all_serving(|| cluster.cmsctl(&["status"])));
     assert_all_serving(&table, "cms.test");
-    assert!(table.contains("as spiffe://cms.test/cms/operator/admin"), "{table}");
+    assert!(
+        table.contains("as spiffe://cms.test/cms/operator/admin"),
+        "{table}"
+    );
 
     // Every service stops cleanly on SIGTERM.
     for (name, status) in cluster.stop().await {
@@ -65,10 +67,18 @@ async fn cmsctl_status_fails_when_a_backend_is_down() {
     let out = cluster.cmsctl(&["status"]);
     let table = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{table}");
-    let line = table.lines().find(|l| l.starts_with("directory ")).expect("directory line");
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("directory "))
+        .expect("directory line");
     assert!(line.contains("UNREACHABLE"), "{line}");
     // The others are unaffected.
-    assert!(table.lines().any(|l| l.starts_with("custody ") && l.contains("SERVING")), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("custody ") && l.contains("SERVING")),
+        "{table}"
+    );
 }
 
 /// `cms up` on a data dir, with ports from a per-process range (the launcher's ports are
@@ -116,8 +126,12 @@ fn children(data: &std::path::Path) -> Vec<i32> {
     let needle = data.join("config").display().to_string();
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         if cmdline.contains(" serve ") && cmdline.contains(&needle) {
             pids.push(pid);
@@ -155,9 +169,15 @@ fn cms_up_starts_reuses_data_stops_cleanly_and_reports_a_dead_service() {
     let mut up = cms_up(&data);
     let banner = wait_up(&mut up);
     for name in ["template", "directory", "custody", "gateway", "agent"] {
-        assert!(banner.contains(&format!("spiffe://cms.test/cms/{name}")), "{banner}");
+        assert!(
+            banner.contains(&format!("spiffe://cms.test/cms/{name}")),
+            "{banner}"
+        );
     }
-    assert_all_serving(&status_until_all_serving(|| cmsctl(&["status"])), "cms.test");
+    assert_all_serving(
+        &status_until_all_serving(|| cmsctl(&["status"])),
+        "cms.test",
+    );
     assert_eq!(children(&data).len(), 5);
     let ca = std::fs::read(data.join("pki/ca.pem")).unwrap();
 
@@ -171,7 +191,11 @@ fn cms_up_starts_reuses_data_stops_cleanly_and_reports_a_dead_service() {
     // its last log lines.
     let mut up = cms_up(&data);
     wait_up(&mut up);
-    assert_eq!(std::fs::read(data.join("pki/ca.pem")).unwrap(), ca, "PKI was recreated");
+    assert_eq!(
+        std::fs::read(data.join("pki/ca.pem")).unwrap(),
+        ca,
+        "PKI was recreated"
+    );
     assert!(data.join("custody/custody.sqlite3").is_file());
     let custody = nix::unistd::Pid::from_raw(pid_of(&data, "custody"));
     nix::sys::signal::kill(custody, nix::sys::signal::Signal::SIGKILL).unwrap();

@@ -90,7 +90,10 @@ async fn a_gateway_request_is_one_trace_across_services() {
             assert_eq!(trace_id.len(), 16);
             let mut by_service: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
             for span in spans.iter().filter(|s| s.trace_id == trace_id) {
-                by_service.entry(&span.service).or_default().insert(&span.name);
+                by_service
+                    .entry(&span.service)
+                    .or_default()
+                    .insert(&span.name);
             }
             let behind: Vec<&&str> = by_service
                 .keys()

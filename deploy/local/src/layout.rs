@@ -145,14 +145,15 @@ impl Layout {
         };
         let allow: Vec<String> = allow.iter().map(|a| toml_str(a)).collect();
         let _ = writeln!(out, "[access]\nallow = [{}]\n", allow.join(", "));
-        let upstream = |out: &mut String, section: &str, name: &'static str, addr: Option<SocketAddr>| {
-            let addr = addr.ok_or(LayoutError::MissingPeer(service, name))?;
-            let _ = writeln!(
-                out,
-                "[{section}]\naddress = \"{addr}\"\nidentity = \"spiffe://{td}/cms/{name}\"\n"
-            );
-            Ok::<(), LayoutError>(())
-        };
+        let upstream =
+            |out: &mut String, section: &str, name: &'static str, addr: Option<SocketAddr>| {
+                let addr = addr.ok_or(LayoutError::MissingPeer(service, name))?;
+                let _ = writeln!(
+                    out,
+                    "[{section}]\naddress = \"{addr}\"\nidentity = \"spiffe://{td}/cms/{name}\"\n"
+                );
+                Ok::<(), LayoutError>(())
+            };
         match service {
             "gateway" => {
                 upstream(&mut out, "backends.template", "template", peers.template)?;
@@ -204,7 +205,9 @@ mod tests {
             custody: addr,
             gateway: addr,
         };
-        let t = layout.service_config("template", ports, &peers, "").unwrap();
+        let t = layout
+            .service_config("template", ports, &peers, "")
+            .unwrap();
         cms_kit::config::from_toml::<cms_template::Config>(&t).unwrap();
         let g = layout.service_config("gateway", ports, &peers, "").unwrap();
         cms_kit::config::from_toml::<cms_gateway::Config>(&g).unwrap();

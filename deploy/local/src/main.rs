@@ -12,7 +12,11 @@ use cms_launcher::layout::{self, Layout, Peers, Ports, START_ORDER};
 use cms_launcher::supervise::{self, Service};
 
 #[derive(Parser)]
-#[command(name = "cms", version, about = "Smart-card PIN unblock CMS: local launcher")]
+#[command(
+    name = "cms",
+    version,
+    about = "Smart-card PIN unblock CMS: local launcher"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -119,9 +123,16 @@ fn pki_init(data: &DataArgs) -> Result<(), Error> {
     let pki = layout.pki();
     let written = pki.init()?;
     if written.is_empty() {
-        println!("dev PKI in {} is complete; nothing to do", pki.dir.display());
+        println!(
+            "dev PKI in {} is complete; nothing to do",
+            pki.dir.display()
+        );
     } else {
-        println!("dev PKI in {} (trust domain {}):", pki.dir.display(), layout.trust_domain);
+        println!(
+            "dev PKI in {} (trust domain {}):",
+            pki.dir.display(),
+            layout.trust_domain
+        );
         for path in written {
             println!("  wrote {}", path.display());
         }
@@ -139,8 +150,9 @@ fn default_ports(service: &str, base: u16) -> Result<Ports, Error> {
         _ => 4,
     };
     let port = |delta: u16| {
-        base.checked_add(delta)
-            .ok_or_else(|| Error::Failed(format!("--base-port {base} leaves no room for the ports")))
+        base.checked_add(delta).ok_or_else(|| {
+            Error::Failed(format!("--base-port {base} leaves no room for the ports"))
+        })
     };
     Ok(Ports {
         grpc: SocketAddr::from((Ipv4Addr::LOCALHOST, port(offset)?)),
@@ -200,10 +212,22 @@ async fn up(data: &DataArgs, base_port: u16) -> Result<(), Error> {
     }
 
     println!("\nCMS is up. Data: {}", layout.data_dir.display());
-    println!("  {:<10} {:<22} {:<22} identity", "service", "gRPC (mTLS)", "ops (/readyz)");
+    println!(
+        "  {:<10} {:<22} {:<22} identity",
+        "service", "gRPC (mTLS)", "ops (/readyz)"
+    );
     for s in &running {
-        let id = layout.pki().spiffe_id(s.name).map(|i| i.to_string()).unwrap_or_default();
-        println!("  {:<10} {:<22} {:<22} {id}", s.name, s.grpc.to_string(), s.ops.to_string());
+        let id = layout
+            .pki()
+            .spiffe_id(s.name)
+            .map(|i| i.to_string())
+            .unwrap_or_default();
+        println!(
+            "  {:<10} {:<22} {:<22} {id}",
+            s.name,
+            s.grpc.to_string(),
+            s.ops.to_string()
+        );
     }
     println!("Logs: {}", layout.data_dir.join("logs").display());
     println!(
@@ -220,7 +244,10 @@ async fn up(data: &DataArgs, base_port: u16) -> Result<(), Error> {
 }
 
 /// Waits for a signal (Ok) or for a service to die (Err, with its last log lines).
-async fn watch(running: &mut [Service], shutdown: &cms_kit::shutdown::Shutdown) -> Result<(), Error> {
+async fn watch(
+    running: &mut [Service],
+    shutdown: &cms_kit::shutdown::Shutdown,
+) -> Result<(), Error> {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {

@@ -13,10 +13,19 @@ use cms_proto::gateway::v1::GetSystemStatusRequest;
 use cms_proto::gateway::v1::admin_service_client::AdminServiceClient;
 
 #[derive(Parser)]
-#[command(name = "cmsctl", version, about = "Smart-card PIN unblock CMS: operator CLI")]
+#[command(
+    name = "cmsctl",
+    version,
+    about = "Smart-card PIN unblock CMS: operator CLI"
+)]
 struct Cli {
     /// Data directory of a local `cms up`: supplies the defaults below.
-    #[arg(long, env = "CMS_DATA_DIR", default_value = "./cms-data", global = true)]
+    #[arg(
+        long,
+        env = "CMS_DATA_DIR",
+        default_value = "./cms-data",
+        global = true
+    )]
     data_dir: PathBuf,
     /// Gateway address (host:port). Default: the address a local gateway announced in
     /// <data-dir>/run/gateway.addr, else server.listen of <data-dir>/config/gateway.toml.
@@ -77,11 +86,17 @@ fn main() -> ExitCode {
             Ok::<(), Error>(())
         })
     };
-    if result == ExitCode::SUCCESS { code } else { result }
+    if result == ExitCode::SUCCESS {
+        code
+    } else {
+        result
+    }
 }
 
 fn pki_file(cli: &Cli, given: &Option<PathBuf>, name: &str) -> PathBuf {
-    given.clone().unwrap_or_else(|| cli.data_dir.join("pki").join(name))
+    given
+        .clone()
+        .unwrap_or_else(|| cli.data_dir.join("pki").join(name))
 }
 
 /// The gateway to talk to and who it must be.
@@ -163,8 +178,16 @@ async fn status(cli: &Cli) -> Result<bool, Error> {
             s.name,
             state_name(state),
             s.address,
-            if s.identity.is_empty() { "-" } else { &s.identity },
-            if s.version.is_empty() { "-" } else { &s.version },
+            if s.identity.is_empty() {
+                "-"
+            } else {
+                &s.identity
+            },
+            if s.version.is_empty() {
+                "-"
+            } else {
+                &s.version
+            },
             s.detail
         );
     }

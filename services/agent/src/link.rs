@@ -92,8 +92,9 @@ impl Link {
         let mut commands = client.link(ReceiverStream::new(rx)).await?.into_inner();
         self.state.set(true);
         tracing::info!(agent_id = %self.hello.agent_id, "linked to the gateway");
-        let mut heartbeat =
-            tokio::time::interval(Duration::from_millis(self.settings.heartbeat_interval_ms.max(100)));
+        let mut heartbeat = tokio::time::interval(Duration::from_millis(
+            self.settings.heartbeat_interval_ms.max(100),
+        ));
         heartbeat.tick().await;
         let mut sequence = 0u64;
         loop {

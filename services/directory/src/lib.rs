@@ -14,7 +14,9 @@ use cms_kit::ops::Readiness;
 use cms_kit::server::{Listeners, Serve};
 use cms_kit::shutdown::Shutdown;
 use cms_kit::tls::TlsSource;
-use cms_proto::directory::v1::directory_service_server::{DirectoryService, DirectoryServiceServer};
+use cms_proto::directory::v1::directory_service_server::{
+    DirectoryService, DirectoryServiceServer,
+};
 
 pub const NAME: &str = "directory";
 

@@ -59,7 +59,11 @@ impl AsyncRead for TlsConn {
 }
 
 impl AsyncWrite for TlsConn {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.project().inner.poll_write(cx, buf)
     }
 
@@ -118,11 +122,9 @@ pub fn incoming(
             let tls = tls.clone();
             let metrics = metrics.clone();
             tokio::spawn(async move {
-                let outcome = tokio::time::timeout(
-                    limits.handshake_timeout,
-                    handshake(tcp, remote, &tls),
-                )
-                .await;
+                let outcome =
+                    tokio::time::timeout(limits.handshake_timeout, handshake(tcp, remote, &tls))
+                        .await;
                 drop(permit);
                 match outcome {
                     Ok(Ok(conn)) => {
@@ -144,11 +146,7 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
-async fn handshake(
-    tcp: TcpStream,
-    remote: SocketAddr,
-    tls: &TlsSource,
-) -> Result<TlsConn, String> {
+async fn handshake(tcp: TcpStream, remote: SocketAddr, tls: &TlsSource) -> Result<TlsConn, String> {
     let _ = tcp.set_nodelay(true);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
     let stream = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;

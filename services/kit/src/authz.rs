@@ -13,7 +13,6 @@ use serde::Deserialize;
 
 use crate::identity::{PeerIdentity, SpiffeId};
 
-
 /// The `[access]` section of a service config.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -101,15 +100,22 @@ pub fn decide(
     path: &str,
 ) -> Result<(), tonic::Status> {
     let Some(peer) = peer else {
-        return Err(tonic::Status::unauthenticated("no verified client identity"));
+        return Err(tonic::Status::unauthenticated(
+            "no verified client identity",
+        ));
     };
-    if OPEN_PREFIXES.iter().any(|p| path.starts_with(p)) || allowed.iter().any(|p| p.matches(&peer.spiffe_id)) {
+    if OPEN_PREFIXES.iter().any(|p| path.starts_with(p))
+        || allowed.iter().any(|p| p.matches(&peer.spiffe_id))
+    {
         return Ok(());
     }
     Err(tonic::Status::permission_denied(format!(
         "caller {} is not allowed to call {}",
         peer.spiffe_id,
-        path.trim_start_matches('/').split('/').next().unwrap_or_default()
+        path.trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or_default()
     )))
 }
 
@@ -162,15 +168,42 @@ mod tests {
         let gw = peer("spiffe://cms.local/cms/gateway");
         let other = peer("spiffe://cms.local/cms/agentx");
         let desktop = peer("spiffe://cms.local/cms/agent/desktop-7");
-        assert!(decide(&allowed, Some(&desktop), "/cms.gateway.v1.AgentLinkService/Connect").is_ok());
-        assert!(decide(&allowed, Some(&peer("spiffe://cms.local/cms/agent")), "/x.Y/Z").is_err());
-        assert!(decide(&allowed, Some(&gw), "/cms.custody.v1.CustodyService/GetStatus").is_ok());
-        let denied = decide(&allowed, Some(&other), "/cms.custody.v1.CustodyService/GetStatus")
-            .unwrap_err();
+        assert!(
+            decide(
+                &allowed,
+                Some(&desktop),
+                "/cms.gateway.v1.AgentLinkService/Connect"
+            )
+            .is_ok()
+        );
+        assert!(
+            decide(
+                &allowed,
+                Some(&peer("spiffe://cms.local/cms/agent")),
+                "/x.Y/Z"
+            )
+            .is_err()
+        );
+        assert!(
+            decide(
+                &allowed,
+                Some(&gw),
+                "/cms.custody.v1.CustodyService/GetStatus"
+            )
+            .is_ok()
+        );
+        let denied = decide(
+            &allowed,
+            Some(&other),
+            "/cms.custody.v1.CustodyService/GetStatus",
+        )
+        .unwrap_err();
         assert_eq!(denied.code(), tonic::Code::PermissionDenied);
         assert!(decide(&allowed, Some(&other), "/grpc.health.v1.Health/Check").is_ok());
         assert_eq!(
-            decide(&allowed, None, "/grpc.health.v1.Health/Check").unwrap_err().code(),
+            decide(&allowed, None, "/grpc.health.v1.Health/Check")
+                .unwrap_err()
+                .code(),
             tonic::Code::Unauthenticated
         );
     }

@@ -63,7 +63,9 @@ pub fn channel(upstream: &UpstreamSettings, tls: Arc<TlsSource>) -> Result<Chann
         server_name,
         expected: upstream.identity.clone(),
     };
-    Ok(InjectContext::new(endpoint.connect_with_connector_lazy(connector)))
+    Ok(InjectContext::new(
+        endpoint.connect_with_connector_lazy(connector),
+    ))
 }
 
 fn split_host(address: &str) -> Result<(&str, u16), ClientError> {
@@ -99,7 +101,11 @@ impl tower_service::Service<Uri> for MtlsConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let authority = uri.authority().ok_or("upstream URI has no authority")?.as_str().to_owned();
+            let authority = uri
+                .authority()
+                .ok_or("upstream URI has no authority")?
+                .as_str()
+                .to_owned();
             let tcp = TcpStream::connect(authority).await?;
             tcp.set_nodelay(true)?;
             let connector = tokio_rustls::TlsConnector::from(this.tls.client_config());
@@ -111,11 +117,9 @@ impl tower_service::Service<Uri> for MtlsConnector {
                 .ok_or("server sent no certificate")?;
             let actual = SpiffeId::from_certificate(leaf)?;
             if actual != this.expected {
-                return Err(format!(
-                    "server identity is {actual}, expected {}",
-                    this.expected
-                )
-                .into());
+                return Err(
+                    format!("server identity is {actual}, expected {}", this.expected).into(),
+                );
             }
             Ok(TokioIo::new(stream))
         })

@@ -27,7 +27,10 @@ where
     F: std::future::Future<Output = Result<(), E>>,
 {
     install_panic_hook(program);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("{program}: error: cannot start the async runtime: {e}");

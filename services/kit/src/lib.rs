@@ -6,7 +6,6 @@
 
 pub mod accept;
 pub mod authz;
-pub mod service;
 pub mod client;
 pub mod config;
 pub mod db;
@@ -16,6 +15,7 @@ pub mod metrics;
 pub mod ops;
 pub mod pki;
 pub mod server;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;

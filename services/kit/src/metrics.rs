@@ -44,7 +44,11 @@ impl Metrics {
     pub fn new(service: &str) -> Self {
         let mut registry = Registry::with_prefix_and_labels(
             "cms",
-            [(std::borrow::Cow::Borrowed("service"), std::borrow::Cow::Owned(service.to_owned()))].into_iter(),
+            [(
+                std::borrow::Cow::Borrowed("service"),
+                std::borrow::Cow::Owned(service.to_owned()),
+            )]
+            .into_iter(),
         );
         let requests = Family::<RequestLabels, Counter>::default();
         let latency = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
@@ -89,7 +93,9 @@ impl Metrics {
     }
 
     pub fn handshake(&self, outcome: &'static str) {
-        self.handshakes.get_or_create(&OutcomeLabels { outcome }).inc();
+        self.handshakes
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 
     /// Registers a service-specific metric.

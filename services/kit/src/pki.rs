@@ -10,8 +10,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -138,7 +138,10 @@ impl Ca {
             .subject_alt_names
             .push(SanType::URI(spec.spiffe_id.as_str().try_into()?));
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, spec.spiffe_id.path().trim_start_matches('/'));
+        dn.push(
+            DnType::CommonName,
+            spec.spiffe_id.path().trim_start_matches('/'),
+        );
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -222,7 +225,10 @@ impl DevPki {
             written.extend([ca_key_path.clone(), self.ca_path()]);
             ca
         };
-        let workloads = SERVICES.iter().copied().chain([OPERATOR_CLIENT, AGENT_CLIENT]);
+        let workloads = SERVICES
+            .iter()
+            .copied()
+            .chain([OPERATOR_CLIENT, AGENT_CLIENT]);
         for workload in workloads {
             let tls = self.tls_settings(workload);
             if tls.cert.exists() && tls.key.exists() {
@@ -282,7 +288,11 @@ mod tests {
         let first = pki.init().unwrap();
         assert_eq!(first.len(), 2 + 2 * 7);
         assert!(pki.init().unwrap().is_empty());
-        for workload in SERVICES.iter().copied().chain([OPERATOR_CLIENT, AGENT_CLIENT]) {
+        for workload in SERVICES
+            .iter()
+            .copied()
+            .chain([OPERATOR_CLIENT, AGENT_CLIENT])
+        {
             let tls = pki.tls_settings(workload);
             let pem = fs::read(&tls.cert).unwrap();
             let certs = crate::tls::parse_certs("tls.cert", &tls.cert, &pem).unwrap();

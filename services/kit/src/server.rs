@@ -199,7 +199,8 @@ pub async fn serve(
         ops = ?ops_addr,
         "serving"
     );
-    if let (Some(path), Some(grpc), Some(ops)) = (&spec.settings.announce_file, grpc_addr, ops_addr) {
+    if let (Some(path), Some(grpc), Some(ops)) = (&spec.settings.announce_file, grpc_addr, ops_addr)
+    {
         announce(path, grpc, ops).map_err(ServeError::Announce)?;
     }
     spec.readiness.set_ready();
@@ -223,9 +224,8 @@ pub async fn serve(
     if let Some(path) = &spec.settings.announce_file {
         let _ = std::fs::remove_file(path);
     }
-    match ops.await {
-        Ok(Err(e)) => return Err(ServeError::Ops(e)),
-        Ok(Ok(())) | Err(_) => {}
+    if let Ok(Err(e)) = ops.await {
+        return Err(ServeError::Ops(e));
     }
     tracing::info!(service = spec.name, "stopped");
     Ok(result?)

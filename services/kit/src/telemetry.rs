@@ -87,8 +87,11 @@ pub fn init(service: &str, settings: &TelemetrySettings) -> Result<TelemetryGuar
 
     // A provider even without an exporter: spans still get ids, so the context of an incoming
     // request is passed on to the next hop.
-    let mut builder = SdkTracerProvider::builder()
-        .with_resource(Resource::builder().with_service_name(format!("cms-{service}")).build());
+    let mut builder = SdkTracerProvider::builder().with_resource(
+        Resource::builder()
+            .with_service_name(format!("cms-{service}"))
+            .build(),
+    );
     if let Some(endpoint) = &settings.otlp_endpoint {
         use opentelemetry_otlp::WithExportConfig;
         let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -106,13 +109,18 @@ pub fn init(service: &str, settings: &TelemetrySettings) -> Result<TelemetryGuar
         builder = builder.with_span_processor(processor);
     }
     let provider = builder.build();
-    let otel_layer = tracing_opentelemetry::layer().with_tracer(provider.tracer(format!("cms-{service}")));
+    let otel_layer =
+        tracing_opentelemetry::layer().with_tracer(provider.tracer(format!("cms-{service}")));
 
     let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let result = if settings.json {
         registry
-            .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
             .try_init()
     } else {
         registry

@@ -64,7 +64,10 @@ pub enum TlsError {
         what: &'static str,
     },
     #[error("tls.cert: {path}: {source}")]
-    Identity { path: PathBuf, source: IdentityError },
+    Identity {
+        path: PathBuf,
+        source: IdentityError,
+    },
     #[error("tls: {0}")]
     Rustls(String),
 }
@@ -156,9 +159,13 @@ impl TlsSource {
                     () = shutdown.wait() => return,
                 }
                 match this.reload_if_changed() {
-                    Ok(true) => tracing::info!(identity = %this.identity(), "TLS certificates reloaded"),
+                    Ok(true) => {
+                        tracing::info!(identity = %this.identity(), "TLS certificates reloaded")
+                    }
                     Ok(false) => {}
-                    Err(e) => tracing::warn!(error = %e, "TLS files changed but cannot be used; keeping the previous ones"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "TLS files changed but cannot be used; keeping the previous ones")
+                    }
                 }
             }
         })
@@ -170,11 +177,7 @@ fn stamp(settings: &TlsSettings) -> Stamp {
         Ok(m) => (m.modified().ok(), m.len()),
         Err(_) => (None, 0),
     };
-    [
-        one(&settings.ca),
-        one(&settings.cert),
-        one(&settings.key),
-    ]
+    [one(&settings.ca), one(&settings.cert), one(&settings.key)]
 }
 
 fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -222,11 +225,10 @@ fn load(settings: &TlsSettings) -> Result<Loaded, TlsError> {
     }
     let roots = Arc::new(roots);
     let chain = parse_certs("tls.cert", &settings.cert, &cert_pem)?;
-    let identity =
-        SpiffeId::from_certificate(&chain[0]).map_err(|source| TlsError::Identity {
-            path: settings.cert.clone(),
-            source,
-        })?;
+    let identity = SpiffeId::from_certificate(&chain[0]).map_err(|source| TlsError::Identity {
+        path: settings.cert.clone(),
+        source,
+    })?;
     let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
         .map_err(|source| TlsError::Read {
             key: "tls.key",
@@ -275,9 +277,10 @@ fn client_config(
     key: PrivateKeyDer<'static>,
 ) -> Result<ClientConfig, TlsError> {
     let provider = provider();
-    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-        .build()
-        .map_err(|e| TlsError::Rustls(format!("server verifier: {e}")))?;
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .map_err(|e| TlsError::Rustls(format!("server verifier: {e}")))?;
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Rustls(e.to_string()))?

@@ -1,0 +1,39 @@
+//! Card cryptography for the CMS, without I/O.
+//!
+//! Custody (server side) and the card agent (desktop side) must compute exactly the same bytes:
+//! custody derives per-card admin keys and answers challenges, the agent checks typed codes and,
+//! for the System Owner token, computes the cryptogram itself while the CMS is down. Keeping that
+//! math in one small crate, tested against shared/vectors, is what makes the two agree.
+//!
+//! Module map:
+//!
+//! * [`code`]: codes people type — hex in groups of 4 with a CRC-16/IBM-3740 checksum; parsing
+//!   with errors that never echo the code.
+//! * [`primitives`]: one ECB block of 3DES/AES, AES-CMAC, key check values, and [`SecretKey`],
+//!   the zeroizing key type whose `Debug` shows only algorithm and KCV.
+//! * [`diversify`]: per-card admin key = diversify(master key, card id) for the schemes `gp-emv`,
+//!   `gp-visa2`, `gp-kdf3`, `sp800-108-cmac`, plus the derivation inputs an HSM needs.
+//! * [`cryptogram`]: response = E_K(challenge), one ECB block, and its constant-time check.
+//! * [`so_token`]: the System Owner token's unblock key: generated from caller randomness, shown
+//!   once with a checksum, typed back, used locally.
+//!
+//! Secrets (keys, responses, parsed codes) are returned in [`zeroize::Zeroizing`] containers;
+//! comparisons of secrets are constant time ([`subtle`]).
+
+#![forbid(unsafe_code)]
+
+pub mod code;
+pub mod cryptogram;
+pub mod diversify;
+pub mod primitives;
+pub mod so_token;
+
+pub use code::{CharacterClass, CodeError, TypedCode, checksum, format_groups, parse_hex, parse_with_checksum};
+pub use cryptogram::{CryptogramError, response, verify_response};
+pub use diversify::{DiversifyError, Scheme, diversify, gp_derivation_data, sp800_108_fixed_input};
+pub use primitives::{
+    AdminKey, KeyAlgorithm, KeyError, PrimitiveError, SecretKey, aes_cmac, aes_ecb_encrypt,
+    tdes_ecb_encrypt,
+};
+pub use so_token::{SoTokenError, SoUnblockKey, so_cryptogram};
+pub use zeroize::Zeroizing;

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The whole test suite: README's second command, and what CI runs (.ci/run).
+# Installs what it needs that a fresh Debian machine lacks, builds every binary the
+# end-to-end tests start, runs all Rust tests, then checks the proto contracts and the chart.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# Tools the suite needs, as "command:debian-package" pairs (the list grows with the agent,
+# PostgreSQL and HSM issues). Only what is missing is installed.
+need() {
+    local missing=()
+    for pair in "$@"; do
+        command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "missing Debian packages: ${missing[*]} (run as root, or install them)" >&2
+        exit 1
+    fi
+    step "installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+}
+need pkg-config:pkg-config npm:npm
+
+step "building every workspace binary (the end-to-end tests start them)"
+cargo build --workspace --bins --locked
+
+step "cargo test --workspace"
+cargo test --workspace --locked
+
+step "proto contracts: buf lint, format and breaking"
+bash tests/proto-check.sh
+
+if [ -x helm/check.sh ]; then
+    step "Helm chart: lint, render, validate"
+    bash helm/check.sh
+fi
+
+step "all checks passed"
