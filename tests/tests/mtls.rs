@@ -128,6 +128,55 @@ async fn refuses_bad_clients_serves_allowed_one_and_keeps_running() {
     get_status(&pki, pki.tls("gateway"), server.grpc)
         .await
         .expect("still served");
+
+    // Every request was counted, by method and status code (7 = PERMISSION_DENIED).
+    let (_, metrics) = cms_kit::ops::http_get(server.ops, "/metrics")
+        .await
+        .unwrap();
+    let counted = |code: i32| {
+        metrics.lines().any(|l| {
+            l.starts_with("cms_grpc_server_requests_total{")
+                && l.contains("GetStatus")
+                && l.contains(&format!("code=\"{code}\""))
+        })
+    };
+    assert!(counted(0) && counted(7), "{metrics}");
+    server.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn reflection_lists_the_service_and_health() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let server = start_custody(dir.path(), |_| {}).await;
+    let channel = inproc::channel(pki.tls("operator/admin"), server.grpc, pki.id("custody"));
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer: {response:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"cms.custody.v1.CustodyService".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_owned()),
+        "{names:?}"
+    );
     server.stop().await.expect("clean stop");
 }
 

@@ -65,7 +65,10 @@ pub enum CodeError {
         character_class: CharacterClass,
     },
     /// The number of hex digits is not one of the accepted lengths.
-    #[error("the code has {got_digits} hex digits, expected {}", lengths(expected_digits))]
+    #[error(
+        "the code has {got_digits} hex digits, expected {}",
+        lengths(expected_digits)
+    )]
     WrongLength {
         /// Hex digits entered (separators not counted).
         got_digits: usize,

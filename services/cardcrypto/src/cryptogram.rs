@@ -9,13 +9,15 @@ use zeroize::Zeroizing;
 
 use crate::primitives::{KeyAlgorithm, SecretKey, ct_eq};
 
+/// Challenge lengths a card can present: 8 bytes (3DES admin key), 16 bytes (AES admin key).
+/// Pass to [`crate::code::parse_with_checksum`] when reading a typed challenge.
+pub const CHALLENGE_LENGTHS: &[usize] = &[8, 16];
+
 /// Why no response was computed. Names lengths and algorithms, never values.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CryptogramError {
     /// The challenge length does not match the admin key's block size.
-    #[error(
-        "a {algorithm} admin key answers a {expected}-byte challenge, got {got} bytes"
-    )]
+    #[error("{algorithm} admin key answers {expected}-byte challenges, got {got} bytes")]
     ChallengeLength {
         /// Algorithm of the admin key.
         algorithm: KeyAlgorithm,

@@ -132,7 +132,10 @@ pub enum DiversifyError {
         max: usize,
     },
     /// The requested admin-key length is not possible for this scheme and master key.
-    #[error("scheme {scheme} cannot produce a {got}-byte admin key here; expected {} bytes", lengths(expected))]
+    #[error(
+        "scheme {scheme} cannot produce a {got}-byte admin key here; expected {} bytes",
+        lengths(expected)
+    )]
     OutputLength {
         /// Requested scheme.
         scheme: Scheme,
@@ -292,7 +295,8 @@ pub fn diversify(
             if out_len != mk.len() {
                 return Err(out_error(&[mk.len()]));
             }
-            let algorithm = KeyAlgorithm::aes_for_len(out_len).ok_or_else(|| out_error(&[mk.len()]))?;
+            let algorithm =
+                KeyAlgorithm::aes_for_len(out_len).ok_or_else(|| out_error(&[mk.len()]))?;
             let mut k = Zeroizing::new(Vec::with_capacity(out_len + 16));
             let mut counter: u8 = 1;
             while k.len() < out_len {

@@ -73,13 +73,11 @@ fn encrypt_in_place<C: BlockCipherEncrypt + KeyInit>(
     })?;
     let got = block.len();
     let block: &mut Array<u8, C::BlockSize> =
-        block
-            .try_into()
-            .map_err(|_| PrimitiveError::BlockLength {
-                algorithm,
-                expected: <C::BlockSize as aes::cipher::typenum::Unsigned>::USIZE,
-                got,
-            })?;
+        block.try_into().map_err(|_| PrimitiveError::BlockLength {
+            algorithm,
+            expected: <C::BlockSize as aes::cipher::typenum::Unsigned>::USIZE,
+            got,
+        })?;
     cipher.encrypt_block(block);
     Ok(())
 }
@@ -147,18 +145,20 @@ pub fn aes_ecb_encrypt(
     Ok(out)
 }
 
-fn cmac_with<C>(key: &[u8], message: &[u8]) -> Result<Zeroizing<[u8; AES_BLOCK_LEN]>, PrimitiveError>
+fn cmac_with<C>(
+    key: &[u8],
+    message: &[u8],
+) -> Result<Zeroizing<[u8; AES_BLOCK_LEN]>, PrimitiveError>
 where
     Cmac<C>: KeyInit + Mac,
     C: cmac::block_api::CmacCipher,
 {
-    let mut mac = <Cmac<C> as KeyInit>::new_from_slice(key).map_err(|_| {
-        PrimitiveError::KeyLength {
+    let mut mac =
+        <Cmac<C> as KeyInit>::new_from_slice(key).map_err(|_| PrimitiveError::KeyLength {
             algorithm: "AES-CMAC",
             expected: AES_KEY_LENGTHS,
             got: key.len(),
-        }
-    })?;
+        })?;
     Mac::update(&mut mac, message);
     let mut tag = mac.finalize().into_bytes();
     let mut out = Zeroizing::new([0u8; AES_BLOCK_LEN]);
@@ -168,7 +168,10 @@ where
 }
 
 /// AES-CMAC (NIST SP 800-38B, RFC 4493) over `message`; the key length picks AES-128/192/256.
-pub fn aes_cmac(key: &[u8], message: &[u8]) -> Result<Zeroizing<[u8; AES_BLOCK_LEN]>, PrimitiveError> {
+pub fn aes_cmac(
+    key: &[u8],
+    message: &[u8],
+) -> Result<Zeroizing<[u8; AES_BLOCK_LEN]>, PrimitiveError> {
     match key.len() {
         16 => cmac_with::<Aes128>(key, message),
         24 => cmac_with::<Aes192>(key, message),
