@@ -1,0 +1,448 @@
+"""Checks the cms Helm chart without a helm binary or a cluster (run by helm/check.sh).
+
+For every scenario (the defaults, cert-manager on, and each helm/examples/*.yaml):
+  1. helm lint --strict (Helm's own linter, through helm-python-sdk's libhelm_c; this also
+     validates the values against values.schema.json),
+  2. helm template (same library) into <out>/rendered-<scenario>.yaml,
+  3. kubernetes-validate --strict against several Kubernetes versions (cert-manager
+     Certificates have no schema there; they are checked by 4 instead),
+  4. what the services and this project need, which no generic tool knows: every rendered
+     TOML config uses only keys the services accept; every container runs non-root with a
+     read-only root file system, no capabilities and the RuntimeDefault seccomp profile, and
+     is probed on /livez and /readyz of its ops port; custody's gRPC port is reachable only
+     from gateway pods; each Certificate carries exactly one URI SAN (the workload's SPIFFE
+     ID), both server and client auth, and the DNS name the gateway dials.
+Then values that must be refused are checked to be refused.
+
+Exit status: 0 when everything passed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import helm_python as helm
+import yaml
+
+HERE = Path(__file__).resolve().parent
+CHART = HERE / "cms"
+EXAMPLES = HERE / "examples"
+RELEASE = "cms"
+NAMESPACE = "cms"
+KUBE_LINT_VERSION = "v1.30.0"
+KUBE_VERSIONS = ["1.25.0", "1.30.0", "1.37.0"]
+WORKLOADS = ["template", "directory", "custody", "gateway"]
+DB_WORKLOADS = ["template", "directory", "custody"]
+
+# The config keys each service accepts (its serde structs deny unknown fields):
+# services/kit/src/{server,tls,authz,db,telemetry,client}.rs, services/*/src/config.rs,
+# gateway/src/config.rs. A key here that a service does not know would stop it at start.
+SERVER_KEYS = {
+    "listen", "ops_listen", "handshake_timeout_ms", "max_concurrent_handshakes",
+    "shutdown_grace_ms", "max_concurrent_streams", "announce_file",
+}
+TLS_KEYS = {"ca", "cert", "key", "reload_interval_ms"}
+ACCESS_KEYS = {"allow"}
+DATABASE_KEYS = {"url", "max_connections"}
+TELEMETRY_KEYS = {"log", "json", "otlp_endpoint", "export_delay_ms"}
+UPSTREAM_KEYS = {"address", "identity", "connect_timeout_ms"}
+AGENT_LINK_KEYS = {"hello_timeout_ms", "stale_after_ms"}
+DB_SERVICE_KEYS = {
+    "data_dir": None, "server": SERVER_KEYS, "tls": TLS_KEYS, "access": ACCESS_KEYS,
+    "database": DATABASE_KEYS, "telemetry": TELEMETRY_KEYS,
+}
+CONFIG_KEYS = {
+    "template": DB_SERVICE_KEYS,
+    "directory": DB_SERVICE_KEYS,
+    "custody": DB_SERVICE_KEYS,
+    "gateway": {
+        "server": SERVER_KEYS, "tls": TLS_KEYS, "access": ACCESS_KEYS,
+        "backends": {"template": UPSTREAM_KEYS, "directory": UPSTREAM_KEYS,
+                     "custody": UPSTREAM_KEYS},
+        "agent_link": AGENT_LINK_KEYS, "telemetry": TELEMETRY_KEYS,
+    },
+}
+REQUIRED_CONFIG = {
+    "template": ["data_dir", "server.listen", "server.ops_listen", "tls.ca", "tls.cert", "tls.key"],
+    "gateway": ["server.listen", "server.ops_listen", "tls.ca", "tls.cert", "tls.key",
+                "backends.template.address", "backends.template.identity",
+                "backends.directory.address", "backends.directory.identity",
+                "backends.custody.address", "backends.custody.identity"],
+}
+REQUIRED_CONFIG["directory"] = REQUIRED_CONFIG["template"]
+REQUIRED_CONFIG["custody"] = REQUIRED_CONFIG["template"]
+
+# cert-manager.io/v1 Certificate spec fields (kubernetes-validate has no CRD schemas).
+CERTIFICATE_SPEC_KEYS = {
+    "additionalOutputFormats", "commonName", "dnsNames", "duration", "emailAddresses",
+    "encodeUsagesInRequest", "ipAddresses", "isCA", "issuerRef", "keystores", "literalSubject",
+    "nameConstraints", "otherNames", "privateKey", "renewBefore", "renewBeforePercentage",
+    "revisionHistoryLimit", "secretName", "secretTemplate", "signatureAlgorithm", "subject",
+    "uris", "usages",
+}
+CERTIFICATE_USAGES = {
+    "signing", "digital signature", "content commitment", "key encipherment", "key agreement",
+    "data encipherment", "cert sign", "crl sign", "encipher only", "decipher only", "any",
+    "server auth", "client auth", "code signing", "email protection", "s/mime",
+    "ipsec end system", "ipsec tunnel", "ipsec user", "timestamping", "ocsp signing",
+    "microsoft sgc", "netscape sgc",
+}
+
+failures: list[str] = []
+
+
+def fail(scenario: str, message: str) -> None:
+    failures.append(f"{scenario}: {message}")
+    print(f"  FAIL {message}")
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def lint(scenario: str, values: dict | None) -> None:
+    report = helm.lint(str(CHART), values, strict=True, namespace=NAMESPACE,
+                       kube_version=KUBE_LINT_VERSION)
+    bad = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2]
+    for m in report.get("messages", []):
+        level = {1: "INFO", 2: "WARNING", 3: "ERROR"}.get(m.get("severity"), "?")
+        print(f"  lint {level} {m.get('path')}: {m.get('error')}")
+    for e in report.get("errors", []) or []:
+        fail(scenario, f"helm lint: {e}")
+    for m in bad:
+        fail(scenario, f"helm lint: {m.get('path')}: {m.get('error')}")
+    if not bad and not report.get("errors"):
+        print(f"  ok   helm lint --strict --kube-version {KUBE_LINT_VERSION} "
+              f"({report.get('total_charts_linted')} chart)")
+
+
+def render(values: dict | None) -> str:
+    with helm.Chart.load(str(CHART)) as chart:
+        manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    parts = []
+    for path in sorted(manifests):
+        if path.endswith("NOTES.txt") or not manifests[path].strip():
+            continue
+        parts.append(f"# Source: {path}\n{manifests[path].strip()}\n")
+    return "---\n".join(parts)
+
+
+def kube_validate(scenario: str, rendered: Path, docs: list[dict]) -> None:
+    exe = Path(sys.executable).parent / "kubernetes-validate"
+    args = [str(exe), "--strict", "--quiet"]
+    for version in KUBE_VERSIONS:
+        args += ["-k", version]
+    proc = subprocess.run(args + [str(rendered)], capture_output=True, text=True)
+    out = (proc.stdout + proc.stderr).strip()
+    unexpected = [line for line in out.splitlines()
+                  if line.strip() and "kind Certificate with api version cert-manager.io/v1"
+                  not in line]
+    if proc.returncode != 0 or unexpected:
+        fail(scenario, f"kubernetes-validate exited {proc.returncode}:\n{out}")
+        return
+    kinds = sorted({d["kind"] for d in docs if d["kind"] != "Certificate"})
+    print(f"  ok   kubernetes-validate --strict -k {' -k '.join(KUBE_VERSIONS)}: "
+          f"{sum(d['kind'] != 'Certificate' for d in docs)} objects ({', '.join(kinds)})")
+
+
+def check_toml_keys(scenario: str, name: str, data: dict, allowed: dict, prefix: str = "") -> None:
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in allowed:
+            fail(scenario, f"{name}.toml: unknown key {path}")
+        elif isinstance(allowed[key], dict):
+            if not isinstance(value, dict):
+                fail(scenario, f"{name}.toml: {path} must be a table")
+            else:
+                check_toml_keys(scenario, name, value, allowed[key], path + ".")
+        elif isinstance(allowed[key], set):
+            if not isinstance(value, dict):
+                fail(scenario, f"{name}.toml: {path} must be a table")
+                continue
+            for sub in value:
+                if sub not in allowed[key]:
+                    fail(scenario, f"{name}.toml: unknown key {path}.{sub}")
+
+
+def dig(data: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def semantic_checks(scenario: str, values: dict, docs: list[dict]) -> None:
+    errors_before = len(failures)
+    by_kind: dict[str, dict[str, dict]] = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
+        if d["metadata"].get("namespace") not in (None, NAMESPACE):
+            fail(scenario, f"{d['kind']}/{d['metadata']['name']} in namespace "
+                           f"{d['metadata'].get('namespace')}")
+    fullname = RELEASE
+    td = values["trustDomain"]
+    deployments = by_kind.get("Deployment", {})
+    if sorted(deployments) != sorted(f"{fullname}-{w}" for w in WORKLOADS):
+        fail(scenario, f"Deployments are {sorted(deployments)}")
+
+    configs: dict[str, dict] = {}
+    for w in WORKLOADS:
+        cm = by_kind.get("ConfigMap", {}).get(f"{fullname}-{w}")
+        if cm is None:
+            fail(scenario, f"no ConfigMap for {w}")
+            continue
+        try:
+            cfg = tomllib.loads(cm["data"][f"{w}.toml"])
+        except (KeyError, tomllib.TOMLDecodeError) as e:
+            fail(scenario, f"{w}.toml does not parse: {e}")
+            continue
+        configs[w] = cfg
+        check_toml_keys(scenario, w, cfg, CONFIG_KEYS[w])
+        for key in REQUIRED_CONFIG[w]:
+            if dig(cfg, key) is None:
+                fail(scenario, f"{w}.toml lacks {key}")
+
+    for w in WORKLOADS:
+        dep = deployments.get(f"{fullname}-{w}")
+        if dep is None:
+            continue
+        pod = dep["spec"]["template"]["spec"]
+        psc = pod.get("securityContext", {})
+        if psc.get("runAsNonRoot") is not True or psc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+            fail(scenario, f"{w}: pod securityContext must set runAsNonRoot and seccomp RuntimeDefault")
+        if pod.get("automountServiceAccountToken") is not False:
+            fail(scenario, f"{w}: the service account token must not be mounted")
+        main = pod["containers"][0]
+        for c in pod["containers"]:
+            sc = c.get("securityContext", {})
+            if c is main or sc:
+                ok = (sc.get("readOnlyRootFilesystem") is True
+                      and sc.get("allowPrivilegeEscalation") is False
+                      and "ALL" in sc.get("capabilities", {}).get("drop", [])
+                      and sc.get("runAsNonRoot") is True)
+                if not ok:
+                    fail(scenario, f"{w}/{c['name']}: container securityContext must be "
+                                   "non-root, read-only root, no privilege escalation, drop ALL")
+        if main.get("command") != [f"/usr/local/bin/cms-{w}"]:
+            fail(scenario, f"{w}: command is {main.get('command')}")
+        if main.get("args") != ["--config", f"/etc/cms/config/{w}.toml"]:
+            fail(scenario, f"{w}: args are {main.get('args')}")
+        ports = {p["name"]: p["containerPort"] for p in main.get("ports", [])}
+        cfg = configs.get(w, {})
+        if cfg:
+            if not str(dig(cfg, "server.listen")).endswith(f":{ports.get('grpc')}"):
+                fail(scenario, f"{w}: server.listen does not match the grpc container port")
+            if not str(dig(cfg, "server.ops_listen")).endswith(f":{ports.get('ops')}"):
+                fail(scenario, f"{w}: server.ops_listen does not match the ops container port")
+        for probe, path in (("livenessProbe", "/livez"), ("readinessProbe", "/readyz"),
+                            ("startupProbe", "/livez")):
+            get = main.get(probe, {}).get("httpGet", {})
+            if get.get("path") != path or get.get("port") != "ops":
+                fail(scenario, f"{w}: {probe} must GET {path} on the ops port")
+        annotations = dep["spec"]["template"]["metadata"].get("annotations", {})
+        if values["metrics"]["prometheusAnnotations"] and annotations.get("prometheus.io/port") != str(ports.get("ops")):
+            fail(scenario, f"{w}: prometheus.io/port must be the ops port")
+        env = {e["name"]: e for e in main.get("env", [])}
+        url_secret = values[w].get("database", {}).get("urlSecret", {}).get("name")
+        env_name = f"CMS_{w.upper()}__DATABASE__URL"
+        if url_secret and env.get(env_name, {}).get("valueFrom", {}).get("secretKeyRef", {}).get("name") != url_secret:
+            fail(scenario, f"{w}: {env_name} must come from Secret {url_secret}")
+        if not url_secret and env_name in env:
+            fail(scenario, f"{w}: {env_name} set without a Secret")
+        mounts = {m["mountPath"] for m in main.get("volumeMounts", [])}
+        if values["tls"]["mountSecret"] and "/etc/cms/tls" not in mounts:
+            fail(scenario, f"{w}: /etc/cms/tls is not mounted")
+        if w in DB_WORKLOADS and "/var/lib/cms" not in mounts:
+            fail(scenario, f"{w}: data_dir /var/lib/cms is not mounted")
+
+    # Allow-lists: backends allow the gateway, the gateway allows operators, agents, services.
+    for w in DB_WORKLOADS:
+        allow = dig(configs.get(w, {}), "access.allow") or []
+        if f"spiffe://{td}/cms/gateway" not in allow:
+            fail(scenario, f"{w}: the gateway is not on the allow-list")
+    gw_allow = set(dig(configs.get("gateway", {}), "access.allow") or [])
+    for pattern in ("operator/*", "agent", "agent/*", "service/*"):
+        if f"spiffe://{td}/cms/{pattern}" not in gw_allow:
+            fail(scenario, f"gateway: spiffe://{td}/cms/{pattern} is not on the allow-list")
+
+    # Gateway -> backends: the address must be a Service of this release, on its port.
+    services = by_kind.get("Service", {})
+    if f"{fullname}-agent" in services or f"{fullname}-agent" in deployments:
+        fail(scenario, "agents run on desktops: the chart must not deploy one")
+    for b in DB_WORKLOADS:
+        up = dig(configs.get("gateway", {}), f"backends.{b}") or {}
+        host, _, port = str(up.get("address", "")).rpartition(":")
+        svc = services.get(f"{fullname}-{b}")
+        if svc is None or host != f"{fullname}-{b}.{NAMESPACE}.svc":
+            fail(scenario, f"gateway: backends.{b}.address {up.get('address')} is not the {b} Service")
+        elif int(port) != svc["spec"]["ports"][0]["port"]:
+            fail(scenario, f"gateway: backends.{b}.address port is not the Service port")
+        if up.get("identity") != f"spiffe://{td}/cms/{b}":
+            fail(scenario, f"gateway: backends.{b}.identity is {up.get('identity')}")
+
+    # Network policies: custody (and the other backends) only from gateway pods on gRPC.
+    if values["networkPolicy"]["enabled"]:
+        policies = by_kind.get("NetworkPolicy", {})
+        for w in DB_WORKLOADS:
+            pol = policies.get(f"{fullname}-{w}")
+            if pol is None:
+                fail(scenario, f"no NetworkPolicy for {w}")
+                continue
+            grpc_port = values[w]["port"]
+            rules = [r for r in pol["spec"].get("ingress", [])
+                     if any(p.get("port") == grpc_port for p in r.get("ports", []))]
+            gateway_only = {"app.kubernetes.io/component": "gateway",
+                            "app.kubernetes.io/instance": RELEASE}
+            for r in rules:
+                peers = r.get("from")
+                if not peers:
+                    fail(scenario, f"{w}: gRPC port open to everyone")
+                    continue
+                first = peers[0].get("podSelector", {}).get("matchLabels", {})
+                if any(first.get(k) != v for k, v in gateway_only.items()):
+                    fail(scenario, f"{w}: first gRPC peer is not the gateway pods")
+                if len(peers) != 1 + len(values[w]["networkPolicy"]["extraFrom"]):
+                    fail(scenario, f"{w}: unexpected extra gRPC peers")
+            if not rules:
+                fail(scenario, f"{w}: no ingress rule for the gRPC port")
+        if "NetworkPolicy" in by_kind and len(policies) != len(WORKLOADS):
+            fail(scenario, f"expected {len(WORKLOADS)} NetworkPolicies, got {len(policies)}")
+
+    pdbs = by_kind.get("PodDisruptionBudget", {})
+    want_pdb = values["gateway"]["pdb"]["enabled"] and values["gateway"]["replicas"] > 1
+    if want_pdb != (f"{fullname}-gateway" in pdbs):
+        fail(scenario, f"gateway PodDisruptionBudget rendered={not want_pdb}, expected {want_pdb}")
+
+    # Certificates (cert-manager): identity, EKUs, and the names clients dial.
+    certs = by_kind.get("Certificate", {})
+    if values["certManager"]["enabled"]:
+        for w in WORKLOADS:
+            cert = certs.get(f"{fullname}-{w}")
+            if cert is None:
+                fail(scenario, f"no Certificate for {w}")
+                continue
+            spec = cert["spec"]
+            if cert.get("apiVersion") != "cert-manager.io/v1":
+                fail(scenario, f"{w}: Certificate apiVersion {cert.get('apiVersion')}")
+            unknown = set(spec) - CERTIFICATE_SPEC_KEYS
+            if unknown:
+                fail(scenario, f"{w}: unknown Certificate spec fields {sorted(unknown)}")
+            if spec.get("uris") != [f"spiffe://{td}/cms/{w}"]:
+                fail(scenario, f"{w}: Certificate uris must be exactly [spiffe://{td}/cms/{w}]")
+            usages = spec.get("usages", [])
+            if not {"server auth", "client auth"} <= set(usages) or set(usages) - CERTIFICATE_USAGES:
+                fail(scenario, f"{w}: Certificate usages {usages}")
+            if not spec.get("issuerRef", {}).get("name"):
+                fail(scenario, f"{w}: Certificate has no issuerRef.name")
+            expected_secret = values[w]["tlsSecretName"] or f"{fullname}-{w}-tls"
+            if spec.get("secretName") != expected_secret:
+                fail(scenario, f"{w}: Certificate secretName {spec.get('secretName')}")
+            dns = spec.get("dnsNames", [])
+            if f"{fullname}-{w}.{NAMESPACE}.svc" not in dns:
+                fail(scenario, f"{w}: Certificate lacks the DNS SAN the gateway dials")
+            for extra in values[w]["extraDnsNames"]:
+                if extra not in dns:
+                    fail(scenario, f"{w}: Certificate lacks extra DNS SAN {extra}")
+            if len(dns) != len(set(dns)):
+                fail(scenario, f"{w}: duplicate DNS SANs")
+        for w in WORKLOADS:
+            dep = deployments.get(f"{fullname}-{w}")
+            if dep is None or not values["tls"]["mountSecret"]:
+                continue
+            vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+            secret = vols.get("tls", {}).get("secret", {}).get("secretName")
+            if secret != certs.get(f"{fullname}-{w}", {}).get("spec", {}).get("secretName"):
+                fail(scenario, f"{w}: mounts Secret {secret}, not its Certificate's")
+    elif certs:
+        fail(scenario, "Certificates rendered with certManager.enabled=false")
+
+    if len(failures) == errors_before:
+        print(f"  ok   service configs, security contexts, probes, allow-lists, network "
+              f"policies{', certificates' if certs else ''}")
+
+
+def run_scenario(scenario: str, overrides: dict | None, defaults: dict, out: Path) -> None:
+    print(f"\n== {scenario}: helm lint, helm template, kubernetes-validate, project checks")
+    values = deep_merge(defaults, overrides or {})
+    lint(scenario, overrides)
+    try:
+        text = render(overrides)
+    except helm.HelmError as e:
+        fail(scenario, f"helm template: {e}")
+        return
+    rendered = out / f"rendered-{scenario}.yaml"
+    rendered.write_text(text)
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    print(f"  ok   helm template -> {rendered} ({len(docs)} objects)")
+    kube_validate(scenario, rendered, docs)
+    semantic_checks(scenario, values, docs)
+
+
+def must_refuse(name: str, overrides: dict, needle: str) -> None:
+    """The chart must refuse these values (schema or template `fail`) with a useful message."""
+    try:
+        render(overrides)
+    except helm.HelmError as e:
+        if needle.lower() in str(e).lower():
+            print(f"  ok   refused: {name}")
+            return
+        fail("refusals", f"{name}: refused, but the message does not mention {needle!r}: {e}")
+        return
+    fail("refusals", f"{name}: rendered although it must be refused")
+
+
+def main() -> int:
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(os.environ.get("TMPDIR", "/tmp"))
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"chart {CHART} with Helm SDK {helm.helm_sdk_version()} "
+          f"(helm-python-sdk, libhelm_c {helm.helm_c_version()})")
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    scenarios: list[tuple[str, dict | None]] = [
+        ("default", None),
+        ("cert-manager", {"certManager": {"enabled": True,
+                                          "issuerRef": {"name": "cms-ca", "kind": "ClusterIssuer"}}}),
+    ]
+    for example in sorted(EXAMPLES.glob("*.yaml")):
+        scenarios.append((f"example-{example.stem}", yaml.safe_load(example.read_text()) or {}))
+    for scenario, overrides in scenarios:
+        run_scenario(scenario, overrides, defaults, out)
+
+    print("\n== refusals: values the chart must reject")
+    refusals = [
+        ("unknown top-level key", {"replicaCount": 2}, "replicaCount"),
+        ("unknown workload key", {"custody": {"replica": 2}}, "replica"),
+        ("custody with 2 replicas on SQLite", {"custody": {"replicas": 2}},
+         "needs a PostgreSQL database"),
+        ("cert-manager without an issuer", {"certManager": {"enabled": True}}, "issuerRef.name"),
+        ("allow-list entry that is not a SPIFFE ID",
+         {"gateway": {"access": {"extraAllow": ["https://example.com"]}}}, "extraAllow"),
+    ]
+    for name, overrides, needle in refusals:
+        must_refuse(name, overrides, needle)
+
+    failed_checks = {f.split(":", 1)[0] for f in failures if not f.startswith("refusals:")}
+    failed_checks |= {f for f in failures if f.startswith("refusals:")}
+    total = len(scenarios) + len(refusals)
+    print()
+    if failures:
+        print(f"helm chart check failed ({len(failures)} problem(s)):")
+        for f in failures:
+            print(f"  - {f}")
+    print(f"helm: {total - len(failed_checks)} passed, {len(failed_checks)} failed")
+    return 1 if failures else 0
+
+if __name__ == "__main__":
+    sys.exit(main())
