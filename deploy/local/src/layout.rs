@@ -154,6 +154,18 @@ impl Layout {
                 );
                 Ok::<(), LayoutError>(())
             };
+        if service == "custody" {
+            // Dev only: the key-encryption key in a file, so `cms up` starts unsealed.
+            let _ = writeln!(
+                out,
+                "[seal]\ndev_seal_file = {}\n",
+                q(&self.service_dir(service).join("dev-seal.key"))
+            );
+            let _ = writeln!(
+                out,
+                "[[callers]]\nidentity = \"spiffe://{td}/cms/gateway\"\nkey_references = [\"*\"]\nadmin = true\n"
+            );
+        }
         match service {
             "gateway" => {
                 upstream(&mut out, "backends.template", "template", peers.template)?;
@@ -211,6 +223,9 @@ mod tests {
         cms_kit::config::from_toml::<cms_template::Config>(&t).unwrap();
         let g = layout.service_config("gateway", ports, &peers, "").unwrap();
         cms_kit::config::from_toml::<cms_gateway::Config>(&g).unwrap();
+        let c = layout.service_config("custody", ports, &peers, "").unwrap();
+        let custody = cms_kit::config::from_toml::<cms_custody::Config>(&c).unwrap();
+        assert!(custody.seal.dev_seal_file.is_some() && custody.callers[0].admin);
         let a = layout.service_config("agent", ports, &peers, "").unwrap();
         cms_kit::config::from_toml::<cms_agent::Config>(&a).unwrap();
         let err = layout

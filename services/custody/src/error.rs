@@ -1,18 +1,172 @@
-/// Errors of the custody service; mapped to `tonic::Status` in one place.
+//! Custody's errors and their one mapping to `tonic::Status`. Every refusal has its own code
+//! and `cms.common.v1.ErrorDetail` reason so callers can tell them apart; messages name what
+//! is wrong and never carry a key, challenge or response.
+
+use cms_proto::common::v1::{ErrorDetail, ErrorReason};
+use prost::Message;
+use tonic::Code;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    // Start-up.
     #[error(transparent)]
     Tls(#[from] cms_kit::tls::TlsError),
     #[error(transparent)]
     Db(#[from] cms_kit::db::DbError),
     #[error(transparent)]
     Serve(#[from] cms_kit::server::ServeError),
+    #[error("database migration: {0}")]
+    Migrate(#[source] sea_orm::DbErr),
+    #[error(transparent)]
+    Seal(#[from] crate::seal::SealError),
+
+    // Refusals.
+    #[error("custody is sealed: unseal it with the custodians' shares")]
+    Sealed,
+    #[error("custody has no key-encryption key yet: run `cmsctl custody init`")]
+    Uninitialised,
+    #[error("custody failed its start-up self-test and refuses all work")]
+    SelfTestFailed,
+    #[error("{0}")]
+    NotAllowed(String),
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("{field}: {source}")]
+    Code {
+        field: &'static str,
+        source: cms_cardcrypto::CodeError,
+    },
+    #[error("no master key {reference} version {version}")]
+    UnknownKey { reference: String, version: u32 },
+    #[error("master key {reference} version {version} is retired")]
+    Retired { reference: String, version: u32 },
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("key check value does not match: {0}")]
+    KcvMismatch(String),
+    #[error(
+        "this challenge was already answered for this card; read a new challenge from the card"
+    )]
+    Replay,
+    #[error("this card reached its limit of {limit} cryptograms in {window_hours} h")]
+    CardLimit { limit: u32, window_hours: u64 },
+    #[error("too many requests from this caller; retry shortly")]
+    CallerRate,
+    #[error("custody is at its limit of requests in progress; retry shortly")]
+    Overloaded,
+    #[error("the audit log cannot be written, so the request was refused")]
+    AuditUnavailable,
+    #[error("{0}")]
+    Precondition(String),
+
+    // Internal: logged, never sent.
+    #[error("database: {0}")]
+    Store(#[from] sea_orm::DbErr),
+    #[error(transparent)]
+    Keystore(#[from] crate::keystore::KeystoreError),
+    #[error(transparent)]
+    Audit(crate::audit::AuditError),
+}
+
+impl From<crate::audit::AuditError> for Error {
+    fn from(e: crate::audit::AuditError) -> Self {
+        match e {
+            crate::audit::AuditError::Unavailable(_) | crate::audit::AuditError::Stopped => {
+                tracing::error!(error = %cms_kit::exit::one_line(&e), "audit write failed");
+                Self::AuditUnavailable
+            }
+            other => Self::Audit(other),
+        }
+    }
+}
+
+impl Error {
+    fn classify(&self) -> Option<(Code, ErrorReason, &'static str)> {
+        use ErrorReason as R;
+        Some(match self {
+            Self::Sealed => (Code::FailedPrecondition, R::CustodySealed, ""),
+            Self::Uninitialised => (Code::FailedPrecondition, R::CustodySealed, ""),
+            Self::SelfTestFailed => (Code::FailedPrecondition, R::CustodySelfTestFailed, ""),
+            Self::NotAllowed(_) => (Code::PermissionDenied, R::PermissionDenied, ""),
+            Self::Invalid { field, .. } => (Code::InvalidArgument, R::InvalidArgument, field),
+            Self::Code { field, source } => (
+                Code::InvalidArgument,
+                match source {
+                    cms_cardcrypto::CodeError::ChecksumMismatch => R::CodeChecksumMismatch,
+                    cms_cardcrypto::CodeError::ChecksumMalformed => R::CodeChecksumMismatch,
+                    cms_cardcrypto::CodeError::NotHex { .. } => R::CodeNotHex,
+                    _ => R::CodeWrongLength,
+                },
+                field,
+            ),
+            Self::UnknownKey { .. } | Self::NotFound(_) => (Code::NotFound, R::NotFound, ""),
+            Self::Retired { .. } | Self::Precondition(_) => {
+                (Code::FailedPrecondition, R::Unspecified, "")
+            }
+            Self::AlreadyExists(_) => (Code::AlreadyExists, R::AlreadyExists, ""),
+            Self::KcvMismatch(_) => (Code::InvalidArgument, R::KcvMismatch, ""),
+            Self::Replay => (Code::AlreadyExists, R::ReplayedChallenge, "challenge"),
+            Self::CardLimit { .. } | Self::CallerRate | Self::Overloaded => {
+                (Code::ResourceExhausted, R::RateLimited, "")
+            }
+            Self::AuditUnavailable => (Code::Unavailable, R::AuditUnavailable, ""),
+            Self::Seal(e) => match e {
+                crate::seal::SealError::Share(_, code) => (
+                    Code::InvalidArgument,
+                    match code {
+                        cms_cardcrypto::CodeError::ChecksumMismatch => R::CodeChecksumMismatch,
+                        cms_cardcrypto::CodeError::NotHex { .. } => R::CodeNotHex,
+                        _ => R::CodeWrongLength,
+                    },
+                    "share",
+                ),
+                crate::seal::SealError::ShareLength(_)
+                | crate::seal::SealError::WrongShares
+                | crate::seal::SealError::Duplicate(_)
+                | crate::seal::SealError::Parameters { .. } => {
+                    (Code::InvalidArgument, R::InvalidArgument, "share")
+                }
+                crate::seal::SealError::Wrap(_) | crate::seal::SealError::DevFile { .. } => {
+                    return None;
+                }
+            },
+            _ => return None,
+        })
+    }
 }
 
 impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
-        // Internal detail stays in the server log; the caller gets a generic message.
-        tracing::error!(error = %cms_kit::exit::one_line(&err), "internal error");
-        tonic::Status::internal("internal error")
+        match err.classify() {
+            Some((code, reason, field)) => {
+                let message = err.to_string();
+                let detail = ErrorDetail {
+                    reason: reason as i32,
+                    field: field.to_owned(),
+                    message: message.clone(),
+                    retry_after_seconds: match err {
+                        Error::CallerRate | Error::Overloaded => 1,
+                        _ => 0,
+                    },
+                    attempts_remaining: 0,
+                };
+                tonic::Status::with_details(code, message, detail.encode_to_vec().into())
+            }
+            None => {
+                // Internal detail stays in the server log; the caller gets a generic message.
+                tracing::error!(error = %cms_kit::exit::one_line(&err), "internal error");
+                tonic::Status::internal("internal error")
+            }
+        }
     }
+}
+
+/// The ErrorDetail a custody status carries, for clients and tests.
+pub fn detail(status: &tonic::Status) -> Option<ErrorDetail> {
+    ErrorDetail::decode(status.details()).ok()
 }

@@ -1,51 +1,55 @@
-//! Key custody: master keys, per-card diversification, cryptograms and their audit.
+//! Key custody: the HSM-style service that turns a card's challenge into the response that
+//! unblocks it, without any master or per-card key ever leaving it.
 //!
-//! This is the service skeleton (config, storage, mTLS serving, status); sealing, master keys
-//! and cryptograms answer UNIMPLEMENTED until the custody issue lands.
+//! Module map: [`wrap`] (the KEK: AEAD wrapping, fingerprints), [`seal`] (Shamir shares,
+//! dev seal file), [`keystore`] (where master keys live and cryptograms are computed),
+//! [`audit`] (the hash-chained, group-committed audit log that also enforces per-card limits
+//! and replay refusal), [`guards`] (caller scopes, rate limits, load shedding),
+//! [`selftest`] (known-answer tests at start), [`service`] (the gRPC API).
 
+pub mod audit;
 mod config;
-mod error;
+pub mod error;
+pub mod guards;
+pub mod keystore;
+pub mod seal;
+pub mod selftest;
+mod service;
+pub mod store;
+pub mod wrap;
 
-pub use config::Config;
+pub use config::{CallerScope, Config, GuardSettings, SealSettings};
 pub use error::Error;
+pub use service::{Custody, Options};
+
+use std::sync::Arc;
 
 use cms_kit::metrics::Metrics;
 use cms_kit::ops::Readiness;
 use cms_kit::server::{Listeners, Serve};
 use cms_kit::shutdown::Shutdown;
 use cms_kit::tls::TlsSource;
-use cms_proto::custody::v1::custody_service_server::{CustodyService, CustodyServiceServer};
-use cms_proto::custody::v1::{Backend, GetStatusRequest, GetStatusResponse, SealState};
+use cms_proto::custody::v1::custody_service_server::CustodyServiceServer;
+use sea_orm_migration::MigratorTrait;
 
 pub const NAME: &str = "custody";
-
-/// The CustodyService implementation.
-#[derive(Debug)]
-pub struct Custody {
-    _db: sea_orm::DatabaseConnection,
-}
-
-#[tonic::async_trait]
-impl CustodyService for Custody {
-    async fn get_status(
-        &self,
-        _request: tonic::Request<GetStatusRequest>,
-    ) -> Result<tonic::Response<GetStatusResponse>, tonic::Status> {
-        Ok(tonic::Response::new(GetStatusResponse {
-            seal_state: SealState::Uninitialised as i32,
-            backend: Backend::Soft as i32,
-            detail: "no key-encryption key yet".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            ..Default::default()
-        }))
-    }
-}
 
 /// Serves the custody API on `listeners` until `shutdown`.
 pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> Result<(), Error> {
     let tls = TlsSource::load(config.tls)?;
     let db = cms_kit::db::connect(&config.database, &config.data_dir, NAME).await?;
-    let routes = tonic::service::Routes::new(CustodyServiceServer::new(Custody { _db: db }));
+    store::migration::Migrator::up(&db, None)
+        .await
+        .map_err(Error::Migrate)?;
+    let custody = Custody::open(Options {
+        db,
+        keystore: Arc::new(keystore::SoftKeystore),
+        callers: config.callers,
+        guards: config.guards,
+        dev_seal_file: config.seal.dev_seal_file,
+    })
+    .await?;
+    let routes = tonic::service::Routes::new(CustodyServiceServer::new(custody));
     let spec = Serve {
         name: NAME,
         version: env!("CARGO_PKG_VERSION"),

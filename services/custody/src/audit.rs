@@ -1,0 +1,438 @@
+//! The audit log: every cryptogram, refusal and key-lifecycle event is one record of a
+//! SHA-256 hash chain, committed durably before custody answers.
+//!
+//! One writer task owns the chain head. Requests queue to it; it takes whatever is waiting
+//! (group commit: one transaction and one fsync for the batch), and answers each only after
+//! the commit. Per-card limits and replay refusal are decided inside that same transaction,
+//! so they hold under any concurrency. If the commit fails nobody gets an answer but an
+//! error: custody fails closed.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cms_proto::common::v1::AuthContext;
+use cms_proto::custody::v1::{AuditEvent, AuditHead, AuditOutcome, AuditRecord};
+use ring::digest;
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter,
+    QueryOrder, QuerySelect, Set, TransactionTrait,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::entities::{audit_record, card_use};
+
+pub const CHAIN_ID: &str = "cms-custody-audit-v1";
+const GENESIS: [u8; 32] = [0; 32];
+const MAX_BATCH: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("the audit log cannot be written")]
+    Unavailable(#[source] sea_orm::DbErr),
+    #[error("the audit writer has stopped")]
+    Stopped,
+    #[error("audit log: {0}")]
+    Read(#[source] sea_orm::DbErr),
+}
+
+/// What happened, with no secret in it.
+#[derive(Clone, Debug, Default)]
+pub struct Event {
+    pub event: i32,
+    pub outcome: i32,
+    pub caller: String,
+    pub context: AuthContext,
+    pub key_reference: String,
+    pub key_version: u32,
+    pub reason: String,
+}
+
+impl Event {
+    pub fn new(event: AuditEvent, outcome: AuditOutcome, caller: &str) -> Self {
+        Self {
+            event: event as i32,
+            outcome: outcome as i32,
+            caller: caller.to_owned(),
+            ..Default::default()
+        }
+    }
+}
+
+/// A cryptogram's claim on the card's budget: granted, or refused as over the limit or a
+/// replay. Fingerprints are keyed (KEK) hashes, never the card's challenge itself.
+#[derive(Clone, Debug)]
+pub struct UsageClaim {
+    pub card_fp: Vec<u8>,
+    pub challenge_fp: Vec<u8>,
+    pub limit: u32,
+    pub window_ms: i64,
+    pub replay_window_ms: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    CardLimit,
+    Replay,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Written {
+    Recorded { seq: u64 },
+    Refused { seq: u64, refusal: Refusal },
+}
+
+struct Job {
+    event: Event,
+    claim: Option<UsageClaim>,
+    reply: oneshot::Sender<Result<Written, AuditError>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct AuditLog {
+    jobs: mpsc::Sender<Job>,
+    db: DatabaseConnection,
+}
+
+#[derive(Clone)]
+struct Head {
+    seq: u64,
+    hash: Vec<u8>,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl AuditLog {
+    /// Loads the chain head and starts the writer.
+    pub async fn start(db: DatabaseConnection) -> Result<Self, AuditError> {
+        let head = match audit_record::Entity::find()
+            .order_by_desc(audit_record::Column::Seq)
+            .one(&db)
+            .await
+            .map_err(AuditError::Read)?
+        {
+            Some(last) => Head {
+                seq: u64::try_from(last.seq).unwrap_or(0),
+                hash: last.hash,
+            },
+            None => Head {
+                seq: 0,
+                hash: GENESIS.to_vec(),
+            },
+        };
+        let (jobs, rx) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(writer(db.clone(), head, rx));
+        Ok(Self { jobs, db })
+    }
+
+    /// Records `event` (and decides `claim`) durably; returns once committed.
+    pub async fn record(
+        &self,
+        event: Event,
+        claim: Option<UsageClaim>,
+    ) -> Result<Written, AuditError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job {
+                event,
+                claim,
+                reply,
+            })
+            .await
+            .map_err(|_| AuditError::Stopped)?;
+        answer.await.map_err(|_| AuditError::Stopped)?
+    }
+
+    /// The last record's sequence number and hash (0 and the genesis hash when empty).
+    pub async fn head(&self) -> Result<AuditHead, AuditError> {
+        let last = audit_record::Entity::find()
+            .order_by_desc(audit_record::Column::Seq)
+            .one(&self.db)
+            .await
+            .map_err(AuditError::Read)?;
+        Ok(match last {
+            Some(r) => AuditHead {
+                sequence: u64::try_from(r.seq).unwrap_or(0),
+                hash: r.hash,
+                recorded_at: Some(timestamp(r.at)),
+                chain_id: CHAIN_ID.into(),
+            },
+            None => AuditHead {
+                sequence: 0,
+                hash: GENESIS.to_vec(),
+                recorded_at: None,
+                chain_id: CHAIN_ID.into(),
+            },
+        })
+    }
+
+    /// Records in sequence order, from `from_seq`, at most `limit`.
+    pub async fn read(&self, from_seq: u64, limit: u64) -> Result<Vec<AuditRecord>, AuditError> {
+        let rows = audit_record::Entity::find()
+            .filter(audit_record::Column::Seq.gte(i64::try_from(from_seq).unwrap_or(i64::MAX)))
+            .order_by_asc(audit_record::Column::Seq)
+            .limit(limit)
+            .all(&self.db)
+            .await
+            .map_err(AuditError::Read)?;
+        Ok(rows.into_iter().map(to_proto).collect())
+    }
+
+    /// Walks the whole chain; with `expected`, also checks that head is still in it.
+    pub async fn verify(&self, expected: Option<&AuditHead>) -> Result<Verdict, AuditError> {
+        let mut verdict = Verdict::default();
+        let mut prev = GENESIS.to_vec();
+        let mut next_seq: i64 = 1;
+        let mut expected_seen = false;
+        loop {
+            let rows = audit_record::Entity::find()
+                .filter(audit_record::Column::Seq.gte(next_seq))
+                .order_by_asc(audit_record::Column::Seq)
+                .limit(1_000)
+                .all(&self.db)
+                .await
+                .map_err(AuditError::Read)?;
+            if rows.is_empty() {
+                break;
+            }
+            for row in rows {
+                let seq = u64::try_from(row.seq).unwrap_or(0);
+                let problem = if row.seq != next_seq {
+                    Some(format!("record {next_seq} is missing (next is {seq})"))
+                } else if row.prev_hash != prev {
+                    Some(format!(
+                        "record {seq} does not link to the record before it"
+                    ))
+                } else if record_hash(&row) != row.hash {
+                    Some(format!("record {seq} was changed"))
+                } else {
+                    None
+                };
+                if let Some(reason) = problem {
+                    verdict.first_bad = Some((u64::try_from(next_seq).unwrap_or(0), reason));
+                    return Ok(verdict);
+                }
+                if let Some(head) = expected
+                    && head.sequence == seq
+                {
+                    if head.hash != row.hash {
+                        verdict.first_bad =
+                            Some((seq, format!("record {seq} differs from the exported head")));
+                        return Ok(verdict);
+                    }
+                    expected_seen = true;
+                }
+                verdict.checked += 1;
+                verdict.head_seq = seq;
+                prev = row.hash;
+                next_seq += 1;
+            }
+        }
+        verdict.head_hash = prev;
+        if let Some(head) = expected
+            && head.sequence > 0
+            && !expected_seen
+        {
+            verdict.first_bad = Some((
+                verdict.head_seq + 1,
+                format!(
+                    "the log ends at record {} but the exported head is record {}: it was truncated",
+                    verdict.head_seq, head.sequence
+                ),
+            ));
+        }
+        Ok(verdict)
+    }
+}
+
+/// The result of a chain walk.
+#[derive(Clone, Debug, Default)]
+pub struct Verdict {
+    pub checked: u64,
+    pub head_seq: u64,
+    pub head_hash: Vec<u8>,
+    pub first_bad: Option<(u64, String)>,
+}
+
+pub fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+fn to_proto(r: audit_record::Model) -> AuditRecord {
+    AuditRecord {
+        sequence: u64::try_from(r.seq).unwrap_or(0),
+        recorded_at: Some(timestamp(r.at)),
+        event: r.event,
+        outcome: r.outcome,
+        context: Some(AuthContext {
+            actor_kind: r.actor_kind,
+            actor_id: r.actor_id,
+            on_behalf_of_user_id: r.user_id,
+            card_id: r.card_id,
+            flow: r.flow,
+            approval_id: r.approval_id,
+            request_id: r.request_id,
+            ..Default::default()
+        }),
+        master_key_reference: r.key_reference,
+        master_key_version: u32::try_from(r.key_version).unwrap_or(0),
+        reason: r.reason,
+        caller_identity: r.caller,
+        previous_hash: r.prev_hash,
+        hash: r.hash,
+        attributes: Default::default(),
+    }
+}
+
+/// SHA-256 over the record's fields (length-prefixed, fixed order) and the previous hash.
+pub fn record_hash(r: &audit_record::Model) -> Vec<u8> {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    let mut put = |bytes: &[u8]| {
+        ctx.update(&(bytes.len() as u64).to_be_bytes());
+        ctx.update(bytes);
+    };
+    put(CHAIN_ID.as_bytes());
+    put(&r.prev_hash);
+    put(&r.seq.to_be_bytes());
+    put(&r.at.to_be_bytes());
+    put(&r.event.to_be_bytes());
+    put(&r.outcome.to_be_bytes());
+    put(r.caller.as_bytes());
+    put(&r.actor_kind.to_be_bytes());
+    put(r.actor_id.as_bytes());
+    put(r.user_id.as_bytes());
+    put(&r.card_id);
+    put(&r.flow.to_be_bytes());
+    put(r.approval_id.as_bytes());
+    put(r.request_id.as_bytes());
+    put(r.key_reference.as_bytes());
+    put(&r.key_version.to_be_bytes());
+    put(r.reason.as_bytes());
+    ctx.finish().as_ref().to_vec()
+}
+
+async fn writer(db: DatabaseConnection, mut head: Head, mut rx: mpsc::Receiver<Job>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        match write_batch(&db, &head, &batch).await {
+            Ok((new_head, outcomes)) => {
+                head = new_head;
+                for (job, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = job.reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, records = batch.len(), "audit commit failed; refusing the requests");
+                for job in batch {
+                    let _ = job.reply.send(Err(AuditError::Unavailable(clone_err(&e))));
+                }
+            }
+        }
+    }
+}
+
+fn clone_err(e: &sea_orm::DbErr) -> sea_orm::DbErr {
+    sea_orm::DbErr::Custom(e.to_string())
+}
+
+async fn write_batch(
+    db: &DatabaseConnection,
+    head: &Head,
+    batch: &[Job],
+) -> Result<(Head, Vec<Written>), sea_orm::DbErr> {
+    let txn = db.begin().await?;
+    let mut head = head.clone();
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let now = now_ms();
+    for job in batch {
+        let mut event = job.event.clone();
+        let mut refusal = None;
+        if let Some(claim) = &job.claim {
+            let replayed = card_use::Entity::find()
+                .filter(card_use::Column::ChallengeFp.eq(claim.challenge_fp.clone()))
+                .filter(card_use::Column::At.gte(now - claim.replay_window_ms))
+                .count(&txn)
+                .await?
+                > 0;
+            let used = card_use::Entity::find()
+                .filter(card_use::Column::CardFp.eq(claim.card_fp.clone()))
+                .filter(card_use::Column::At.gte(now - claim.window_ms))
+                .count(&txn)
+                .await?;
+            refusal = if replayed {
+                Some(Refusal::Replay)
+            } else if used >= u64::from(claim.limit) {
+                Some(Refusal::CardLimit)
+            } else {
+                None
+            };
+            match refusal {
+                Some(r) => {
+                    event.outcome = AuditOutcome::Refused as i32;
+                    event.reason = match r {
+                        Refusal::Replay => "challenge already answered for this card".into(),
+                        Refusal::CardLimit => format!(
+                            "per-card limit of {} cryptograms in the window reached",
+                            claim.limit
+                        ),
+                    };
+                }
+                None => {
+                    card_use::ActiveModel {
+                        card_fp: Set(claim.card_fp.clone()),
+                        challenge_fp: Set(claim.challenge_fp.clone()),
+                        at: Set(now),
+                        ..Default::default()
+                    }
+                    .insert(&txn)
+                    .await?;
+                }
+            }
+        }
+        let seq = head.seq + 1;
+        let ctx = &event.context;
+        let mut row = audit_record::Model {
+            seq: i64::try_from(seq).unwrap_or(i64::MAX),
+            at: now,
+            event: event.event,
+            outcome: event.outcome,
+            caller: event.caller.clone(),
+            actor_kind: ctx.actor_kind,
+            actor_id: ctx.actor_id.clone(),
+            user_id: ctx.on_behalf_of_user_id.clone(),
+            card_id: ctx.card_id.clone(),
+            flow: ctx.flow,
+            approval_id: ctx.approval_id.clone(),
+            request_id: ctx.request_id.clone(),
+            key_reference: event.key_reference.clone(),
+            key_version: i32::try_from(event.key_version).unwrap_or(i32::MAX),
+            reason: event.reason.clone(),
+            prev_hash: head.hash.clone(),
+            hash: Vec::new(),
+        };
+        row.hash = record_hash(&row);
+        head = Head {
+            seq,
+            hash: row.hash.clone(),
+        };
+        audit_record::ActiveModel::from(row).insert(&txn).await?;
+        outcomes.push(match refusal {
+            Some(refusal) => Written::Refused { seq, refusal },
+            None => Written::Recorded { seq },
+        });
+    }
+    txn.commit().await?;
+    Ok((head, outcomes))
+}

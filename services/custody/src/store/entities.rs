@@ -1,0 +1,111 @@
+//! Custody's tables. Nothing here holds a plaintext key, a challenge or a response: master
+//! keys are wrapped under the KEK, challenges are keyed fingerprints.
+
+pub mod seal_meta {
+    use sea_orm::entity::prelude::*;
+
+    /// One row (id 1) once the KEK exists: how it is split, and its public check value.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "seal_meta")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: i32,
+        pub threshold: i32,
+        pub share_count: i32,
+        pub kek_check: Vec<u8>,
+        /// "shares" or "dev-file".
+        pub mode: String,
+        pub created_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod master_key {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "master_key")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        #[sea_orm(unique_key = "ref_version")]
+        pub reference: String,
+        #[sea_orm(unique_key = "ref_version")]
+        pub version: i32,
+        pub algorithm: String,
+        pub kcv: String,
+        /// "active" or "retired".
+        pub state: String,
+        pub description: String,
+        /// "generated" or "imported".
+        pub origin: String,
+        /// AES-256-GCM under the KEK, bound to (reference, "master-key", version).
+        pub wrapped: Vec<u8>,
+        pub created_at: i64,
+        pub retired_at: Option<i64>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod card_use {
+    use sea_orm::entity::prelude::*;
+
+    /// One answered challenge: for the per-card limit and replay refusal.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "card_use")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        #[sea_orm(indexed)]
+        pub card_fp: Vec<u8>,
+        #[sea_orm(indexed)]
+        pub challenge_fp: Vec<u8>,
+        pub at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod audit_record {
+    use sea_orm::entity::prelude::*;
+
+    /// One link of the audit hash chain.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "audit_record")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub seq: i64,
+        pub at: i64,
+        pub event: i32,
+        pub outcome: i32,
+        pub caller: String,
+        pub actor_kind: i32,
+        pub actor_id: String,
+        pub user_id: String,
+        pub card_id: Vec<u8>,
+        pub flow: i32,
+        pub approval_id: String,
+        pub request_id: String,
+        pub key_reference: String,
+        pub key_version: i32,
+        pub reason: String,
+        pub prev_hash: Vec<u8>,
+        pub hash: Vec<u8>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

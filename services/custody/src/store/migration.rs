@@ -1,0 +1,50 @@
+//! Versioned schema migrations of custody, applied once at start.
+
+use sea_orm::Schema;
+use sea_orm_migration::prelude::*;
+
+use super::entities::{audit_record, card_use, master_key, seal_meta};
+
+pub struct Migrator;
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(Initial)]
+    }
+
+    fn migration_table_name() -> sea_orm::DynIden {
+        "custody_migrations".into_iden()
+    }
+}
+
+struct Initial;
+
+impl MigrationName for Initial {
+    fn name(&self) -> &str {
+        "m20261127_000001_initial"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for Initial {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let schema = Schema::new(manager.get_database_backend());
+        manager
+            .create_table(schema.create_table_from_entity(seal_meta::Entity))
+            .await?;
+        manager
+            .create_table(schema.create_table_from_entity(master_key::Entity))
+            .await?;
+        manager
+            .create_table(schema.create_table_from_entity(card_use::Entity))
+            .await?;
+        manager
+            .create_table(schema.create_table_from_entity(audit_record::Entity))
+            .await?;
+        for index in schema.create_index_from_entity(card_use::Entity) {
+            manager.create_index(index).await?;
+        }
+        Ok(())
+    }
+}
