@@ -113,6 +113,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             )
     };
 
+    let mut sensitive_fields = String::new();
+    for message in pool.all_messages() {
+        for field in message.fields().filter(&is_sensitive) {
+            let _ = writeln!(sensitive_fields, "{}", field.full_name());
+        }
+    }
+    std::fs::write(out.join("sensitive_fields.txt"), sensitive_fields)?;
+
     let mut skip = BTreeSet::new();
     let mut impls = String::new();
     for message in pool.all_messages() {

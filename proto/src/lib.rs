@@ -10,6 +10,10 @@
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/cms_descriptor.bin"));
 
+/// Fully qualified names (`cms.custody.v1.Share.value`) of the fields marked
+/// `(cms.common.v1.sensitive)`, one per line.
+pub const SENSITIVE_FIELDS: &str = include_str!(concat!(env!("OUT_DIR"), "/sensitive_fields.txt"));
+
 /// Fully qualified names of the messages and oneofs whose Debug is redacted.
 pub const SENSITIVE_TYPES: &str = include_str!(concat!(env!("OUT_DIR"), "/sensitive_types.txt"));
 

@@ -436,3 +436,179 @@ async fn write_batch(
     txn.commit().await?;
     Ok((head, outcomes))
 }
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::{ConnectOptions, ConnectionTrait, Database};
+    use sea_orm_migration::MigratorTrait;
+
+    use super::*;
+
+    async fn log_with(records: u64) -> (AuditLog, DatabaseConnection) {
+        let mut options = ConnectOptions::new("sqlite::memory:");
+        options.max_connections(1).sqlx_logging(false);
+        let db = Database::connect(options).await.unwrap();
+        crate::store::migration::Migrator::up(&db, None)
+            .await
+            .unwrap();
+        let log = AuditLog::start(db.clone()).await.unwrap();
+        for i in 0..records {
+            let mut event = Event::new(
+                AuditEvent::Cryptogram,
+                AuditOutcome::Success,
+                "spiffe://t/cms/gateway",
+            );
+            event.reason = format!("event {i}");
+            log.record(event, None).await.unwrap();
+        }
+        (log, db)
+    }
+
+    async fn exec(db: &DatabaseConnection, sql: &str) {
+        db.execute_unprepared(sql).await.unwrap();
+    }
+
+    async fn first_bad(log: &AuditLog, head: Option<&AuditHead>) -> Option<(u64, String)> {
+        log.verify(head).await.unwrap().first_bad
+    }
+
+    #[tokio::test]
+    async fn an_intact_chain_verifies() {
+        let (log, _db) = log_with(6).await;
+        let head = log.head().await.unwrap();
+        assert_eq!(head.sequence, 6);
+        let verdict = log.verify(Some(&head)).await.unwrap();
+        assert!(verdict.first_bad.is_none(), "{verdict:?}");
+        assert_eq!((verdict.checked, verdict.head_seq), (6, 6));
+        assert_eq!(verdict.head_hash, head.hash);
+    }
+
+    #[tokio::test]
+    async fn a_changed_record_is_found() {
+        let (log, db) = log_with(6).await;
+        exec(
+            &db,
+            "UPDATE audit_record SET reason = 'nothing happened' WHERE seq = 3",
+        )
+        .await;
+        let (seq, why) = first_bad(&log, None).await.unwrap();
+        assert_eq!(seq, 3, "{why}");
+        assert!(why.contains("changed"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn a_deleted_record_is_found() {
+        let (log, db) = log_with(6).await;
+        exec(&db, "DELETE FROM audit_record WHERE seq = 3").await;
+        let (seq, why) = first_bad(&log, None).await.unwrap();
+        assert_eq!(seq, 3);
+        assert!(why.contains("missing"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn reordered_records_are_found() {
+        let (log, db) = log_with(6).await;
+        // Swap records 3 and 4, each keeping the other's sequence number.
+        exec(&db, "UPDATE audit_record SET seq = -3 WHERE seq = 3").await;
+        exec(&db, "UPDATE audit_record SET seq = 3 WHERE seq = 4").await;
+        exec(&db, "UPDATE audit_record SET seq = 4 WHERE seq = -3").await;
+        let (seq, _) = first_bad(&log, None).await.unwrap();
+        assert_eq!(seq, 3);
+    }
+
+    #[tokio::test]
+    async fn an_inserted_record_is_found() {
+        let (log, db) = log_with(6).await;
+        // Make room at 3 and slip in a copy of record 2 renumbered.
+        for seq in (3..=6).rev() {
+            exec(
+                &db,
+                &format!(
+                    "UPDATE audit_record SET seq = {} WHERE seq = {seq}",
+                    seq + 1
+                ),
+            )
+            .await;
+        }
+        exec(
+            &db,
+            "INSERT INTO audit_record SELECT 3, at, event, outcome, caller, actor_kind, actor_id, user_id, card_id, flow, approval_id, request_id, key_reference, key_version, 'forged', prev_hash, hash FROM audit_record WHERE seq = 2",
+        )
+        .await;
+        let (seq, _) = first_bad(&log, None).await.unwrap();
+        assert_eq!(seq, 3);
+    }
+
+    #[tokio::test]
+    async fn truncation_and_rewriting_are_found_against_an_exported_head() {
+        let (log, db) = log_with(6).await;
+        let head = log.head().await.unwrap();
+        exec(&db, "DELETE FROM audit_record WHERE seq > 4").await;
+        // The shorter chain is consistent in itself...
+        assert!(first_bad(&log, None).await.is_none());
+        // ...but not with the head exported before.
+        let (_, why) = first_bad(&log, Some(&head)).await.unwrap();
+        assert!(why.contains("truncated"), "{why}");
+
+        // A chain rewritten from record 5 on, with hashes recomputed, differs from the head.
+        let (log, db) = log_with(6).await;
+        let head = log.head().await.unwrap();
+        exec(&db, "DELETE FROM audit_record WHERE seq > 4").await;
+        let rewritten = AuditLog::start(db.clone()).await.unwrap();
+        for _ in 0..2 {
+            rewritten
+                .record(
+                    Event::new(AuditEvent::Cryptogram, AuditOutcome::Refused, "x"),
+                    None,
+                )
+                .await
+                .unwrap();
+        }
+        assert!(first_bad(&rewritten, None).await.is_none());
+        let (seq, why) = first_bad(&rewritten, Some(&head)).await.unwrap();
+        assert_eq!(seq, 6);
+        assert!(why.contains("exported head"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn per_card_limit_and_replay_are_decided_in_order() {
+        let (log, _db) = log_with(0).await;
+        let claim = |challenge: u8| UsageClaim {
+            card_fp: vec![1],
+            challenge_fp: vec![challenge],
+            limit: 2,
+            window_ms: 60_000,
+            replay_window_ms: 60_000,
+        };
+        let event = || Event::new(AuditEvent::Cryptogram, AuditOutcome::Success, "c");
+        // Concurrent requests: exactly two granted, whatever the interleaving.
+        let outcomes = futures_join(&log, (0..6).map(|i| (event(), claim(i))).collect()).await;
+        let granted = outcomes
+            .iter()
+            .filter(|w| matches!(w, Written::Recorded { .. }))
+            .count();
+        assert_eq!(granted, 2, "{outcomes:?}");
+        assert_eq!(
+            log.record(event(), Some(claim(0))).await.unwrap(),
+            Written::Refused {
+                seq: 7,
+                refusal: Refusal::Replay
+            }
+        );
+    }
+
+    async fn futures_join(log: &AuditLog, jobs: Vec<(Event, UsageClaim)>) -> Vec<Written> {
+        let handles: Vec<_> = jobs
+            .into_iter()
+            .map(|(event, claim)| {
+                let log = log.clone();
+                tokio::spawn(async move { log.record(event, Some(claim)).await.unwrap() })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for handle in handles {
+            out.push(handle.await.unwrap());
+        }
+        out
+    }
+}
