@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use cms_kit::tls::TlsSource;
 use cms_proto::common::v1::ServingState;
+use cms_proto::gateway::v1 as gw;
 use cms_proto::gateway::v1::admin_service_server::AdminService;
 use cms_proto::gateway::v1::{GetSystemStatusRequest, GetSystemStatusResponse, ServiceStatus};
 use tonic::{Request, Response, Status};
@@ -13,8 +14,10 @@ use tracing::Instrument;
 use crate::agents::Registry;
 use crate::backends::Backends;
 use crate::caller::require_operator;
+use crate::custody_admin::{self as custody, CustodyClient};
 
 pub struct Admin {
+    pub custody: CustodyClient,
     pub backends: Backends,
     pub agents: Registry,
     pub tls: Arc<TlsSource>,
@@ -82,5 +85,110 @@ impl AdminService for Admin {
             gateway_identity,
             overall_state: overall,
         }))
+    }
+
+    async fn get_custody_status(
+        &self,
+        r: Request<gw::GetCustodyStatusRequest>,
+    ) -> Result<Response<gw::GetCustodyStatusResponse>, Status> {
+        custody::status(self.custody.clone(), r).await
+    }
+
+    async fn init_custody(
+        &self,
+        r: Request<gw::InitCustodyRequest>,
+    ) -> Result<Response<gw::InitCustodyResponse>, Status> {
+        custody::init(self.custody.clone(), r).await
+    }
+
+    async fn unseal(
+        &self,
+        r: Request<gw::UnsealRequest>,
+    ) -> Result<Response<gw::UnsealResponse>, Status> {
+        custody::unseal(self.custody.clone(), r).await
+    }
+
+    async fn seal(
+        &self,
+        r: Request<gw::SealRequest>,
+    ) -> Result<Response<gw::SealResponse>, Status> {
+        custody::seal(self.custody.clone(), r).await
+    }
+
+    async fn list_master_keys(
+        &self,
+        r: Request<gw::ListMasterKeysRequest>,
+    ) -> Result<Response<gw::ListMasterKeysResponse>, Status> {
+        custody::list_keys(self.custody.clone(), r).await
+    }
+
+    async fn generate_master_key(
+        &self,
+        r: Request<gw::GenerateMasterKeyRequest>,
+    ) -> Result<Response<gw::GenerateMasterKeyResponse>, Status> {
+        custody::generate_key(self.custody.clone(), r).await
+    }
+
+    async fn rotate_master_key(
+        &self,
+        r: Request<gw::RotateMasterKeyRequest>,
+    ) -> Result<Response<gw::RotateMasterKeyResponse>, Status> {
+        custody::rotate_key(self.custody.clone(), r).await
+    }
+
+    async fn retire_master_key_version(
+        &self,
+        r: Request<gw::RetireMasterKeyVersionRequest>,
+    ) -> Result<Response<gw::RetireMasterKeyVersionResponse>, Status> {
+        custody::retire_key(self.custody.clone(), r).await
+    }
+
+    async fn begin_key_import(
+        &self,
+        r: Request<gw::BeginKeyImportRequest>,
+    ) -> Result<Response<gw::BeginKeyImportResponse>, Status> {
+        custody::begin_import(self.custody.clone(), r).await
+    }
+
+    async fn add_key_component(
+        &self,
+        r: Request<gw::AddKeyComponentRequest>,
+    ) -> Result<Response<gw::AddKeyComponentResponse>, Status> {
+        custody::add_component(self.custody.clone(), r).await
+    }
+
+    async fn finish_key_import(
+        &self,
+        r: Request<gw::FinishKeyImportRequest>,
+    ) -> Result<Response<gw::FinishKeyImportResponse>, Status> {
+        custody::finish_import(self.custody.clone(), r).await
+    }
+
+    async fn abort_key_import(
+        &self,
+        r: Request<gw::AbortKeyImportRequest>,
+    ) -> Result<Response<gw::AbortKeyImportResponse>, Status> {
+        custody::abort_import(self.custody.clone(), r).await
+    }
+
+    async fn query_audit(
+        &self,
+        r: Request<gw::QueryAuditRequest>,
+    ) -> Result<Response<gw::QueryAuditResponse>, Status> {
+        custody::query_audit(self.custody.clone(), r).await
+    }
+
+    async fn export_audit_head(
+        &self,
+        r: Request<gw::ExportAuditHeadRequest>,
+    ) -> Result<Response<gw::ExportAuditHeadResponse>, Status> {
+        custody::export_head(self.custody.clone(), r).await
+    }
+
+    async fn verify_audit(
+        &self,
+        r: Request<gw::VerifyAuditRequest>,
+    ) -> Result<Response<gw::VerifyAuditResponse>, Status> {
+        custody::verify_audit(self.custody.clone(), r).await
     }
 }

@@ -7,6 +7,7 @@ mod agents;
 mod backends;
 pub mod caller;
 mod config;
+mod custody_admin;
 mod error;
 
 pub use config::{AgentLinkSettings, Backends as BackendSettings, Config};
@@ -35,6 +36,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> Re
         .map(|a| a.to_string())
         .unwrap_or_default();
     let admin = admin::Admin {
+        custody: custody_admin::CustodyClient::new(backends.custody.channel.clone()),
         backends,
         agents: registry.clone(),
         tls: tls.clone(),

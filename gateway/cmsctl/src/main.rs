@@ -18,7 +18,7 @@ use cms_proto::gateway::v1::admin_service_client::AdminServiceClient;
     version,
     about = "Smart-card PIN unblock CMS: operator CLI"
 )]
-struct Cli {
+pub(crate) struct Cli {
     /// Data directory of a local `cms up`: supplies the defaults below.
     #[arg(
         long,
@@ -52,10 +52,27 @@ enum Cmd {
     /// Each service's state, verified identity and address, as the gateway sees them.
     /// Exits 0 when everything is serving, 1 otherwise.
     Status,
+    /// Key custody: seal state, initialisation, unsealing.
+    Custody {
+        #[command(subcommand)]
+        command: admin::CustodyCmd,
+    },
+    /// Master keys: list, generate, rotate, retire, import by components.
+    Keys {
+        #[command(subcommand)]
+        command: admin::KeysCmd,
+    },
+    /// The custody audit log: export its head, verify the chain.
+    Audit {
+        #[command(subcommand)]
+        command: admin::AuditCmd,
+    },
 }
 
+mod admin;
+
 #[derive(Debug, thiserror::Error)]
-enum Error {
+pub(crate) enum Error {
     #[error("{0}")]
     Setup(String),
     #[error(transparent)]
@@ -76,12 +93,14 @@ fn main() -> ExitCode {
         let code = &mut code;
         cms_kit::exit::run("cmsctl", || async move {
             cms_kit::tls::install_crypto_provider();
-            match cli.command {
-                Cmd::Status => {
-                    if !status(&cli).await? {
-                        *code = ExitCode::from(1);
-                    }
-                }
+            let ok = match &cli.command {
+                Cmd::Status => status(&cli).await?,
+                Cmd::Custody { command } => admin::custody(&cli, command).await?,
+                Cmd::Keys { command } => admin::keys(&cli, command).await?,
+                Cmd::Audit { command } => admin::audit(&cli, command).await?,
+            };
+            if !ok {
+                *code = ExitCode::from(1);
             }
             Ok::<(), Error>(())
         })
@@ -145,7 +164,23 @@ fn gateway(cli: &Cli) -> Result<UpstreamSettings, Error> {
     })
 }
 
-async fn status(cli: &Cli) -> Result<bool, Error> {
+/// An AdminService client as the operator, and who that operator is.
+pub(crate) struct Session {
+    pub admin: AdminServiceClient<cms_kit::client::Channel>,
+    pub address: String,
+    pub identity: SpiffeId,
+}
+
+impl Session {
+    pub fn rpc_error(&self, status: tonic::Status) -> Error {
+        Error::Rpc {
+            address: self.address.clone(),
+            status: Box::new(status),
+        }
+    }
+}
+
+pub(crate) fn connect(cli: &Cli) -> Result<Session, Error> {
     let tls = TlsSource::load(TlsSettings {
         ca: pki_file(cli, &cli.ca, "ca.pem"),
         cert: pki_file(cli, &cli.cert, "operator-admin.pem"),
@@ -154,17 +189,24 @@ async fn status(cli: &Cli) -> Result<bool, Error> {
     })?;
     let upstream = gateway(cli)?;
     let channel = cms_kit::client::channel(&upstream, tls.clone())?;
-    let mut admin = AdminServiceClient::new(channel);
-    let response = admin
+    Ok(Session {
+        admin: AdminServiceClient::new(channel),
+        address: upstream.address,
+        identity: tls.identity(),
+    })
+}
+
+async fn status(cli: &Cli) -> Result<bool, Error> {
+    let mut session = connect(cli)?;
+    let response = session
+        .admin
         .get_system_status(GetSystemStatusRequest {})
         .await
-        .map_err(|status| Error::Rpc {
-            address: upstream.address.clone(),
-            status: Box::new(status),
-        })?
+        .map_err(|status| session.rpc_error(status))?
         .into_inner();
+    let (tls_identity, upstream_address) = (session.identity.clone(), session.address.clone());
 
-    println!("as {} via gateway {}", tls.identity(), upstream.address);
+    println!("as {tls_identity} via gateway {upstream_address}");
     println!(
         "{:<10} {:<12} {:<22} {:<36} {:<8} detail",
         "SERVICE", "STATE", "ADDRESS", "IDENTITY (verified)", "VERSION"

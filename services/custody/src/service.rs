@@ -621,6 +621,11 @@ impl CustodyService for Custody {
             Ok(()) => (true, Vec::new()),
             Err(why) => (false, vec![why.clone()]),
         };
+        let seal_state = if passed {
+            seal_state
+        } else {
+            pb::SealState::Error
+        };
         Ok(Response::new(pb::GetStatusResponse {
             seal_state: seal_state as i32,
             self_test: Some(pb::SelfTestResult {
