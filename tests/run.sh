@@ -23,7 +23,7 @@ need() {
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 }
-need pkg-config:pkg-config npm:npm
+need pkg-config:pkg-config npm:npm /usr/lib/postgresql/15/bin/initdb:postgresql-15 /usr/sbin/slapd:slapd ldapadd:ldap-utils softhsm2-util:softhsm2
 
 step "building every workspace binary (the end-to-end tests start them)"
 cargo build --workspace --bins --locked

@@ -6,7 +6,10 @@
 
 pub mod cluster;
 pub mod inproc;
+pub mod ldap;
 pub mod pki;
+pub mod postgres;
+pub mod softhsm;
 
 use std::path::PathBuf;
 

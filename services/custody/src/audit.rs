@@ -7,14 +7,15 @@
 //! so they hold under any concurrency. If the commit fails nobody gets an answer but an
 //! error: custody fails closed.
 
+use std::collections::{HashMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cms_proto::common::v1::AuthContext;
 use cms_proto::custody::v1::{AuditEvent, AuditHead, AuditOutcome, AuditRecord};
 use ring::digest;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter,
-    QueryOrder, QuerySelect, Set, TransactionTrait,
+    ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+    TransactionTrait,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -106,8 +107,9 @@ pub fn now_ms() -> i64 {
 }
 
 impl AuditLog {
-    /// Loads the chain head and starts the writer.
-    pub async fn start(db: DatabaseConnection) -> Result<Self, AuditError> {
+    /// Loads the chain head and the recent card usage, and starts the writer. `retention_ms`
+    /// is the longest window a claim will ask about (per-card limit or replay).
+    pub async fn start(db: DatabaseConnection, retention_ms: i64) -> Result<Self, AuditError> {
         let head = match audit_record::Entity::find()
             .order_by_desc(audit_record::Column::Seq)
             .one(&db)
@@ -123,8 +125,9 @@ impl AuditLog {
                 hash: GENESIS.to_vec(),
             },
         };
+        let usage = Usage::load(&db, retention_ms).await?;
         let (jobs, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(writer(db.clone(), head, rx));
+        tokio::spawn(writer(db.clone(), head, usage, rx));
         Ok(Self { jobs, db })
     }
 
@@ -317,7 +320,72 @@ pub fn record_hash(r: &audit_record::Model) -> Vec<u8> {
     ctx.finish().as_ref().to_vec()
 }
 
-async fn writer(db: DatabaseConnection, mut head: Head, mut rx: mpsc::Receiver<Job>) {
+/// Recent answered challenges, by card: the writer's own index of `card_use`, so deciding a
+/// claim needs no query. The table stays the durable record it is rebuilt from at start.
+struct Usage {
+    retention_ms: i64,
+    by_card: HashMap<Vec<u8>, Vec<i64>>,
+    challenges: HashMap<Vec<u8>, i64>,
+    pruned_at: i64,
+}
+
+impl Usage {
+    async fn load(db: &DatabaseConnection, retention_ms: i64) -> Result<Self, AuditError> {
+        let mut usage = Self {
+            retention_ms,
+            by_card: HashMap::new(),
+            challenges: HashMap::new(),
+            pruned_at: now_ms(),
+        };
+        let rows = card_use::Entity::find()
+            .filter(card_use::Column::At.gte(now_ms() - retention_ms))
+            .all(db)
+            .await
+            .map_err(AuditError::Read)?;
+        for row in rows {
+            usage.add(row.card_fp, row.challenge_fp, row.at);
+        }
+        Ok(usage)
+    }
+
+    fn add(&mut self, card_fp: Vec<u8>, challenge_fp: Vec<u8>, at: i64) {
+        self.by_card.entry(card_fp).or_default().push(at);
+        self.challenges.insert(challenge_fp, at);
+    }
+
+    fn replayed(&self, challenge_fp: &[u8], since: i64) -> bool {
+        self.challenges
+            .get(challenge_fp)
+            .is_some_and(|at| *at >= since)
+    }
+
+    fn used(&self, card_fp: &[u8], since: i64) -> usize {
+        self.by_card
+            .get(card_fp)
+            .map_or(0, |uses| uses.iter().filter(|at| **at >= since).count())
+    }
+
+    /// Drops what no window can ask about any more (at most once a minute).
+    fn prune(&mut self, now: i64) {
+        if now - self.pruned_at < 60_000 {
+            return;
+        }
+        self.pruned_at = now;
+        let cutoff = now - self.retention_ms;
+        self.challenges.retain(|_, at| *at >= cutoff);
+        self.by_card.retain(|_, uses| {
+            uses.retain(|at| *at >= cutoff);
+            !uses.is_empty()
+        });
+    }
+}
+
+async fn writer(
+    db: DatabaseConnection,
+    mut head: Head,
+    mut usage: Usage,
+    mut rx: mpsc::Receiver<Job>,
+) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -326,10 +394,14 @@ async fn writer(db: DatabaseConnection, mut head: Head, mut rx: mpsc::Receiver<J
                 Err(_) => break,
             }
         }
-        match write_batch(&db, &head, &batch).await {
-            Ok((new_head, outcomes)) => {
-                head = new_head;
-                for (job, outcome) in batch.into_iter().zip(outcomes) {
+        match write_batch(&db, &head, &usage, &batch).await {
+            Ok(done) => {
+                head = done.head;
+                for (card_fp, challenge_fp) in done.granted {
+                    usage.add(card_fp, challenge_fp, done.at);
+                }
+                usage.prune(done.at);
+                for (job, outcome) in batch.into_iter().zip(done.outcomes) {
                     let _ = job.reply.send(Ok(outcome));
                 }
             }
@@ -347,33 +419,44 @@ fn clone_err(e: &sea_orm::DbErr) -> sea_orm::DbErr {
     sea_orm::DbErr::Custom(e.to_string())
 }
 
+/// A committed batch: the new head, each job's outcome, and the uses it granted.
+struct Done {
+    head: Head,
+    outcomes: Vec<Written>,
+    granted: Vec<(Vec<u8>, Vec<u8>)>,
+    at: i64,
+}
+
+/// Decides every claim of the batch (in order, counting the batch's own grants), then writes
+/// the batch as two multi-row inserts in one transaction.
 async fn write_batch(
     db: &DatabaseConnection,
     head: &Head,
+    usage: &Usage,
     batch: &[Job],
-) -> Result<(Head, Vec<Written>), sea_orm::DbErr> {
-    let txn = db.begin().await?;
+) -> Result<Done, sea_orm::DbErr> {
+    let now = now_ms();
     let mut head = head.clone();
     let mut outcomes = Vec::with_capacity(batch.len());
-    let now = now_ms();
+    let mut granted: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut staged_cards: HashMap<&[u8], usize> = HashMap::new();
+    let mut staged_challenges: HashSet<&[u8]> = HashSet::new();
+    let mut uses = Vec::new();
+    let mut records = Vec::with_capacity(batch.len());
     for job in batch {
         let mut event = job.event.clone();
         let mut refusal = None;
         if let Some(claim) = &job.claim {
-            let replayed = card_use::Entity::find()
-                .filter(card_use::Column::ChallengeFp.eq(claim.challenge_fp.clone()))
-                .filter(card_use::Column::At.gte(now - claim.replay_window_ms))
-                .count(&txn)
-                .await?
-                > 0;
-            let used = card_use::Entity::find()
-                .filter(card_use::Column::CardFp.eq(claim.card_fp.clone()))
-                .filter(card_use::Column::At.gte(now - claim.window_ms))
-                .count(&txn)
-                .await?;
+            let replayed = staged_challenges.contains(claim.challenge_fp.as_slice())
+                || usage.replayed(&claim.challenge_fp, now - claim.replay_window_ms);
+            let used = usage.used(&claim.card_fp, now - claim.window_ms)
+                + staged_cards
+                    .get(claim.card_fp.as_slice())
+                    .copied()
+                    .unwrap_or(0);
             refusal = if replayed {
                 Some(Refusal::Replay)
-            } else if used >= u64::from(claim.limit) {
+            } else if used >= claim.limit as usize {
                 Some(Refusal::CardLimit)
             } else {
                 None
@@ -390,14 +473,15 @@ async fn write_batch(
                     };
                 }
                 None => {
-                    card_use::ActiveModel {
+                    *staged_cards.entry(&claim.card_fp).or_default() += 1;
+                    staged_challenges.insert(&claim.challenge_fp);
+                    granted.push((claim.card_fp.clone(), claim.challenge_fp.clone()));
+                    uses.push(card_use::ActiveModel {
                         card_fp: Set(claim.card_fp.clone()),
                         challenge_fp: Set(claim.challenge_fp.clone()),
                         at: Set(now),
                         ..Default::default()
-                    }
-                    .insert(&txn)
-                    .await?;
+                    });
                 }
             }
         }
@@ -427,14 +511,26 @@ async fn write_batch(
             seq,
             hash: row.hash.clone(),
         };
-        audit_record::ActiveModel::from(row).insert(&txn).await?;
+        records.push(audit_record::ActiveModel::from(row));
         outcomes.push(match refusal {
             Some(refusal) => Written::Refused { seq, refusal },
             None => Written::Recorded { seq },
         });
     }
+    let txn = db.begin().await?;
+    if !uses.is_empty() {
+        card_use::Entity::insert_many(uses).exec(&txn).await?;
+    }
+    audit_record::Entity::insert_many(records)
+        .exec(&txn)
+        .await?;
     txn.commit().await?;
-    Ok((head, outcomes))
+    Ok(Done {
+        head,
+        outcomes,
+        granted,
+        at: now,
+    })
 }
 
 #[cfg(test)]
@@ -451,7 +547,7 @@ mod tests {
         crate::store::migration::Migrator::up(&db, None)
             .await
             .unwrap();
-        let log = AuditLog::start(db.clone()).await.unwrap();
+        let log = AuditLog::start(db.clone(), 86_400_000).await.unwrap();
         for i in 0..records {
             let mut event = Event::new(
                 AuditEvent::Cryptogram,
@@ -554,7 +650,7 @@ mod tests {
         let (log, db) = log_with(6).await;
         let head = log.head().await.unwrap();
         exec(&db, "DELETE FROM audit_record WHERE seq > 4").await;
-        let rewritten = AuditLog::start(db.clone()).await.unwrap();
+        let rewritten = AuditLog::start(db.clone(), 86_400_000).await.unwrap();
         for _ in 0..2 {
             rewritten
                 .record(

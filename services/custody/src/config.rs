@@ -28,6 +28,9 @@ pub struct Config {
     pub seal: SealSettings,
     #[serde(default)]
     pub guards: GuardSettings,
+    /// Where master keys live: `soft` (default) or a PKCS#11 HSM.
+    #[serde(default)]
+    pub keystore: KeystoreSettings,
     #[serde(default)]
     pub telemetry: TelemetrySettings,
 }
@@ -61,6 +64,63 @@ pub struct SealSettings {
     /// shares (`cmsctl custody unseal`).
     #[serde(default)]
     pub dev_seal_file: Option<PathBuf>,
+}
+
+/// `[keystore]`: where master keys live and where cryptograms are computed.
+///
+/// ```toml
+/// [keystore]
+/// backend = "pkcs11"
+/// module = "/usr/lib/softhsm/libsofthsm2.so"
+/// token_label = "cms"
+/// pin_file = "/etc/cms/custody/hsm.pin"
+/// ```
+///
+/// The user PIN is read from `pin_file` at start; it is never given in the config itself (nor
+/// in the environment, where it would end up in process listings and crash reports).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeystoreSettings {
+    #[serde(default)]
+    pub backend: KeystoreBackend,
+    /// The PKCS#11 module (shared library) of the HSM.
+    #[serde(default)]
+    pub module: Option<PathBuf>,
+    /// The label of the token that holds the master keys.
+    #[serde(default)]
+    pub token_label: Option<String>,
+    /// A file holding the token's user PIN (trailing whitespace ignored); keep it mode 0600.
+    #[serde(default)]
+    pub pin_file: Option<PathBuf>,
+    /// Most PKCS#11 sessions kept open for reuse (more are opened under load and closed after).
+    #[serde(default = "default_sessions")]
+    pub sessions: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KeystoreBackend {
+    /// Master keys wrapped under the key-encryption key in custody's own database.
+    #[default]
+    Soft,
+    /// Master keys as non-extractable objects in a PKCS#11 HSM.
+    Pkcs11,
+}
+
+impl Default for KeystoreSettings {
+    fn default() -> Self {
+        Self {
+            backend: KeystoreBackend::Soft,
+            module: None,
+            token_label: None,
+            pin_file: None,
+            sessions: default_sessions(),
+        }
+    }
+}
+
+fn default_sessions() -> usize {
+    8
 }
 
 #[derive(Clone, Debug, Deserialize)]

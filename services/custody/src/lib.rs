@@ -18,11 +18,11 @@ mod service;
 pub mod store;
 pub mod wrap;
 
-pub use config::{CallerScope, Config, GuardSettings, SealSettings};
+pub use config::{
+    CallerScope, Config, GuardSettings, KeystoreBackend, KeystoreSettings, SealSettings,
+};
 pub use error::Error;
 pub use service::{Custody, Options};
-
-use std::sync::Arc;
 
 use cms_kit::metrics::Metrics;
 use cms_kit::ops::Readiness;
@@ -37,13 +37,16 @@ pub const NAME: &str = "custody";
 /// Serves the custody API on `listeners` until `shutdown`.
 pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> Result<(), Error> {
     let tls = TlsSource::load(config.tls)?;
+    // `soft` or `pkcs11` (`[keystore]`). Opening an HSM blocks briefly (module load, login,
+    // known-answer tests on the token); nothing is being served yet.
+    let keystore = keystore::open(&config.keystore)?;
     let db = cms_kit::db::connect(&config.database, &config.data_dir, NAME).await?;
     store::migration::Migrator::up(&db, None)
         .await
         .map_err(Error::Migrate)?;
     let custody = Custody::open(Options {
         db,
-        keystore: Arc::new(keystore::SoftKeystore),
+        keystore,
         callers: config.callers,
         guards: config.guards,
         dev_seal_file: config.seal.dev_seal_file,

@@ -40,6 +40,15 @@ pub struct ShownShare {
 
 /// Splits `kek` into `count` shares, any `threshold` of which rebuild it.
 pub fn split(kek: &Kek, threshold: u32, count: u32) -> Result<Vec<ShownShare>, SealError> {
+    split_secret(kek.expose(), threshold, count)
+}
+
+/// Splits any secret into `count` Shamir shares (first byte of each: its index).
+pub fn split_secret(
+    secret: &[u8],
+    threshold: u32,
+    count: u32,
+) -> Result<Vec<ShownShare>, SealError> {
     let bad = || SealError::Parameters { threshold, count };
     let t = u8::try_from(threshold).map_err(|_| bad())?;
     let n = u8::try_from(count).map_err(|_| bad())?;
@@ -48,7 +57,7 @@ pub fn split(kek: &Kek, threshold: u32, count: u32) -> Result<Vec<ShownShare>, S
     }
     let dealer = blahaj::Sharks(t);
     Ok(dealer
-        .dealer(kek.expose())
+        .dealer(secret)
         .take(usize::from(n))
         .map(|share| {
             let bytes = Zeroizing::new(Vec::from(&share));

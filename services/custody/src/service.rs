@@ -23,7 +23,7 @@ use crate::error::Error;
 use crate::guards::{self, Caller, RateLimiter};
 use crate::keystore::{CryptogramInput, Keystore, MasterKeyHandle};
 use crate::seal;
-use crate::store::entities::{master_key, seal_meta};
+use crate::store::entities::{master_key, seal_meta, so_token};
 use crate::wrap::{self, Kek};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -53,6 +53,21 @@ struct Loaded {
 struct State {
     seal: Seal,
     keys: BTreeMap<(String, u32), Loaded>,
+}
+
+/// Where a new master key version's bytes come from.
+enum Material {
+    Generate(KeyAlgorithm),
+    Import(SecretKey),
+}
+
+impl Material {
+    fn algorithm(&self) -> KeyAlgorithm {
+        match self {
+            Self::Generate(algorithm) => *algorithm,
+            Self::Import(key) => key.algorithm(),
+        }
+    }
 }
 
 /// What a new master key version is, besides its bytes.
@@ -206,7 +221,15 @@ impl Custody {
         if let Err(why) = &self_test {
             tracing::error!(reason = %why, "self-test failed: custody refuses all work");
         }
-        let audit = AuditLog::start(options.db.clone()).await?;
+        let retention_ms = i64::try_from(
+            options
+                .guards
+                .per_card_window_secs
+                .max(options.guards.replay_window_secs)
+                .saturating_mul(1000),
+        )
+        .unwrap_or(i64::MAX);
+        let audit = AuditLog::start(options.db.clone(), retention_ms).await?;
         let meta = seal_meta::Entity::find_by_id(1).one(&options.db).await?;
         let seal = match (meta, &options.dev_seal_file) {
             (None, None) => Seal::Uninitialised,
@@ -359,7 +382,7 @@ impl Custody {
         &self,
         caller: &Caller<'_>,
         auth: Option<AuthContext>,
-        key: SecretKey,
+        material: Material,
         new: NewKey<'_>,
     ) -> Result<master_key::Model, Error> {
         let NewKey {
@@ -370,12 +393,20 @@ impl Custody {
             event,
         } = new;
         let kek = self.kek()?;
-        let wrapped = self.keystore.store(&kek, reference, version, &key)?;
+        let algorithm = material.algorithm();
+        let stored = match &material {
+            Material::Generate(algorithm) => self
+                .keystore
+                .generate(&kek, reference, version, *algorithm)?,
+            Material::Import(key) => self.keystore.import(&kek, reference, version, key)?,
+        };
+        drop(material);
+        let wrapped = stored.blob;
         let row = master_key::ActiveModel {
             reference: Set(reference.to_owned()),
             version: Set(i32::try_from(version).unwrap_or(i32::MAX)),
-            algorithm: Set(key.algorithm().as_str().to_owned()),
-            kcv: Set(hex_upper(&key.kcv())),
+            algorithm: Set(algorithm.as_str().to_owned()),
+            kcv: Set(hex_upper(&stored.kcv)),
             state: Set("active".into()),
             description: Set(description.to_owned()),
             origin: Set(origin.to_owned()),
@@ -592,6 +623,11 @@ impl CustodyService for Custody {
     ) -> Rpc<pb::GetStatusResponse> {
         guards::caller(&self.callers, &request)?;
         let head = self.audit.head().await.map_err(Error::from)?;
+        let so_token = so_token::Entity::find()
+            .one(&self.db)
+            .await
+            .map_err(Error::from)?
+            .is_some();
         let state = self.read();
         let (seal_state, progress, threshold, detail) = match &state.seal {
             Seal::Uninitialised => (
@@ -640,7 +676,7 @@ impl CustodyService for Custody {
             master_key_count: u32::try_from(references.len()).unwrap_or(u32::MAX),
             active_key_version_count: u32::try_from(active).unwrap_or(u32::MAX),
             audit_head: Some(head),
-            so_token_initialised: false,
+            so_token_initialised: so_token,
             detail: if passed {
                 detail
             } else {
@@ -830,12 +866,11 @@ impl CustodyService for Custody {
             ))
             .into());
         }
-        let key = random_key(algorithm)?;
         let row = self
             .store_key(
                 &caller,
                 req.auth,
-                key,
+                Material::Generate(algorithm),
                 NewKey {
                     reference: &req.reference,
                     version: 1,
@@ -873,12 +908,11 @@ impl CustodyService for Custody {
             return Err(Error::NotFound(format!("no active master key {}", req.reference)).into());
         };
         let version = self.next_version(&req.reference);
-        let key = random_key(algorithm)?;
         let row = self
             .store_key(
                 &caller,
                 req.auth,
-                key,
+                Material::Generate(algorithm),
                 NewKey {
                     reference: &req.reference,
                     version,
@@ -1104,7 +1138,7 @@ impl CustodyService for Custody {
             .store_key(
                 &caller,
                 req.auth,
-                key,
+                Material::Import(key),
                 NewKey {
                     reference: &import.reference,
                     version: import.version,
@@ -1219,6 +1253,130 @@ impl CustodyService for Custody {
             }),
         }))
     }
+
+    async fn init_so_token(
+        &self,
+        request: Request<pb::InitSoTokenRequest>,
+    ) -> Rpc<pb::InitSoTokenResponse> {
+        let caller = guards::caller(&self.callers, &request)?;
+        caller.require_admin()?;
+        self.self_test.as_ref().map_err(|_| Error::SelfTestFailed)?;
+        let req = request.into_inner();
+        let label = if req.label.is_empty() {
+            "so-token".to_owned()
+        } else {
+            req.label.clone()
+        };
+        check_reference(&label)?;
+        let algorithm = algorithm_from_proto(req.algorithm, "algorithm")?;
+        if req.share_count > 0
+            && (req.share_threshold == 0 || req.share_threshold > req.share_count)
+        {
+            return Err(Error::Invalid {
+                field: "share_threshold",
+                message: "with shares, the threshold must be 1 to the share count".into(),
+            }
+            .into());
+        }
+        let exists = so_token::Entity::find()
+            .filter(so_token::Column::Label.eq(label.clone()))
+            .one(&self.db)
+            .await
+            .map_err(Error::from)?;
+        if exists.is_some() {
+            return Err(Error::AlreadyExists(format!("SO token {label} exists")).into());
+        }
+        let mut failed = false;
+        let key = cms_cardcrypto::SoUnblockKey::generate(algorithm, &mut |buf| {
+            failed |= wrap::random(buf).is_err();
+        })
+        .map_err(|e| Error::Precondition(e.to_string()))?;
+        if failed {
+            return Err(Error::Precondition("the system random generator failed".into()).into());
+        }
+        let bytes = key.key().expose_bytes();
+        let shares = if req.share_count > 0 {
+            seal::split_secret(bytes, req.share_threshold, req.share_count).map_err(Error::from)?
+        } else {
+            Vec::new()
+        };
+        let kcv = hex_upper(&key.kcv());
+        let mut event = Event::new(
+            AuditEvent::SoTokenInit,
+            AuditOutcome::Success,
+            &caller.identity,
+        );
+        let mut auth = context(req.auth);
+        auth.card_id = req.card_id.clone();
+        event.context = auth;
+        event.key_reference = label.clone();
+        self.audit.record(event, None).await.map_err(Error::from)?;
+        let row = so_token::ActiveModel {
+            label: Set(label),
+            algorithm: Set(algorithm.as_str().to_owned()),
+            kcv: Set(kcv.clone()),
+            share_count: Set(i32::try_from(req.share_count).unwrap_or(0)),
+            share_threshold: Set(i32::try_from(req.share_threshold).unwrap_or(0)),
+            card_id: Set(req.card_id),
+            created_at: Set(audit::now_ms()),
+            ..Default::default()
+        }
+        .insert(&self.db)
+        .await
+        .map_err(Error::from)?;
+        Ok(Response::new(pb::InitSoTokenResponse {
+            so_unblock_key: Some(cms_proto::common::v1::TypedCode {
+                hex: cms_cardcrypto::format_groups(bytes),
+                checksum: checksum(bytes),
+            }),
+            shares: shares
+                .into_iter()
+                .map(|s| pb::Share {
+                    index: s.index,
+                    value: s.value.to_string(),
+                    checksum: s.checksum,
+                })
+                .collect(),
+            kcv,
+            info: Some(so_info(&row)),
+        }))
+    }
+
+    async fn get_so_token_info(
+        &self,
+        request: Request<pb::GetSoTokenInfoRequest>,
+    ) -> Rpc<pb::GetSoTokenInfoResponse> {
+        guards::caller(&self.callers, &request)?;
+        let req = request.into_inner();
+        let mut query = so_token::Entity::find().order_by_asc(so_token::Column::Id);
+        if !req.label.is_empty() {
+            query = query.filter(so_token::Column::Label.eq(req.label.clone()));
+        }
+        let row = query
+            .one(&self.db)
+            .await
+            .map_err(Error::from)?
+            .ok_or_else(|| Error::NotFound("no SO token has been initialised".into()))?;
+        Ok(Response::new(pb::GetSoTokenInfoResponse {
+            info: Some(so_info(&row)),
+        }))
+    }
+}
+
+fn so_info(row: &so_token::Model) -> pb::SoTokenInfo {
+    pb::SoTokenInfo {
+        label: row.label.clone(),
+        algorithm: row
+            .algorithm
+            .parse::<KeyAlgorithm>()
+            .map(|a| algorithm_to_proto(a) as i32)
+            .unwrap_or(0),
+        kcv: row.kcv.clone(),
+        created_at: Some(audit::timestamp(row.created_at)),
+        share_count: u32::try_from(row.share_count).unwrap_or(0),
+        share_threshold: u32::try_from(row.share_threshold).unwrap_or(0),
+        card_id: row.card_id.clone(),
+    }
 }
 
 fn kcv_matches(key: &SecretKey, expected: &str) -> bool {
@@ -1236,11 +1394,4 @@ fn kcv_matches(key: &SecretKey, expected: &str) -> bool {
         return false;
     };
     key.verify_kcv(&bytes)
-}
-
-fn random_key(algorithm: KeyAlgorithm) -> Result<SecretKey, Error> {
-    let mut bytes = Zeroizing::new(vec![0u8; algorithm.key_len()]);
-    wrap::random(&mut bytes).map_err(seal::SealError::from)?;
-    SecretKey::new(algorithm, &bytes)
-        .map_err(|_| Error::Precondition("generated key was refused".into()))
 }

@@ -113,6 +113,40 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// A stable 64-bit key for a PostgreSQL advisory lock named `name` (FNV-1a).
+pub fn advisory_lock_key(name: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in name.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    i64::from_ne_bytes(hash.to_ne_bytes())
+}
+
+/// Begins the transaction in which a service runs its migrations, so that they run once even
+/// when several replicas start together: on PostgreSQL it first takes the transaction-scoped
+/// advisory lock `cms-migrations/<service>` (the others wait, then find nothing pending; the
+/// lock is released at commit or rollback); on SQLite the database file's write lock does the
+/// same job. Run the migrator on the returned transaction, then commit it.
+pub async fn begin_migration(
+    db: &DatabaseConnection,
+    service: &str,
+) -> Result<sea_orm::DatabaseTransaction, sea_orm::DbErr> {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let backend = db.get_database_backend();
+    let txn = db.begin().await?;
+    if backend == sea_orm::DbBackend::Postgres {
+        let key = advisory_lock_key(&format!("cms-migrations/{service}"));
+        txn.execute_raw(sea_orm::Statement::from_sql_and_values(
+            backend,
+            "SELECT pg_advisory_xact_lock($1)",
+            [key.into()],
+        ))
+        .await?;
+    }
+    Ok(txn)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

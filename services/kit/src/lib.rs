@@ -13,6 +13,7 @@ pub mod exit;
 pub mod identity;
 pub mod metrics;
 pub mod ops;
+pub mod page_token;
 pub mod pki;
 pub mod server;
 pub mod service;

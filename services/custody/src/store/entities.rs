@@ -109,3 +109,28 @@ pub mod audit_record {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod so_token {
+    use sea_orm::entity::prelude::*;
+
+    /// A System Owner token: only the key check value of its unblock key is kept.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "so_token")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        #[sea_orm(unique)]
+        pub label: String,
+        pub algorithm: String,
+        pub kcv: String,
+        pub share_count: i32,
+        pub share_threshold: i32,
+        pub card_id: Vec<u8>,
+        pub created_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

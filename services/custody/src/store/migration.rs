@@ -3,14 +3,14 @@
 use sea_orm::Schema;
 use sea_orm_migration::prelude::*;
 
-use super::entities::{audit_record, card_use, master_key, seal_meta};
+use super::entities::{audit_record, card_use, master_key, seal_meta, so_token};
 
 pub struct Migrator;
 
 #[sea_orm_migration::async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(Initial)]
+        vec![Box::new(Initial), Box::new(SoTokens)]
     }
 
     fn migration_table_name() -> sea_orm::DynIden {
@@ -46,5 +46,24 @@ impl MigrationTrait for Initial {
             manager.create_index(index).await?;
         }
         Ok(())
+    }
+}
+
+/// System Owner tokens (their unblock keys' KCVs).
+struct SoTokens;
+
+impl MigrationName for SoTokens {
+    fn name(&self) -> &str {
+        "m20261127_000002_so_tokens"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for SoTokens {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let schema = Schema::new(manager.get_database_backend());
+        manager
+            .create_table(schema.create_table_from_entity(so_token::Entity))
+            .await
     }
 }

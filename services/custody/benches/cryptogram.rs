@@ -1,0 +1,433 @@
+//! `cargo bench -p cms-custody --bench cryptogram`
+//!
+//! One run, one table: a baseline (gRPC health check, a no-op handler behind the same mTLS
+//! acceptor and layers every service uses) and the cryptogram RPC with its durable audit
+//! (SQLite WAL, synchronous=FULL, group commit), at 1, 16, 64 and 256 requests in flight
+//! spread over 4 connections. Requests/s, p50, p99 and the ratio to the baseline at the same
+//! concurrency. Client and servers share this machine's cores, as in the e2e tests.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cms_kit::client::{Channel, UpstreamSettings};
+use cms_kit::metrics::Metrics;
+use cms_kit::ops::Readiness;
+use cms_kit::pki::DevPki;
+use cms_kit::server::{Listeners, Serve};
+use cms_kit::shutdown;
+use cms_kit::tls::TlsSource;
+use cms_proto::common::v1::{AuthContext, DiversificationScheme, KeyAlgorithm};
+use cms_proto::custody::v1::custody_service_client::CustodyServiceClient;
+use cms_proto::custody::v1::{ComputeCryptogramRequest, GenerateMasterKeyRequest};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+const CONNECTIONS: usize = 4;
+const LEVELS: [usize; 4] = [1, 16, 64, 256];
+const RUN: Duration = Duration::from_secs(3);
+const WARMUP: Duration = Duration::from_millis(500);
+
+#[derive(Clone, Copy)]
+struct Figures {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+fn channels(pki: &DevPki, addr: std::net::SocketAddr, server: &str) -> Vec<Channel> {
+    let tls = TlsSource::load(pki.tls_settings("gateway")).expect("client TLS");
+    (0..CONNECTIONS)
+        .map(|_| {
+            cms_kit::client::channel(
+                &UpstreamSettings {
+                    address: addr.to_string(),
+                    identity: pki.spiffe_id(server).expect("id"),
+                    connect_timeout_ms: 3_000,
+                },
+                tls.clone(),
+            )
+            .expect("channel")
+        })
+        .collect()
+}
+
+/// Runs `in_flight` loops for RUN (after WARMUP), each sending one request at a time.
+async fn measure<F, Fut>(in_flight: usize, call: F) -> Figures
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let call = Arc::new(call);
+    let start = Instant::now();
+    let measure_from = start + WARMUP;
+    let end = measure_from + RUN;
+    let mut tasks = Vec::new();
+    for worker in 0..in_flight {
+        let call = call.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            let mut n = 0u64;
+            loop {
+                let sent = Instant::now();
+                if sent >= end {
+                    break;
+                }
+                n += 1;
+                let ok = call(worker, n).await;
+                if sent >= measure_from {
+                    if ok {
+                        latencies.push(sent.elapsed());
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await.expect("worker");
+        all.extend(l);
+        errors += e;
+    }
+    all.sort();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .map(|d| d.as_secs_f64() * 1e3)
+            .unwrap_or(f64::NAN)
+    };
+    Figures {
+        rps: all.len() as f64 / RUN.as_secs_f64(),
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        errors,
+    }
+}
+
+fn custody_config(dir: &Path, pki: &DevPki) -> cms_custody::Config {
+    let tls = pki.tls_settings("custody");
+    let text = format!(
+        r#"data_dir = "{data}"
+[server]
+listen = "127.0.0.1:0"
+ops_listen = "127.0.0.1:0"
+[tls]
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+[access]
+allow = ["{gateway}"]
+[seal]
+dev_seal_file = "{data}/dev-seal.key"
+[[callers]]
+identity = "{gateway}"
+key_references = ["*"]
+admin = true
+[guards]
+caller_rate_per_sec = 1000000.0
+caller_burst = 1000000
+max_outstanding = 4096
+[telemetry]
+log = "warn"
+"#,
+        data = dir.join("custody").display(),
+        ca = tls.ca.display(),
+        cert = tls.cert.display(),
+        key = tls.key.display(),
+        gateway = pki.spiffe_id("gateway").expect("id"),
+    );
+    cms_kit::config::from_toml(&text).expect("custody config")
+}
+
+/// A throwaway SoftHSM2 token for the pkcs11 rows: its own token dir and `softhsm2.conf`
+/// in a temp dir, one token made with `softhsm2-util`, the user PIN in a mode-0600 file.
+struct SoftHsm {
+    _dir: tempfile::TempDir,
+    conf: std::path::PathBuf,
+    keystore: cms_custody::KeystoreSettings,
+}
+
+fn softhsm() -> Result<SoftHsm, String> {
+    let module = std::env::var_os("CMS_BENCH_SOFTHSM_MODULE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/usr/lib/softhsm/libsofthsm2.so".into());
+    if !module.is_file() {
+        return Err(format!("{} is missing", module.display()));
+    }
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let tokens = dir.path().join("tokens");
+    std::fs::create_dir_all(&tokens).map_err(|e| e.to_string())?;
+    let conf = dir.path().join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let secret = || {
+        let mut bytes = [0u8; 8];
+        cms_custody::wrap::random(&mut bytes).expect("random");
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let (pin, so_pin) = (secret(), secret());
+    let out = std::process::Command::new("softhsm2-util")
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            "bench",
+            "--pin",
+            &pin,
+            "--so-pin",
+            &so_pin,
+        ])
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .map_err(|e| format!("softhsm2-util: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "softhsm2-util --init-token: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let pin_file = dir.path().join("bench.pin");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&pin_file)
+            .map_err(|e| e.to_string())?;
+        file.write_all(pin.as_bytes()).map_err(|e| e.to_string())?;
+    }
+    Ok(SoftHsm {
+        _dir: dir,
+        conf,
+        keystore: cms_custody::KeystoreSettings {
+            backend: cms_custody::KeystoreBackend::Pkcs11,
+            module: Some(module),
+            token_label: Some("bench".into()),
+            pin_file: Some(pin_file),
+            ..Default::default()
+        },
+    })
+}
+
+fn main() {
+    let hsm = softhsm();
+    if let Ok(hsm) = &hsm {
+        // SAFETY: FFI edge: SoftHSM2 (C) finds its config only through SOFTHSM2_CONF, read
+        // with getenv when custody loads the module. This runs before the runtime exists, while
+        // the process has a single thread, so nothing reads the environment concurrently.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::env::set_var("SOFTHSM2_CONF", &hsm.conf);
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(bench(hsm));
+}
+
+/// Custody on the pkcs11 backend (SoftHSM2), its own data dir, and a master key generated
+/// inside the token: the same request mix as the soft rows.
+async fn pkcs11_custody(
+    dir: &Path,
+    pki: &DevPki,
+    hsm: &SoftHsm,
+    stop: cms_kit::shutdown::Shutdown,
+) -> (Arc<Vec<Channel>>, u32) {
+    let dir = dir.join("pkcs11");
+    std::fs::create_dir_all(dir.join("custody")).expect("data dir");
+    let mut config = custody_config(&dir, pki);
+    config.keystore = hsm.keystore.clone();
+    let listeners = Listeners::loopback().await.expect("bind");
+    let addr = listeners.grpc.local_addr().expect("addr");
+    tokio::spawn(async move {
+        if let Err(e) = cms_custody::run(config, listeners, stop).await {
+            eprintln!("pkcs11 custody stopped: {e}");
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let channels = Arc::new(channels(pki, addr, "custody"));
+    let key = CustodyServiceClient::new(channels[0].clone())
+        .generate_master_key(GenerateMasterKeyRequest {
+            reference: "bench".into(),
+            algorithm: KeyAlgorithm::Aes128 as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("generate key in the HSM")
+        .into_inner()
+        .key
+        .expect("key");
+    (channels, key.version)
+}
+
+async fn bench(hsm: Result<SoftHsm, String>) {
+    cms_kit::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = DevPki::new(dir.path().join("pki"), "cms.bench");
+    pki.init().expect("pki");
+
+    // Baseline: health checks against a server with no API of its own.
+    let (trigger, stop) = shutdown::channel();
+    let echo_listeners = Listeners::loopback().await.expect("bind");
+    let echo_addr = echo_listeners.grpc.local_addr().expect("addr");
+    let echo_spec = Serve {
+        name: "echo",
+        version: "bench",
+        grpc_services: &[],
+        descriptors: cms_proto::FILE_DESCRIPTOR_SET,
+        settings: custody_config(dir.path(), &pki).server,
+        access: Default::default(),
+        tls: TlsSource::load(pki.tls_settings("custody")).expect("tls"),
+        readiness: Readiness::new("starting"),
+        metrics: Metrics::new("echo"),
+    };
+    tokio::spawn(cms_kit::server::serve(
+        echo_spec,
+        tonic::service::Routes::default(),
+        echo_listeners,
+        stop.clone(),
+    ));
+
+    // Custody with a durable audit in an SQLite file.
+    let custody_listeners = Listeners::loopback().await.expect("bind");
+    let custody_addr = custody_listeners.grpc.local_addr().expect("addr");
+    let config = custody_config(dir.path(), &pki);
+    tokio::spawn(cms_custody::run(config, custody_listeners, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let echo = Arc::new(channels(&pki, echo_addr, "custody"));
+    let custody = Arc::new(channels(&pki, custody_addr, "custody"));
+    let key = CustodyServiceClient::new(custody[0].clone())
+        .generate_master_key(GenerateMasterKeyRequest {
+            reference: "bench".into(),
+            algorithm: KeyAlgorithm::Aes128 as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("generate key")
+        .into_inner()
+        .key
+        .expect("key");
+
+    println!(
+        "custody cryptogram benchmark: {CONNECTIONS} connections, {}s per row after {}ms warm-up, {} cores",
+        RUN.as_secs(),
+        WARMUP.as_millis(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    let pkcs11 = match &hsm {
+        Ok(hsm) => Some(pkcs11_custody(dir.path(), &pki, hsm, stop.clone()).await),
+        Err(_) => None,
+    };
+    println!(
+        "| backend | in flight | baseline req/s | baseline p50 ms | baseline p99 ms | cryptogram req/s | p50 ms | p99 ms | errors | ratio | pkcs11/soft |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    // `round` keeps card ids unique across rows (the per-card limit is not measured).
+    for (round, in_flight) in LEVELS.into_iter().enumerate() {
+        let echo = echo.clone();
+        let base = measure(in_flight, move |worker, _| {
+            let mut client = HealthClient::new(echo[worker % CONNECTIONS].clone());
+            async move {
+                client
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .is_ok()
+            }
+        })
+        .await;
+        let custody_channels = custody.clone();
+        let version = key.version;
+        let crypto = measure(in_flight, move |worker, n| {
+            let mut client =
+                CustodyServiceClient::new(custody_channels[worker % CONNECTIONS].clone());
+            // A fresh card per request: the per-card limit is not what is measured here.
+            let card = format!("r{round}-w{worker}-n{n}").into_bytes();
+            let mut challenge = [0u8; 16];
+            challenge[..8].copy_from_slice(&n.to_be_bytes());
+            let request = ComputeCryptogramRequest {
+                card_id: card,
+                challenge: challenge.to_vec(),
+                master_key_reference: "bench".into(),
+                master_key_version: version,
+                scheme: DiversificationScheme::Sp800108Cmac as i32,
+                admin_key_algorithm: KeyAlgorithm::Aes128 as i32,
+                auth: Some(AuthContext::default()),
+                challenge_code: None,
+            };
+            async move { client.compute_cryptogram(request).await.is_ok() }
+        })
+        .await;
+        println!(
+            "| soft | {in_flight} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {} | {:.2}x | - |",
+            base.rps,
+            base.p50_ms,
+            base.p99_ms,
+            crypto.rps,
+            crypto.p50_ms,
+            crypto.p99_ms,
+            crypto.errors + base.errors,
+            crypto.rps / base.rps
+        );
+        // The same requests against custody on the pkcs11 backend (SoftHSM2), measured right
+        // after the soft row so both see the same machine load; same baseline.
+        if let Some((channels, version)) = &pkcs11 {
+            let (channels, version) = (channels.clone(), *version);
+            let p11 = measure(in_flight, move |worker, n| {
+                let mut client = CustodyServiceClient::new(channels[worker % CONNECTIONS].clone());
+                let card = format!("p{round}-w{worker}-n{n}").into_bytes();
+                let mut challenge = [0u8; 16];
+                challenge[..8].copy_from_slice(&n.to_be_bytes());
+                let request = ComputeCryptogramRequest {
+                    card_id: card,
+                    challenge: challenge.to_vec(),
+                    master_key_reference: "bench".into(),
+                    master_key_version: version,
+                    scheme: DiversificationScheme::Sp800108Cmac as i32,
+                    admin_key_algorithm: KeyAlgorithm::Aes128 as i32,
+                    auth: Some(AuthContext::default()),
+                    challenge_code: None,
+                };
+                async move { client.compute_cryptogram(request).await.is_ok() }
+            })
+            .await;
+            println!(
+                "| pkcs11 | {in_flight} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {} | {:.2}x | {:.2}x |",
+                base.rps,
+                base.p50_ms,
+                base.p99_ms,
+                p11.rps,
+                p11.p50_ms,
+                p11.p99_ms,
+                p11.errors + base.errors,
+                p11.rps / base.rps,
+                p11.rps / crypto.rps
+            );
+        }
+    }
+    if let Err(why) = &hsm {
+        println!(
+            "| pkcs11 | skipped: SoftHSM2 is not usable here ({why}); install it with `apt-get install softhsm2` | | | | | | | | | |"
+        );
+    }
+    trigger.trigger();
+}

@@ -1,0 +1,634 @@
+//! Helpdesk search benchmark: 1,000,000 users and 1,200,000 credentials on SQLite and on a
+//! throwaway PostgreSQL (initdb + pg_ctl, Unix socket only), then p50/p99 of surname-prefix,
+//! email-substring and exact-serial searches (first page of 20, through `Directory::search_users`,
+//! the code the gRPC handler runs), and the CSV import rate on SQLite.
+//!
+//!     cargo bench -p cms-directory --bench search                 # full size
+//!     cargo bench -p cms-directory --bench search -- --users 100000 --credentials 120000 --no-postgres
+//!
+//! Options: --users N, --credentials N, --queries N (per kind), --import-users N,
+//! --no-postgres, --no-sqlite, --keep-sqlite DIR (keep the SQLite database in DIR). PostgreSQL binaries: /usr/lib/postgresql/*/bin or $CMS_TEST_PG_BIN.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cms_directory::entity::{credential, user};
+use cms_directory::import::{self, Options};
+use cms_directory::users::{UserFields, insert_words, new_row};
+use cms_directory::{Directory, SelfServiceSettings, secrets::SecretKey};
+use cms_proto::common::v1::{CardProfile, Flow, PageRequest};
+use cms_proto::directory::v1::{CredentialStatus, SearchUsersRequest, UserSource};
+use sea_orm::ActiveValue::Set;
+use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, TransactionTrait};
+
+struct Args {
+    keep_sqlite: Option<PathBuf>,
+    users: usize,
+    credentials: usize,
+    queries: usize,
+    import_users: usize,
+    sqlite: bool,
+    postgres: bool,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        keep_sqlite: None,
+        users: 1_000_000,
+        credentials: 1_200_000,
+        queries: 1_000,
+        import_users: 200_000,
+        sqlite: true,
+        postgres: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut num = |name: &str| -> usize {
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} needs a number"))
+        };
+        match arg.as_str() {
+            "--users" => a.users = num("--users"),
+            "--credentials" => a.credentials = num("--credentials"),
+            "--queries" => a.queries = num("--queries"),
+            "--import-users" => a.import_users = num("--import-users"),
+            "--no-postgres" => a.postgres = false,
+            "--keep-sqlite" => a.keep_sqlite = it.next().map(PathBuf::from),
+            "--no-sqlite" => a.sqlite = false,
+            "--bench" => {}
+            other => panic!("unknown argument {other:?}"),
+        }
+    }
+    a
+}
+
+/// splitmix64: deterministic data without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+const FIRST: &[&str] = &[
+    "James",
+    "Mary",
+    "John",
+    "Patricia",
+    "Robert",
+    "Jennifer",
+    "Michael",
+    "Linda",
+    "William",
+    "Elizabeth",
+    "David",
+    "Barbara",
+    "Richard",
+    "Susan",
+    "Joseph",
+    "Jessica",
+    "Thomas",
+    "Sarah",
+    "Charles",
+    "Karen",
+    "Christopher",
+    "Nancy",
+    "Daniel",
+    "Lisa",
+    "Matthew",
+    "Betty",
+    "Anthony",
+    "Margaret",
+    "Mark",
+    "Sandra",
+    "Donald",
+    "Ashley",
+    "Steven",
+    "Kimberly",
+    "Paul",
+    "Emily",
+    "Andrew",
+    "Donna",
+    "Joshua",
+    "Michelle",
+    "Zoë",
+    "Chloé",
+    "Jürgen",
+    "Søren",
+    "Agnès",
+    "Łukasz",
+    "Renée",
+    "José",
+    "François",
+    "Björn",
+    "Inés",
+    "Ólafur",
+    "Dörte",
+    "Małgorzata",
+    "Håkon",
+    "Noémie",
+    "Ana",
+    "Li",
+    "Wei",
+    "Yuki",
+    "Aarav",
+    "Fatima",
+    "Omar",
+    "Ngozi",
+    "Kwame",
+    "Priya",
+];
+const SYLLABLES: &[&str] = &[
+    "an", "ber", "ca", "dal", "en", "fer", "gar", "hol", "in", "jo", "kel", "lan", "mor", "nor",
+    "os", "par", "quin", "ros", "sch", "tan", "ul", "van", "wil", "xa", "yor", "zim", "mül", "øst",
+    "bré", "ström", "son", "mann", "berg", "ley", "ton", "ski", "ez", "ini", "ova", "dt",
+];
+const OUS: &[&str] = &[
+    "Finance",
+    "Finance/Payroll",
+    "IT",
+    "IT/Operations",
+    "HR",
+    "Sales/EMEA",
+    "Sales/APAC",
+    "R&D",
+    "R&D/Lab",
+    "Legal",
+    "Facilities",
+];
+const DOMAINS: &[&str] = &["example.com", "corp.example.org", "mail.example.net"];
+
+struct Person {
+    fields: UserFields,
+    surname: String,
+    serials: Vec<String>,
+}
+
+fn surname(rng: &mut Rng) -> String {
+    let parts = 2 + rng.below(2);
+    let mut s = String::new();
+    for _ in 0..parts {
+        s.push_str(SYLLABLES[rng.below(SYLLABLES.len())]);
+    }
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => s,
+    }
+}
+
+fn people(users: usize, credentials: usize, seed: u64) -> Vec<Person> {
+    let mut rng = Rng(seed);
+    let mut out = Vec::with_capacity(users);
+    for i in 0..users {
+        let first = FIRST[rng.below(FIRST.len())];
+        let last = surname(&mut rng);
+        let ascii = |s: &str| cms_directory::normalize::fold(s).replace(' ', "");
+        let username = format!(
+            "{}{}{}",
+            ascii(first).chars().next().unwrap_or('x'),
+            ascii(&last),
+            i
+        );
+        let email = format!(
+            "{}.{}{}@{}",
+            ascii(first),
+            ascii(&last),
+            i % 1000,
+            DOMAINS[rng.below(DOMAINS.len())]
+        );
+        out.push(Person {
+            fields: UserFields {
+                username,
+                display_name: format!("{first} {last}"),
+                email,
+                phone: String::new(),
+                org_unit: OUS[rng.below(OUS.len())].to_owned(),
+                external_id: format!("HR{i:07}"),
+            },
+            surname: last,
+            serials: Vec::new(),
+        });
+    }
+    // Every user one card, some two: `credentials` cards in all, unique serials.
+    for c in 0..credentials {
+        let owner = if c < users { c } else { rng.below(users) };
+        let serial = format!(
+            "{}{:010}",
+            ["SC", "YK", "ID", "GD"][c % 4],
+            (c as u64).wrapping_mul(2_654_435_761) % 10_000_000_000
+        );
+        out[owner].serials.push(serial);
+    }
+    out
+}
+
+async fn load(db: &DatabaseConnection, people: &[Person]) -> Duration {
+    let start = Instant::now();
+    let now = 1_700_000_000_000_000i64;
+    for chunk in people.chunks(50_000) {
+        let txn = db.begin().await.expect("begin");
+        if txn.get_database_backend() == sea_orm::DbBackend::Sqlite {
+            txn.execute_unprepared("PRAGMA cache_size = -262144")
+                .await
+                .expect("cache");
+        }
+        let mut cards = Vec::new();
+        let mut words = Vec::new();
+        for batch in chunk.chunks(1_000) {
+            let rows: Vec<user::ActiveModel> = batch
+                .iter()
+                .map(|p| {
+                    let mut am = new_row(&p.fields, UserSource::Csv, now);
+                    let prefix = p.fields.apply(&mut am, &p.serials);
+                    let sea_orm::ActiveValue::Set(id) = am.id.clone() else {
+                        unreachable!("new rows have ids")
+                    };
+                    for s in &p.serials {
+                        cards.push((id.clone(), s.clone()));
+                    }
+                    words.push((id, prefix));
+                    am
+                })
+                .collect();
+            user::Entity::insert_many(rows)
+                .exec(&txn)
+                .await
+                .expect("insert users");
+            insert_words(&txn, &words).await.expect("insert words");
+            words.clear();
+        }
+        for batch in cards.chunks(700) {
+            let rows: Vec<credential::ActiveModel> = batch
+                .iter()
+                .map(|(user_id, serial)| credential::ActiveModel {
+                    id: Set(uuid::Uuid::now_v7().to_string()),
+                    user_id: Set(user_id.clone()),
+                    card_id: Set(serial.as_bytes().to_vec()),
+                    serial: Set(serial.clone()),
+                    serial_key: Set(cms_directory::normalize::serial(serial)),
+                    atr: Set(vec![0x3b, 0x8f]),
+                    profile: Set(CardProfile::Minidriver as i32),
+                    template_id: Set("00000000-0000-4000-8000-000000000001".into()),
+                    template_version: Set(1),
+                    master_key_version: Set(1),
+                    puk_version: Set(0),
+                    puk_rotation_pending: Set(false),
+                    status: Set(CredentialStatus::Active as i32),
+                    status_reason: Set(String::new()),
+                    issued_at: Set(now),
+                    last_unblock_at: Set(None),
+                    last_unblock_flow: Set(Flow::Unspecified as i32),
+                    unblock_count: Set(0),
+                    updated_at: Set(now),
+                    label: Set(String::new()),
+                })
+                .collect();
+            credential::Entity::insert_many(rows)
+                .exec(&txn)
+                .await
+                .expect("insert credentials");
+        }
+        txn.commit().await.expect("commit");
+    }
+    db.execute_unprepared("ANALYZE").await.expect("analyze");
+    start.elapsed()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1_000.0
+}
+
+struct Row {
+    db: &'static str,
+    kind: &'static str,
+    p50: f64,
+    p99: f64,
+    max: f64,
+    hits: f64,
+}
+
+async fn measure(dir: &Directory, db: &'static str, kind: &'static str, queries: &[String]) -> Row {
+    // Warm-up: a few queries, not measured.
+    for q in queries.iter().take(20) {
+        let _ = dir
+            .search_users(&SearchUsersRequest {
+                query: q.clone(),
+                ..Default::default()
+            })
+            .await;
+    }
+    let mut times = Vec::with_capacity(queries.len());
+    let mut hits = 0usize;
+    for q in queries {
+        let start = Instant::now();
+        let r = dir
+            .search_users(&SearchUsersRequest {
+                query: q.clone(),
+                page: Some(PageRequest {
+                    page_size: 20,
+                    page_token: String::new(),
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("search");
+        times.push(start.elapsed());
+        hits += r.results.len();
+    }
+    times.sort();
+    Row {
+        db,
+        kind,
+        p50: percentile(&times, 0.50),
+        p99: percentile(&times, 0.99),
+        max: percentile(&times, 1.0),
+        hits: hits as f64 / queries.len() as f64,
+    }
+}
+
+fn query_sets(people: &[Person], n: usize) -> Vec<(&'static str, Vec<String>)> {
+    let mut rng = Rng(42);
+    let mut prefix = Vec::new();
+    let mut email = Vec::new();
+    let mut serial = Vec::new();
+    while prefix.len() < n {
+        let p = &people[rng.below(people.len())];
+        prefix.push(p.surname.chars().take(4).collect());
+        let local = p.fields.email.split('@').next().unwrap_or_default();
+        let chars: Vec<char> = local.chars().collect();
+        let from = chars.len().saturating_sub(9).min(3);
+        email.push(chars[from..(from + 8).min(chars.len())].iter().collect());
+        if let Some(s) = p.serials.first() {
+            serial.push(s.clone());
+        }
+    }
+    vec![
+        ("surname prefix (4 chars)", prefix),
+        ("email substring (8 chars)", email),
+        ("exact card serial", serial),
+    ]
+}
+
+fn directory(db: DatabaseConnection) -> Directory {
+    Directory::new(
+        db,
+        SecretKey::from_bytes(&[9; 32]),
+        SelfServiceSettings::default(),
+    )
+}
+
+async fn sqlite_db(dir: &Path) -> DatabaseConnection {
+    let db = cms_kit::db::connect(&Default::default(), dir, "directory")
+        .await
+        .expect("sqlite");
+    cms_directory::migration::run(&db).await.expect("migrate");
+    db
+}
+
+/// A throwaway PostgreSQL on a Unix socket (as in the test harness, tests/src/postgres.rs).
+struct Pg {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    root: bool,
+}
+
+impl Pg {
+    fn start() -> Self {
+        let bin = std::env::var_os("CMS_TEST_PG_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                let mut v: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+                    .expect("PostgreSQL not installed (postgresql-15)")
+                    .flatten()
+                    .map(|e| e.path().join("bin"))
+                    .filter(|b| b.join("initdb").is_file())
+                    .collect();
+                v.sort();
+                v.pop().expect("no initdb under /usr/lib/postgresql/*/bin")
+            });
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout.starts_with(b"0"))
+            .unwrap_or(false);
+        let dir = tempfile::Builder::new()
+            .prefix("cms-pgbench-")
+            .tempdir()
+            .expect("tmp");
+        let pg = Self { dir, bin, root };
+        if root {
+            pg.sh(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(pg.dir.path()));
+        }
+        let data = pg.dir.path().join("data");
+        pg.sh(pg.cmd("initdb").arg("-D").arg(&data).args([
+            "-U",
+            "cms",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--no-locale",
+            "--no-sync",
+        ]));
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).expect("conf");
+        text.push_str(&format!(
+            "\nlisten_addresses = ''\nunix_socket_directories = '{}'\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\nshared_buffers = 1GB\nwork_mem = 32MB\nmaintenance_work_mem = 512MB\nmax_wal_size = 4GB\n",
+            pg.dir.path().display()
+        ));
+        std::fs::write(&conf, text).expect("conf");
+        pg.sh(pg
+            .cmd("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(pg.dir.path().join("log"))
+            .args(["-w", "start"]));
+        pg.sh(pg.cmd("psql").arg("-h").arg(pg.dir.path()).args([
+            "-U",
+            "cms",
+            "-d",
+            "postgres",
+            "-c",
+            "CREATE DATABASE bench",
+        ]));
+        pg
+    }
+
+    fn cmd(&self, program: &str) -> Command {
+        if self.root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(self.bin.join(program));
+            c
+        } else {
+            Command::new(self.bin.join(program))
+        }
+    }
+
+    fn sh(&self, c: &mut Command) {
+        let out = c.output().expect("run");
+        assert!(
+            out.status.success(),
+            "{:?}: {}",
+            c,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "postgres://cms@localhost/bench?host={}",
+            self.dir.path().display()
+        )
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = self
+            .cmd("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+async fn import_rate(n: usize) -> (f64, Duration) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = directory(sqlite_db(dir.path()).await);
+    let mut csv = String::from("username,display_name,email,phone,org_unit,external_id\n");
+    for p in people(n, 0, 7) {
+        let f = &p.fields;
+        csv.push_str(&format!(
+            "{},{},{},{},\"{}\",{}\n",
+            f.username, f.display_name, f.email, f.phone, f.org_unit, f.external_id
+        ));
+    }
+    let start = Instant::now();
+    let records = import::parse_csv(csv.as_bytes(), true, b',').expect("valid CSV");
+    println!(
+        "  CSV parse + validation of {n} users: {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
+    let report = d
+        .apply_import(
+            records,
+            UserSource::Csv,
+            Options {
+                update_existing: true,
+                disable_missing: false,
+                dry_run: false,
+            },
+            &mut |_| {},
+        )
+        .await
+        .expect("import");
+    let took = start.elapsed();
+    assert_eq!(report.created as usize, n);
+    (n as f64 / took.as_secs_f64(), took)
+}
+
+async fn run() {
+    let a = args();
+    println!(
+        "directory search benchmark: {} users, {} credentials, {} queries per kind, page size 20",
+        a.users, a.credentials, a.queries
+    );
+    let t = Instant::now();
+    let people = people(a.users, a.credentials, 1);
+    println!("generated data in {:.1} s", t.elapsed().as_secs_f64());
+    let sets = query_sets(&people, a.queries);
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    if a.sqlite {
+        let (rate, took) = import_rate(a.import_users).await;
+        notes.push(format!(
+            "CSV import on SQLite: {} users in {:.2} s = {:.0} users/s (parse + validate + match + insert + FTS index, one transaction)",
+            a.import_users,
+            took.as_secs_f64(),
+            rate
+        ));
+        println!("{}", notes.last().map(String::as_str).unwrap_or_default());
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = a
+            .keep_sqlite
+            .clone()
+            .unwrap_or_else(|| dir.path().to_owned());
+        let db = sqlite_db(&path).await;
+        let took = load(&db, &people).await;
+        notes.push(format!("SQLite bulk load: {:.1} s", took.as_secs_f64()));
+        println!("{}", notes.last().map(String::as_str).unwrap_or_default());
+        let d = directory(db);
+        for (kind, queries) in sets.iter().filter(|(_, q)| !q.is_empty()) {
+            let row = measure(&d, "SQLite", kind, queries).await;
+            println!(
+                "  {} {}: p50 {:.2} ms, p99 {:.2} ms",
+                row.db, row.kind, row.p50, row.p99
+            );
+            rows.push(row);
+        }
+    }
+    if a.postgres {
+        let pg = Pg::start();
+        let settings = cms_kit::db::DatabaseSettings {
+            url: Some(pg.url()),
+            max_connections: 8,
+        };
+        let db = cms_kit::db::connect(&settings, Path::new("/nonexistent"), "directory")
+            .await
+            .expect("postgres");
+        cms_directory::migration::run(&db).await.expect("migrate");
+        let took = load(&db, &people).await;
+        notes.push(format!("PostgreSQL bulk load: {:.1} s", took.as_secs_f64()));
+        println!("{}", notes.last().map(String::as_str).unwrap_or_default());
+        let d = directory(db);
+        for (kind, queries) in sets.iter().filter(|(_, q)| !q.is_empty()) {
+            let row = measure(&d, "PostgreSQL", kind, queries).await;
+            println!(
+                "  {} {}: p50 {:.2} ms, p99 {:.2} ms",
+                row.db, row.kind, row.p50, row.p99
+            );
+            rows.push(row);
+        }
+        drop(pg);
+    }
+    println!();
+    println!(
+        "| database   | search                     |  p50 ms |  p99 ms |  max ms | hits/page |"
+    );
+    println!(
+        "|------------|----------------------------|--------:|--------:|--------:|----------:|"
+    );
+    for r in &rows {
+        println!(
+            "| {:<10} | {:<26} | {:>7.2} | {:>7.2} | {:>7.2} | {:>9.1} |",
+            r.db, r.kind, r.p50, r.p99, r.max, r.hits
+        );
+    }
+    for n in notes {
+        println!("{n}");
+    }
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(run());
+}

@@ -1,0 +1,22 @@
+//! Versioned migrations of the directory database, run once at start (under an advisory
+//! lock on PostgreSQL, see `cms_kit::db::begin_migration`).
+
+use sea_orm_migration::prelude::*;
+
+mod m0001_directory;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m0001_directory::Migration)]
+    }
+}
+
+/// Applies every pending migration, once.
+pub async fn run(db: &sea_orm::DatabaseConnection) -> Result<(), DbErr> {
+    let txn = cms_kit::db::begin_migration(db, crate::NAME).await?;
+    Migrator::up(&txn, None).await?;
+    txn.commit().await
+}

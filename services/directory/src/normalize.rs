@@ -1,0 +1,166 @@
+//! Text folding for uniqueness, search and security answers: Unicode compatibility
+//! decomposition, accents dropped, lower case, runs of white space collapsed to one space.
+//! "Zoë  ÅBERG" and "zoe aberg" fold to the same string.
+
+use unicode_normalization::UnicodeNormalization;
+use unicode_normalization::char::is_combining_mark;
+
+/// Separates fields in the search document (never part of folded text).
+pub const FIELD_SEP: char = '\u{1f}';
+
+/// Case- and accent-insensitive form of `s`.
+pub fn fold(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut space = false;
+    for c in s.nfkd() {
+        if is_combining_mark(c) {
+            continue;
+        }
+        if c.is_whitespace() || c.is_control() {
+            space = !out.is_empty();
+            continue;
+        }
+        if space {
+            out.push(' ');
+            space = false;
+        }
+        match c {
+            'ß' => out.push_str("ss"),
+            'æ' | 'Æ' => out.push_str("ae"),
+            'œ' | 'Œ' => out.push_str("oe"),
+            'ø' | 'Ø' => out.push('o'),
+            'ł' | 'Ł' => out.push('l'),
+            'đ' | 'Đ' => out.push('d'),
+            'þ' | 'Þ' => out.push_str("th"),
+            'ı' => out.push('i'),
+            c => out.extend(c.to_lowercase()),
+        }
+    }
+    out
+}
+
+/// Folded form of a security answer: also drops punctuation, so "St. Louis" matches
+/// "st louis".
+pub fn fold_answer(s: &str) -> String {
+    let kept: String = fold(s)
+        .chars()
+        .map(|c| if c.is_alphanumeric() { c } else { ' ' })
+        .collect();
+    kept.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// A card serial as searched: folded, without spaces, dashes and colons.
+pub fn serial(s: &str) -> String {
+    fold(s)
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '-' | ':'))
+        .collect()
+}
+
+/// Longest prefix match ranked as such; a longer query still matches as a substring.
+pub const PREFIX_CHARS: usize = 16;
+
+/// Characters that start a new word for prefix matching.
+fn is_boundary(c: char) -> bool {
+    matches!(
+        c,
+        ' ' | '.' | '@' | '-' | '_' | '/' | ',' | '\'' | '+' | FIELD_SEP
+    )
+}
+
+/// The searchable document of a user: folded display name, username, email and card
+/// serials, each field between separators (substring search runs over this).
+pub fn search_doc(display: &str, username: &str, email: &str, serials: &[String]) -> String {
+    let mut doc = String::new();
+    doc.push(FIELD_SEP);
+    let mut fields = vec![fold(display), fold(username), fold(email)];
+    for s in serials {
+        let compact = serial(s);
+        let folded = fold(s);
+        if folded != compact {
+            fields.push(folded);
+        }
+        fields.push(compact);
+    }
+    for field in fields {
+        doc.push_str(&field);
+        doc.push(FIELD_SEP);
+    }
+    doc
+}
+
+/// Every word start of the document, each after a separator: `prefix_doc LIKE '%<sep>q%'`
+/// is a prefix match of some word (or of a whole field).
+pub fn prefix_doc(doc: &str) -> String {
+    let mut out = String::with_capacity(doc.len() * 2);
+    let chars: Vec<char> = doc.chars().collect();
+    for (i, c) in chars.iter().enumerate() {
+        if *c == FIELD_SEP {
+            continue;
+        }
+        let starts = i == 0 || is_boundary(chars[i - 1]);
+        if starts {
+            out.push(FIELD_SEP);
+            // the rest of this field from this word on, at most PREFIX_CHARS of it
+            for d in chars[i..].iter().take(PREFIX_CHARS) {
+                if *d == FIELD_SEP {
+                    break;
+                }
+                out.push(*d);
+            }
+        }
+    }
+    out.push(FIELD_SEP);
+    out
+}
+
+/// The distinct word starts of a prefix document (the rows of `user_words`).
+pub fn words(prefix_doc: &str) -> Vec<String> {
+    let set: std::collections::BTreeSet<&str> = prefix_doc
+        .split(FIELD_SEP)
+        .filter(|w| !w.is_empty())
+        .collect();
+    set.into_iter().map(str::to_owned).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folds_case_accents_and_spaces() {
+        assert_eq!(fold("  Zoë   ÅBERG "), "zoe aberg");
+        assert_eq!(fold("Straße"), "strasse");
+        assert_eq!(fold("ＪＯＨＮ"), "john");
+        assert_eq!(fold("Łukasz Øster"), "lukasz oster");
+        assert_eq!(fold_answer("St. Louis!"), "st louis");
+        assert_eq!(serial("SN-00 12:AB"), "sn0012ab");
+    }
+
+    #[test]
+    fn documents() {
+        let doc = search_doc(
+            "Jane van Doe",
+            "JDoe",
+            "jane.doe@example.com",
+            &["SN-1".into()],
+        );
+        assert_eq!(
+            doc,
+            "\u{1f}jane van doe\u{1f}jdoe\u{1f}jane.doe@example.com\u{1f}sn-1\u{1f}sn1\u{1f}"
+        );
+        let p = prefix_doc(&doc);
+        for word in [
+            "jane van",
+            "van doe",
+            "doe",
+            "jdoe",
+            "example.com",
+            "com",
+            "sn1",
+        ] {
+            assert!(p.contains(&format!("\u{1f}{word}")), "{word}: {p:?}");
+        }
+        assert!(!p.contains("\u{1f}oe"), "{p:?}");
+    }
+}
