@@ -54,7 +54,10 @@ pub fn prepare_data_dir(dir: &Path) -> Result<(), DbError> {
         return Err(fail("exists and is not a directory".into()));
     }
     std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
-    let probe = dir.join(".write-probe");
+    // Unique per call: two services (or tests) may prepare the same directory at once.
+    static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = dir.join(format!(".write-probe-{}-{n}", std::process::id()));
     std::fs::write(&probe, b"probe").map_err(|e| fail(format!("not writable: {e}")))?;
     std::fs::remove_file(&probe).map_err(|e| fail(format!("not writable: {e}")))?;
     Ok(())
@@ -158,6 +161,21 @@ mod tests {
             "postgres://cms:***@127.0.0.1:5432/cms"
         );
         assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+
+    #[test]
+    fn concurrent_preparation_of_one_dir_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("shared");
+        let handles: Vec<_> = (0..16)
+            .map(|_| {
+                let target = target.clone();
+                std::thread::spawn(move || prepare_data_dir(&target))
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap().unwrap();
+        }
     }
 
     #[test]
