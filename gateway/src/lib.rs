@@ -26,7 +26,22 @@ use cms_proto::gateway::v1::agent_link_service_server::AgentLinkServiceServer;
 pub const NAME: &str = "gateway";
 
 /// Serves the gateway on `listeners` until `shutdown`.
-pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> Result<(), Error> {
+///
+/// Boxed so that the service's async code is compiled once, in this crate: a binary or test
+/// that awaited the bare future would compile all of it again (minutes per binary).
+pub fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: Shutdown,
+) -> cms_kit::service::ServiceFuture<Error> {
+    Box::pin(serve_gateway(config, listeners, shutdown))
+}
+
+async fn serve_gateway(
+    config: Config,
+    listeners: Listeners,
+    shutdown: Shutdown,
+) -> Result<(), Error> {
     let tls = TlsSource::load(config.tls)?;
     let backends = backends::Backends::connect(&config.backends, &tls)?;
     let registry = agents::Registry::default();

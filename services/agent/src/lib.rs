@@ -72,7 +72,22 @@ fn agent_id(tls: &TlsSource) -> Result<String, Error> {
 
 /// Serves the agent's local API on `listeners` and keeps the gateway link up until
 /// `shutdown`.
-pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> Result<(), Error> {
+///
+/// Boxed so that the service's async code is compiled once, in this crate: a binary or test
+/// that awaited the bare future would compile all of it again (minutes per binary).
+pub fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: Shutdown,
+) -> cms_kit::service::ServiceFuture<Error> {
+    Box::pin(serve_agent(config, listeners, shutdown))
+}
+
+async fn serve_agent(
+    config: Config,
+    listeners: Listeners,
+    shutdown: Shutdown,
+) -> Result<(), Error> {
     let tls = TlsSource::load(config.tls)?;
     let agent_id = agent_id(&tls)?;
     let db = cms_kit::db::connect(&config.database, &config.data_dir, NAME).await?;

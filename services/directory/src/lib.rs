@@ -509,7 +509,22 @@ pub async fn open_database(config: &Config) -> Result<DatabaseConnection, Error>
 }
 
 /// Serves the directory API on `listeners` until `shutdown`.
-pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> Result<(), Error> {
+///
+/// Boxed so that the service's async code is compiled once, in this crate: a binary or test
+/// that awaited the bare future would compile all of it again (minutes per binary).
+pub fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: Shutdown,
+) -> cms_kit::service::ServiceFuture<Error> {
+    Box::pin(serve_directory(config, listeners, shutdown))
+}
+
+async fn serve_directory(
+    config: Config,
+    listeners: Listeners,
+    shutdown: Shutdown,
+) -> Result<(), Error> {
     let tls = TlsSource::load(config.tls.clone())?;
     let key = secrets::SecretKey::load(config.secrets.key_file.as_deref(), &config.data_dir)?;
     let db = open_database(&config).await?;

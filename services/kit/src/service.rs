@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::process::ExitCode;
 
 use serde::de::DeserializeOwned;
@@ -10,6 +11,10 @@ use serde::de::DeserializeOwned;
 use crate::server::{Listeners, ServerSettings};
 use crate::shutdown::Shutdown;
 use crate::telemetry::TelemetrySettings;
+
+/// What each service's `run` returns: a boxed future, so that its body is compiled in the
+/// service's own crate and not again in every binary and test that runs it.
+pub type ServiceFuture<E> = Pin<Box<dyn Future<Output = Result<(), E>> + Send>>;
 
 /// The sections `main` needs from any service config.
 pub trait ServiceConfig: DeserializeOwned {

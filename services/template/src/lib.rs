@@ -591,7 +591,22 @@ pub async fn open_database(config: &Config) -> Result<DatabaseConnection, Error>
 }
 
 /// Serves the template API on `listeners` until `shutdown`.
-pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> Result<(), Error> {
+///
+/// Boxed so that the service's async code is compiled once, in this crate: a binary or test
+/// that awaited the bare future would compile all of it again (minutes per binary).
+pub fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: Shutdown,
+) -> cms_kit::service::ServiceFuture<Error> {
+    Box::pin(serve_template(config, listeners, shutdown))
+}
+
+async fn serve_template(
+    config: Config,
+    listeners: Listeners,
+    shutdown: Shutdown,
+) -> Result<(), Error> {
     let tls = TlsSource::load(config.tls.clone())?;
     let db = open_database(&config).await?;
     let routes = tonic::service::Routes::new(TemplateServiceServer::new(Templates::new(db)));
