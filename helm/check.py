@@ -10,8 +10,9 @@ For every scenario (the defaults, cert-manager on, and each helm/examples/*.yaml
      TOML config uses only keys the services accept; every container runs non-root with a
      read-only root file system, no capabilities and the RuntimeDefault seccomp profile, and
      is probed on /livez and /readyz of its ops port; custody's gRPC port is reachable only
-     from gateway pods; each Certificate carries exactly one URI SAN (the workload's SPIFFE
-     ID), both server and client auth, and the DNS name the gateway dials.
+     from gateway pods; custody gives the gateway a caller scope and PIV PUK release to no
+     one else; each Certificate carries exactly one URI SAN (the workload's SPIFFE ID), both
+     server and client auth, and the DNS name the gateway dials.
 Then values that must be refused are checked to be refused.
 
 Exit status: 0 when everything passed, 1 otherwise.
@@ -56,10 +57,12 @@ DB_SERVICE_KEYS = {
     "data_dir": None, "server": SERVER_KEYS, "tls": TLS_KEYS, "access": ACCESS_KEYS,
     "database": DATABASE_KEYS, "telemetry": TELEMETRY_KEYS,
 }
+# services/custody/src/config.rs CallerScope; a list means an array of tables.
+CALLER_KEYS = {"identity", "key_references", "admin", "release_puk"}
 CONFIG_KEYS = {
     "template": DB_SERVICE_KEYS,
     "directory": DB_SERVICE_KEYS,
-    "custody": DB_SERVICE_KEYS,
+    "custody": {**DB_SERVICE_KEYS, "callers": [CALLER_KEYS]},
     "gateway": {
         "server": SERVER_KEYS, "tls": TLS_KEYS, "access": ACCESS_KEYS,
         "backends": {"template": UPSTREAM_KEYS, "directory": UPSTREAM_KEYS,
@@ -173,6 +176,14 @@ def check_toml_keys(scenario: str, name: str, data: dict, allowed: dict, prefix:
             for sub in value:
                 if sub not in allowed[key]:
                     fail(scenario, f"{name}.toml: unknown key {path}.{sub}")
+        elif isinstance(allowed[key], list):
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                fail(scenario, f"{name}.toml: {path} must be an array of tables")
+                continue
+            for i, item in enumerate(value):
+                for sub in item:
+                    if sub not in allowed[key][0]:
+                        fail(scenario, f"{name}.toml: unknown key {path}[{i}].{sub}")
 
 
 def dig(data: dict, dotted: str):
@@ -272,6 +283,14 @@ def semantic_checks(scenario: str, values: dict, docs: list[dict]) -> None:
         allow = dig(configs.get(w, {}), "access.allow") or []
         if f"spiffe://{td}/cms/gateway" not in allow:
             fail(scenario, f"{w}: the gateway is not on the allow-list")
+    # Custody's caller scopes: the gateway has one, and only it may release PIV PUKs.
+    callers = configs.get("custody", {}).get("callers", [])
+    gateway_id = f"spiffe://{td}/cms/gateway"
+    if not any(c.get("identity") == gateway_id for c in callers):
+        fail(scenario, "custody: the gateway has no [[callers]] scope")
+    for c in callers:
+        if c.get("release_puk") and c.get("identity") != gateway_id:
+            fail(scenario, f"custody: {c.get('identity')} may release PIV PUKs (gateway only)")
     gw_allow = set(dig(configs.get("gateway", {}), "access.allow") or [])
     for pattern in ("operator/*", "agent", "agent/*", "service/*"):
         if f"spiffe://{td}/cms/{pattern}" not in gw_allow:
@@ -415,6 +434,11 @@ def main() -> int:
         ("cert-manager", {"certManager": {"enabled": True,
                                           "issuerRef": {"name": "cms-ca", "kind": "ClusterIssuer"}}}),
     ]
+    scenarios.append(("custody-callers", {"custody": {
+        "access": {"extraAllow": ["spiffe://cms.local/cms/service/reports"]},
+        "extraCallers": [{"identity": "spiffe://cms.local/cms/service/reports",
+                          "keyReferences": ["mk-reports"]}],
+    }}))
     for example in sorted(EXAMPLES.glob("*.yaml")):
         scenarios.append((f"example-{example.stem}", yaml.safe_load(example.read_text()) or {}))
     for scenario, overrides in scenarios:
@@ -429,6 +453,11 @@ def main() -> int:
         ("cert-manager without an issuer", {"certManager": {"enabled": True}}, "issuerRef.name"),
         ("allow-list entry that is not a SPIFFE ID",
          {"gateway": {"access": {"extraAllow": ["https://example.com"]}}}, "extraAllow"),
+        ("PIV PUK release for a caller other than the gateway",
+         {"custody": {"extraCallers": [{"identity": "spiffe://cms.local/cms/service/x",
+                                        "releasePuk": True}]}}, "releasePuk"),
+        ("caller scopes on a workload other than custody",
+         {"directory": {"extraCallers": []}}, "extraCallers"),
     ]
     for name, overrides, needle in refusals:
         must_refuse(name, overrides, needle)

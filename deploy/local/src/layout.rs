@@ -163,7 +163,7 @@ impl Layout {
             );
             let _ = writeln!(
                 out,
-                "[[callers]]\nidentity = \"spiffe://{td}/cms/gateway\"\nkey_references = [\"*\"]\nadmin = true\n"
+                "[[callers]]\nidentity = \"spiffe://{td}/cms/gateway\"\nkey_references = [\"*\"]\nadmin = true\nrelease_puk = true\n"
             );
         }
         match service {
@@ -226,6 +226,14 @@ mod tests {
         let c = layout.service_config("custody", ports, &peers, "").unwrap();
         let custody = cms_kit::config::from_toml::<cms_custody::Config>(&c).unwrap();
         assert!(custody.seal.dev_seal_file.is_some() && custody.callers[0].admin);
+        // PIV PUKs are released to the gateway only.
+        assert_eq!(custody.callers.len(), 1);
+        assert!(custody.callers[0].release_puk);
+        assert!(
+            custody.callers[0]
+                .identity
+                .matches(&layout.pki().spiffe_id("gateway").unwrap())
+        );
         let a = layout.service_config("agent", ports, &peers, "").unwrap();
         cms_kit::config::from_toml::<cms_agent::Config>(&a).unwrap();
         let err = layout

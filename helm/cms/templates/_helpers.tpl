@@ -177,6 +177,23 @@ reload_interval_ms = {{ int64 $v.tls.reloadIntervalMs }}
 {{- $allow = append $allow . }}
 {{- end }}
 allow = {{ uniq $allow | toJson }}
+{{- if eq $name "custody" }}
+{{- $g := $w.gatewayScope }}
+
+# What each caller may do (custody refuses a caller without an entry).
+[[callers]]
+identity = {{ include "cms.spiffeId" (dict "root" $root "name" "gateway") | toJson }}
+key_references = {{ $g.keyReferences | toJson }}
+admin = {{ $g.admin }}
+release_puk = {{ $g.releasePuk }}
+{{- range $w.extraCallers }}
+
+[[callers]]
+identity = {{ .identity | toJson }}
+key_references = {{ .keyReferences | default list | toJson }}
+admin = {{ .admin | default false }}
+{{- end }}
+{{- end }}
 {{- if has $name (splitList " " (include "cms.dbWorkloads" $root)) }}
 
 [database]

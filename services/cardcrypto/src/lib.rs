@@ -9,7 +9,7 @@
 //!
 //! * [`code`]: codes people type — hex in groups of 4 with a CRC-16/IBM-3740 checksum; parsing
 //!   with errors that never echo the code.
-//! * [`primitives`]: one ECB block of 3DES/AES, AES-CMAC, key check values, and [`SecretKey`],
+//! * [`primitives`]: one ECB block of 3DES/AES, CMAC, key check values, and [`SecretKey`],
 //!   the zeroizing key type whose `Debug` shows only algorithm and KCV.
 //! * [`diversify`](mod@diversify): per-card admin key = diversify(master key, card id) for the
 //!   schemes `gp-emv`, `gp-visa2`, `gp-kdf3`, `sp800-108-cmac`, plus the derivation inputs an
@@ -18,6 +18,8 @@
 //!   constant-time check.
 //! * [`so_token`]: the System Owner token's unblock key: generated from caller randomness, shown
 //!   once with a checksum, typed back, used locally.
+//! * [`puk`]: a PIV card's PUK, derived per card and PUK version from a master key (SP 800-108
+//!   with a CMAC PRF, decimalised without modulo bias), in software or with an HSM's PRF.
 //!
 //! Secrets (keys, responses, parsed codes) are returned in [`zeroize::Zeroizing`] containers;
 //! comparisons of secrets are constant time ([`subtle`]).
@@ -51,6 +53,7 @@ pub mod code;
 pub mod cryptogram;
 pub mod diversify;
 pub mod primitives;
+pub mod puk;
 pub mod so_token;
 
 pub use code::{
@@ -60,7 +63,8 @@ pub use cryptogram::{CryptogramError, response, verify_response};
 pub use diversify::{DiversifyError, Scheme, diversify, gp_derivation_data, sp800_108_fixed_input};
 pub use primitives::{
     AdminKey, KeyAlgorithm, KeyError, PrimitiveError, SecretKey, aes_cmac, aes_ecb_encrypt,
-    tdes_ecb_encrypt,
+    cmac_by_blocks, tdes_ecb_encrypt,
 };
+pub use puk::{Puk, PukError, PukInput, derive_puk, derive_puk_with};
 pub use so_token::{SoTokenError, SoUnblockKey, so_cryptogram};
 pub use zeroize::Zeroizing;

@@ -1,9 +1,11 @@
 //! Block-cipher primitives and the key type that carries secret bytes.
 //!
-//! Everything above this module (diversification, cryptograms, the SO token) is built from four
-//! operations: one ECB block of 3DES, one ECB block of AES, AES-CMAC, and the key check value. They
-//! live here, behind length-checked functions, so that no other module touches the RustCrypto
-//! traits and every intermediate that could hold key material ends up in a zeroizing buffer.
+//! Everything above this module (diversification, cryptograms, the SO token, PIV PUKs) is built
+//! from a few operations: one ECB block of 3DES, one ECB block of AES, CMAC (AES, and 3DES for
+//! PUKs under a 3DES master key), and the key check value. They live here, behind length-checked
+//! functions, so that no other module touches the RustCrypto traits and every intermediate that
+//! could hold key material ends up in a zeroizing buffer. [`cmac_by_blocks`] computes the same
+//! CMAC through an encrypt-only oracle, for HSM keys that may encrypt but not sign.
 
 use std::fmt;
 use std::str::FromStr;
@@ -153,16 +155,39 @@ where
     Cmac<C>: KeyInit + Mac,
     C: cmac::block_api::CmacCipher,
 {
+    let tag = cmac_tag::<C>(key, message, "AES-CMAC", AES_KEY_LENGTHS)?;
+    let mut out = Zeroizing::new([0u8; AES_BLOCK_LEN]);
+    if tag.len() != AES_BLOCK_LEN {
+        return Err(PrimitiveError::BlockLength {
+            algorithm: "AES-CMAC",
+            expected: AES_BLOCK_LEN,
+            got: tag.len(),
+        });
+    }
+    out.copy_from_slice(&tag);
+    Ok(out)
+}
+
+/// CMAC with block cipher `C` (its block length is the tag length), in a zeroizing buffer.
+fn cmac_tag<C>(
+    key: &[u8],
+    message: &[u8],
+    algorithm: &'static str,
+    key_lengths: &'static [usize],
+) -> Result<Zeroizing<Vec<u8>>, PrimitiveError>
+where
+    Cmac<C>: KeyInit + Mac,
+    C: cmac::block_api::CmacCipher,
+{
     let mut mac =
         <Cmac<C> as KeyInit>::new_from_slice(key).map_err(|_| PrimitiveError::KeyLength {
-            algorithm: "AES-CMAC",
-            expected: AES_KEY_LENGTHS,
+            algorithm,
+            expected: key_lengths,
             got: key.len(),
         })?;
     Mac::update(&mut mac, message);
     let mut tag = mac.finalize().into_bytes();
-    let mut out = Zeroizing::new([0u8; AES_BLOCK_LEN]);
-    out.copy_from_slice(&tag[..]);
+    let out = Zeroizing::new(tag[..].to_vec());
     tag[..].zeroize();
     Ok(out)
 }
@@ -182,6 +207,64 @@ pub fn aes_cmac(
             got,
         }),
     }
+}
+
+/// CMAC (NIST SP 800-38B) built from single-block ECB encryptions under a key of `algorithm`:
+/// for a key that can only be used through an `encrypt` oracle, such as an HSM object allowed
+/// to encrypt but not to sign (a 3DES master key on a PKCS#11 token). `encrypt` must replace
+/// its argument, one block of `algorithm.block_len()` bytes, with E_K(block).
+///
+/// The result equals [`SecretKey::cmac`] for the same key: TDES-CMAC (64-bit blocks, R = 0x1B)
+/// for 3DES, AES-CMAC (R = 0x87) for AES. The subkey L = E_K(0) and every chaining value pass
+/// through this function in zeroizing buffers; the key itself never does.
+pub fn cmac_by_blocks<E>(
+    algorithm: KeyAlgorithm,
+    message: &[u8],
+    mut encrypt: impl FnMut(&mut [u8]) -> Result<(), E>,
+) -> Result<Zeroizing<Vec<u8>>, E> {
+    let n = algorithm.block_len();
+    let rb = if n == TDES_BLOCK_LEN { 0x1B } else { 0x87 };
+    let mut l = Zeroizing::new(vec![0u8; n]);
+    encrypt(&mut l)?;
+    let k1 = dbl(&l, rb);
+    let k2 = dbl(&k1, rb);
+    let blocks = message.len().div_ceil(n).max(1);
+    let complete = !message.is_empty() && message.len().is_multiple_of(n);
+    let mut state = Zeroizing::new(vec![0u8; n]);
+    for chunk in message.chunks(n).take(blocks - 1) {
+        for (s, m) in state.iter_mut().zip(chunk) {
+            *s ^= m;
+        }
+        encrypt(&mut state)?;
+    }
+    let last = &message[(blocks - 1) * n..];
+    let mut padded = Zeroizing::new(vec![0u8; n]);
+    padded[..last.len()].copy_from_slice(last);
+    let subkey = if complete {
+        &k1
+    } else {
+        padded[last.len()] = 0x80;
+        &k2
+    };
+    for ((s, m), k) in state.iter_mut().zip(padded.iter()).zip(subkey.iter()) {
+        *s ^= m ^ k;
+    }
+    encrypt(&mut state)?;
+    Ok(state)
+}
+
+/// Doubling in GF(2^n) (SP 800-38B subkey generation), without a branch on the secret bit.
+fn dbl(block: &[u8], rb: u8) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(vec![0u8; block.len()]);
+    for i in 0..block.len() {
+        let carry = block.get(i + 1).map_or(0, |next| next >> 7);
+        out[i] = (block[i] << 1) | carry;
+    }
+    let msb = block.first().map_or(0, |b| b >> 7);
+    if let Some(last) = out.last_mut() {
+        *last ^= rb & 0u8.wrapping_sub(msb);
+    }
+    out
 }
 
 /// The key algorithms the CMS knows: the admin-key types of minidriver and PIV cards.
@@ -351,6 +434,23 @@ impl SecretKey {
         Ok(out)
     }
 
+    /// CMAC (NIST SP 800-38B) over `message` with this key's cipher: TDES-CMAC (8-byte tag)
+    /// for a 3DES key, AES-CMAC (16-byte tag) for an AES key.
+    pub fn cmac(&self, message: &[u8]) -> Result<Zeroizing<Vec<u8>>, PrimitiveError> {
+        let key = &self.bytes[..];
+        match self.algorithm {
+            KeyAlgorithm::Tdes2Key => {
+                cmac_tag::<TdesEde2>(key, message, "3DES-CMAC", TDES_KEY_LENGTHS)
+            }
+            KeyAlgorithm::Tdes3Key => {
+                cmac_tag::<TdesEde3>(key, message, "3DES-CMAC", TDES_KEY_LENGTHS)
+            }
+            KeyAlgorithm::Aes128 => cmac_tag::<Aes128>(key, message, "AES-CMAC", AES_KEY_LENGTHS),
+            KeyAlgorithm::Aes192 => cmac_tag::<Aes192>(key, message, "AES-CMAC", AES_KEY_LENGTHS),
+            KeyAlgorithm::Aes256 => cmac_tag::<Aes256>(key, message, "AES-CMAC", AES_KEY_LENGTHS),
+        }
+    }
+
     /// Key check value: first 3 bytes of E_K(zero block) (8 zero bytes for 3DES, 16 for AES), as
     /// in shared/vectors/README.md and in HSM key ceremonies.
     pub fn kcv(&self) -> [u8; KCV_LEN] {
@@ -414,4 +514,78 @@ pub(crate) fn hex_upper(bytes: &[u8]) -> String {
 /// Constant-time equality of two byte strings (lengths are not secret).
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// CMAC through an encrypt-only oracle, as an HSM backend computes it.
+    fn by_blocks(key: &SecretKey, message: &[u8]) -> Zeroizing<Vec<u8>> {
+        cmac_by_blocks(key.algorithm(), message, |block| {
+            let out = key.encrypt_block(block)?;
+            block.copy_from_slice(&out);
+            Ok::<(), PrimitiveError>(())
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn cmac_from_blocks_equals_the_cmac_crate_for_every_algorithm_and_length() {
+        let message: Vec<u8> = (0u8..=80).map(|i| i.wrapping_mul(29) ^ 0xA5).collect();
+        for algorithm in KeyAlgorithm::ALL {
+            let bytes: Vec<u8> = (0..algorithm.key_len())
+                .map(|i| u8::try_from(i).unwrap().wrapping_mul(7) ^ 0x3C)
+                .collect();
+            let key = SecretKey::new(algorithm, &bytes).unwrap();
+            // Empty, partial, exactly one block, several blocks, complete and incomplete.
+            for len in 0..message.len() {
+                let crate_tag = key.cmac(&message[..len]).unwrap();
+                assert_eq!(crate_tag.len(), algorithm.block_len());
+                assert_eq!(
+                    &by_blocks(&key, &message[..len])[..],
+                    &crate_tag[..],
+                    "{algorithm} length {len}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn cmac_matches_published_vectors() {
+        // RFC 4493 example 2 (AES-128).
+        let aes = SecretKey::new(
+            KeyAlgorithm::Aes128,
+            &hex("2B7E151628AED2A6ABF7158809CF4F3C"),
+        )
+        .unwrap();
+        let m = hex("6BC1BEE22E409F96E93D7E117393172A");
+        assert_eq!(
+            &aes.cmac(&m).unwrap()[..],
+            &hex("070A16B46B4D4144F79BDD9DD04A287C")[..]
+        );
+        assert_eq!(
+            &by_blocks(&aes, &m)[..],
+            &hex("070A16B46B4D4144F79BDD9DD04A287C")[..]
+        );
+        // RFC 4493 example 1: the empty message (padded, subkey K2).
+        assert_eq!(
+            &by_blocks(&aes, &[])[..],
+            &hex("BB1D6929E95937287FA37D129B756746")[..]
+        );
+    }
+
+    #[test]
+    fn doubling_carries_and_reduces() {
+        assert_eq!(&dbl(&[0x00, 0x80], 0x1B)[..], &[0x01, 0x00]);
+        assert_eq!(&dbl(&[0x80, 0x01], 0x1B)[..], &[0x00, 0x02 ^ 0x1B]);
+        assert_eq!(&dbl(&[0x40, 0x00], 0x87)[..], &[0x80, 0x00]);
+    }
 }

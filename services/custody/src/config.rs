@@ -46,6 +46,11 @@ pub struct CallerScope {
     /// Seal, unseal and master-key lifecycle, audit queries.
     #[serde(default)]
     pub admin: bool,
+    /// May release PIV PUKs (ReleasePivPuk) and confirm their rotation, with the master keys
+    /// of `key_references`. DESIGN 3: only the gateway, for an active online session of the
+    /// card or an audited helpdesk read-out.
+    #[serde(default)]
+    pub release_puk: bool,
 }
 
 impl CallerScope {

@@ -81,6 +81,17 @@ impl Caller<'_> {
         }
     }
 
+    pub fn require_release_puk(&self) -> Result<(), Error> {
+        if self.scope.release_puk {
+            Ok(())
+        } else {
+            Err(Error::NotAllowed(format!(
+                "caller {} may not release PIV PUKs (its custody scope lacks release_puk)",
+                self.identity
+            )))
+        }
+    }
+
     pub fn require_key(&self, reference: &str) -> Result<(), Error> {
         if self.scope.may_use(reference) {
             Ok(())

@@ -5,13 +5,15 @@
 //! dev seal file), [`keystore`] (where master keys live and cryptograms are computed),
 //! [`audit`] (the hash-chained, group-committed audit log that also enforces per-card limits
 //! and replay refusal), [`guards`] (caller scopes, rate limits, load shedding),
-//! [`selftest`] (known-answer tests at start), [`service`] (the gRPC API).
+//! [`selftest`] (known-answer tests at start), [`service`] (the gRPC API), `puk` (PIV PUK
+//! release, rotation and state, behind three of its RPCs).
 
 pub mod audit;
 mod config;
 pub mod error;
 pub mod guards;
 pub mod keystore;
+mod puk;
 pub mod seal;
 pub mod selftest;
 mod service;
@@ -35,7 +37,22 @@ use sea_orm_migration::MigratorTrait;
 pub const NAME: &str = "custody";
 
 /// Serves the custody API on `listeners` until `shutdown`.
-pub async fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> Result<(), Error> {
+///
+/// Boxed so that the service's async code is compiled once, in this crate: a binary or test
+/// that awaited the bare future would compile all of it again (minutes per binary).
+pub fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: Shutdown,
+) -> cms_kit::service::ServiceFuture<Error> {
+    Box::pin(serve_custody(config, listeners, shutdown))
+}
+
+async fn serve_custody(
+    config: Config,
+    listeners: Listeners,
+    shutdown: Shutdown,
+) -> Result<(), Error> {
     let tls = TlsSource::load(config.tls)?;
     // `soft` or `pkcs11` (`[keystore]`). Opening an HSM blocks briefly (module load, login,
     // known-answer tests on the token); nothing is being served yet.

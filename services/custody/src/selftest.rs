@@ -1,9 +1,9 @@
 //! Known-answer tests run at start. If any fails, custody refuses all work
 //! (FAILED_PRECONDITION) rather than hand out wrong cryptograms that burn cards' tries.
-//! The answers are published values (FIPS-197, SP 800-67, RFC 4493) and one derivation per
-//! scheme family checked against shared/vectors.
+//! The answers are published values (FIPS-197, SP 800-67, RFC 4493), one derivation per
+//! scheme family checked against shared/vectors, and one PIV PUK per PRF.
 
-use cms_cardcrypto::{KeyAlgorithm, Scheme, SecretKey};
+use cms_cardcrypto::{KeyAlgorithm, PukInput, Scheme, SecretKey};
 
 fn hex(s: &str) -> Vec<u8> {
     (0..s.len())
@@ -82,8 +82,31 @@ pub fn run(inject_failure: bool) -> Result<(), String> {
         &response,
         "30B96F7C6A001719C53957054B614C68",
     )?;
+
+    // PIV PUKs, one per PRF (cms_cardcrypto::puk's known answers).
+    let card = hex("6F1D2B3C4D5E6F708192A3B4C5D6E7F8");
+    for (name, algorithm, want) in [
+        ("PIV PUK (AES-CMAC)", KeyAlgorithm::Aes128, "69910623"),
+        ("PIV PUK (3DES-CMAC)", KeyAlgorithm::Tdes2Key, "24326921"),
+    ] {
+        let mk = SecretKey::new(algorithm, &hex("404142434445464748494A4B4C4D4E4F"))
+            .map_err(|x| e(&x))?;
+        let input = PukInput {
+            card_id: &card,
+            master_key_version: 1,
+            puk_version: 1,
+            digits: 8,
+        };
+        let puk = cms_cardcrypto::derive_puk(&mk, &input).map_err(|x| e(&x))?;
+        if puk.expose_digits() != want.as_bytes() {
+            return Err(format!("known-answer test {name} failed"));
+        }
+    }
     Ok(())
 }
+
+/// How many known-answer tests [`run`] performs.
+pub const TESTS: u32 = 7;
 
 #[cfg(test)]
 mod tests {

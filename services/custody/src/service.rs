@@ -91,13 +91,13 @@ struct Import {
 }
 
 pub struct Custody {
-    db: DatabaseConnection,
-    audit: AuditLog,
-    keystore: Arc<dyn Keystore>,
-    callers: Vec<CallerScope>,
-    guards: GuardSettings,
-    limiter: RateLimiter,
-    outstanding: Arc<Semaphore>,
+    pub(crate) db: DatabaseConnection,
+    pub(crate) audit: AuditLog,
+    pub(crate) keystore: Arc<dyn Keystore>,
+    pub(crate) callers: Vec<CallerScope>,
+    pub(crate) guards: GuardSettings,
+    pub(crate) limiter: RateLimiter,
+    pub(crate) outstanding: Arc<Semaphore>,
     self_test: Result<(), String>,
     self_test_at: i64,
     state: RwLock<State>,
@@ -210,7 +210,7 @@ fn key_info(row: &master_key::Model, backend: pb::Backend, current: bool) -> pb:
 }
 
 /// The non-secret parts of a request's context, for the audit record.
-fn context(auth: Option<AuthContext>) -> AuthContext {
+pub(crate) fn context(auth: Option<AuthContext>) -> AuthContext {
     auth.unwrap_or_default()
 }
 
@@ -299,7 +299,7 @@ impl Custody {
     }
 
     /// The KEK, or why there is none.
-    fn kek(&self) -> Result<Arc<Kek>, Error> {
+    pub(crate) fn kek(&self) -> Result<Arc<Kek>, Error> {
         self.self_test.as_ref().map_err(|_| Error::SelfTestFailed)?;
         match &self.read().seal {
             Seal::Unsealed { kek } => Ok(kek.clone()),
@@ -351,6 +351,33 @@ impl Custody {
             handle,
             row,
         }
+    }
+
+    /// A usable, unretired master key version, or why not (unknown, retired, unreadable).
+    pub(crate) fn usable_key(
+        &self,
+        reference: &str,
+        version: u32,
+    ) -> Result<Arc<MasterKeyHandle>, Error> {
+        let state = self.read();
+        let loaded = state
+            .keys
+            .get(&(reference.to_owned(), version))
+            .ok_or_else(|| Error::UnknownKey {
+                reference: reference.to_owned(),
+                version,
+            })?;
+        if loaded.row.state == "retired" {
+            return Err(Error::Retired {
+                reference: reference.to_owned(),
+                version,
+            });
+        }
+        loaded.handle.clone().ok_or_else(|| {
+            Error::Precondition(format!(
+                "master key {reference} version {version} cannot be opened: its stored form was altered"
+            ))
+        })
     }
 
     fn current_version(&self, reference: &str) -> Option<u32> {
@@ -668,7 +695,7 @@ impl CustodyService for Custody {
                 passed,
                 ran_at: Some(audit::timestamp(self.self_test_at)),
                 failed_tests: failed,
-                tests_run: 5,
+                tests_run: crate::selftest::TESTS,
             }),
             backend: self.keystore.backend() as i32,
             unseal_progress: progress,
@@ -1173,6 +1200,27 @@ impl CustodyService for Custody {
         request: Request<pb::ComputeCryptogramRequest>,
     ) -> Rpc<pb::ComputeCryptogramResponse> {
         Ok(Response::new(self.cryptogram(request).await?))
+    }
+
+    async fn release_piv_puk(
+        &self,
+        request: Request<pb::ReleasePivPukRequest>,
+    ) -> Rpc<pb::ReleasePivPukResponse> {
+        Ok(Response::new(self.release_puk(request).await?))
+    }
+
+    async fn confirm_puk_rotation(
+        &self,
+        request: Request<pb::ConfirmPukRotationRequest>,
+    ) -> Rpc<pb::ConfirmPukRotationResponse> {
+        Ok(Response::new(self.confirm_rotation(request).await?))
+    }
+
+    async fn get_puk_status(
+        &self,
+        request: Request<pb::GetPukStatusRequest>,
+    ) -> Rpc<pb::GetPukStatusResponse> {
+        Ok(Response::new(self.puk_status(request).await?))
     }
 
     async fn query_audit(

@@ -1,4 +1,5 @@
-//! Where master keys live and where cryptograms are computed. One trait, two backends:
+//! Where master keys live and where cryptograms and PIV PUKs are computed. One trait, two
+//! backends:
 //!
 //! * [`SoftKeystore`] (`keystore.backend = "soft"`, the default): master keys wrapped under
 //!   the KEK in custody's database, unwrapped into zeroizing memory while unsealed.
@@ -6,7 +7,8 @@
 //!   objects in an HSM; the database row only holds a KEK-wrapped reference to the object.
 //!
 //! Both give byte-identical results for the same master key (the shared vectors run through
-//! both in tests/tests/custody.rs and tests/tests/custody_pkcs11.rs).
+//! both in tests/tests/custody.rs and tests/tests/custody_pkcs11.rs, PUKs through both in
+//! tests/tests/custody_puk.rs).
 
 mod pkcs11;
 mod soft;
@@ -17,7 +19,7 @@ pub use soft::SoftKeystore;
 /// The PKCS#11 crate the HSM backend is built on, for tools and tests that inspect a token.
 pub use cryptoki;
 
-use cms_cardcrypto::{KeyAlgorithm, Scheme, SecretKey, Zeroizing};
+use cms_cardcrypto::{KeyAlgorithm, Puk, PukInput, Scheme, SecretKey, Zeroizing};
 use cms_proto::custody::v1::Backend;
 
 use crate::config::{KeystoreBackend, KeystoreSettings};
@@ -35,6 +37,8 @@ pub enum KeystoreError {
     Diversify(#[from] cms_cardcrypto::DiversifyError),
     #[error(transparent)]
     Cryptogram(#[from] cms_cardcrypto::CryptogramError),
+    #[error(transparent)]
+    Puk(#[from] cms_cardcrypto::PukError),
     /// A configuration problem found at start: names the config key.
     #[error("{key}: {message}")]
     Config { key: &'static str, message: String },
@@ -125,6 +129,10 @@ pub trait Keystore: Send + Sync {
         master: &MasterKeyHandle,
         request: &CryptogramInput<'_>,
     ) -> Result<Zeroizing<Vec<u8>>, KeystoreError>;
+
+    /// A PIV card's PUK under this master key ([`cms_cardcrypto::puk`]): the PRF runs where
+    /// the master key lives (inside the HSM for pkcs11) and only the digits come out.
+    fn puk(&self, master: &MasterKeyHandle, input: &PukInput<'_>) -> Result<Puk, KeystoreError>;
 }
 
 /// The inputs of one cryptogram.

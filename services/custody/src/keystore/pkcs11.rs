@@ -24,6 +24,11 @@
 //!   CKM_SP800_108_COUNTER_KDF with an AES-CMAC PRF (over
 //!   [`cms_cardcrypto::sp800_108_fixed_input`]) the `sp800-108-cmac` key could stay inside
 //!   as well; SoftHSM2 2.6 does not offer it.
+//! * PIV PUKs ([`cms_cardcrypto::puk`]): the PRF runs on the master-key object and only the
+//!   digits come out. AES master keys: C_Sign(CKM_AES_CMAC) per block. 3DES master keys may
+//!   encrypt but not sign (their attributes are fixed at creation), so TDES-CMAC is assembled
+//!   from C_Encrypt(CKM_DES3_ECB) block by block ([`cms_cardcrypto::cmac_by_blocks`]); the
+//!   chaining values pass through zeroizing host memory, the key never does.
 //!
 //! Sessions come from a small pool (a PKCS#11 session serves one thread at a time); the login
 //! is per application and token, so it is done once at start and kept alive by one session
@@ -36,8 +41,8 @@ use std::sync::Mutex;
 
 use cms_cardcrypto::diversify::gp_kdf3_input;
 use cms_cardcrypto::{
-    CryptogramError, DiversifyError, KeyAlgorithm, Scheme, SecretKey, Zeroizing,
-    gp_derivation_data, sp800_108_fixed_input,
+    CryptogramError, DiversifyError, KeyAlgorithm, Puk, PukInput, Scheme, SecretKey, Zeroizing,
+    cmac_by_blocks, derive_puk_with, gp_derivation_data, sp800_108_fixed_input,
 };
 use cms_proto::custody::v1::Backend;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -676,6 +681,46 @@ impl Pkcs11Keystore {
         }
     }
 
+    /// A card's PUK with the PRF computed on the master-key object; see the module
+    /// documentation.
+    fn derive_puk(&self, key: &Pkcs11Key, input: &PukInput<'_>) -> Result<Puk, KeystoreError> {
+        let algorithm = key.algorithm;
+        derive_puk_with(input, |message| {
+            let block = if algorithm.is_aes() {
+                self.with_session("C_Sign (CKM_AES_CMAC)", |session| {
+                    session
+                        .sign(&Mechanism::AesCMac, key.object, message)
+                        .map(Zeroizing::new)
+                })?
+            } else {
+                self.with_session("C_Encrypt (CKM_DES3_ECB)", |session| {
+                    cmac_by_blocks(algorithm, message, |block| {
+                        let out = Zeroizing::new(session.encrypt(
+                            &Mechanism::Des3Ecb,
+                            key.object,
+                            block,
+                        )?);
+                        if out.len() != block.len() {
+                            return Err(P11Error::Pkcs11(
+                                RvError::EncryptedDataLenRange,
+                                cryptoki::context::Function::Encrypt,
+                            ));
+                        }
+                        block.copy_from_slice(&out);
+                        Ok(())
+                    })
+                })?
+            };
+            if block.len() != algorithm.block_len() {
+                return Err(KeystoreError::Hsm {
+                    operation: "PUK PRF",
+                    detail: "returned a MAC of the wrong length".into(),
+                });
+            }
+            Ok(block)
+        })
+    }
+
     /// Known-answer tests on the token with temporary session keys (the shared vectors'
     /// master keys), one per derivation path.
     fn self_test(&self) -> Result<(), KeystoreError> {
@@ -759,6 +804,38 @@ impl Pkcs11Keystore {
                 Ok(response) if response.as_slice() == hex(kat.response).as_slice() => {}
                 Ok(_) => return Err(failed(kat.name, "wrong answer".into())),
                 Err(e) => return Err(failed(kat.name, e.to_string())),
+            }
+        }
+        // PIV PUKs, one per PRF path (cms_cardcrypto::puk's known answers).
+        let card = hex("6F1D2B3C4D5E6F708192A3B4C5D6E7F8");
+        for (name, algorithm, want) in [
+            ("puk aes-cmac", KeyAlgorithm::Aes128, "69910623"),
+            ("puk 3des-cmac", KeyAlgorithm::Tdes2Key, "24326921"),
+        ] {
+            let master =
+                SecretKey::new(algorithm, &hex(MASTER)).map_err(|_| KeystoreError::Corrupt)?;
+            let (object, _) = self
+                .create_key(&master, "cms-self-test", b"cms-self-test", false)
+                .map_err(|e| failed(name, e.to_string()))?;
+            let key = Pkcs11Key {
+                object,
+                algorithm,
+                label: "cms-self-test".into(),
+            };
+            let result = self.derive_puk(
+                &key,
+                &PukInput {
+                    card_id: &card,
+                    master_key_version: 1,
+                    puk_version: 1,
+                    digits: 8,
+                },
+            );
+            let _ = self.destroy(object);
+            match result {
+                Ok(puk) if puk.expose_digits() == want.as_bytes() => {}
+                Ok(_) => return Err(failed(name, "wrong answer".into())),
+                Err(e) => return Err(failed(name, e.to_string())),
             }
         }
         Ok(())
@@ -921,6 +998,16 @@ impl Keystore for Pkcs11Keystore {
             });
         };
         self.compute(key, input)
+    }
+
+    fn puk(&self, master: &MasterKeyHandle, input: &PukInput<'_>) -> Result<Puk, KeystoreError> {
+        let MasterKeyHandle::Pkcs11(key) = master else {
+            return Err(KeystoreError::OtherBackend {
+                made_by: "soft",
+                running: "pkcs11",
+            });
+        };
+        self.derive_puk(key, input)
     }
 }
 

@@ -1,6 +1,6 @@
 //! The `soft` backend: master keys wrapped under the KEK in custody's own database.
 
-use cms_cardcrypto::{KeyAlgorithm, SecretKey, Zeroizing};
+use cms_cardcrypto::{KeyAlgorithm, Puk, PukInput, SecretKey, Zeroizing};
 use cms_proto::custody::v1::Backend;
 
 use super::{CryptogramInput, Keystore, KeystoreError, MasterKeyHandle, Stored, binding, pkcs11};
@@ -92,6 +92,16 @@ impl Keystore for SoftKeystore {
             input.admin_algorithm.key_len(),
         )?;
         Ok(cms_cardcrypto::response(&admin, input.challenge)?)
+    }
+
+    fn puk(&self, master: &MasterKeyHandle, input: &PukInput<'_>) -> Result<Puk, KeystoreError> {
+        let MasterKeyHandle::Soft(master) = master else {
+            return Err(KeystoreError::OtherBackend {
+                made_by: "pkcs11",
+                running: "soft",
+            });
+        };
+        Ok(cms_cardcrypto::derive_puk(master, input)?)
     }
 }
 

@@ -1,5 +1,6 @@
-//! Custody's tables. Nothing here holds a plaintext key, a challenge or a response: master
-//! keys are wrapped under the KEK, challenges are keyed fingerprints.
+//! Custody's tables. Nothing here holds a plaintext key, a challenge, a response or a PUK:
+//! master keys are wrapped under the KEK, challenges, cards and sessions are keyed
+//! fingerprints, PUKs are derived and never stored.
 
 pub mod seal_meta {
     use sea_orm::entity::prelude::*;
@@ -127,6 +128,58 @@ pub mod so_token {
         pub share_threshold: i32,
         pub card_id: Vec<u8>,
         pub created_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod puk_card {
+    use sea_orm::entity::prelude::*;
+
+    /// The PIV PUK state of one card (never the PUK itself: it is derived). The card is the
+    /// keyed fingerprint of (PUK master key reference, card id), as in `card_use`.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "puk_card")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        #[sea_orm(unique)]
+        pub card_fp: Vec<u8>,
+        /// The PUK version on the card as custody knows it.
+        pub puk_version: i64,
+        /// That version was read out offline (helpdesk) and must be rotated.
+        pub exposed: bool,
+        pub exposed_at: Option<i64>,
+        /// Last confirmed rotation.
+        pub rotated_at: Option<i64>,
+        pub created_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod puk_session {
+    use sea_orm::entity::prelude::*;
+
+    /// An online session that had its PUK released: one release per session, ever.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "puk_session")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        /// Keyed fingerprint of the session id.
+        #[sea_orm(unique)]
+        pub session_fp: Vec<u8>,
+        pub card_fp: Vec<u8>,
+        /// The PUK version released in it.
+        pub puk_version: i64,
+        pub at: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

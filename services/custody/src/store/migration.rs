@@ -3,14 +3,16 @@
 use sea_orm::Schema;
 use sea_orm_migration::prelude::*;
 
-use super::entities::{audit_record, card_use, master_key, seal_meta, so_token};
+use super::entities::{
+    audit_record, card_use, master_key, puk_card, puk_session, seal_meta, so_token,
+};
 
 pub struct Migrator;
 
 #[sea_orm_migration::async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(Initial), Box::new(SoTokens)]
+        vec![Box::new(Initial), Box::new(SoTokens), Box::new(PivPuks)]
     }
 
     fn migration_table_name() -> sea_orm::DynIden {
@@ -64,6 +66,28 @@ impl MigrationTrait for SoTokens {
         let schema = Schema::new(manager.get_database_backend());
         manager
             .create_table(schema.create_table_from_entity(so_token::Entity))
+            .await
+    }
+}
+
+/// PIV PUK state per card and the online sessions that had their PUK released.
+struct PivPuks;
+
+impl MigrationName for PivPuks {
+    fn name(&self) -> &str {
+        "m20261127_000003_piv_puks"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for PivPuks {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let schema = Schema::new(manager.get_database_backend());
+        manager
+            .create_table(schema.create_table_from_entity(puk_card::Entity))
+            .await?;
+        manager
+            .create_table(schema.create_table_from_entity(puk_session::Entity))
             .await
     }
 }

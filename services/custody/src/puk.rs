@@ -1,0 +1,919 @@
+//! PIV PUKs: the one secret custody hands out (DESIGN 3 and 5).
+//!
+//! A PIV card's PIN is reset with its PUK, derived per card and PUK version from a PUK master
+//! key ([`cms_cardcrypto::puk`], computed by the keystore where the key lives) and never
+//! stored. What custody keeps per card (keyed by the fingerprint of master key reference and
+//! card id, like the per-card limit) is only state: the PUK version on the card, whether that
+//! version was read out offline (exposed) and when, and when it was last rotated; plus the
+//! online sessions that already had their release.
+//!
+//! * `ReleasePivPuk`, only for callers whose scope has `release_puk` (the gateway) and names
+//!   the key reference:
+//!   * `ONLINE_SESSION`: one release per session id, ever. Returns the current PUK and the
+//!     next one (version + 1), which the agent sets right after the reset.
+//!   * `OFFLINE_HELPDESK`: returns the current PUK and marks that version exposed.
+//!   * The request's PUK version must be custody's (or, for a card custody has not seen, it
+//!     becomes custody's).
+//! * `ConfirmPukRotation`: the card now has version + 1; exposure is cleared.
+//! * `GetPukStatus`: the state, never a PUK.
+//!
+//! Order, so that no PUK leaves without its audit record and its state: checks and the
+//! derivation first (each refusal is audited), then the audit record, which also claims a use
+//! of the card's budget (the per-card limit that cryptograms count against), then the state
+//! change (session taken, version exposed), and only then the answer. If the state change is
+//! refused (a concurrent release took the session) or fails, a second record says so and no
+//! PUK is returned. A release is a use without a challenge: its use fingerprint is keyed over
+//! the card and fresh randomness, so it counts against the limit and never as a replay.
+//!
+//! Nothing here logs, audits or returns in an error a PUK, its checksum or a derived secret:
+//! PUKs live in [`cms_cardcrypto::Puk`] (zeroizing, `Debug` shows the length only) until
+//! they are copied into the response.
+
+use std::sync::Arc;
+
+use cms_cardcrypto::diversify::MAX_CARD_ID_LEN;
+use cms_cardcrypto::puk::PUK_LENGTHS;
+use cms_cardcrypto::{Puk, PukError, PukInput};
+use cms_kit::PeerIdentity;
+use cms_proto::custody::v1 as pb;
+use cms_proto::custody::v1::{AuditEvent, AuditOutcome, PukPurpose};
+use sea_orm::sea_query::{Expr, Func};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, Set, TryInsertResult};
+use tokio::sync::OwnedSemaphorePermit;
+use tonic::Request;
+
+use crate::audit::{self, Event, Refusal, UsageClaim, Written};
+use crate::error::Error;
+use crate::guards::{self, Caller};
+use crate::keystore::{KeystoreError, MasterKeyHandle};
+use crate::service::{Custody, context};
+use crate::store::entities::{puk_card, puk_session};
+use crate::wrap::Kek;
+
+/// Longest session id accepted.
+const MAX_SESSION_ID: usize = 128;
+
+/// A release request that passed the checks that need no state.
+#[derive(Debug, PartialEq, Eq)]
+struct Checked<'a> {
+    card_id: &'a [u8],
+    reference: &'a str,
+    master_version: u32,
+    puk_version: u32,
+    digits: usize,
+    /// The session id of an online release; `None` for an offline read-out.
+    session: Option<&'a str>,
+}
+
+/// The checks of a release request that need no state, in the order a caller fixes them.
+fn check_release(req: &pb::ReleasePivPukRequest) -> Result<Checked<'_>, Error> {
+    check_card_id(&req.card_id)?;
+    let online = match PukPurpose::try_from(req.purpose).unwrap_or(PukPurpose::Unspecified) {
+        PukPurpose::OnlineSession => true,
+        PukPurpose::OfflineHelpdesk => false,
+        PukPurpose::Unspecified => {
+            return Err(Error::Invalid {
+                field: "purpose",
+                message: "a purpose is required: ONLINE_SESSION or OFFLINE_HELPDESK".into(),
+            });
+        }
+    };
+    let session = if online {
+        if req.session_id.is_empty() || req.session_id.len() > MAX_SESSION_ID {
+            return Err(Error::Invalid {
+                field: "session_id",
+                message: format!(
+                    "an online release names its session: 1 to {MAX_SESSION_ID} characters"
+                ),
+            });
+        }
+        Some(req.session_id.as_str())
+    } else {
+        None
+    };
+    let digits = usize::try_from(req.puk_length).unwrap_or(usize::MAX);
+    if !PUK_LENGTHS.contains(&digits) {
+        return Err(Error::Invalid {
+            field: "puk_length",
+            message: format!(
+                "a PIV PUK is {} to {} digits, got {}",
+                PUK_LENGTHS.start(),
+                PUK_LENGTHS.end(),
+                req.puk_length
+            ),
+        });
+    }
+    if req.puk_version == 0 || (online && req.puk_version == u32::MAX) {
+        return Err(Error::Invalid {
+            field: "puk_version",
+            message: "a PIV card's PUK version starts at 1 (and must leave room for the next)"
+                .into(),
+        });
+    }
+    Ok(Checked {
+        card_id: &req.card_id,
+        reference: &req.master_key_reference,
+        master_version: req.master_key_version,
+        puk_version: req.puk_version,
+        digits,
+        session,
+    })
+}
+
+fn check_card_id(card_id: &[u8]) -> Result<(), Error> {
+    if card_id.is_empty() || card_id.len() > MAX_CARD_ID_LEN {
+        return Err(Error::Invalid {
+            field: "card_id",
+            message: format!("a card identifier is 1 to {MAX_CARD_ID_LEN} bytes"),
+        });
+    }
+    Ok(())
+}
+
+fn check_reference(reference: &str) -> Result<(), Error> {
+    if reference.is_empty() {
+        return Err(Error::Invalid {
+            field: "master_key_reference",
+            message: "the reference of the card's PUK master key is required".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The card as custody knows it everywhere: its identifier under its master key.
+fn card_fingerprint(kek: &Kek, reference: &str, card_id: &[u8]) -> Vec<u8> {
+    kek.fingerprint("card", &[reference.as_bytes(), card_id])
+}
+
+/// The verified caller's SPIFFE ID for the audit record, even when it has no scope here.
+fn peer<T>(request: &Request<T>) -> String {
+    PeerIdentity::of(request)
+        .map(|p| p.spiffe_id.to_string())
+        .unwrap_or_else(|| "unidentified".into())
+}
+
+fn status(card_id: &[u8], row: &puk_card::Model) -> pb::PukStatus {
+    pb::PukStatus {
+        card_id: card_id.to_vec(),
+        puk_version: u32::try_from(row.puk_version).unwrap_or(0),
+        exposed: row.exposed,
+        exposed_at: row.exposed_at.filter(|_| row.exposed).map(audit::timestamp),
+        rotated_at: row.rotated_at.map(audit::timestamp),
+    }
+}
+
+/// Internal failures are audited as failed, without their detail; refusals with their message
+/// (which never holds a secret).
+fn audited_outcome(error: &Error) -> (AuditOutcome, String) {
+    match error {
+        Error::Store(_) | Error::Keystore(_) | Error::Audit(_) | Error::Seal(_) => {
+            (AuditOutcome::Failed, "internal error".into())
+        }
+        other => (AuditOutcome::Refused, other.to_string()),
+    }
+}
+
+/// A release that passed every check, with its PUKs derived.
+struct Release {
+    _slot: OwnedSemaphorePermit,
+    kek: Arc<Kek>,
+    card_fp: Vec<u8>,
+    version: u32,
+    /// The version was read out offline before (online releases report it).
+    exposed: bool,
+    session_fp: Option<Vec<u8>>,
+    puk: Puk,
+    /// Online only: the PUK of version + 1.
+    next: Option<Puk>,
+}
+
+impl Custody {
+    /// Writes a refusal (or failure) record of a PUK request and returns the error to send.
+    async fn refuse_puk(&self, mut event: Event, error: Error) -> Error {
+        let (outcome, reason) = audited_outcome(&error);
+        event.outcome = outcome as i32;
+        event.reason = reason;
+        match self.audit.record(event, None).await {
+            Ok(_) => error,
+            Err(e) => e.into(),
+        }
+    }
+
+    async fn puk_record(&self, card_fp: &[u8]) -> Result<Option<puk_card::Model>, Error> {
+        Ok(puk_card::Entity::find()
+            .filter(puk_card::Column::CardFp.eq(card_fp.to_vec()))
+            .one(&self.db)
+            .await?)
+    }
+
+    fn derive(
+        &self,
+        master: &MasterKeyHandle,
+        checked: &Checked<'_>,
+        puk_version: u32,
+    ) -> Result<Puk, Error> {
+        let input = PukInput {
+            card_id: checked.card_id,
+            master_key_version: checked.master_version,
+            puk_version,
+            digits: checked.digits,
+        };
+        self.keystore.puk(master, &input).map_err(|e| match e {
+            KeystoreError::Puk(PukError::Length { .. }) => Error::Invalid {
+                field: "puk_length",
+                message: e.to_string(),
+            },
+            KeystoreError::Puk(PukError::EmptyCardId | PukError::CardIdTooLong { .. }) => {
+                Error::Invalid {
+                    field: "card_id",
+                    message: e.to_string(),
+                }
+            }
+            other => Error::Keystore(other),
+        })
+    }
+
+    /// Everything a release checks before its audit record: scope, seal, guards, request,
+    /// key, recorded version, session; then both PUKs are derived.
+    async fn prepare_release(
+        &self,
+        caller: Result<Caller<'_>, Error>,
+        req: &pb::ReleasePivPukRequest,
+    ) -> Result<Release, Error> {
+        let caller = caller?;
+        caller.require_release_puk()?;
+        caller.require_key(&req.master_key_reference)?;
+        let kek = self.kek()?;
+        let slot = self
+            .outstanding
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::Overloaded)?;
+        self.limiter.take(&caller.identity)?;
+        let checked = check_release(req)?;
+        let master = self.usable_key(checked.reference, checked.master_version)?;
+        let card_fp = card_fingerprint(&kek, checked.reference, checked.card_id);
+        let record = self.puk_record(&card_fp).await?;
+        if let Some(row) = &record
+            && row.puk_version != i64::from(checked.puk_version)
+        {
+            return Err(Error::Precondition(format!(
+                "custody has PUK version {} for this card, not {}: read the card's PUK version again",
+                row.puk_version, checked.puk_version
+            )));
+        }
+        let session_fp = match checked.session {
+            Some(session) => {
+                let fp = kek.fingerprint("puk-session", &[session.as_bytes()]);
+                let used = puk_session::Entity::find()
+                    .filter(puk_session::Column::SessionFp.eq(fp.clone()))
+                    .one(&self.db)
+                    .await?;
+                if used.is_some() {
+                    return Err(session_used());
+                }
+                Some(fp)
+            }
+            None => None,
+        };
+        let puk = self.derive(&master, &checked, checked.puk_version)?;
+        let next = match checked.session {
+            Some(_) => Some(self.derive(&master, &checked, checked.puk_version + 1)?),
+            None => None,
+        };
+        Ok(Release {
+            _slot: slot,
+            kek,
+            card_fp,
+            version: checked.puk_version,
+            exposed: record.is_some_and(|r| r.exposed),
+            session_fp,
+            puk,
+            next,
+        })
+    }
+
+    /// Records what a release changes: the card (when first seen), and the session taken
+    /// (online) or the version exposed (offline).
+    async fn record_release(&self, release: &Release) -> Result<(), Error> {
+        let now = audit::now_ms();
+        let version = i64::from(release.version);
+        let offline = release.session_fp.is_none();
+        let first_seen = puk_card::ActiveModel {
+            card_fp: Set(release.card_fp.clone()),
+            puk_version: Set(version),
+            exposed: Set(offline),
+            exposed_at: Set(offline.then_some(now)),
+            rotated_at: Set(None),
+            created_at: Set(now),
+            ..Default::default()
+        };
+        puk_card::Entity::insert(first_seen)
+            .on_conflict_do_nothing_on([puk_card::Column::CardFp])
+            .exec(&self.db)
+            .await?;
+        let changed_meanwhile = || {
+            Error::Precondition(
+                "the card's PUK version changed while the PUK was being released; read it again"
+                    .into(),
+            )
+        };
+        match &release.session_fp {
+            Some(session_fp) => {
+                let row = self
+                    .puk_record(&release.card_fp)
+                    .await?
+                    .ok_or_else(changed_meanwhile)?;
+                if row.puk_version != version {
+                    return Err(changed_meanwhile());
+                }
+                let taken = puk_session::ActiveModel {
+                    session_fp: Set(session_fp.clone()),
+                    card_fp: Set(release.card_fp.clone()),
+                    puk_version: Set(version),
+                    at: Set(now),
+                    ..Default::default()
+                };
+                let inserted = puk_session::Entity::insert(taken)
+                    .on_conflict_do_nothing_on([puk_session::Column::SessionFp])
+                    .exec(&self.db)
+                    .await?;
+                if !matches!(inserted, TryInsertResult::Inserted(_)) {
+                    return Err(session_used());
+                }
+            }
+            None => {
+                // Exposed since the first read-out of this version.
+                let exposed_at: Expr =
+                    Func::coalesce([Expr::col(puk_card::Column::ExposedAt), Expr::val(now)]).into();
+                let updated = puk_card::Entity::update_many()
+                    .col_expr(puk_card::Column::Exposed, Expr::val(true))
+                    .col_expr(puk_card::Column::ExposedAt, exposed_at)
+                    .filter(puk_card::Column::CardFp.eq(release.card_fp.clone()))
+                    .filter(puk_card::Column::PukVersion.eq(version))
+                    .exec(&self.db)
+                    .await?;
+                if updated.rows_affected != 1 {
+                    return Err(changed_meanwhile());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A release's claim on the card's budget. It has no challenge, so its use fingerprint is
+    /// keyed over the card and fresh randomness: it counts against the per-card limit and is
+    /// never a replay.
+    fn release_claim(
+        &self,
+        release: &Release,
+        req: &pb::ReleasePivPukRequest,
+    ) -> Result<UsageClaim, Error> {
+        let mut nonce = [0u8; 16];
+        crate::wrap::random(&mut nonce)
+            .map_err(crate::seal::SealError::from)
+            .map_err(Error::from)?;
+        Ok(UsageClaim {
+            card_fp: release.card_fp.clone(),
+            challenge_fp: release.kek.fingerprint(
+                "card-puk-release",
+                &[req.master_key_reference.as_bytes(), &req.card_id, &nonce],
+            ),
+            limit: self.guards.per_card_limit,
+            window_ms: i64::try_from(self.guards.per_card_window_secs * 1000).unwrap_or(i64::MAX),
+            replay_window_ms: i64::try_from(self.guards.replay_window_secs * 1000)
+                .unwrap_or(i64::MAX),
+        })
+    }
+
+    /// ReleasePivPuk.
+    pub(crate) async fn release_puk(
+        &self,
+        request: Request<pb::ReleasePivPukRequest>,
+    ) -> Result<pb::ReleasePivPukResponse, Error> {
+        let identity = peer(&request);
+        let caller = guards::caller(&self.callers, &request);
+        let req = request.into_inner();
+        let mut event = Event::new(AuditEvent::PukRelease, AuditOutcome::Success, &identity);
+        event.context = context(req.auth.clone());
+        event.context.card_id = req.card_id.clone();
+        event.key_reference = req.master_key_reference.clone();
+        event.key_version = req.master_key_version;
+
+        let release = match self.prepare_release(caller, &req).await {
+            Ok(release) => release,
+            Err(e) => return Err(self.refuse_puk(event, e).await),
+        };
+        let version = release.version;
+        event.reason = match &release.next {
+            Some(_) => format!(
+                "online session: puk version {version}, next version {}",
+                version + 1
+            ),
+            None => format!("offline helpdesk read-out: puk version {version} is now exposed"),
+        };
+        let claim = match self.release_claim(&release, &req) {
+            Ok(claim) => claim,
+            Err(e) => return Err(self.refuse_puk(event, e).await),
+        };
+        let seq = match self.audit.record(event.clone(), Some(claim)).await? {
+            Written::Recorded { seq } => seq,
+            // The writer recorded the refusal itself.
+            Written::Refused {
+                refusal: Refusal::CardLimit,
+                ..
+            } => {
+                return Err(Error::CardLimit {
+                    limit: self.guards.per_card_limit,
+                    window_hours: self.guards.per_card_window_secs / 3600,
+                });
+            }
+            Written::Refused {
+                refusal: Refusal::Replay,
+                ..
+            } => return Err(Error::Replay),
+        };
+        if let Err(e) = self.record_release(&release).await {
+            return Err(self.refuse_puk(event, e).await);
+        }
+        let Release {
+            puk, next, exposed, ..
+        } = release;
+        Ok(pb::ReleasePivPukResponse {
+            puk_checksum: puk.checksum(),
+            puk: puk.expose_digits().to_vec(),
+            puk_version: version,
+            exposed: exposed || next.is_none(),
+            next_puk_version: if next.is_some() { version + 1 } else { 0 },
+            next_puk: next.map(|p| p.expose_digits().to_vec()).unwrap_or_default(),
+            audit_sequence: seq,
+        })
+    }
+
+    /// A rotation confirmation's checks; the card's fingerprint and recorded version.
+    async fn check_rotation(
+        &self,
+        caller: Result<Caller<'_>, Error>,
+        req: &pb::ConfirmPukRotationRequest,
+    ) -> Result<(Vec<u8>, i64), Error> {
+        let caller = caller?;
+        caller.require_release_puk()?;
+        caller.require_key(&req.master_key_reference)?;
+        let kek = self.kek()?;
+        check_card_id(&req.card_id)?;
+        check_reference(&req.master_key_reference)?;
+        let card_fp = card_fingerprint(&kek, &req.master_key_reference, &req.card_id);
+        let row = self.puk_record(&card_fp).await?.ok_or_else(unknown_card)?;
+        if i64::from(req.new_puk_version) != row.puk_version + 1 {
+            return Err(Error::Precondition(format!(
+                "custody has PUK version {} for this card, so a rotation confirms version {}, not {}",
+                row.puk_version,
+                row.puk_version + 1,
+                req.new_puk_version
+            )));
+        }
+        Ok((card_fp, row.puk_version))
+    }
+
+    /// ConfirmPukRotation.
+    pub(crate) async fn confirm_rotation(
+        &self,
+        request: Request<pb::ConfirmPukRotationRequest>,
+    ) -> Result<pb::ConfirmPukRotationResponse, Error> {
+        let identity = peer(&request);
+        let caller = guards::caller(&self.callers, &request);
+        let req = request.into_inner();
+        let mut event = Event::new(AuditEvent::PukRotation, AuditOutcome::Success, &identity);
+        event.context = context(req.auth.clone());
+        event.context.card_id = req.card_id.clone();
+        event.key_reference = req.master_key_reference.clone();
+
+        let (card_fp, old) = match self.check_rotation(caller, &req).await {
+            Ok(checked) => checked,
+            Err(e) => return Err(self.refuse_puk(event, e).await),
+        };
+        event.reason = format!("puk version {old} rotated to {}", req.new_puk_version);
+        self.audit.record(event.clone(), None).await?;
+        let updated = puk_card::Entity::update_many()
+            .col_expr(
+                puk_card::Column::PukVersion,
+                Expr::val(i64::from(req.new_puk_version)),
+            )
+            .col_expr(puk_card::Column::Exposed, Expr::val(false))
+            .col_expr(puk_card::Column::ExposedAt, Expr::val(None::<i64>))
+            .col_expr(
+                puk_card::Column::RotatedAt,
+                Expr::val(Some(audit::now_ms())),
+            )
+            .filter(puk_card::Column::CardFp.eq(card_fp.clone()))
+            .filter(puk_card::Column::PukVersion.eq(old))
+            .exec(&self.db)
+            .await;
+        match updated {
+            Ok(done) if done.rows_affected == 1 => {}
+            Ok(_) => {
+                let e = Error::Precondition(
+                    "the card's PUK version changed while the rotation was confirmed".into(),
+                );
+                return Err(self.refuse_puk(event, e).await);
+            }
+            Err(e) => return Err(self.refuse_puk(event, e.into()).await),
+        }
+        let row = self.puk_record(&card_fp).await?.ok_or_else(unknown_card)?;
+        Ok(pb::ConfirmPukRotationResponse {
+            status: Some(status(&req.card_id, &row)),
+        })
+    }
+
+    /// GetPukStatus: for the gateway (`release_puk` and the key reference) and administrators.
+    pub(crate) async fn puk_status(
+        &self,
+        request: Request<pb::GetPukStatusRequest>,
+    ) -> Result<pb::GetPukStatusResponse, Error> {
+        let caller = guards::caller(&self.callers, &request)?;
+        let req = request.into_inner();
+        if !caller.scope.admin {
+            caller.require_release_puk()?;
+            caller.require_key(&req.master_key_reference)?;
+        }
+        let kek = self.kek()?;
+        check_card_id(&req.card_id)?;
+        check_reference(&req.master_key_reference)?;
+        let card_fp = card_fingerprint(&kek, &req.master_key_reference, &req.card_id);
+        let row = self.puk_record(&card_fp).await?.ok_or_else(unknown_card)?;
+        Ok(pb::GetPukStatusResponse {
+            status: Some(status(&req.card_id, &row)),
+        })
+    }
+}
+
+fn session_used() -> Error {
+    Error::AlreadyExists(
+        "a PUK was already released in this session: one release per online session".into(),
+    )
+}
+
+fn unknown_card() -> Error {
+    Error::NotFound(
+        "custody has no PUK state for this card under this master key: no PUK was released for it"
+            .into(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn online() -> pb::ReleasePivPukRequest {
+        pb::ReleasePivPukRequest {
+            card_id: b"card-0001".to_vec(),
+            purpose: PukPurpose::OnlineSession as i32,
+            session_id: "s-1".into(),
+            master_key_reference: "puk".into(),
+            master_key_version: 1,
+            puk_version: 3,
+            puk_length: 8,
+            ..Default::default()
+        }
+    }
+
+    fn field(result: Result<Checked<'_>, Error>) -> &'static str {
+        match result {
+            Err(Error::Invalid { field, .. }) => field,
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_good_request_passes_with_what_it_asked_for() {
+        let req = online();
+        let checked = check_release(&req).unwrap();
+        assert_eq!(
+            checked,
+            Checked {
+                card_id: b"card-0001",
+                reference: "puk",
+                master_version: 1,
+                puk_version: 3,
+                digits: 8,
+                session: Some("s-1"),
+            }
+        );
+        let offline = pb::ReleasePivPukRequest {
+            purpose: PukPurpose::OfflineHelpdesk as i32,
+            session_id: String::new(),
+            puk_length: 6,
+            ..online()
+        };
+        let checked = check_release(&offline).unwrap();
+        assert_eq!((checked.session, checked.digits), (None, 6));
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        for length in [0, 5, 9, 200, u32::MAX] {
+            let req = pb::ReleasePivPukRequest {
+                puk_length: length,
+                ..online()
+            };
+            assert_eq!(field(check_release(&req)), "puk_length", "{length}");
+        }
+        let req = pb::ReleasePivPukRequest {
+            purpose: 0,
+            ..online()
+        };
+        assert_eq!(field(check_release(&req)), "purpose");
+        let req = pb::ReleasePivPukRequest {
+            purpose: 42,
+            ..online()
+        };
+        assert_eq!(field(check_release(&req)), "purpose");
+        let req = pb::ReleasePivPukRequest {
+            session_id: String::new(),
+            ..online()
+        };
+        assert_eq!(field(check_release(&req)), "session_id");
+        let req = pb::ReleasePivPukRequest {
+            session_id: "s".repeat(MAX_SESSION_ID + 1),
+            ..online()
+        };
+        assert_eq!(field(check_release(&req)), "session_id");
+        for card in [Vec::new(), vec![1u8; MAX_CARD_ID_LEN + 1]] {
+            let req = pb::ReleasePivPukRequest {
+                card_id: card,
+                ..online()
+            };
+            assert_eq!(field(check_release(&req)), "card_id");
+        }
+        let req = pb::ReleasePivPukRequest {
+            puk_version: 0,
+            ..online()
+        };
+        assert_eq!(field(check_release(&req)), "puk_version");
+        // Online needs room for the next version; offline does not.
+        let req = pb::ReleasePivPukRequest {
+            puk_version: u32::MAX,
+            ..online()
+        };
+        assert_eq!(field(check_release(&req)), "puk_version");
+        let req = pb::ReleasePivPukRequest {
+            puk_version: u32::MAX,
+            purpose: PukPurpose::OfflineHelpdesk as i32,
+            ..online()
+        };
+        check_release(&req).unwrap();
+    }
+
+    mod flow {
+        //! The RPCs on a real Custody (soft keystore, in-memory SQLite), without the network.
+
+        use cms_kit::SpiffeId;
+        use cms_proto::custody::v1::custody_service_server::CustodyService;
+        use sea_orm::{ConnectOptions, Database};
+        use sea_orm_migration::MigratorTrait;
+
+        use super::*;
+        use crate::config::{CallerScope, GuardSettings};
+        use crate::service::Options;
+
+        const GATEWAY: &str = "spiffe://cms.test/cms/gateway";
+        const OTHER: &str = "spiffe://cms.test/cms/service/reports";
+
+        async fn custody(dir: &std::path::Path) -> Custody {
+            let mut options = ConnectOptions::new("sqlite::memory:");
+            options.max_connections(1).sqlx_logging(false);
+            let db = Database::connect(options).await.unwrap();
+            crate::store::migration::Migrator::up(&db, None)
+                .await
+                .unwrap();
+            let scope = |identity: &str, release_puk| CallerScope {
+                identity: identity.parse().unwrap(),
+                key_references: vec!["*".into()],
+                admin: release_puk,
+                release_puk,
+            };
+            let custody = Custody::open(Options {
+                db,
+                keystore: Arc::new(crate::keystore::SoftKeystore),
+                callers: vec![scope(GATEWAY, true), scope(OTHER, false)],
+                guards: GuardSettings {
+                    per_card_limit: 100,
+                    ..GuardSettings::default()
+                },
+                dev_seal_file: Some(dir.join("seal.key")),
+            })
+            .await
+            .unwrap();
+            custody
+                .generate_master_key(from(
+                    GATEWAY,
+                    pb::GenerateMasterKeyRequest {
+                        reference: "puk".into(),
+                        algorithm: cms_proto::common::v1::KeyAlgorithm::Aes128 as i32,
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .unwrap();
+            custody
+        }
+
+        fn from<T>(identity: &str, message: T) -> Request<T> {
+            let mut request = Request::new(message);
+            request.extensions_mut().insert(PeerIdentity {
+                spiffe_id: identity.parse::<SpiffeId>().unwrap(),
+                remote_addr: None,
+            });
+            request
+        }
+
+        fn status_of(custody: &Custody, card: &[u8]) -> impl Future<Output = pb::PukStatus> {
+            let request = from(
+                GATEWAY,
+                pb::GetPukStatusRequest {
+                    card_id: card.to_vec(),
+                    master_key_reference: "puk".into(),
+                },
+            );
+            async move {
+                custody
+                    .get_puk_status(request)
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .status
+                    .unwrap()
+            }
+        }
+
+        #[tokio::test]
+        async fn one_release_per_session_even_when_racing() {
+            let dir = tempfile::tempdir().unwrap();
+            let custody = Arc::new(custody(dir.path()).await);
+            let mut tasks = Vec::new();
+            for _ in 0..8 {
+                let custody = custody.clone();
+                tasks.push(tokio::spawn(async move {
+                    custody
+                        .release_piv_puk(from(GATEWAY, online()))
+                        .await
+                        .map(|r| r.into_inner())
+                }));
+            }
+            let mut released = Vec::new();
+            for task in tasks {
+                match task.await.unwrap() {
+                    Ok(release) => released.push(release),
+                    Err(status) => assert_eq!(status.code(), tonic::Code::AlreadyExists),
+                }
+            }
+            assert_eq!(released.len(), 1, "exactly one release in the session");
+            let release = &released[0];
+            assert_eq!((release.puk_version, release.next_puk_version), (3, 4));
+            assert_ne!(release.puk, release.next_puk);
+            // Custody now knows the card at the version the request named.
+            let state = status_of(&custody, b"card-0001").await;
+            assert_eq!((state.puk_version, state.exposed), (3, false));
+        }
+
+        #[tokio::test]
+        async fn exposure_rotation_and_versions() {
+            let dir = tempfile::tempdir().unwrap();
+            let custody = custody(dir.path()).await;
+            let offline = || pb::ReleasePivPukRequest {
+                purpose: PukPurpose::OfflineHelpdesk as i32,
+                session_id: String::new(),
+                ..online()
+            };
+            let err = custody
+                .get_puk_status(from(
+                    GATEWAY,
+                    pb::GetPukStatusRequest {
+                        card_id: b"card-0001".to_vec(),
+                        master_key_reference: "puk".into(),
+                    },
+                ))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::NotFound);
+
+            let first = custody
+                .release_piv_puk(from(GATEWAY, offline()))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(first.exposed && first.next_puk.is_empty());
+            let exposed = status_of(&custody, b"card-0001").await;
+            assert!(exposed.exposed);
+            // A second read-out keeps the first exposure time and gives the same PUK.
+            let again = custody
+                .release_piv_puk(from(GATEWAY, offline()))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(again.puk, first.puk);
+            assert_eq!(status_of(&custody, b"card-0001").await, exposed);
+
+            // Another version than custody's is refused, naming custody's.
+            let stale = pb::ReleasePivPukRequest {
+                puk_version: 2,
+                ..offline()
+            };
+            let err = custody
+                .release_piv_puk(from(GATEWAY, stale))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+            assert!(err.message().contains("version 3"), "{}", err.message());
+
+            // Rotation: only to version + 1.
+            let confirm = |version| {
+                from(
+                    GATEWAY,
+                    pb::ConfirmPukRotationRequest {
+                        card_id: b"card-0001".to_vec(),
+                        new_puk_version: version,
+                        master_key_reference: "puk".into(),
+                        ..Default::default()
+                    },
+                )
+            };
+            for wrong in [3, 5] {
+                let err = custody
+                    .confirm_puk_rotation(confirm(wrong))
+                    .await
+                    .unwrap_err();
+                assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+                assert!(
+                    err.message().contains("version 3") && err.message().contains("version 4"),
+                    "{}",
+                    err.message()
+                );
+            }
+            let rotated = custody
+                .confirm_puk_rotation(confirm(4))
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+                .unwrap();
+            assert_eq!((rotated.puk_version, rotated.exposed), (4, false));
+            assert!(rotated.exposed_at.is_none() && rotated.rotated_at.is_some());
+
+            // The online release at the new version hands out what was "next" before.
+            let online_at_4 = pb::ReleasePivPukRequest {
+                puk_version: 4,
+                session_id: "s-2".into(),
+                ..online()
+            };
+            let released = custody
+                .release_piv_puk(from(GATEWAY, online_at_4))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(!released.exposed);
+            assert_ne!(released.puk, first.puk);
+
+            // A caller without release_puk is refused by name, on every PUK RPC.
+            let err = custody
+                .release_piv_puk(from(OTHER, offline()))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::PermissionDenied);
+            assert!(err.message().contains(OTHER), "{}", err.message());
+            let err = custody
+                .confirm_puk_rotation(from(OTHER, confirm(5).into_inner()))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::PermissionDenied);
+            let err = custody
+                .get_puk_status(from(
+                    OTHER,
+                    pb::GetPukStatusRequest {
+                        card_id: b"card-0001".to_vec(),
+                        master_key_reference: "puk".into(),
+                    },
+                ))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        }
+    }
+
+    #[test]
+    fn internal_failures_are_audited_without_their_detail() {
+        let (outcome, reason) = audited_outcome(&Error::Store(sea_orm::DbErr::Custom(
+            "disk I/O error at /var/lib/cms".into(),
+        )));
+        assert_eq!(
+            (outcome, reason.as_str()),
+            (AuditOutcome::Failed, "internal error")
+        );
+        let (outcome, reason) = audited_outcome(&session_used());
+        assert_eq!(outcome, AuditOutcome::Refused);
+        assert!(
+            reason.contains("one release per online session"),
+            "{reason}"
+        );
+    }
+}
