@@ -14,8 +14,7 @@ use cms_proto::common::v1::AuthContext;
 use cms_proto::custody::v1::{AuditEvent, AuditHead, AuditOutcome, AuditRecord};
 use ring::digest;
 use sea_orm::{
-    ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
-    TransactionTrait,
+    ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -31,6 +30,8 @@ pub enum AuditError {
     Unavailable(#[source] sea_orm::DbErr),
     #[error("the audit writer has stopped")]
     Stopped,
+    #[error("the audit writer cannot start: {0}")]
+    Thread(#[source] std::io::Error),
     #[error("audit log: {0}")]
     Read(#[source] sea_orm::DbErr),
 }
@@ -127,7 +128,18 @@ impl AuditLog {
         };
         let usage = Usage::load(&db, retention_ms).await?;
         let (jobs, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(writer(db.clone(), head, usage, rx));
+        // The writer gets a thread and a runtime of its own: as one task among the request
+        // tasks it would wait behind all of them at each of its awaits, and every answer
+        // waits for it (this alone tripled cryptogram latency under load).
+        let writer_db = db.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(AuditError::Thread)?;
+        std::thread::Builder::new()
+            .name("custody-audit".into())
+            .spawn(move || runtime.block_on(writer(writer_db, head, usage, rx)))
+            .map_err(AuditError::Thread)?;
         Ok(Self { jobs, db })
     }
 
@@ -320,8 +332,9 @@ pub fn record_hash(r: &audit_record::Model) -> Vec<u8> {
     ctx.finish().as_ref().to_vec()
 }
 
-/// Recent answered challenges, by card: the writer's own index of `card_use`, so deciding a
-/// claim needs no query. The table stays the durable record it is rebuilt from at start.
+/// Recent answered challenges, by card: the writer's own index of the granted claims, so
+/// deciding a claim needs no query. The audit records (and the legacy `card_use` rows) stay the
+/// durable record it is rebuilt from at start.
 struct Usage {
     retention_ms: i64,
     by_card: HashMap<Vec<u8>, Vec<i64>>,
@@ -337,13 +350,30 @@ impl Usage {
             challenges: HashMap::new(),
             pruned_at: now_ms(),
         };
-        let rows = card_use::Entity::find()
-            .filter(card_use::Column::At.gte(now_ms() - retention_ms))
+        let since = now_ms() - retention_ms;
+        let legacy = card_use::Entity::find()
+            .filter(card_use::Column::At.gte(since))
             .all(db)
             .await
             .map_err(AuditError::Read)?;
-        for row in rows {
+        for row in legacy {
             usage.add(row.card_fp, row.challenge_fp, row.at);
+        }
+        let granted: Vec<(i64, Option<Vec<u8>>, Option<Vec<u8>>)> = audit_record::Entity::find()
+            .select_only()
+            .column(audit_record::Column::At)
+            .column(audit_record::Column::CardFp)
+            .column(audit_record::Column::ChallengeFp)
+            .filter(audit_record::Column::At.gte(since))
+            .filter(audit_record::Column::CardFp.is_not_null())
+            .into_tuple()
+            .all(db)
+            .await
+            .map_err(AuditError::Read)?;
+        for (at, card_fp, challenge_fp) in granted {
+            if let (Some(card_fp), Some(challenge_fp)) = (card_fp, challenge_fp) {
+                usage.add(card_fp, challenge_fp, at);
+            }
         }
         Ok(usage)
     }
@@ -428,7 +458,9 @@ struct Done {
 }
 
 /// Decides every claim of the batch (in order, counting the batch's own grants), then writes
-/// the batch as two multi-row inserts in one transaction.
+/// the batch as one multi-row INSERT: atomic on its own, and one round trip to the database
+/// (each round trip to SQLite's worker thread costs a wake-up, which under load is most of a
+/// batch's time).
 async fn write_batch(
     db: &DatabaseConnection,
     head: &Head,
@@ -441,11 +473,11 @@ async fn write_batch(
     let mut granted: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
     let mut staged_cards: HashMap<&[u8], usize> = HashMap::new();
     let mut staged_challenges: HashSet<&[u8]> = HashSet::new();
-    let mut uses = Vec::new();
     let mut records = Vec::with_capacity(batch.len());
     for job in batch {
         let mut event = job.event.clone();
         let mut refusal = None;
+        let mut fingerprints = (None, None);
         if let Some(claim) = &job.claim {
             let replayed = staged_challenges.contains(claim.challenge_fp.as_slice())
                 || usage.replayed(&claim.challenge_fp, now - claim.replay_window_ms);
@@ -476,12 +508,10 @@ async fn write_batch(
                     *staged_cards.entry(&claim.card_fp).or_default() += 1;
                     staged_challenges.insert(&claim.challenge_fp);
                     granted.push((claim.card_fp.clone(), claim.challenge_fp.clone()));
-                    uses.push(card_use::ActiveModel {
-                        card_fp: Set(claim.card_fp.clone()),
-                        challenge_fp: Set(claim.challenge_fp.clone()),
-                        at: Set(now),
-                        ..Default::default()
-                    });
+                    fingerprints = (
+                        Some(claim.card_fp.clone()),
+                        Some(claim.challenge_fp.clone()),
+                    );
                 }
             }
         }
@@ -505,6 +535,8 @@ async fn write_batch(
             reason: event.reason.clone(),
             prev_hash: head.hash.clone(),
             hash: Vec::new(),
+            card_fp: fingerprints.0,
+            challenge_fp: fingerprints.1,
         };
         row.hash = record_hash(&row);
         head = Head {
@@ -517,14 +549,9 @@ async fn write_batch(
             None => Written::Recorded { seq },
         });
     }
-    let txn = db.begin().await?;
-    if !uses.is_empty() {
-        card_use::Entity::insert_many(uses).exec(&txn).await?;
-    }
     audit_record::Entity::insert_many(records)
-        .exec(&txn)
+        .exec_without_returning(db)
         .await?;
-    txn.commit().await?;
     Ok(Done {
         head,
         outcomes,
@@ -628,7 +655,7 @@ mod tests {
         }
         exec(
             &db,
-            "INSERT INTO audit_record SELECT 3, at, event, outcome, caller, actor_kind, actor_id, user_id, card_id, flow, approval_id, request_id, key_reference, key_version, 'forged', prev_hash, hash FROM audit_record WHERE seq = 2",
+            "INSERT INTO audit_record SELECT 3, at, event, outcome, caller, actor_kind, actor_id, user_id, card_id, flow, approval_id, request_id, key_reference, key_version, 'forged', prev_hash, hash, card_fp, challenge_fp FROM audit_record WHERE seq = 2",
         )
         .await;
         let (seq, _) = first_bad(&log, None).await.unwrap();
@@ -691,6 +718,53 @@ mod tests {
                 refusal: Refusal::Replay
             }
         );
+    }
+
+    #[tokio::test]
+    async fn usage_is_rebuilt_at_start_from_audit_records_and_legacy_card_use_rows() {
+        let (log, db) = log_with(0).await;
+        let claim = |card: u8, challenge: u8| UsageClaim {
+            card_fp: vec![card],
+            challenge_fp: vec![card, challenge],
+            limit: 2,
+            window_ms: 60_000,
+            replay_window_ms: 60_000,
+        };
+        let event = || Event::new(AuditEvent::Cryptogram, AuditOutcome::Success, "c");
+        for challenge in [1, 2] {
+            let written = log.record(event(), Some(claim(1, challenge))).await.unwrap();
+            assert!(matches!(written, Written::Recorded { .. }));
+        }
+        // A use written by a version before migration 4, in the table it had then.
+        card_use::Entity::insert(card_use::ActiveModel {
+            card_fp: sea_orm::Set(vec![2]),
+            challenge_fp: sea_orm::Set(vec![2, 1]),
+            at: sea_orm::Set(now_ms()),
+            ..Default::default()
+        })
+        .exec(&db)
+        .await
+        .unwrap();
+        drop(log);
+
+        let log = AuditLog::start(db.clone(), 86_400_000).await.unwrap();
+        let refused = |refusal| Written::Refused { seq: 0, refusal };
+        let outcome = |w: Written| match w {
+            Written::Refused { refusal, .. } => refused(refusal),
+            other => other,
+        };
+        assert_eq!(
+            outcome(log.record(event(), Some(claim(1, 3))).await.unwrap()),
+            refused(Refusal::CardLimit)
+        );
+        assert_eq!(
+            outcome(log.record(event(), Some(claim(2, 1))).await.unwrap()),
+            refused(Refusal::Replay)
+        );
+        assert!(matches!(
+            log.record(event(), Some(claim(2, 2))).await.unwrap(),
+            Written::Recorded { .. }
+        ));
     }
 
     async fn futures_join(log: &AuditLog, jobs: Vec<(Event, UsageClaim)>) -> Vec<Written> {

@@ -59,7 +59,8 @@ pub mod master_key {
 pub mod card_use {
     use sea_orm::entity::prelude::*;
 
-    /// One answered challenge: for the per-card limit and replay refusal.
+    /// One answered challenge: for the per-card limit and replay refusal. Written until
+    /// migration 4; newer uses are in `audit_record` (still read at start).
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
     #[sea_orm(table_name = "card_use")]
     pub struct Model {
@@ -103,6 +104,12 @@ pub mod audit_record {
         pub reason: String,
         pub prev_hash: Vec<u8>,
         pub hash: Vec<u8>,
+        /// A granted claim's keyed fingerprints of the card and of (card, challenge): what the
+        /// per-card limit and the replay refusal are rebuilt from at start. Written in the
+        /// record's own row so that a batch is one INSERT; outside the hash chain, like the
+        /// `card_use` rows written before they moved here.
+        pub card_fp: Option<Vec<u8>>,
+        pub challenge_fp: Option<Vec<u8>>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

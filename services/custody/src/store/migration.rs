@@ -12,7 +12,12 @@ pub struct Migrator;
 #[sea_orm_migration::async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(Initial), Box::new(SoTokens), Box::new(PivPuks)]
+        vec![
+            Box::new(Initial),
+            Box::new(SoTokens),
+            Box::new(PivPuks),
+            Box::new(UsageInAudit),
+        ]
     }
 
     fn migration_table_name() -> sea_orm::DynIden {
@@ -88,6 +93,48 @@ impl MigrationTrait for PivPuks {
             .await?;
         manager
             .create_table(schema.create_table_from_entity(puk_session::Entity))
+            .await
+    }
+}
+
+/// Card usage moves into the audit records (one INSERT per committed batch instead of two
+/// statements in a transaction), with an index to read the recent ones at start.
+struct UsageInAudit;
+
+impl MigrationName for UsageInAudit {
+    fn name(&self) -> &str {
+        "m20261127_000004_usage_in_audit"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for UsageInAudit {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // A database created by this version got the columns from the entity already.
+        for column in [audit_record::Column::CardFp, audit_record::Column::ChallengeFp] {
+            if !manager
+                .has_column("audit_record", column.to_string().as_str())
+                .await?
+            {
+                manager
+                    .alter_table(
+                        Table::alter()
+                            .table(audit_record::Entity)
+                            .add_column(ColumnDef::new(column).binary().null())
+                            .to_owned(),
+                    )
+                    .await?;
+            }
+        }
+        manager
+            .create_index(
+                Index::create()
+                    .if_not_exists()
+                    .name("audit_record_at")
+                    .table(audit_record::Entity)
+                    .col(audit_record::Column::At)
+                    .to_owned(),
+            )
             .await
     }
 }
