@@ -13,9 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use cms_proto::common::v1::AuthContext;
 use cms_proto::custody::v1::{AuditEvent, AuditHead, AuditOutcome, AuditRecord};
 use ring::digest;
-use sea_orm::{
-    ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-};
+use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::store::entities::{audit_record, card_use};
@@ -732,7 +730,10 @@ mod tests {
         };
         let event = || Event::new(AuditEvent::Cryptogram, AuditOutcome::Success, "c");
         for challenge in [1, 2] {
-            let written = log.record(event(), Some(claim(1, challenge))).await.unwrap();
+            let written = log
+                .record(event(), Some(claim(1, challenge)))
+                .await
+                .unwrap();
             assert!(matches!(written, Written::Recorded { .. }));
         }
         // A use written by a version before migration 4, in the table it had then.

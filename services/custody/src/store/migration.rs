@@ -111,7 +111,10 @@ impl MigrationName for UsageInAudit {
 impl MigrationTrait for UsageInAudit {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         // A database created by this version got the columns from the entity already.
-        for column in [audit_record::Column::CardFp, audit_record::Column::ChallengeFp] {
+        for column in [
+            audit_record::Column::CardFp,
+            audit_record::Column::ChallengeFp,
+        ] {
             if !manager
                 .has_column("audit_record", column.to_string().as_str())
                 .await?
