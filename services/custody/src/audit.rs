@@ -330,6 +330,9 @@ pub fn record_hash(r: &audit_record::Model) -> Vec<u8> {
     ctx.finish().as_ref().to_vec()
 }
 
+/// (at, card fingerprint, challenge fingerprint) of a granted claim, as stored.
+type GrantedRow = (i64, Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// Recent answered challenges, by card: the writer's own index of the granted claims, so
 /// deciding a claim needs no query. The audit records (and the legacy `card_use` rows) stay the
 /// durable record it is rebuilt from at start.
@@ -357,7 +360,7 @@ impl Usage {
         for row in legacy {
             usage.add(row.card_fp, row.challenge_fp, row.at);
         }
-        let granted: Vec<(i64, Option<Vec<u8>>, Option<Vec<u8>>)> = audit_record::Entity::find()
+        let granted: Vec<GrantedRow> = audit_record::Entity::find()
             .select_only()
             .column(audit_record::Column::At)
             .column(audit_record::Column::CardFp)
