@@ -43,7 +43,7 @@ impl Running {
                 .await
                 .map_err(|e| cms_kit::exit::one_line(&e))
         });
-        let running = Self {
+        let mut running = Self {
             grpc,
             ops,
             trigger,
@@ -53,15 +53,15 @@ impl Running {
         running
     }
 
-    async fn wait_ready(&self) {
+    async fn wait_ready(&mut self) {
         for _ in 0..200 {
             if let Ok((200, _)) = cms_kit::ops::http_get(self.ops, "/readyz").await {
                 return;
             }
-            assert!(
-                !self.task.is_finished(),
-                "service stopped before it was ready"
-            );
+            if self.task.is_finished() {
+                let outcome = (&mut self.task).await;
+                panic!("service stopped before it was ready: {outcome:?}");
+            }
             tokio::time::sleep(std::time::Duration::from_millis(25)).await;
         }
         panic!("service not ready after 5 s");

@@ -1,5 +1,6 @@
 //! Key custody through its gRPC API, in-process on loopback listeners with real mTLS and an
-//! SQLite file: the shared vectors after a key ceremony, and every refusal.
+//! SQLite file (one test on a real PostgreSQL): the shared vectors after a key ceremony, and
+//! every refusal.
 
 use cms_cardcrypto::{KeyAlgorithm, SecretKey};
 use cms_kit::client::Channel;
@@ -512,5 +513,70 @@ async fn shares_unseal_and_keys_survive_a_restart() {
         .response;
     assert_ne!(before, after);
     assert_eq!(after.len(), 16);
+    server.stop().await.unwrap();
+}
+
+/// Custody on a real PostgreSQL: cryptograms are audited, the per-card limit and the replay
+/// refusal hold, and they still hold after a restart (rebuilt from the audit records).
+#[tokio::test]
+async fn guards_and_audit_hold_on_postgres_across_a_restart() {
+    let pg = cms_tests::postgres::Postgres::shared();
+    let url = pg.create_database();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let config = || {
+        let mut c: cms_custody::Config = inproc::config(dir.path(), "custody", &Peers::default());
+        c.database.url = Some(url.clone());
+        c.guards.per_card_limit = 2;
+        c
+    };
+    let connect = |server: &Running| {
+        CustodyServiceClient::new(inproc::channel(
+            pki.tls("gateway"),
+            server.grpc,
+            pki.id("custody"),
+        ))
+    };
+    let ask = |challenge: u8| {
+        request(
+            "pg",
+            1,
+            b"card-on-postgres",
+            &[challenge; 16],
+            DiversificationScheme::Sp800108Cmac,
+            Alg::Aes128,
+        )
+    };
+    let server = Running::start(config(), cms_custody::run).await;
+    let mut client = connect(&server);
+    assert_eq!(
+        import(&mut client, "pg", KeyAlgorithm::Aes128, &[0x42; 16]).await,
+        1
+    );
+    for challenge in [1, 2] {
+        client.compute_cryptogram(ask(challenge)).await.unwrap();
+    }
+    let replay = client.compute_cryptogram(ask(1)).await.unwrap_err();
+    assert_eq!(reason(&replay), ErrorReason::ReplayedChallenge);
+    let limit = client.compute_cryptogram(ask(3)).await.unwrap_err();
+    assert_eq!(limit.code(), Code::ResourceExhausted, "{limit:?}");
+    server.stop().await.unwrap();
+
+    let server = Running::start(config(), cms_custody::run).await;
+    let mut client = connect(&server);
+    let again = client.compute_cryptogram(ask(4)).await.unwrap_err();
+    assert_eq!(again.code(), Code::ResourceExhausted, "{again:?}");
+    let other_card = ComputeCryptogramRequest {
+        card_id: b"another-card".to_vec(),
+        ..ask(1)
+    };
+    client.compute_cryptogram(other_card).await.unwrap();
+    let verdict = client
+        .verify_audit(VerifyAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verdict.ok, "{}", verdict.reason);
+    assert!(verdict.records_checked >= 7, "{verdict:?}");
     server.stop().await.unwrap();
 }

@@ -120,7 +120,15 @@ pub fn dev_file(path: &Path) -> Result<(Kek, bool), SealError> {
         )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
+            use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+            // Its directory may not exist yet: on PostgreSQL nothing else creates the data dir.
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(parent)
+                    .map_err(|e| fail(e.to_string()))?;
+            }
             let kek = Kek::generate()?;
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
