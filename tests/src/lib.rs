@@ -5,6 +5,7 @@
 //! first; when iterating, run `cargo build --workspace --bins` before `cargo test -p cms-tests`.
 
 pub mod cluster;
+pub mod custody;
 pub mod inproc;
 pub mod ldap;
 pub mod pki;

@@ -2,7 +2,7 @@
 //! SQLite file (one test on a real PostgreSQL): the shared vectors after a key ceremony, and
 //! every refusal.
 
-use cms_cardcrypto::{KeyAlgorithm, SecretKey};
+use cms_cardcrypto::KeyAlgorithm;
 use cms_kit::client::Channel;
 use cms_launcher::layout::Peers;
 use cms_proto::common::v1::{
@@ -10,22 +10,12 @@ use cms_proto::common::v1::{
 };
 use cms_proto::custody::v1::custody_service_client::CustodyServiceClient;
 use cms_proto::custody::v1::*;
+use cms_tests::custody::{hex, import, upper};
 use cms_tests::inproc::{self, Running};
 use cms_tests::pki::TestPki;
 use tonic::Code;
 
 const VECTORS: &str = include_str!("../../services/cardcrypto/tests/data/diversification.json");
-
-fn hex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
-}
-
-fn upper(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02X}")).collect()
-}
 
 struct Harness {
     _dir: tempfile::TempDir,
@@ -51,67 +41,6 @@ async fn custody(tweak: impl FnOnce(&mut cms_custody::Config)) -> Harness {
         server,
         client,
     }
-}
-
-fn proto_alg(alg: KeyAlgorithm) -> Alg {
-    match alg {
-        KeyAlgorithm::Tdes2Key => Alg::Tdes2key,
-        KeyAlgorithm::Tdes3Key => Alg::Tdes3key,
-        KeyAlgorithm::Aes128 => Alg::Aes128,
-        KeyAlgorithm::Aes192 => Alg::Aes192,
-        KeyAlgorithm::Aes256 => Alg::Aes256,
-    }
-}
-
-fn kcv(alg: KeyAlgorithm, key: &[u8]) -> String {
-    upper(&SecretKey::new(alg, key).unwrap().kcv())
-}
-
-/// A key ceremony: the key arrives as two XOR components, each confirmed by its KCV.
-async fn import(
-    client: &mut CustodyServiceClient<Channel>,
-    reference: &str,
-    alg: KeyAlgorithm,
-    key: &[u8],
-) -> u32 {
-    let begun = client
-        .begin_key_import(BeginKeyImportRequest {
-            reference: reference.into(),
-            algorithm: proto_alg(alg) as i32,
-            component_count: 2,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let first: Vec<u8> = (0..key.len())
-        .map(|i| (i as u8).wrapping_mul(37) ^ 0x5A)
-        .collect();
-    let second: Vec<u8> = key.iter().zip(&first).map(|(k, c)| k ^ c).collect();
-    for component in [&first, &second] {
-        client
-            .add_key_component(AddKeyComponentRequest {
-                import_id: begun.import_id.clone(),
-                component: component.clone(),
-                expected_kcv: kcv(alg, component),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
-    let done = client
-        .finish_key_import(FinishKeyImportRequest {
-            import_id: begun.import_id,
-            expected_kcv: kcv(alg, key),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let key_info = done.key.unwrap();
-    assert_eq!(key_info.kcv, kcv(alg, key));
-    assert_eq!(key_info.version, begun.version);
-    key_info.version
 }
 
 fn auth() -> Option<AuthContext> {
@@ -192,7 +121,9 @@ async fn every_shared_vector_through_the_rpc_after_a_component_import() {
             } else {
                 vec![0x11; master.len()]
             };
-            version = import(&mut h.client, &reference, master_alg, &key).await;
+            version = import(&mut h.client, &reference, master_alg, &key)
+                .await
+                .version;
         }
         let answer = h
             .client
@@ -230,7 +161,9 @@ async fn every_shared_vector_through_the_rpc_after_a_component_import() {
 async fn refusals_are_distinct_and_clear() {
     let mut h = custody(|c| c.guards.per_card_limit = 3).await;
     let key = hex("404142434445464748494A4B4C4D4E4F");
-    let v = import(&mut h.client, "mk", KeyAlgorithm::Aes128, &key).await;
+    let v = import(&mut h.client, "mk", KeyAlgorithm::Aes128, &key)
+        .await
+        .version;
     let card = b"card-0001";
     let good = |challenge: &[u8]| {
         request(
@@ -442,7 +375,9 @@ async fn shares_unseal_and_keys_survive_a_restart() {
         .shares;
     assert_eq!(shares.len(), 3);
     let key = hex("000102030405060708090A0B0C0D0E0F101112131415161718191A1B1C1D1E1F");
-    let version = import(&mut client, "mk", KeyAlgorithm::Aes256, &key).await;
+    let version = import(&mut client, "mk", KeyAlgorithm::Aes256, &key)
+        .await
+        .version;
     let req = |challenge: u8| {
         request(
             "mk",
@@ -550,7 +485,9 @@ async fn guards_and_audit_hold_on_postgres_across_a_restart() {
     let server = Running::start(config(), cms_custody::run).await;
     let mut client = connect(&server);
     assert_eq!(
-        import(&mut client, "pg", KeyAlgorithm::Aes128, &[0x42; 16]).await,
+        import(&mut client, "pg", KeyAlgorithm::Aes128, &[0x42; 16])
+            .await
+            .version,
         1
     );
     for challenge in [1, 2] {

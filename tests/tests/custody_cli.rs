@@ -6,6 +6,7 @@ use std::process::Output;
 
 use cms_cardcrypto::{KeyAlgorithm, SecretKey};
 use cms_tests::cluster::Cluster;
+use cms_tests::custody::upper;
 
 fn text(out: &Output) -> String {
     format!(
@@ -13,10 +14,6 @@ fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-fn upper(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02X}")).collect()
 }
 
 fn ctl(cluster: &Cluster, args: &[&str], input: &str) -> Output {

@@ -21,6 +21,7 @@ use cms_proto::common::v1::{
 };
 use cms_proto::custody::v1::custody_service_client::CustodyServiceClient;
 use cms_proto::custody::v1::*;
+use cms_tests::custody::{self as shared, hex, kcv, proto_alg, upper};
 use cms_tests::inproc::{self, Running};
 use cms_tests::pki::{TRUST_DOMAIN, TestPki};
 use cms_tests::softhsm::{self, SoftHsm};
@@ -41,15 +42,16 @@ fn hsm() -> &'static SoftHsm {
     softhsm::process(TOKENS)
 }
 
-fn hex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
-}
-
-fn upper(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02X}")).collect()
+/// The shared key ceremony, on this backend: the new version must live in the HSM.
+async fn import(
+    client: &mut CustodyServiceClient<Channel>,
+    reference: &str,
+    alg: KeyAlgorithm,
+    key: &[u8],
+) -> u32 {
+    let key_info = shared::import(client, reference, alg, key).await;
+    assert_eq!(key_info.backend, Backend::Pkcs11 as i32);
+    key_info.version
 }
 
 struct Harness {
@@ -76,68 +78,6 @@ async fn custody(token: &str, tweak: impl FnOnce(&mut cms_custody::Config)) -> H
         server,
         client,
     }
-}
-
-fn proto_alg(alg: KeyAlgorithm) -> Alg {
-    match alg {
-        KeyAlgorithm::Tdes2Key => Alg::Tdes2key,
-        KeyAlgorithm::Tdes3Key => Alg::Tdes3key,
-        KeyAlgorithm::Aes128 => Alg::Aes128,
-        KeyAlgorithm::Aes192 => Alg::Aes192,
-        KeyAlgorithm::Aes256 => Alg::Aes256,
-    }
-}
-
-fn kcv(alg: KeyAlgorithm, key: &[u8]) -> String {
-    upper(&SecretKey::new(alg, key).unwrap().kcv())
-}
-
-/// A key ceremony: the key arrives as two XOR components, each confirmed by its KCV.
-async fn import(
-    client: &mut CustodyServiceClient<Channel>,
-    reference: &str,
-    alg: KeyAlgorithm,
-    key: &[u8],
-) -> u32 {
-    let begun = client
-        .begin_key_import(BeginKeyImportRequest {
-            reference: reference.into(),
-            algorithm: proto_alg(alg) as i32,
-            component_count: 2,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let first: Vec<u8> = (0..key.len())
-        .map(|i| (i as u8).wrapping_mul(37) ^ 0x5A)
-        .collect();
-    let second: Vec<u8> = key.iter().zip(&first).map(|(k, c)| k ^ c).collect();
-    for component in [&first, &second] {
-        client
-            .add_key_component(AddKeyComponentRequest {
-                import_id: begun.import_id.clone(),
-                component: component.clone(),
-                expected_kcv: kcv(alg, component),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
-    let done = client
-        .finish_key_import(FinishKeyImportRequest {
-            import_id: begun.import_id,
-            expected_kcv: kcv(alg, key),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let key_info = done.key.unwrap();
-    assert_eq!(key_info.kcv, kcv(alg, key));
-    assert_eq!(key_info.version, begun.version);
-    assert_eq!(key_info.backend, Backend::Pkcs11 as i32);
-    key_info.version
 }
 
 fn auth() -> Option<AuthContext> {

@@ -22,6 +22,7 @@ use cms_proto::common::v1::{
 };
 use cms_proto::custody::v1::custody_service_client::CustodyServiceClient;
 use cms_proto::custody::v1::*;
+use cms_tests::custody::{self as shared, hex, upper};
 use cms_tests::inproc::{self, Running};
 use cms_tests::pki::TestPki;
 use cms_tests::softhsm::{self, SoftHsm};
@@ -38,17 +39,6 @@ fn hsm() -> &'static SoftHsm {
     softhsm::process(TOKENS)
 }
 
-fn hex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
-}
-
-fn upper(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02X}")).collect()
-}
-
 #[derive(Clone, Copy, Debug)]
 enum Keystore {
     Soft,
@@ -56,6 +46,10 @@ enum Keystore {
 }
 
 type Client = CustodyServiceClient<Channel>;
+
+async fn import(client: &mut Client, reference: &str, alg: KeyAlgorithm, key: &[u8]) -> u32 {
+    shared::import(client, reference, alg, key).await.version
+}
 
 struct Harness {
     _dir: tempfile::TempDir,
@@ -95,61 +89,6 @@ async fn custody(keystore: Keystore, per_card_limit: u32) -> Harness {
         gateway,
         reports,
     }
-}
-
-fn proto_alg(alg: KeyAlgorithm) -> Alg {
-    match alg {
-        KeyAlgorithm::Tdes2Key => Alg::Tdes2key,
-        KeyAlgorithm::Tdes3Key => Alg::Tdes3key,
-        KeyAlgorithm::Aes128 => Alg::Aes128,
-        KeyAlgorithm::Aes192 => Alg::Aes192,
-        KeyAlgorithm::Aes256 => Alg::Aes256,
-    }
-}
-
-fn kcv(alg: KeyAlgorithm, key: &[u8]) -> String {
-    upper(&SecretKey::new(alg, key).unwrap().kcv())
-}
-
-/// A key ceremony: the key arrives as two XOR components, each confirmed by its KCV.
-async fn import(client: &mut Client, reference: &str, alg: KeyAlgorithm, key: &[u8]) -> u32 {
-    let begun = client
-        .begin_key_import(BeginKeyImportRequest {
-            reference: reference.into(),
-            algorithm: proto_alg(alg) as i32,
-            component_count: 2,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let first: Vec<u8> = (0..key.len())
-        .map(|i| (i as u8).wrapping_mul(37) ^ 0x5A)
-        .collect();
-    let second: Vec<u8> = key.iter().zip(&first).map(|(k, c)| k ^ c).collect();
-    for component in [&first, &second] {
-        client
-            .add_key_component(AddKeyComponentRequest {
-                import_id: begun.import_id.clone(),
-                component: component.clone(),
-                expected_kcv: kcv(alg, component),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
-    client
-        .finish_key_import(FinishKeyImportRequest {
-            import_id: begun.import_id,
-            expected_kcv: kcv(alg, key),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap()
-        .version
 }
 
 fn auth() -> Option<AuthContext> {
