@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use cms_directory::entity::{credential, user};
 use cms_directory::import::{self, Options};
-use cms_directory::users::{UserFields, insert_words, new_row};
+use cms_directory::users::{UserFields, insert_users, new_row};
 use cms_directory::{Directory, SelfServiceSettings, secrets::SecretKey};
 use cms_proto::common::v1::{CardProfile, Flow, PageRequest};
 use cms_proto::directory::v1::{CredentialStatus, SearchUsersRequest, UserSource};
@@ -245,30 +245,23 @@ async fn load(db: &DatabaseConnection, people: &[Person]) -> Duration {
                 .expect("cache");
         }
         let mut cards = Vec::new();
-        let mut words = Vec::new();
-        for batch in chunk.chunks(1_000) {
-            let rows: Vec<user::ActiveModel> = batch
-                .iter()
-                .map(|p| {
-                    let mut am = new_row(&p.fields, UserSource::Csv, now);
-                    let prefix = p.fields.apply(&mut am, &p.serials);
-                    let sea_orm::ActiveValue::Set(id) = am.id.clone() else {
-                        unreachable!("new rows have ids")
-                    };
-                    for s in &p.serials {
-                        cards.push((id.clone(), s.clone()));
-                    }
-                    words.push((id, prefix));
-                    am
-                })
-                .collect();
-            user::Entity::insert_many(rows)
-                .exec(&txn)
-                .await
-                .expect("insert users");
-            insert_words(&txn, &words).await.expect("insert words");
-            words.clear();
-        }
+        let rows: Vec<user::ActiveModel> = chunk
+            .iter()
+            .map(|p| {
+                let mut am = new_row(&p.fields, UserSource::Csv, now);
+                p.fields.apply(&mut am, &p.serials);
+                let sea_orm::ActiveValue::Set(id) = am.id.clone() else {
+                    unreachable!("new rows have ids")
+                };
+                for s in &p.serials {
+                    cards.push((id.clone(), s.clone()));
+                }
+                am
+            })
+            .collect();
+        insert_users(&txn, rows, &mut |_| {})
+            .await
+            .expect("insert users");
         for batch in cards.chunks(700) {
             let rows: Vec<credential::ActiveModel> = batch
                 .iter()
@@ -331,6 +324,7 @@ async fn measure(dir: &Directory, db: &'static str, kind: &'static str, queries:
             .await;
     }
     let mut times = Vec::with_capacity(queries.len());
+    let mut slowest: Vec<(Duration, &str)> = Vec::new();
     let mut hits = 0usize;
     for q in queries {
         let start = Instant::now();
@@ -346,8 +340,16 @@ async fn measure(dir: &Directory, db: &'static str, kind: &'static str, queries:
             .await
             .expect("search");
         times.push(start.elapsed());
+        slowest.push((start.elapsed(), q.as_str()));
         hits += r.results.len();
     }
+    slowest.sort_by_key(|x| std::cmp::Reverse(x.0));
+    let worst: Vec<String> = slowest
+        .iter()
+        .take(3)
+        .map(|(d, q)| format!("{q:?} {:.1} ms", d.as_secs_f64() * 1_000.0))
+        .collect();
+    println!("    slowest {kind} on {db}: {}", worst.join(", "));
     times.sort();
     Row {
         db,
@@ -558,7 +560,7 @@ async fn run() {
     if a.sqlite {
         let (rate, took) = import_rate(a.import_users).await;
         notes.push(format!(
-            "CSV import on SQLite: {} users in {:.2} s = {:.0} users/s (parse + validate + match + insert + FTS index, one transaction)",
+            "CSV import on SQLite: {} users in {:.2} s = {:.0} users/s (parse + validate + match + insert + search index, one transaction)",
             a.import_users,
             took.as_secs_f64(),
             rate

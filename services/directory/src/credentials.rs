@@ -8,9 +8,7 @@ use cms_proto::directory::v1::{
 use cms_proto::template::v1::{GetTemplateRequest, TemplateState};
 use sea_orm::ActiveValue::Set;
 use sea_orm::sea_query::{Expr, ExprTrait};
-use sea_orm::{
-    ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
-};
+use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 
 use crate::entity::credential;
 use crate::normalize;
@@ -151,7 +149,7 @@ impl Directory {
                 ),
             ));
         }
-        let txn = self.db.begin().await?;
+        let txn = crate::search_index::write_txn(&self.db).await?;
         let owner = Self::user_by_id(&txn, &c.user_id)
             .await
             .map_err(|e| match e {

@@ -6,12 +6,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use cms_proto::directory::v1::{ImportError, ImportReport, UserSource, UserStatus};
 use sea_orm::ActiveValue::Set;
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, TransactionTrait};
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter};
 
 use crate::entity::{credential, user};
 use crate::normalize;
-use crate::users::{UserFields, insert_words, new_row, replace_words};
-use crate::util::{now_micros, timestamp};
+use crate::search_index::{self, Changes};
+use crate::users::{INSERT_BATCH, UserFields, insert_users, new_row, reindex};
+use crate::util::{Sql, now_micros, timestamp};
 use crate::{Directory, Error};
 
 /// Columns of the CSV, in the order assumed without a header.
@@ -28,9 +29,6 @@ pub const COLUMNS: [&str; 6] = [
 const IMPORT_CACHE_KIB: u32 = 131_072;
 /// Most errors reported for one input.
 const MAX_ERRORS: usize = 1_000;
-/// Rows per INSERT statement (29 columns: under both databases' parameter limits, 32766 and
-/// 65535).
-const BATCH: usize = 1_000;
 
 /// One validated input record.
 #[derive(Clone, Debug)]
@@ -246,19 +244,29 @@ pub fn describe(errors: &[ImportError], max: usize) -> String {
     format!("import refused, nothing was changed: {}", text.join("; "))
 }
 
+/// The users whose `column` is one of `keys` (one statement per 10,000 keys).
 async fn existing_by<C: ConnectionTrait>(
     db: &C,
-    column: user::Column,
+    column: &str,
     keys: Vec<String>,
 ) -> Result<Vec<user::Model>, Error> {
     let mut out = Vec::new();
-    for chunk in keys.chunks(500) {
-        out.extend(
-            user::Entity::find()
-                .filter(column.is_in(chunk.to_vec()))
-                .all(db)
-                .await?,
-        );
+    for chunk in keys.chunks(10_000) {
+        let list = serde_json::Value::from(chunk.to_vec()).to_string();
+        let mut sql = Sql::new(db.get_database_backend());
+        sql.push(&format!("SELECT * FROM users WHERE {column} IN "));
+        if db.get_database_backend() == sea_orm::DbBackend::Postgres {
+            sql.push("(SELECT jsonb_array_elements_text(")
+                .bind(list)
+                .push("::jsonb))");
+        } else {
+            sql.push("(SELECT value FROM json_each(")
+                .bind(list)
+                .push("))");
+        }
+        for row in db.query_all_raw(sql.statement()).await? {
+            out.push(user::Model::from_query_result(&row, "")?);
+        }
     }
     Ok(out)
 }
@@ -280,7 +288,7 @@ impl Directory {
             applied: 0,
             total,
         });
-        let txn = self.db.begin().await?;
+        let txn = search_index::write_txn(&self.db).await?;
         if txn.get_database_backend() == sea_orm::DbBackend::Sqlite {
             // A bulk write touches far more pages than SQLite's default 2 MiB cache holds;
             // without room, dirty index pages are spilled and rewritten over and over.
@@ -289,7 +297,7 @@ impl Directory {
         }
         let by_name: HashMap<String, user::Model> = existing_by(
             &txn,
-            user::Column::UsernameKey,
+            "username_key",
             records
                 .iter()
                 .map(|r| normalize::fold(&r.fields.username))
@@ -301,7 +309,7 @@ impl Directory {
         .collect();
         let by_external: HashMap<String, user::Model> = existing_by(
             &txn,
-            user::Column::ExternalId,
+            "external_id",
             records
                 .iter()
                 .filter(|r| !r.fields.external_id.is_empty())
@@ -383,38 +391,30 @@ impl Directory {
         }
 
         let now = now_micros();
-        let mut applied = 0u64;
-        for batch in creates.chunks(BATCH) {
-            let rows: Vec<user::ActiveModel> = batch
-                .iter()
-                .map(|r| new_row(&r.fields, source, now))
-                .collect();
-            let words: Vec<(String, String)> = rows
-                .iter()
-                .filter_map(|am| match (&am.id, &am.prefix_doc) {
-                    (Set(id), Set(doc)) => Some((id.clone(), doc.clone())),
-                    _ => None,
-                })
-                .collect();
-            if let Err(e) = user::Entity::insert_many(rows).exec(&txn).await {
-                return Err(if crate::util::unique_violation(&e) {
-                    Error::Conflict(
-                        "another change created one of these users meanwhile; run the import again"
-                            .into(),
-                    )
-                } else {
-                    e.into()
-                });
-            }
-            insert_words(&txn, &words).await?;
-            applied += batch.len() as u64;
+        let rows: Vec<user::ActiveModel> = creates
+            .iter()
+            .map(|r| new_row(&r.fields, source, now))
+            .collect();
+        let inserted = insert_users(&txn, rows, &mut |n| {
             progress(Progress {
                 phase: "applying",
                 read: total,
-                applied,
+                applied: n as u64,
                 total,
-            });
+            })
+        })
+        .await;
+        match inserted {
+            Ok(()) => {}
+            Err(Error::Storage(e)) if crate::util::unique_violation(&e) => {
+                return Err(Error::Conflict(
+                    "another change created one of these users meanwhile; run the import again"
+                        .into(),
+                ));
+            }
+            Err(e) => return Err(e),
         }
+        let mut applied = creates.len() as u64;
         if !updates.is_empty() {
             let ids: Vec<String> = updates.iter().map(|(m, _)| m.id.clone()).collect();
             let mut serials: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -427,16 +427,18 @@ impl Directory {
                     serials.entry(c.user_id).or_default().push(c.serial);
                 }
             }
+            let mut changes = Changes::default();
             for (i, (m, fields)) in updates.iter().enumerate() {
                 let mut am = user::ActiveModel {
                     updated_at: Set(now),
                     revision: Set(m.revision + 1),
                     ..Default::default()
                 };
-                let prefix = fields.apply(
+                fields.apply(
                     &mut am,
                     serials.get(&m.id).map(Vec::as_slice).unwrap_or_default(),
                 );
+                am.sort_rank = Set(reindex(&txn, m, &am, &mut changes).await?);
                 let result = user::Entity::update_many()
                     .set(am)
                     .filter(user::Column::Num.eq(m.num))
@@ -459,9 +461,8 @@ impl Directory {
                         e.into()
                     });
                 }
-                replace_words(&txn, &m.id, &m.prefix_doc, &prefix).await?;
                 applied += 1;
-                if i % BATCH == 0 {
+                if i % INSERT_BATCH == 0 {
                     progress(Progress {
                         phase: "applying",
                         read: total,
@@ -470,6 +471,7 @@ impl Directory {
                     });
                 }
             }
+            search_index::apply(&txn, changes).await?;
         }
         for chunk in to_disable.chunks(500) {
             user::Entity::update_many()

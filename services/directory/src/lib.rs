@@ -3,7 +3,7 @@
 //!
 //! Storage is sea-orm over SQLite (default) or PostgreSQL. Every text the helpdesk searches is
 //! also stored folded (case and accents removed, see [`normalize`]) in a per-user search
-//! document, indexed by trigrams: an FTS5 trigram table on SQLite, pg_trgm on PostgreSQL.
+//! document, indexed by its grams in page order (see [`search_index`]), the same on both.
 //! Secrets never leave in clear: security answers are argon2id hashes, TOTP secrets are sealed
 //! with AES-256-GCM under a key from config ([`secrets`]).
 
@@ -17,6 +17,7 @@ mod ldap;
 pub mod migration;
 pub mod normalize;
 mod operators;
+pub mod search_index;
 pub mod secrets;
 mod token;
 pub mod users;
@@ -502,10 +503,16 @@ impl Directory {
 }
 
 /// Opens the database and applies pending migrations (once, under a lock on PostgreSQL).
+///
+/// The migrations get a pool of their own: an SQLite connection that prepared a statement before
+/// a migration altered a table keeps sqlx's column list of the old table for it, and reading a
+/// row with the new column count crashes the connection's worker (seen after adding
+/// `users.sort_rank` to a database with users).
 pub async fn open_database(config: &Config) -> Result<DatabaseConnection, Error> {
     let db = cms_kit::db::connect(&config.database, &config.data_dir, NAME).await?;
     migration::run(&db).await.map_err(Error::Migrate)?;
-    Ok(db)
+    db.close().await?;
+    Ok(cms_kit::db::connect(&config.database, &config.data_dir, NAME).await?)
 }
 
 /// Serves the directory API on `listeners` until `shutdown`.

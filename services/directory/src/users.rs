@@ -8,11 +8,11 @@ use cms_proto::directory::v1::{
 use sea_orm::ActiveValue::Set;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
-    TransactionTrait,
 };
 
-use crate::entity::{credential, user, user_word};
+use crate::entity::{credential, user};
 use crate::normalize::{self, FIELD_SEP};
+use crate::search_index::{self, Changes, Key};
 use crate::util::{self, Sql, check_text, now_micros, timestamp};
 use crate::{Directory, Error, token};
 
@@ -23,22 +23,6 @@ pub const MAX_ORG_UNIT: usize = 512;
 pub const MAX_EXTERNAL_ID: usize = 256;
 /// Longest search query, in characters.
 pub const MAX_QUERY: usize = 256;
-
-/// `text` as a literal GLOB pattern piece (`*`, `?` and `[` in brackets).
-fn glob_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '*' | '?' | '[' => {
-                out.push('[');
-                out.push(c);
-                out.push(']');
-            }
-            c => out.push(c),
-        }
-    }
-    out
-}
 
 /// The editable fields of a user, validated.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -127,22 +111,26 @@ impl UserFields {
         Ok(self)
     }
 
-    /// Sets the stored columns derived from these fields (keys and search documents);
-    /// returns the word-start document (for `user_words`).
-    pub fn apply(&self, am: &mut user::ActiveModel, serials: &[String]) -> String {
+    /// Sets the stored columns derived from these fields (keys and search documents).
+    pub fn apply(&self, am: &mut user::ActiveModel, serials: &[String]) {
+        let username_key = normalize::fold(&self.username);
+        let display_key = normalize::fold(&self.display_name);
+        let doc = normalize::search_doc_of_folded(
+            &display_key,
+            &username_key,
+            &normalize::fold(&self.email),
+            serials,
+        );
         am.username = Set(self.username.clone());
-        am.username_key = Set(normalize::fold(&self.username));
+        am.username_key = Set(username_key);
         am.display_name = Set(self.display_name.clone());
-        am.display_key = Set(normalize::fold(&self.display_name));
+        am.display_key = Set(display_key);
         am.email = Set(self.email.clone());
         am.phone = Set(self.phone.clone());
         am.org_unit = Set(self.org_unit.clone());
         am.external_id = Set(self.external_id.clone());
-        let doc = normalize::search_doc(&self.display_name, &self.username, &self.email, serials);
-        let prefix = normalize::prefix_doc(&doc);
-        am.prefix_doc = Set(prefix.clone());
+        am.prefix_doc = Set(normalize::prefix_doc(&doc));
         am.search_doc = Set(doc);
-        prefix
     }
 
     pub fn of(m: &user::Model) -> Self {
@@ -180,63 +168,161 @@ pub fn new_row(fields: &UserFields, source: UserSource, now: i64) -> user::Activ
         revision: Set(1),
         ..Default::default()
     };
-    let _ = fields.apply(&mut am, &[]);
+    fields.apply(&mut am, &[]);
     am
 }
 
-/// Inserts the `user_words` rows of new users, given as (user id, word-start document).
-pub async fn insert_words<C: ConnectionTrait>(
+/// Rows per multi-row INSERT of users (at most 30 parameters each: far under both databases'
+/// limits, 32766 and 65535; larger statements were slower to bind).
+pub const INSERT_BATCH: usize = 100;
+
+/// Inserts new users (rows of [`new_row`], with their search documents) in page order
+/// positions and indexes them for the search; `progress` gets the number inserted so far after
+/// each batch.
+pub async fn insert_users<C: ConnectionTrait>(
     db: &C,
-    users: &[(String, String)],
+    mut rows: Vec<user::ActiveModel>,
+    progress: &mut (dyn FnMut(usize) + Send),
 ) -> Result<(), Error> {
-    let rows: Vec<user_word::ActiveModel> = users
-        .iter()
-        .flat_map(|(id, doc)| {
-            normalize::words(doc)
-                .into_iter()
-                .map(move |word| user_word::ActiveModel {
-                    word: Set(word),
-                    user_id: Set(id.clone()),
-                })
-        })
-        .collect();
-    for chunk in rows.chunks(5_000) {
-        user_word::Entity::insert_many(chunk.to_vec())
-            .exec(db)
-            .await?;
+    let mut order = Vec::with_capacity(rows.len());
+    for (i, am) in rows.iter().enumerate() {
+        let (Set(display), Set(username), Set(id)) = (&am.display_key, &am.username_key, &am.id)
+        else {
+            return Err(Error::Internal("a new user row without its keys".into()));
+        };
+        let key = Key {
+            display: display.clone(),
+            username: username.clone(),
+            id: id.clone(),
+        };
+        order.push((key, i));
     }
+    order.sort_unstable();
+    let keys: Vec<Key> = order.iter().map(|(k, _)| k.clone()).collect();
+    let mut changes = Changes::default();
+    let ranks = search_index::place(db, &keys, &mut changes).await?;
+    drop(keys);
+    for ((_, i), rank) in order.iter().zip(ranks) {
+        let am = &mut rows[*i];
+        am.sort_rank = Set(rank);
+        if let Set(doc) = &am.search_doc {
+            changes.add(rank, &search_index::doc_grams(doc));
+        }
+    }
+    let mut inserted = 0;
+    let mut rows = rows.into_iter();
+    loop {
+        let batch: Vec<user::ActiveModel> = rows.by_ref().take(INSERT_BATCH).collect();
+        if batch.is_empty() {
+            break;
+        }
+        inserted += batch.len();
+        insert_rows(db, batch).await?;
+        progress(inserted);
+    }
+    search_index::apply(db, changes).await
+}
+
+/// One multi-row INSERT of `rows` (the same columns set in each), written out directly: the
+/// ORM's statement builder takes several times as long as SQLite itself for bulk loads, and
+/// each bound value costs about as much as SQLite's work for a whole column. So a value the
+/// rows share (status, times, the empty TOTP fields of new users) is bound once.
+async fn insert_rows<C: ConnectionTrait>(
+    db: &C,
+    mut rows: Vec<user::ActiveModel>,
+) -> Result<(), Error> {
+    use sea_orm::{ActiveModelTrait, IdenStatic, Iterable, Value};
+    let Some(first) = rows.first() else {
+        return Ok(());
+    };
+    let columns: Vec<user::Column> = user::Column::iter()
+        .filter(|c| first.get(*c).is_set())
+        .collect();
+    let mut table: Vec<Vec<Value>> = Vec::with_capacity(rows.len());
+    for row in &mut rows {
+        let mut values = Vec::with_capacity(columns.len());
+        for column in &columns {
+            match row.take(*column) {
+                Set(value) | sea_orm::ActiveValue::Unchanged(value) => values.push(value),
+                sea_orm::ActiveValue::NotSet => {
+                    return Err(Error::Internal(format!(
+                        "new user rows differ in their columns ({})",
+                        column.as_str()
+                    )));
+                }
+            }
+        }
+        table.push(values);
+    }
+    // The columns whose value every row shares are bound once, in the select list; the others
+    // come from a VALUES table (placeholders count in text order on SQLite).
+    let shared: Vec<bool> = (0..columns.len())
+        .map(|j| table.len() > 1 && table.iter().all(|row| row[j] == table[0][j]))
+        .collect();
+    let names = |keep: bool| -> Vec<&str> {
+        columns
+            .iter()
+            .zip(&shared)
+            .filter(|(_, s)| **s == keep)
+            .map(|(c, _)| c.as_str())
+            .collect()
+    };
+    let (fixed, varying) = (names(true), names(false));
+    let mut sql = Sql::new(db.get_database_backend());
+    sql.push(&format!(
+        "INSERT INTO users ({}) SELECT ",
+        [fixed.clone(), varying].concat().join(", ")
+    ));
+    for (value, _) in table[0].iter().zip(&shared).filter(|(_, s)| **s) {
+        sql.bind(value.clone()).push(", ");
+    }
+    sql.push("v.* FROM (VALUES ");
+    for (i, row) in table.into_iter().enumerate() {
+        sql.push(if i == 0 { "(" } else { ", (" });
+        let mut first = true;
+        for (j, value) in row.into_iter().enumerate() {
+            if shared[j] {
+                continue;
+            }
+            if !first {
+                sql.push(", ");
+            }
+            first = false;
+            sql.bind(value);
+        }
+        sql.push(")");
+    }
+    sql.push(") AS v");
+    db.execute_raw(sql.statement()).await?;
     Ok(())
 }
 
-/// Updates a user's `user_words` rows after its word-start document changed.
-pub async fn replace_words<C: ConnectionTrait>(
+/// Re-indexes `current`, whose fields become those of `am` (keys and search document set):
+/// returns its sort rank (a new one when its place in page order changes) and records the
+/// posting changes. Write `am` with that rank, then apply `changes`.
+pub async fn reindex<C: ConnectionTrait>(
     db: &C,
-    user_id: &str,
-    old_doc: &str,
-    new_doc: &str,
-) -> Result<(), Error> {
-    let old = normalize::words(old_doc);
-    let new = normalize::words(new_doc);
-    let gone: Vec<String> = old.iter().filter(|w| !new.contains(w)).cloned().collect();
-    if !gone.is_empty() {
-        user_word::Entity::delete_many()
-            .filter(user_word::Column::UserId.eq(user_id))
-            .filter(user_word::Column::Word.is_in(gone))
-            .exec(db)
-            .await?;
+    current: &user::Model,
+    am: &user::ActiveModel,
+    changes: &mut Changes,
+) -> Result<i64, Error> {
+    let (Set(display), Set(username), Set(doc)) =
+        (&am.display_key, &am.username_key, &am.search_doc)
+    else {
+        return Err(Error::Internal("a user change without its keys".into()));
+    };
+    let mut rank = current.sort_rank;
+    if *display != current.display_key || *username != current.username_key {
+        search_index::unrank(db, current.num).await?;
+        let key = Key {
+            display: display.clone(),
+            username: username.clone(),
+            id: current.id.clone(),
+        };
+        rank = search_index::place(db, &[key], changes).await?[0];
     }
-    let added: Vec<user_word::ActiveModel> = new
-        .into_iter()
-        .filter(|w| !old.contains(w))
-        .map(|word| user_word::ActiveModel {
-            word: Set(word),
-            user_id: Set(user_id.to_owned()),
-        })
-        .collect();
-    if !added.is_empty() {
-        user_word::Entity::insert_many(added).exec(db).await?;
-    }
-    Ok(())
+    changes.replace((current.sort_rank, &current.search_doc), (rank, doc));
+    Ok(rank)
 }
 
 pub fn is_locked(m: &user::Model, now: i64) -> bool {
@@ -361,114 +447,63 @@ impl Filters {
     }
 }
 
-/// The users of one search tier, in page order.
+/// Most posting lists a search intersects: the rarest of the query's grams, up to
+/// `SEARCH_SPREAD` times as long as the rarest (the text check covers the others).
+const SEARCH_LISTS: usize = 4;
+const SEARCH_SPREAD: i64 = 16;
+/// Ranks of the rarest list a search reads in its first window of ranks (all of them when
+/// fewer); each further window is `WINDOW_GROWTH` times as wide.
+const WINDOW_ENTRIES: i64 = 512;
+const WINDOW_GROWTH: i64 = 4;
+
+/// The text conditions of `tier` for folded query `q` on `u`, as SQL.
+fn push_text(sql: &mut Sql, q: &str, tier: u8) {
+    let find = if sql.backend == DbBackend::Postgres {
+        "strpos"
+    } else {
+        "instr"
+    };
+    let marker = format!("{FIELD_SEP}{q}");
+    match (q.is_empty(), tier) {
+        (true, _) => {}
+        (false, 0) => {
+            sql.push(&format!(" AND {find}(u.prefix_doc, "))
+                .bind(marker)
+                .push(") > 0");
+        }
+        (false, _) => {
+            sql.push(&format!(" AND {find}(u.search_doc, "))
+                .bind(q.to_owned())
+                .push(&format!(") > 0 AND {find}(u.prefix_doc, "))
+                .bind(marker)
+                .push(") = 0");
+        }
+    }
+}
+
+/// The users of one search tier, in page order: those whose prefix document has a word start
+/// `q` (tier 0) or whose search document has `q` elsewhere (tier 1), after `after`.
 ///
-/// Candidates come from the trigram index (FTS5 on SQLite, pg_trgm on PostgreSQL) when they
-/// are few; when the index finds more than `cap` (a dense query such as a common first name),
-/// walking the (display name, username, id) index and filtering is cheaper than sorting them
-/// all, so the query does that instead. `cap` balances both costs: about sqrt(page × users).
-impl Directory {
-    async fn search_tier(
-        &self,
-        q: &str,
-        tier: u8,
-        filters: &Filters,
-        after: Option<&[String; 3]>,
-        need: usize,
-    ) -> Result<Vec<user::Model>, Error> {
-        let backend = self.db.get_database_backend();
-        let pg = backend == DbBackend::Postgres;
-        let now = now_micros();
-        let marker = format!("{FIELD_SEP}{q}");
-        // Candidates from an index: word starts from the B-tree of `user_words` (tier 0),
-        // substrings from the trigram index (tier 1, queries of 3 characters or more).
-        if tier == 0 && q.chars().count() > normalize::PREFIX_CHARS {
-            return Ok(Vec::new()); // longer than any stored word start: only substring matches
-        }
-        let mut candidates: Option<(bool, Vec<String>)> = None;
-        let indexed = !q.is_empty() && (tier == 0 || q.chars().count() >= 3);
-        if indexed {
-            let users = self.user_count_estimate().await?;
-            let cap = ((need as f64 * users as f64).sqrt() as usize).clamp(200, 20_000);
-            let mut sql = Sql::new(backend);
-            match (pg, tier) {
-                (_, 0) => sql
-                    .push("SELECT DISTINCT user_id AS c FROM user_words WHERE word >= ")
-                    .bind(q.to_owned())
-                    .push(" AND word < ")
-                    .bind(format!("{q}\u{10FFFF}")),
-                (true, _) => sql
-                    .push("SELECT CAST(num AS TEXT) AS c FROM users WHERE search_doc LIKE ")
-                    .bind(format!("%{}%", util::like_escape(q))),
-                (false, _) => sql
-                    .push("SELECT CAST(rowid AS TEXT) AS c FROM users_fts WHERE search_doc GLOB ")
-                    .bind(format!("*{}*", glob_escape(q))),
-            };
-            sql.push(" LIMIT ")
-                .bind(i64::try_from(cap + 1).unwrap_or(i64::MAX));
-            let rows = self.db.query_all_raw(sql.statement()).await?;
-            if rows.len() <= cap {
-                if rows.is_empty() {
-                    return Ok(Vec::new());
-                }
-                let mut keys = Vec::with_capacity(rows.len());
-                for row in &rows {
-                    keys.push(row.try_get::<String>("", "c")?);
-                }
-                candidates = Some((tier == 0, keys));
-            }
-        }
-        // With candidates, the join order is forced (candidates first, then the users by id or
-        // row number): left alone, both planners like to walk the name index for ORDER BY ...
-        // LIMIT and test every user against the candidate list, a full scan when they are few.
-        let mut sql = Sql::new(backend);
-        match candidates {
-            Some((by_id, keys)) => {
-                let (column, cast) = if by_id {
-                    ("id", "text")
-                } else {
-                    ("num", "bigint")
-                };
-                if pg {
-                    sql.push(&format!(
-                        "WITH c AS MATERIALIZED (SELECT u.* FROM users u WHERE u.{column} = ANY(string_to_array("
-                    ))
-                    .bind(keys.join(","))
-                    .push(&format!(", ',')::{cast}[])) SELECT u.* FROM c u WHERE 1 = 1"));
-                } else {
-                    let json = if by_id {
-                        format!("[\"{}\"]", keys.join("\",\""))
-                    } else {
-                        format!("[{}]", keys.join(","))
-                    };
-                    sql.push("SELECT u.* FROM json_each(")
-                        .bind(json)
-                        .push(&format!(
-                            ") AS c CROSS JOIN users u ON u.{column} = c.value WHERE 1 = 1"
-                        ));
-                }
-            }
-            None => {
-                sql.push("SELECT u.* FROM users u WHERE 1 = 1");
-            }
-        }
-        let find = if pg { "strpos" } else { "instr" };
-        match (q.is_empty(), tier) {
-            (true, _) => {}
-            (false, 0) => {
-                sql.push(&format!(" AND {find}(u.prefix_doc, "))
-                    .bind(marker.clone())
-                    .push(") > 0");
-            }
-            (false, _) => {
-                sql.push(&format!(" AND {find}(u.search_doc, "))
-                    .bind(q.to_owned())
-                    .push(&format!(") > 0 AND {find}(u.prefix_doc, "))
-                    .bind(marker.clone())
-                    .push(") = 0");
-            }
-        }
-        filters.push(&mut sql, now);
+/// The candidates come from the search index in page order (see [`search_index`]), so this
+/// reads about `need` users however many match; queries too short for the index (under three
+/// characters in tier 1, none at all) walk the (display name, username, id) index instead.
+async fn search_tier<C: ConnectionTrait>(
+    db: &C,
+    q: &str,
+    tier: u8,
+    filters: &Filters,
+    after: Option<&[String; 3]>,
+    need: usize,
+) -> Result<Vec<user::Model>, Error> {
+    let backend = db.get_database_backend();
+    let pg = backend == DbBackend::Postgres;
+    let now = now_micros();
+    if tier == 0 && q.chars().count() > normalize::PREFIX_CHARS {
+        return Ok(Vec::new()); // longer than any stored word start: only substring matches
+    }
+    let conditions = |sql: &mut Sql| {
+        push_text(sql, q, tier);
+        filters.push(sql, now);
         if let Some([display, username, id]) = after {
             sql.push(" AND (u.display_key, u.username_key, u.id) > (")
                 .bind(display.clone())
@@ -478,28 +513,116 @@ impl Directory {
                 .bind(id.clone())
                 .push(")");
         }
-        sql.push(" ORDER BY u.display_key, u.username_key, u.id LIMIT ")
-            .bind(i64::try_from(need).unwrap_or(i64::MAX));
-        let rows = self.db.query_all_raw(sql.statement()).await?;
+    };
+    let rows = |rows: Vec<sea_orm::QueryResult>| -> Result<Vec<user::Model>, Error> {
         rows.iter()
             .map(|row| user::Model::from_query_result(row, "").map_err(Error::from))
             .collect()
+    };
+    let grams = if q.is_empty() {
+        Vec::new()
+    } else {
+        search_index::query_grams(q, tier)
+    };
+    if grams.is_empty() {
+        let mut sql = Sql::new(backend);
+        // SQLite is told to walk the name index: left alone it may scan and sort everything.
+        sql.push(if pg {
+            "SELECT u.* FROM users u WHERE 1 = 1"
+        } else {
+            "SELECT u.* FROM users u INDEXED BY users_order WHERE 1 = 1"
+        });
+        conditions(&mut sql);
+        sql.push(" ORDER BY u.display_key, u.username_key, u.id LIMIT ")
+            .bind(i64::try_from(need).unwrap_or(i64::MAX));
+        return rows(db.query_all_raw(sql.statement()).await?);
     }
 
-    /// About how many users there are (the highest row number): cheap on both databases.
-    async fn user_count_estimate(&self) -> Result<i64, Error> {
-        let row = self
-            .db
-            .query_one_raw(sea_orm::Statement::from_string(
-                self.db.get_database_backend(),
-                "SELECT COALESCE(MAX(num), 0) AS n FROM users",
-            ))
-            .await?;
-        Ok(match row {
-            Some(r) => r.try_get::<i64>("", "n")?,
-            None => 0,
-        })
+    // The rarest lists, and how far apart their ranks are.
+    let counts = search_index::counts(db, &grams).await?;
+    let mut sized: Vec<(i64, search_index::Gram)> = grams
+        .iter()
+        .map(|g| (counts.get(g).copied().unwrap_or(0), *g))
+        .collect();
+    sized.sort_unstable();
+    let rarest = sized[0].0;
+    if rarest <= 0 {
+        return Ok(Vec::new());
     }
+    let lists: Vec<search_index::Gram> = sized
+        .iter()
+        .take(SEARCH_LISTS)
+        .take_while(|(n, _)| *n <= rarest.saturating_mul(SEARCH_SPREAD))
+        .map(|(_, g)| *g)
+        .collect();
+    let mut sql = Sql::new(backend);
+    // Two subqueries: each is one index lookup (MIN and MAX together would scan).
+    sql.push(
+        "SELECT COALESCE((SELECT MIN(sort_rank) FROM users WHERE sort_rank > 0), 1) AS lo, \
+         COALESCE((SELECT MAX(sort_rank) FROM users), 0) AS hi",
+    );
+    let (first, last) = match db.query_one_raw(sql.statement()).await? {
+        Some(row) => (row.try_get::<i64>("", "lo")?, row.try_get::<i64>("", "hi")?),
+        None => (1, 0),
+    };
+    let mut from = first;
+    if let Some([display, username, id]) = after {
+        let mut sql = Sql::new(backend);
+        sql.push("SELECT sort_rank FROM users WHERE (display_key, username_key, id) <= (")
+            .bind(display.clone())
+            .push(", ")
+            .bind(username.clone())
+            .push(", ")
+            .bind(id.clone())
+            .push(
+                ") AND sort_rank > 0 ORDER BY display_key DESC, username_key DESC, id DESC LIMIT 1",
+            );
+        if let Some(row) = db.query_one_raw(sql.statement()).await? {
+            from = row.try_get::<i64>("", "sort_rank")? + 1;
+        }
+    }
+    let end = last + 1;
+    let mut span = if rarest <= WINDOW_ENTRIES {
+        end - from
+    } else {
+        i64::try_from(i128::from(end - first) * i128::from(WINDOW_ENTRIES) / i128::from(rarest))
+            .unwrap_or(i64::MAX)
+    }
+    .max(1);
+
+    // Window by window, the candidates in rank order, checked against the text in batches.
+    let mut out = Vec::with_capacity(need);
+    while from < end && out.len() < need {
+        let to = from.saturating_add(span).min(end);
+        let candidates = search_index::window(db, &lists, from, to).await?;
+        let mut rest = candidates.as_slice();
+        let mut batch = (2 * need).max(32);
+        while !rest.is_empty() && out.len() < need {
+            let (now, later) = rest.split_at(batch.min(rest.len()));
+            let mut sql = Sql::new(backend);
+            let ranks: Vec<String> = now.iter().map(i64::to_string).collect();
+            if pg {
+                sql.push(
+                    "WITH c AS MATERIALIZED (SELECT u.* FROM users u WHERE u.sort_rank = ANY(string_to_array(",
+                )
+                .bind(ranks.join(","))
+                .push(", ',')::bigint[])) SELECT u.* FROM c u WHERE 1 = 1");
+            } else {
+                sql.push("SELECT u.* FROM json_each(")
+                    .bind(format!("[{}]", ranks.join(",")))
+                    .push(") AS c CROSS JOIN users u ON u.sort_rank = c.value WHERE 1 = 1");
+            }
+            conditions(&mut sql);
+            sql.push(" ORDER BY u.sort_rank");
+            out.extend(rows(db.query_all_raw(sql.statement()).await?)?);
+            rest = later;
+            batch *= 2;
+        }
+        from = to;
+        span = span.saturating_mul(WINDOW_GROWTH);
+    }
+    out.truncate(need);
+    Ok(out)
 }
 
 impl Directory {
@@ -521,22 +644,17 @@ impl Directory {
             .validated("user.")
             .map_err(|(field, message)| Error::Invalid { field, message })?;
         let row = new_row(&fields, UserSource::Local, now_micros());
-        let words = match (&row.id, &row.prefix_doc) {
-            (Set(id), Set(doc)) => vec![(id.clone(), doc.clone())],
-            _ => Vec::new(),
-        };
-        let txn = self.db.begin().await?;
-        match user::Entity::insert(row).exec(&txn).await {
-            Ok(_) => {}
-            Err(e) if util::unique_violation(&e) => {
+        let txn = search_index::write_txn(&self.db).await?;
+        match insert_users(&txn, vec![row], &mut |_| {}).await {
+            Ok(()) => {}
+            Err(Error::Storage(e)) if util::unique_violation(&e) => {
                 return Err(Error::AlreadyExists(format!(
                     "a user named {:?} already exists (usernames are compared case- and accent-insensitively)",
                     fields.username
                 )));
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
-        insert_words(&txn, &words).await?;
         txn.commit().await?;
         let m = user::Entity::find()
             .filter(user::Column::UsernameKey.eq(normalize::fold(&fields.username)))
@@ -564,7 +682,7 @@ impl Directory {
                 "update_mask is required (e.g. \"email\", \"phone\", \"org_unit\")",
             ));
         }
-        let txn = self.db.begin().await?;
+        let txn = search_index::write_txn(&self.db).await?;
         let current = Self::user_by_id(&txn, &user.id).await?;
         if !user.etag.is_empty() && user.etag != current.revision.to_string() {
             return Err(Error::Conflict(format!(
@@ -618,7 +736,9 @@ impl Directory {
             am.failed_attempts = Set(0);
             am.locked_until = Set(None);
         }
-        let prefix = fields.apply(&mut am, &serials);
+        fields.apply(&mut am, &serials);
+        let mut changes = Changes::default();
+        am.sort_rank = Set(reindex(&txn, &current, &am, &mut changes).await?);
         let result = user::Entity::update_many()
             .set(am)
             .filter(user::Column::Num.eq(current.num))
@@ -641,7 +761,7 @@ impl Directory {
             }
             Err(e) => return Err(e.into()),
         }
-        replace_words(&txn, &current.id, &current.prefix_doc, &prefix).await?;
+        search_index::apply(&txn, changes).await?;
         txn.commit().await?;
         self.get_user(&user.id).await
     }
@@ -672,7 +792,9 @@ impl Directory {
     ) -> Result<(), Error> {
         let serials = serials_of(db, &m.id).await?;
         let mut am = user::ActiveModel::default();
-        let prefix = UserFields::of(m).apply(&mut am, &serials);
+        UserFields::of(m).apply(&mut am, &serials);
+        let mut changes = Changes::default();
+        reindex(db, m, &am, &mut changes).await?;
         let am = user::ActiveModel {
             search_doc: am.search_doc,
             prefix_doc: am.prefix_doc,
@@ -683,7 +805,7 @@ impl Directory {
             .filter(user::Column::Num.eq(m.num))
             .exec(db)
             .await?;
-        replace_words(db, &m.id, &m.prefix_doc, &prefix).await
+        search_index::apply(db, changes).await
     }
 
     /// The helpdesk search: every user whose display name, username, email or card serial
@@ -716,13 +838,15 @@ impl Directory {
             };
             after = Some((tier, [parts[1].clone(), parts[2].clone(), parts[3].clone()]));
         }
+        // One snapshot for every statement of the search.
+        let txn = search_index::read_txn(&self.db).await?;
         let first_tier = after.as_ref().map(|(t, _)| *t).unwrap_or(0);
         let last_tier = if q.is_empty() { 0 } else { 1 };
         let mut page: Vec<(user::Model, u8)> = Vec::new();
         for tier in first_tier..=last_tier {
             let need = limit + 1 - page.len();
             let keyset = after.as_ref().filter(|(t, _)| *t == tier).map(|(_, k)| k);
-            let rows = self.search_tier(&q, tier, &filters, keyset, need).await?;
+            let rows = search_tier(&txn, &q, tier, &filters, keyset, need).await?;
             page.extend(rows.into_iter().map(|m| (m, tier)));
             if page.len() > limit {
                 break;
@@ -747,9 +871,10 @@ impl Directory {
             credential::Entity::find()
                 .filter(credential::Column::UserId.is_in(ids))
                 .order_by_desc(credential::Column::IssuedAt)
-                .all(&self.db)
+                .all(&txn)
                 .await?
         };
+        txn.commit().await?;
         let results = page
             .into_iter()
             .map(|(m, rank)| {

@@ -1,6 +1,7 @@
 //! The directory's storage layer on SQLite, without gRPC.
 
 use cms_directory::{Directory, SelfServiceSettings, secrets::SecretKey};
+use cms_proto::common::v1::PageRequest;
 use cms_proto::directory::v1::{SearchUsersRequest, User};
 
 async fn directory(dir: &std::path::Path) -> Directory {
@@ -41,4 +42,158 @@ async fn search_on_sqlite() {
             .unwrap_or_else(|e| panic!("{q}: {e:?}"));
         assert!(!r.results.is_empty(), "{q}");
     }
+}
+
+/// Every page of a search, as usernames.
+async fn pages(d: &Directory, query: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let r = d
+            .search_users(&SearchUsersRequest {
+                query: query.into(),
+                page: Some(PageRequest {
+                    page_size: 7,
+                    page_token: token.clone(),
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("search");
+        out.extend(
+            r.results
+                .iter()
+                .map(|x| x.user.as_ref().expect("a user").username.clone()),
+        );
+        token = r.page.expect("a page").next_page_token;
+        if token.is_empty() {
+            return out;
+        }
+    }
+}
+
+/// Users created one after the other into the same gap of page order use up the room between
+/// their neighbours' sort ranks; the index then renumbers neighbours, and searches keep the
+/// page order.
+#[tokio::test]
+async fn crowded_inserts_renumber_and_keep_page_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = directory(dir.path()).await;
+    for (u, n) in [("first", "Aaa Person"), ("last", "Zzz Person")] {
+        d.create_user(Some(User {
+            username: u.into(),
+            display_name: n.into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    }
+    // Each new name sorts just before the previous one: every user halves the same gap.
+    let mut expected = vec!["first".to_owned()];
+    for i in 0..120 {
+        let name = format!("Mid {}", "m".repeat(200 - i));
+        d.create_user(Some(User {
+            username: format!("mid{i:03}"),
+            display_name: name,
+            email: format!("mid{i:03}@example.com"),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+        expected.insert(1, format!("mid{i:03}"));
+    }
+    expected.push("last".to_owned());
+    assert_eq!(pages(&d, "").await, expected);
+    assert_eq!(pages(&d, "person").await, ["first", "last"]);
+    let mids: Vec<String> = expected[1..121].to_vec();
+    assert_eq!(pages(&d, "mid").await, mids, "word starts, in page order");
+    assert_eq!(
+        pages(&d, "@example").await,
+        mids,
+        "substrings, in page order"
+    );
+    assert_eq!(pages(&d, "mmmm").await, mids);
+    // Renaming moves a user in page order (and in the index).
+    let found = d
+        .search_users(&SearchUsersRequest {
+            query: "mid050".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut user = found.results[0].user.clone().unwrap();
+    user.display_name = "Zzzz Moved".into();
+    d.update_user(
+        Some(user),
+        Some(prost_types::FieldMask {
+            paths: vec!["display_name".into()],
+        }),
+    )
+    .await
+    .unwrap();
+    let all = pages(&d, "").await;
+    assert_eq!(all.last().map(String::as_str), Some("mid050"));
+    assert_eq!(pages(&d, "moved").await, ["mid050"]);
+    assert!(!pages(&d, "mmmm").await.contains(&"mid050".to_owned()));
+}
+
+/// A database of the first schema, with users, gets the search index filled by migration 2.
+#[tokio::test]
+async fn upgrade_indexes_existing_users() {
+    use sea_orm::ConnectionTrait;
+    use sea_orm_migration::MigratorTrait;
+    let dir = tempfile::tempdir().unwrap();
+    let db = cms_kit::db::connect(&Default::default(), dir.path(), "directory")
+        .await
+        .unwrap();
+    cms_directory::migration::Migrator::up(&db, Some(1))
+        .await
+        .unwrap();
+    for (i, (username, display)) in [
+        ("zed", "Zed Last"),
+        ("ann", "Ann First"),
+        ("mo", "Mo Middle"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let doc = cms_directory::normalize::search_doc(display, username, "", &[]);
+        let prefix = cms_directory::normalize::prefix_doc(&doc);
+        db.execute_raw(sea_orm::Statement::from_sql_and_values(
+            db.get_database_backend(),
+            "INSERT INTO users (id, username, username_key, display_name, display_key, email, phone, \
+             org_unit, status, external_id, source, search_doc, prefix_doc, totp_state, totp_params, \
+             totp_pending_params, created_at, updated_at, revision) \
+             VALUES (?, ?, ?, ?, ?, '', '', '', 1, '', 1, ?, ?, 0, '', '', 0, 0, 1)",
+            [
+                format!("00000000-0000-7000-8000-00000000000{i}").into(),
+                username.to_string().into(),
+                username.to_string().into(),
+                display.to_string().into(),
+                cms_directory::normalize::fold(display).into(),
+                doc.into(),
+                prefix.into(),
+            ],
+        ))
+        .await
+        .unwrap();
+    }
+    drop(db);
+    let db = cms_kit::db::connect(&Default::default(), dir.path(), "directory")
+        .await
+        .unwrap();
+    cms_directory::migration::run(&db).await.unwrap();
+    drop(db);
+    let d = directory(dir.path()).await;
+    assert_eq!(pages(&d, "").await, ["ann", "mo", "zed"]);
+    assert_eq!(pages(&d, "mid").await, ["mo"]);
+    assert_eq!(pages(&d, "ast").await, ["zed"]);
+    d.create_user(Some(User {
+        username: "nia".into(),
+        display_name: "Nia Next".into(),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    assert_eq!(pages(&d, "").await, ["ann", "mo", "nia", "zed"]);
 }

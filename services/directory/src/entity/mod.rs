@@ -5,4 +5,3 @@ pub mod operator;
 pub mod operator_certificate;
 pub mod security_question;
 pub mod user;
-pub mod user_word;

@@ -48,6 +48,9 @@ pub struct Model {
     pub updated_at: i64,
     /// Bumped by every change: the etag.
     pub revision: i64,
+    /// Position in page order (display key, username key, id): ascending with it, sparse so
+    /// that new users fit in between (see `search_index`).
+    pub sort_rank: i64,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -4,14 +4,23 @@
 use sea_orm_migration::prelude::*;
 
 mod m0001_directory;
+mod m0002_search_index;
 
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m0001_directory::Migration)]
+        vec![
+            Box::new(m0001_directory::Migration),
+            Box::new(m0002_search_index::Migration),
+        ]
     }
+}
+
+/// How many migrations this build knows (one `seaql_migrations` row each once applied).
+pub fn count() -> usize {
+    Migrator::migrations().len()
 }
 
 /// Applies every pending migration, once.

@@ -1,0 +1,948 @@
+//! The index of the helpdesk search: users in page order, and which users have which grams.
+//!
+//! * `users.sort_rank`: a sparse number per user whose order is the page order (display key,
+//!   username key, id). A new user takes a number between its neighbours'; where there is no
+//!   room left, a few neighbours are renumbered ([`place`]).
+//! * `search_postings`: for each gram of the search documents (three characters in a row, or a
+//!   word start and its first one or three characters; word boundaries all count as one
+//!   character, see [`doc_grams`]) the sort ranks of the users that have it, ascending, in
+//!   chunks of a few hundred delta-coded ranks; `search_grams` holds how many users have each
+//!   gram.
+//!
+//! A search takes the rarest grams of the query, intersects their lists a window of ranks at a
+//! time from where the page starts, and checks those candidates against the text itself. The
+//! candidates come in page order, so it reads about a page of users whatever the number of
+//! matches, and the rarest list bounds the work when matches are few.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+
+use sea_orm::{
+    AccessMode, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend,
+    IsolationLevel, SqliteTransactionMode, TransactionOptions, TransactionTrait, Value,
+};
+
+use crate::Error;
+use crate::normalize::{self, FIELD_SEP};
+use crate::util::Sql;
+
+/// Sort ranks are in `1..SPACE`.
+pub const SPACE: i64 = 1 << 48;
+/// The gap left between neighbours when there is room to spare (appending, bulk loads).
+const STEP: i64 = 1 << 24;
+/// The least gap between neighbours a renumbering leaves.
+const RELABEL_GAP: i64 = 1 << 12;
+/// Neighbours on each side first renumbered with a user that finds no room.
+const RELABEL_FIRST: usize = 8;
+/// Most bytes of delta-coded ranks in a chunk; a fuller chunk is split into chunks of about
+/// `CHUNK_FILL`. A chunk row stays under 1 KiB: an SQLite page holds a few, none overflows.
+const CHUNK_MAX: usize = 900;
+const CHUNK_FILL: usize = 600;
+/// Grams whose lists are changed per round of statements.
+const GRAM_BATCH: usize = 4_096;
+/// Rows per multi-row INSERT (4 parameters each).
+const INSERT_ROWS: usize = 1_000;
+/// Keys placed per lookup statement.
+const PLACE_BATCH: usize = 500;
+
+/// A gram: up to three characters, 21 bits each (`NO_CHAR` for the missing third), and the top
+/// bit for a word start before them (`WORD`).
+pub type Gram = u64;
+const NO_CHAR: u64 = 0x1F_FFFF;
+const WORD: u64 = 1 << 63;
+
+fn pack(a: char, b: char, c: Option<char>) -> Gram {
+    (u64::from(a) << 42) | (u64::from(b) << 21) | c.map_or(NO_CHAR, u64::from)
+}
+
+fn gram_text(g: Gram) -> String {
+    let word = (g & WORD != 0).then_some(FIELD_SEP);
+    let chars = [(g >> 42) & NO_CHAR, (g >> 21) & NO_CHAR, g & NO_CHAR]
+        .into_iter()
+        .filter(|c| *c != NO_CHAR)
+        .filter_map(|c| char::from_u32(u32::try_from(c).ok()?));
+    word.into_iter().chain(chars).collect()
+}
+
+fn gram_of_text(text: &str) -> Option<Gram> {
+    let chars: Vec<char> = text.chars().collect();
+    match chars.as_slice() {
+        [a, b] => Some(pack(*a, *b, None)),
+        [a, b, c] => Some(pack(*a, *b, Some(*c))),
+        [FIELD_SEP, a, b, c] => Some(WORD | pack(*a, *b, Some(*c))),
+        _ => None,
+    }
+}
+
+/// The text with every word boundary as `FIELD_SEP`.
+fn mapped(text: &str) -> Vec<char> {
+    text.chars()
+        .map(|c| {
+            if normalize::is_boundary(c) {
+                FIELD_SEP
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// The grams of a search document, sorted and distinct: every three characters in a row, and
+/// every boundary with the one and the three characters after it (word starts: a search for
+/// one finds exactly the words that start so).
+pub fn doc_grams(search_doc: &str) -> Vec<Gram> {
+    let m = mapped(search_doc);
+    let mut out = Vec::with_capacity(m.len() * 2);
+    for i in 0..m.len() {
+        if m[i] == FIELD_SEP && i + 1 < m.len() {
+            out.push(pack(m[i], m[i + 1], None));
+            if i + 3 < m.len() {
+                out.push(WORD | pack(m[i + 1], m[i + 2], Some(m[i + 3])));
+            }
+        }
+        if i + 2 < m.len() {
+            out.push(pack(m[i], m[i + 1], Some(m[i + 2])));
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// The grams every document matching folded query `q` in `tier` has (0: `q` starts a word,
+/// else anywhere); empty when too short to narrow anything down (tier 1 under 3 characters).
+pub fn query_grams(q: &str, tier: u8) -> Vec<Gram> {
+    let mut m = Vec::with_capacity(q.len() + 1);
+    if tier == 0 {
+        m.push(FIELD_SEP);
+    }
+    m.extend(mapped(q));
+    let mut out: Vec<Gram> = match m.len() {
+        0 | 1 => Vec::new(),
+        2 if tier == 0 => vec![pack(m[0], m[1], None)],
+        2 => Vec::new(),
+        _ => m.windows(3).map(|w| pack(w[0], w[1], Some(w[2]))).collect(),
+    };
+    if tier == 0 && m.len() >= 4 {
+        out.push(WORD | pack(m[1], m[2], Some(m[3])));
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Bytes of the LEB128 form of `d`.
+fn delta_len(d: i64) -> usize {
+    let bits = 64 - u64::try_from(d).unwrap_or(0).leading_zeros() as usize;
+    bits.div_ceil(7).max(1)
+}
+
+/// `ranks` (ascending) after the first, as LEB128 deltas.
+fn encode(ranks: &[i64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ranks.len() * 4);
+    for w in ranks.windows(2) {
+        let mut d = u64::try_from(w[1] - w[0]).unwrap_or(0);
+        loop {
+            let byte = (d & 0x7f) as u8;
+            d >>= 7;
+            if d == 0 {
+                out.push(byte);
+                break;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    out
+}
+
+fn decode(lo: i64, data: &[u8]) -> Vec<i64> {
+    let mut out = Vec::with_capacity(data.len() / 3 + 1);
+    out.push(lo);
+    let (mut value, mut shift, mut last) = (0u64, 0u32, lo);
+    for byte in data {
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            last += i64::try_from(value).unwrap_or(0);
+            out.push(last);
+            (value, shift) = (0, 0);
+        } else {
+            shift += 7;
+        }
+    }
+    out
+}
+
+/// `ranks` (ascending) cut into chunks: one when it fits in `CHUNK_MAX` bytes, else chunks of
+/// about `CHUNK_FILL` (room to grow before the next split).
+fn pieces(ranks: Vec<i64>) -> Vec<Vec<i64>> {
+    let size: usize = ranks.windows(2).map(|w| delta_len(w[1] - w[0])).sum();
+    if size <= CHUNK_MAX {
+        return vec![ranks];
+    }
+    let mut out = Vec::with_capacity(size / CHUNK_FILL + 1);
+    let mut piece: Vec<i64> = Vec::new();
+    let mut bytes = 0;
+    for r in ranks {
+        if let Some(last) = piece.last() {
+            let d = delta_len(r - last);
+            if bytes + d > CHUNK_FILL {
+                out.push(std::mem::take(&mut piece));
+                bytes = 0;
+            } else {
+                bytes += d;
+            }
+        }
+        piece.push(r);
+    }
+    out.push(piece);
+    out
+}
+
+/// Hashes grams (already well spread integers) with one multiplication: bulk loads put tens of
+/// millions of ranks into maps keyed by gram.
+#[derive(Default)]
+pub struct GramHasher(u64);
+
+impl Hasher for GramHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (n ^ (n >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type GramMap<V> = HashMap<Gram, V, BuildHasherDefault<GramHasher>>;
+
+/// A JSON array parameter (read with `json_each` / `jsonb_array_elements`).
+fn json(value: serde_json::Value) -> Value {
+    Value::from(value.to_string())
+}
+
+fn pg(db: &impl ConnectionTrait) -> bool {
+    db.get_database_backend() == DbBackend::Postgres
+}
+
+/// Begins a transaction that changes users' search documents or sort ranks: on SQLite one
+/// that takes the write lock at once (two that first read, then write, would deadlock), on
+/// PostgreSQL one holding the index's advisory lock, so that such writers take turns.
+pub async fn write_txn(db: &DatabaseConnection) -> Result<DatabaseTransaction, Error> {
+    if pg(db) {
+        let txn = db.begin().await?;
+        let key = cms_kit::db::advisory_lock_key("cms-directory/search-index");
+        let mut sql = Sql::new(DbBackend::Postgres);
+        sql.push("SELECT pg_advisory_xact_lock(")
+            .bind(key)
+            .push(")");
+        txn.execute_raw(sql.statement()).await?;
+        Ok(txn)
+    } else {
+        Ok(db
+            .begin_with_options(TransactionOptions {
+                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+                ..Default::default()
+            })
+            .await?)
+    }
+}
+
+/// Begins a transaction for a search: its statements see one snapshot.
+pub async fn read_txn(db: &DatabaseConnection) -> Result<DatabaseTransaction, Error> {
+    Ok(if pg(db) {
+        db.begin_with_config(
+            Some(IsolationLevel::RepeatableRead),
+            Some(AccessMode::ReadOnly),
+        )
+        .await?
+    } else {
+        db.begin().await?
+    })
+}
+
+/// Pending changes to the posting lists: ranks to add to and remove from each gram's list.
+#[derive(Default)]
+pub struct Changes {
+    adds: GramMap<Vec<i64>>,
+    removes: GramMap<Vec<i64>>,
+}
+
+impl Changes {
+    pub fn add(&mut self, rank: i64, grams: &[Gram]) {
+        for g in grams {
+            self.adds.entry(*g).or_default().push(rank);
+        }
+    }
+
+    pub fn remove(&mut self, rank: i64, grams: &[Gram]) {
+        for g in grams {
+            self.removes.entry(*g).or_default().push(rank);
+        }
+    }
+
+    /// A user's document and rank changed from `old` to `new` (only the difference when the
+    /// rank stays).
+    pub fn replace(&mut self, old: (i64, &str), new: (i64, &str)) {
+        let (before, after) = (doc_grams(old.1), doc_grams(new.1));
+        if old.0 == new.0 {
+            let gone: Vec<Gram> = before
+                .iter()
+                .filter(|g| after.binary_search(g).is_err())
+                .copied()
+                .collect();
+            let added: Vec<Gram> = after
+                .iter()
+                .filter(|g| before.binary_search(g).is_err())
+                .copied()
+                .collect();
+            self.remove(old.0, &gone);
+            self.add(new.0, &added);
+        } else {
+            self.remove(old.0, &before);
+            self.add(new.0, &after);
+        }
+    }
+}
+
+/// A stored chunk of a posting list.
+struct Chunk {
+    lo: i64,
+    ranks: Vec<i64>,
+}
+
+/// How many users have each of `grams` (absent: none).
+pub async fn counts<C: ConnectionTrait>(db: &C, grams: &[Gram]) -> Result<GramMap<i64>, Error> {
+    let texts: Vec<String> = grams.iter().map(|g| gram_text(*g)).collect();
+    let mut sql = Sql::new(db.get_database_backend());
+    if pg(db) {
+        sql.push(
+            "SELECT gram, n FROM search_grams WHERE gram IN (SELECT jsonb_array_elements_text(",
+        )
+        .bind(json(texts.into()))
+        .push("::jsonb))");
+    } else {
+        sql.push("SELECT gram, n FROM search_grams WHERE gram IN (SELECT value FROM json_each(")
+            .bind(json(texts.into()))
+            .push("))");
+    }
+    let mut out = GramMap::default();
+    for row in db.query_all_raw(sql.statement()).await? {
+        let text: String = row.try_get("", "gram")?;
+        if let Some(g) = gram_of_text(&text) {
+            out.insert(g, row.try_get::<i64>("", "n")?);
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the chunks of `gram` that cover ranks `a..=b` (and the first chunk when all start
+/// after `a`), for each `(gram, a, b)`.
+async fn load<C: ConnectionTrait>(
+    db: &C,
+    probes: &[(Gram, i64, i64)],
+) -> Result<GramMap<Vec<Chunk>>, Error> {
+    let mut out: GramMap<Vec<Chunk>> = GramMap::default();
+    for batch in probes.chunks(2_000) {
+        let list: Vec<serde_json::Value> = batch
+            .iter()
+            .map(|(g, a, b)| serde_json::json!([gram_text(*g), a, b]))
+            .collect();
+        let mut sql = Sql::new(db.get_database_backend());
+        if pg(db) {
+            sql.push("WITH j AS (SELECT v->>0 AS g, (v->>1)::bigint AS a, (v->>2)::bigint AS b FROM jsonb_array_elements(")
+                .bind(json(list.into()))
+                .push("::jsonb) v), ");
+        } else {
+            sql.push(
+                "WITH j AS (SELECT value->>0 AS g, value->>1 AS a, value->>2 AS b FROM json_each(",
+            )
+            .bind(json(list.into()))
+            .push(")), ");
+        }
+        sql.push(
+            "s AS (SELECT g, b, COALESCE(\
+                 (SELECT MAX(lo) FROM search_postings WHERE gram = j.g AND lo <= j.a), \
+                 (SELECT MIN(lo) FROM search_postings WHERE gram = j.g)) AS start FROM j) \
+             SELECT p.gram, p.lo, p.data FROM s JOIN search_postings p \
+             ON p.gram = s.g AND p.lo >= s.start AND p.lo <= ",
+        );
+        sql.push(if pg(db) {
+            "GREATEST(s.b, s.start)"
+        } else {
+            "MAX(s.b, s.start)"
+        });
+        for row in db.query_all_raw(sql.statement()).await? {
+            let text: String = row.try_get("", "gram")?;
+            let Some(g) = gram_of_text(&text) else {
+                continue;
+            };
+            let lo: i64 = row.try_get("", "lo")?;
+            let data: Vec<u8> = row.try_get("", "data")?;
+            out.entry(g).or_default().push(Chunk {
+                lo,
+                ranks: decode(lo, &data),
+            });
+        }
+    }
+    for chunks in out.values_mut() {
+        chunks.sort_by_key(|c| c.lo);
+        chunks.dedup_by_key(|c| c.lo);
+    }
+    Ok(out)
+}
+
+/// Writes `changes` to the posting lists: each changed chunk is read, merged and written back
+/// (split when it grew too large, dropped when emptied).
+pub async fn apply<C: ConnectionTrait>(db: &C, changes: Changes) -> Result<(), Error> {
+    let Changes {
+        mut adds,
+        mut removes,
+    } = changes;
+    let mut grams: Vec<Gram> = adds.keys().chain(removes.keys()).copied().collect();
+    grams.sort_unstable();
+    grams.dedup();
+    for batch in grams.chunks(GRAM_BATCH) {
+        let stored = counts(db, batch).await?;
+        let mut probes = Vec::new();
+        let mut work = Vec::with_capacity(batch.len());
+        for g in batch {
+            let mut add = adds.remove(g).unwrap_or_default();
+            let mut remove = removes.remove(g).unwrap_or_default();
+            add.sort_unstable();
+            add.dedup();
+            remove.sort_unstable();
+            remove.dedup();
+            if stored.get(g).is_some_and(|n| *n > 0) {
+                let mut all: Vec<i64> = add.iter().chain(&remove).copied().collect();
+                all.sort_unstable();
+                match all.as_slice() {
+                    [] => {}
+                    few if few.len() <= 8 => probes.extend(few.iter().map(|r| (*g, *r, *r))),
+                    many => probes.push((*g, many[0], many[many.len() - 1])),
+                }
+            }
+            work.push((*g, add, remove));
+        }
+        let mut loaded = load(db, &probes).await?;
+        let mut deletes: Vec<(Gram, i64)> = Vec::new();
+        let mut inserts: Vec<(Gram, Vec<i64>)> = Vec::new();
+        let mut deltas: Vec<(Gram, i64)> = Vec::new();
+        for (g, add, remove) in work {
+            let chunks = loaded.remove(&g).unwrap_or_default();
+            if chunks.is_empty() {
+                // Nothing stored yet (removing what is not there changes nothing).
+                if !add.is_empty() {
+                    deltas.push((g, add.len() as i64));
+                    inserts.extend(pieces(add).into_iter().map(|p| (g, p)));
+                }
+                continue;
+            }
+            // Each change goes to the chunk with the greatest start at or before it (the first
+            // chunk for ranks before every chunk).
+            let target = |r: &i64| chunks.partition_point(|c| c.lo <= *r).saturating_sub(1);
+            let mut groups: BTreeMap<usize, (Vec<i64>, Vec<i64>)> = BTreeMap::new();
+            for r in &add {
+                groups.entry(target(r)).or_default().0.push(*r);
+            }
+            for r in &remove {
+                groups.entry(target(r)).or_default().1.push(*r);
+            }
+            let mut delta = 0i64;
+            for (i, (add, remove)) in groups {
+                let chunk = &chunks[i];
+                let before = chunk.ranks.len();
+                let kept: Vec<i64> = chunk
+                    .ranks
+                    .iter()
+                    .copied()
+                    .filter(|r| remove.binary_search(r).is_err())
+                    .collect();
+                let mut merged = kept;
+                merged.extend(add);
+                merged.sort_unstable();
+                merged.dedup();
+                delta += merged.len() as i64 - before as i64;
+                deletes.push((g, chunk.lo));
+                if !merged.is_empty() {
+                    inserts.extend(pieces(merged).into_iter().map(|p| (g, p)));
+                }
+            }
+            deltas.push((g, delta));
+        }
+        write(db, &deletes, &inserts, &deltas).await?;
+    }
+    Ok(())
+}
+
+async fn write<C: ConnectionTrait>(
+    db: &C,
+    deletes: &[(Gram, i64)],
+    inserts: &[(Gram, Vec<i64>)],
+    deltas: &[(Gram, i64)],
+) -> Result<(), Error> {
+    let backend = db.get_database_backend();
+    for batch in deletes.chunks(5_000) {
+        let list: Vec<serde_json::Value> = batch
+            .iter()
+            .map(|(g, lo)| serde_json::json!([gram_text(*g), lo]))
+            .collect();
+        let mut sql = Sql::new(backend);
+        if pg(db) {
+            sql.push("DELETE FROM search_postings p USING jsonb_array_elements(")
+                .bind(json(list.into()))
+                .push("::jsonb) v WHERE p.gram = v->>0 AND p.lo = (v->>1)::bigint");
+        } else {
+            sql.push("DELETE FROM search_postings WHERE (gram, lo) IN (SELECT value->>0, value->>1 FROM json_each(")
+                .bind(json(list.into()))
+                .push("))");
+        }
+        db.execute_raw(sql.statement()).await?;
+    }
+    for batch in inserts.chunks(INSERT_ROWS) {
+        let mut sql = Sql::new(backend);
+        sql.push("INSERT INTO search_postings (gram, lo, n, data) VALUES ");
+        for (i, (g, ranks)) in batch.iter().enumerate() {
+            if i > 0 {
+                sql.push(", ");
+            }
+            sql.push("(")
+                .bind(gram_text(*g))
+                .push(", ")
+                .bind(ranks[0])
+                .push(", ")
+                .bind(ranks.len() as i64)
+                .push(", ")
+                .bind(encode(ranks))
+                .push(")");
+        }
+        db.execute_raw(sql.statement()).await?;
+    }
+    let deltas: Vec<&(Gram, i64)> = deltas.iter().filter(|(_, d)| *d != 0).collect();
+    for batch in deltas.chunks(INSERT_ROWS) {
+        let mut sql = Sql::new(backend);
+        sql.push("INSERT INTO search_grams (gram, n) VALUES ");
+        for (i, (g, d)) in batch.iter().enumerate() {
+            if i > 0 {
+                sql.push(", ");
+            }
+            sql.push("(")
+                .bind(gram_text(*g))
+                .push(", ")
+                .bind(*d)
+                .push(")");
+        }
+        sql.push(" ON CONFLICT (gram) DO UPDATE SET n = search_grams.n + excluded.n");
+        db.execute_raw(sql.statement()).await?;
+    }
+    Ok(())
+}
+
+/// The ranks in `a..b` that are in every list of `grams`, ascending.
+pub async fn window<C: ConnectionTrait>(
+    db: &C,
+    grams: &[Gram],
+    a: i64,
+    b: i64,
+) -> Result<Vec<i64>, Error> {
+    let texts: Vec<String> = grams.iter().map(|g| gram_text(*g)).collect();
+    let mut sql = Sql::new(db.get_database_backend());
+    if pg(db) {
+        sql.push("SELECT p.gram, p.lo, p.data FROM jsonb_array_elements_text(")
+            .bind(json(texts.into()))
+            .push("::jsonb) g(value) JOIN search_postings p ON p.gram = g.value");
+    } else {
+        sql.push("SELECT p.gram, p.lo, p.data FROM json_each(")
+            .bind(json(texts.into()))
+            .push(") g JOIN search_postings p ON p.gram = g.value");
+    }
+    sql.push(" AND p.lo < ")
+        .bind(b)
+        .push(
+            " AND p.lo >= COALESCE((SELECT MAX(x.lo) FROM search_postings x \
+             WHERE x.gram = g.value AND x.lo <= ",
+        )
+        .bind(a)
+        .push("), ")
+        .bind(a)
+        .push(")");
+    let mut lists: HashMap<String, Vec<i64>> = HashMap::new();
+    for row in db.query_all_raw(sql.statement()).await? {
+        let gram: String = row.try_get("", "gram")?;
+        let lo: i64 = row.try_get("", "lo")?;
+        let data: Vec<u8> = row.try_get("", "data")?;
+        let list = lists.entry(gram).or_default();
+        list.extend(decode(lo, &data).into_iter().filter(|r| (a..b).contains(r)));
+    }
+    if lists.len() < grams.len() {
+        return Ok(Vec::new());
+    }
+    let mut lists: Vec<Vec<i64>> = lists.into_values().collect();
+    for list in &mut lists {
+        list.sort_unstable();
+    }
+    lists.sort_by_key(Vec::len);
+    let (first, rest) = lists
+        .split_first()
+        .map_or((&[][..], &[][..]), |(f, r)| (f.as_slice(), r));
+    let mut cursors = vec![0usize; rest.len()];
+    let mut out = Vec::new();
+    'next: for r in first {
+        for (list, at) in rest.iter().zip(cursors.iter_mut()) {
+            *at += list[*at..].partition_point(|x| x < r);
+            if list.get(*at) != Some(r) {
+                continue 'next;
+            }
+        }
+        out.push(*r);
+    }
+    Ok(out)
+}
+
+/// The position of a user in page order.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Key {
+    pub display: String,
+    pub username: String,
+    pub id: String,
+}
+
+/// Ranks for users with `keys` (ascending, none of them yet ranked), in order: each between
+/// the ranks of its neighbours in page order. Where a gap is too small, the users around it
+/// are renumbered (with their postings moved through `changes`).
+pub async fn place<C: ConnectionTrait>(
+    db: &C,
+    keys: &[Key],
+    changes: &mut Changes,
+) -> Result<Vec<i64>, Error> {
+    let gaps = neighbours(db, keys).await?;
+    let mut ranks = vec![0i64; keys.len()];
+    let mut crowded = Vec::new();
+    let mut i = 0;
+    while i < keys.len() {
+        let j = i + gaps[i..].iter().take_while(|g| **g == gaps[i]).count();
+        match spread(gaps[i], j - i) {
+            Some(assigned) => ranks[i..j].copy_from_slice(&assigned),
+            None => crowded.push(i),
+        }
+        i = j;
+    }
+    let mut done = vec![false; keys.len()];
+    for start in crowded {
+        if !done[start] {
+            relabel(db, &gaps, start, &mut ranks, &mut done, changes).await?;
+        }
+    }
+    Ok(ranks)
+}
+
+/// The ranks of the ranked users just before and after each key (`None`: no such user).
+async fn neighbours<C: ConnectionTrait>(
+    db: &C,
+    keys: &[Key],
+) -> Result<Vec<(Option<i64>, Option<i64>)>, Error> {
+    let mut out = Vec::with_capacity(keys.len());
+    let mut sql = Sql::new(db.get_database_backend());
+    sql.push("SELECT EXISTS (SELECT 1 FROM users WHERE sort_rank > 0) AS ranked");
+    let ranked = match db.query_one_raw(sql.statement()).await? {
+        Some(row) => row.try_get::<bool>("", "ranked")?,
+        None => false,
+    };
+    if !ranked {
+        out.resize(keys.len(), (None, None));
+        return Ok(out);
+    }
+    for batch in keys.chunks(PLACE_BATCH) {
+        let list: Vec<serde_json::Value> = batch
+            .iter()
+            .map(|k| serde_json::json!([k.display, k.username, k.id]))
+            .collect();
+        let mut sql = Sql::new(db.get_database_backend());
+        let (a, b, c) = if pg(db) {
+            ("v->>0", "v->>1", "v->>2")
+        } else {
+            ("j.value->>0", "j.value->>1", "j.value->>2")
+        };
+        let side = |op: &str, dir: &str| {
+            format!(
+                "(SELECT u.sort_rank FROM users u WHERE (u.display_key, u.username_key, u.id) {op} ({a}, {b}, {c}) \
+                 AND u.sort_rank > 0 ORDER BY u.display_key {dir}, u.username_key {dir}, u.id {dir} LIMIT 1)"
+            )
+        };
+        sql.push(&format!(
+            "SELECT {} AS pred, {} AS succ FROM ",
+            side("<", "DESC"),
+            side(">", "ASC")
+        ));
+        if pg(db) {
+            sql.push("jsonb_array_elements(")
+                .bind(json(list.into()))
+                .push("::jsonb) WITH ORDINALITY AS t(v, i) ORDER BY i");
+        } else {
+            sql.push("json_each(")
+                .bind(json(list.into()))
+                .push(") j ORDER BY j.key");
+        }
+        for row in db.query_all_raw(sql.statement()).await? {
+            out.push((
+                row.try_get::<Option<i64>>("", "pred")?,
+                row.try_get::<Option<i64>>("", "succ")?,
+            ));
+        }
+    }
+    if out.len() != keys.len() {
+        return Err(Error::Internal(
+            "search index: lost keys while placing users".into(),
+        ));
+    }
+    Ok(out)
+}
+
+/// `m` ranks in the gap between `pred` and `succ`, evenly spread (at most `STEP` apart at the
+/// ends), or `None` when they do not fit.
+fn spread((pred, succ): (Option<i64>, Option<i64>), m: usize) -> Option<Vec<i64>> {
+    let m = i64::try_from(m).ok()?;
+    let (lo, hi) = (pred.unwrap_or(0), succ.unwrap_or(SPACE));
+    let mut step = (hi - lo) / (m + 1);
+    if pred.is_none() || succ.is_none() {
+        step = step.min(STEP);
+    }
+    if step < 1 {
+        return None;
+    }
+    let first = match (pred, succ) {
+        (None, None) => (SPACE - step * (m - 1)) / 2,
+        (None, Some(_)) => hi - step * m,
+        (Some(_), _) => lo + step,
+    };
+    Some((0..m).map(|j| first + step * j).collect())
+}
+
+/// `n` ranks evenly apart (`STEP`, or less when that does not fit), around the middle.
+pub fn even_ranks(n: usize) -> Vec<i64> {
+    spread((None, None), n).unwrap_or_default()
+}
+
+struct Ranked {
+    num: i64,
+    rank: i64,
+    doc: String,
+}
+
+async fn ranked_side<C: ConnectionTrait>(
+    db: &C,
+    from: i64,
+    before: bool,
+    limit: usize,
+) -> Result<Vec<Ranked>, Error> {
+    let mut sql = Sql::new(db.get_database_backend());
+    sql.push("SELECT num, sort_rank, search_doc FROM users WHERE sort_rank > 0 AND sort_rank ")
+        .push(if before { "<= " } else { ">= " })
+        .bind(from)
+        .push(" ORDER BY sort_rank ")
+        .push(if before { "DESC" } else { "ASC" })
+        .push(" LIMIT ")
+        .bind(limit as i64);
+    let mut out = Vec::new();
+    for row in db.query_all_raw(sql.statement()).await? {
+        out.push(Ranked {
+            num: row.try_get("", "num")?,
+            rank: row.try_get("", "sort_rank")?,
+            doc: row.try_get("", "search_doc")?,
+        });
+    }
+    Ok(out)
+}
+
+/// Renumbers the ranked users around the gap of `keys[start]`, with every pending key whose
+/// gap lies among them, evenly; widens the window until the gaps are at least `RELABEL_GAP`.
+async fn relabel<C: ConnectionTrait>(
+    db: &C,
+    gaps: &[(Option<i64>, Option<i64>)],
+    start: usize,
+    ranks: &mut [i64],
+    done: &mut [bool],
+    changes: &mut Changes,
+) -> Result<(), Error> {
+    let (pred, succ) = gaps[start];
+    let mut k = RELABEL_FIRST;
+    loop {
+        let mut left = match pred {
+            Some(p) => ranked_side(db, p, true, k + 1).await?,
+            None => Vec::new(),
+        };
+        let mut right = match succ {
+            Some(s) => ranked_side(db, s, false, k + 1).await?,
+            None => Vec::new(),
+        };
+        let lo = if left.len() > k {
+            left.pop().map_or(0, |r| r.rank)
+        } else {
+            0
+        };
+        let hi = if right.len() > k {
+            right.pop().map_or(SPACE, |r| r.rank)
+        } else {
+            SPACE
+        };
+        left.reverse();
+        let members: Vec<Ranked> = left.into_iter().chain(right).collect();
+        // Pending keys in this window, by the rank of the user after their gap.
+        let inside: Vec<usize> = (0..gaps.len())
+            .filter(|i| {
+                let (p, s) = gaps[*i];
+                p.unwrap_or(0) >= lo && s.unwrap_or(SPACE) <= hi
+            })
+            .collect();
+        let total = (members.len() + inside.len()) as i64;
+        let step = (hi - lo) / (total + 1);
+        let everything = lo == 0 && hi == SPACE;
+        if step < RELABEL_GAP && !(everything && step >= 1) {
+            if everything {
+                return Err(Error::Internal("search index: no sort ranks left".into()));
+            }
+            k *= 4;
+            continue;
+        }
+        // Page order: before each ranked user, the pending keys of the gap it closes; the
+        // keys of the last gap (up to `hi`) after them all.
+        let mut next = lo;
+        let mut moved = Vec::with_capacity(members.len());
+        let mut pending = inside.into_iter().peekable();
+        for m in &members {
+            while let Some(i) = pending.next_if(|i| gaps[*i].1 == Some(m.rank)) {
+                next += step;
+                ranks[i] = next;
+                done[i] = true;
+            }
+            next += step;
+            moved.push((m.num, next));
+            changes.replace((m.rank, &m.doc), (next, &m.doc));
+        }
+        for i in pending {
+            next += step;
+            ranks[i] = next;
+            done[i] = true;
+        }
+        set_ranks(db, &moved).await?;
+        return Ok(());
+    }
+}
+
+/// Sets users' sort ranks (by row number), through temporary negative ranks so that no two
+/// rows ever hold the same rank in between.
+pub async fn set_ranks<C: ConnectionTrait>(db: &C, moved: &[(i64, i64)]) -> Result<(), Error> {
+    for batch in moved.chunks(5_000) {
+        let list: Vec<serde_json::Value> = batch
+            .iter()
+            .map(|(n, r)| serde_json::json!([n, r]))
+            .collect();
+        let list = json(list.into());
+        for temporary in [true, false] {
+            let value = if temporary { "-u.num" } else { "r.rank" };
+            let mut sql = Sql::new(db.get_database_backend());
+            if pg(db) {
+                sql.push(&format!("UPDATE users u SET sort_rank = {value} FROM (SELECT (v->>0)::bigint AS num, (v->>1)::bigint AS rank FROM jsonb_array_elements("))
+                    .bind(list.clone())
+                    .push("::jsonb) v) r WHERE u.num = r.num");
+            } else {
+                let value = if temporary { "-users.num" } else { "r.rank" };
+                sql.push(&format!("UPDATE users SET sort_rank = {value} FROM (SELECT value->>0 AS num, value->>1 AS rank FROM json_each("))
+                    .bind(list.clone())
+                    .push(")) r WHERE users.num = r.num");
+            }
+            db.execute_raw(sql.statement()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Gives a ranked user that is about to take a new place in page order a temporary rank
+/// (`-num`), so that [`place`] does not count it as a neighbour.
+pub async fn unrank<C: ConnectionTrait>(db: &C, num: i64) -> Result<(), Error> {
+    let mut sql = Sql::new(db.get_database_backend());
+    sql.push("UPDATE users SET sort_rank = -num WHERE num = ")
+        .bind(num);
+    db.execute_raw(sql.statement()).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codec_round_trips() {
+        let ranks = vec![5, 6, 200, 1 << 40, (1 << 40) + 3, SPACE - 1];
+        assert_eq!(decode(5, &encode(&ranks)), ranks);
+        assert_eq!(decode(9, &encode(&[9])), vec![9]);
+        let many: Vec<i64> = (0..1_300).map(|i| i * 7 + 1).collect();
+        let parts = pieces(many.clone());
+        assert!(parts.len() > 1, "{}", parts.len());
+        assert!(parts.iter().all(|p| encode(p).len() <= CHUNK_FILL));
+        assert_eq!(parts.concat(), many);
+        let wide: Vec<i64> = (0..400).map(|i| i << 40).collect();
+        assert!(
+            pieces(wide.clone())
+                .iter()
+                .all(|p| encode(p).len() <= CHUNK_FILL)
+        );
+        assert_eq!(pieces(wide.clone()).concat(), wide);
+        assert_eq!(delta_len(127), 1);
+        assert_eq!(delta_len(128), 2);
+    }
+
+    #[test]
+    fn grams_of_documents_and_queries() {
+        let doc = normalize::search_doc("Jane van Doe", "JDoe", "jane.doe@example.com", &[]);
+        let grams = doc_grams(&doc);
+        for (q, tier) in [
+            ("doe", 0),
+            ("d", 0),
+            ("va", 0),
+            ("e.d", 1),
+            ("ane", 1),
+            ("jane.doe@", 0),
+        ] {
+            let needed = query_grams(q, tier);
+            assert!(!needed.is_empty(), "{q}");
+            assert!(needed.iter().all(|g| grams.binary_search(g).is_ok()), "{q}");
+        }
+        // "oe" starts no word: the word-start gram is missing.
+        assert!(
+            query_grams("oe", 0)
+                .iter()
+                .any(|g| grams.binary_search(g).is_err())
+        );
+        assert!(query_grams("an", 1).is_empty());
+        for g in [
+            pack('a', FIELD_SEP, None),
+            pack('ø', 'b', Some('c')),
+            WORD | pack('x', 'y', Some('z')),
+        ] {
+            assert_eq!(gram_of_text(&gram_text(g)), Some(g));
+        }
+        // A word start of three characters or more is one gram of its own.
+        assert!(query_grams("van", 0).contains(&(WORD | pack('v', 'a', Some('n')))));
+        assert!(grams.contains(&(WORD | pack('v', 'a', Some('n')))));
+        assert!(!grams.contains(&(WORD | pack('a', 'n', Some('e')))));
+    }
+
+    #[test]
+    fn spreading_in_gaps() {
+        assert_eq!(spread((Some(10), Some(14)), 3), Some(vec![11, 12, 13]));
+        assert_eq!(spread((Some(10), Some(13)), 3), None);
+        assert_eq!(
+            spread((Some(10), None), 2),
+            Some(vec![10 + STEP, 10 + 2 * STEP])
+        );
+        let middle = spread((None, None), 3).unwrap();
+        assert!(middle.windows(2).all(|w| w[1] - w[0] == STEP) && middle[1] == SPACE / 2);
+        assert_eq!(spread((None, Some(STEP * 4)), 1), Some(vec![STEP * 3]));
+    }
+}
