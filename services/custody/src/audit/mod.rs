@@ -18,6 +18,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::store::entities::{audit_record, card_use};
 
+mod sink;
+use sink::Sink;
+
 pub const CHAIN_ID: &str = "cms-custody-audit-v1";
 const GENESIS: [u8; 32] = [0; 32];
 const MAX_BATCH: usize = 512;
@@ -129,15 +132,32 @@ impl AuditLog {
         // The writer gets a thread and a runtime of its own: as one task among the request
         // tasks it would wait behind all of them at each of its awaits, and every answer
         // waits for it (this alone tripled cryptogram latency under load).
-        let writer_db = db.clone();
+        let mut sink = Sink::new(db.clone());
+        let (opened, ready) = oneshot::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(AuditError::Thread)?;
         std::thread::Builder::new()
             .name("custody-audit".into())
-            .spawn(move || runtime.block_on(writer(writer_db, head, usage, rx)))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    match sink.open().await {
+                        Ok(()) => {
+                            let _ = opened.send(Ok(()));
+                            writer(sink, head, usage, rx).await;
+                        }
+                        Err(e) => {
+                            let _ = opened.send(Err(e));
+                        }
+                    }
+                })
+            })
             .map_err(AuditError::Thread)?;
+        ready
+            .await
+            .map_err(|_| AuditError::Stopped)?
+            .map_err(AuditError::Unavailable)?;
         Ok(Self { jobs, db })
     }
 
@@ -411,35 +431,27 @@ impl Usage {
     }
 }
 
-async fn writer(
-    db: DatabaseConnection,
-    mut head: Head,
-    mut usage: Usage,
-    mut rx: mpsc::Receiver<Job>,
-) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        match write_batch(&db, &head, &usage, &batch).await {
-            Ok(done) => {
-                head = done.head;
-                for (card_fp, challenge_fp) in done.granted {
-                    usage.add(card_fp, challenge_fp, done.at);
+async fn writer(mut sink: Sink, mut head: Head, mut usage: Usage, mut rx: mpsc::Receiver<Job>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    // Whatever is waiting, up to MAX_BATCH, is one batch: one INSERT, one commit.
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let now = now_ms();
+        let staged = stage(&head, &usage, &mut batch, now);
+        match sink.insert(staged.rows).await {
+            Ok(()) => {
+                head = staged.head;
+                for (card_fp, challenge_fp) in staged.granted {
+                    usage.add(card_fp, challenge_fp, now);
                 }
-                usage.prune(done.at);
-                for (job, outcome) in batch.into_iter().zip(done.outcomes) {
-                    let _ = job.reply.send(Ok(outcome));
+                usage.prune(now);
+                for (reply, written) in staged.replies {
+                    let _ = reply.send(Ok(written));
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, records = batch.len(), "audit commit failed; refusing the requests");
-                for job in batch {
-                    let _ = job.reply.send(Err(AuditError::Unavailable(clone_err(&e))));
+                tracing::error!(error = %e, records = staged.replies.len(), "audit commit failed; refusing the requests");
+                for (reply, _) in staged.replies {
+                    let _ = reply.send(Err(AuditError::Unavailable(clone_err(&e))));
                 }
             }
         }
@@ -450,36 +462,22 @@ fn clone_err(e: &sea_orm::DbErr) -> sea_orm::DbErr {
     sea_orm::DbErr::Custom(e.to_string())
 }
 
-/// A committed batch: the new head, each job's outcome, and the uses it granted.
-struct Done {
+/// A batch ready to commit: its rows, the head after them, each job's outcome (sent once
+/// committed) and the uses it grants.
+struct Staged {
+    rows: Vec<audit_record::Model>,
     head: Head,
-    outcomes: Vec<Written>,
+    replies: Vec<(oneshot::Sender<Result<Written, AuditError>>, Written)>,
     granted: Vec<(Vec<u8>, Vec<u8>)>,
-    at: i64,
 }
 
-/// Decides every claim of the batch (in order, counting the batch's own grants), then writes
-/// the batch as one multi-row INSERT: atomic on its own, and one round trip to the database
-/// (each round trip to SQLite's worker thread costs a wake-up, which under load is most of a
-/// batch's time).
-async fn write_batch(
-    db: &DatabaseConnection,
-    head: &Head,
-    usage: &Usage,
-    batch: &[Job],
-) -> Result<Done, sea_orm::DbErr> {
-    let now = now_ms();
-    let mut head = head.clone();
-    let mut outcomes = Vec::with_capacity(batch.len());
-    let mut granted: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+/// Decides every claim of the batch in order, counting the batch's own grants.
+fn decide(usage: &Usage, jobs: &[Job], now: i64) -> Vec<Option<Refusal>> {
     let mut staged_cards: HashMap<&[u8], usize> = HashMap::new();
     let mut staged_challenges: HashSet<&[u8]> = HashSet::new();
-    let mut records = Vec::with_capacity(batch.len());
-    for job in batch {
-        let mut event = job.event.clone();
-        let mut refusal = None;
-        let mut fingerprints = (None, None);
-        if let Some(claim) = &job.claim {
+    jobs.iter()
+        .map(|job| {
+            let claim = job.claim.as_ref()?;
             let replayed = staged_challenges.contains(claim.challenge_fp.as_slice())
                 || usage.replayed(&claim.challenge_fp, now - claim.replay_window_ms);
             let used = usage.used(&claim.card_fp, now - claim.window_ms)
@@ -487,78 +485,101 @@ async fn write_batch(
                     .get(claim.card_fp.as_slice())
                     .copied()
                     .unwrap_or(0);
-            refusal = if replayed {
+            if replayed {
                 Some(Refusal::Replay)
             } else if used >= claim.limit as usize {
                 Some(Refusal::CardLimit)
             } else {
+                *staged_cards.entry(&claim.card_fp).or_default() += 1;
+                staged_challenges.insert(&claim.challenge_fp);
                 None
-            };
-            match refusal {
-                Some(r) => {
-                    event.outcome = AuditOutcome::Refused as i32;
-                    event.reason = match r {
-                        Refusal::Replay => "challenge already answered for this card".into(),
-                        Refusal::CardLimit => format!(
-                            "per-card limit of {} cryptograms in the window reached",
-                            claim.limit
-                        ),
-                    };
-                }
-                None => {
-                    *staged_cards.entry(&claim.card_fp).or_default() += 1;
-                    staged_challenges.insert(&claim.challenge_fp);
-                    granted.push((claim.card_fp.clone(), claim.challenge_fp.clone()));
-                    fingerprints = (
-                        Some(claim.card_fp.clone()),
-                        Some(claim.challenge_fp.clone()),
-                    );
-                }
             }
+        })
+        .collect()
+}
+
+/// Decides the batch's claims and turns its jobs (emptying `batch`) into hash-chained rows
+/// after `head`. The jobs' strings move into the rows, and from there into the INSERT.
+fn stage(head: &Head, usage: &Usage, batch: &mut Vec<Job>, now: i64) -> Staged {
+    let refusals = decide(usage, batch, now);
+    let mut staged = Staged {
+        rows: Vec::with_capacity(batch.len()),
+        head: head.clone(),
+        replies: Vec::with_capacity(batch.len()),
+        granted: Vec::new(),
+    };
+    for (job, refusal) in batch.drain(..).zip(refusals) {
+        let Job {
+            event,
+            claim,
+            reply,
+        } = job;
+        let Event {
+            event,
+            mut outcome,
+            caller,
+            context,
+            key_reference,
+            key_version,
+            mut reason,
+        } = event;
+        let mut fingerprints = (None, None);
+        match (claim, refusal) {
+            (Some(claim), Some(refusal)) => {
+                outcome = AuditOutcome::Refused as i32;
+                reason = match refusal {
+                    Refusal::Replay => "challenge already answered for this card".into(),
+                    Refusal::CardLimit => format!(
+                        "per-card limit of {} cryptograms in the window reached",
+                        claim.limit
+                    ),
+                };
+            }
+            (Some(claim), None) => {
+                staged
+                    .granted
+                    .push((claim.card_fp.clone(), claim.challenge_fp.clone()));
+                fingerprints = (Some(claim.card_fp), Some(claim.challenge_fp));
+            }
+            (None, _) => {}
         }
-        let seq = head.seq + 1;
-        let ctx = &event.context;
+        let seq = staged.head.seq + 1;
         let mut row = audit_record::Model {
             seq: i64::try_from(seq).unwrap_or(i64::MAX),
             at: now,
-            event: event.event,
-            outcome: event.outcome,
-            caller: event.caller.clone(),
-            actor_kind: ctx.actor_kind,
-            actor_id: ctx.actor_id.clone(),
-            user_id: ctx.on_behalf_of_user_id.clone(),
-            card_id: ctx.card_id.clone(),
-            flow: ctx.flow,
-            approval_id: ctx.approval_id.clone(),
-            request_id: ctx.request_id.clone(),
-            key_reference: event.key_reference.clone(),
-            key_version: i32::try_from(event.key_version).unwrap_or(i32::MAX),
-            reason: event.reason.clone(),
-            prev_hash: head.hash.clone(),
+            event,
+            outcome,
+            caller,
+            actor_kind: context.actor_kind,
+            actor_id: context.actor_id,
+            user_id: context.on_behalf_of_user_id,
+            card_id: context.card_id,
+            flow: context.flow,
+            approval_id: context.approval_id,
+            request_id: context.request_id,
+            key_reference,
+            key_version: i32::try_from(key_version).unwrap_or(i32::MAX),
+            reason,
+            prev_hash: std::mem::take(&mut staged.head.hash),
             hash: Vec::new(),
             card_fp: fingerprints.0,
             challenge_fp: fingerprints.1,
         };
         row.hash = record_hash(&row);
-        head = Head {
+        staged.head = Head {
             seq,
             hash: row.hash.clone(),
         };
-        records.push(audit_record::ActiveModel::from(row));
-        outcomes.push(match refusal {
-            Some(refusal) => Written::Refused { seq, refusal },
-            None => Written::Recorded { seq },
-        });
+        staged.rows.push(row);
+        staged.replies.push((
+            reply,
+            match refusal {
+                Some(refusal) => Written::Refused { seq, refusal },
+                None => Written::Recorded { seq },
+            },
+        ));
     }
-    audit_record::Entity::insert_many(records)
-        .exec_without_returning(db)
-        .await?;
-    Ok(Done {
-        head,
-        outcomes,
-        granted,
-        at: now,
-    })
+    staged
 }
 
 #[cfg(test)]
