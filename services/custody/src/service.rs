@@ -485,8 +485,8 @@ impl Custody {
     ) -> Result<pb::ComputeCryptogramResponse, Error> {
         let caller = guards::caller(&self.callers, &request)?;
         let identity = caller.identity.clone();
-        let req = request.into_inner();
-        let mut auth = context(req.auth.clone());
+        let mut req = request.into_inner();
+        let mut auth = context(req.auth.take());
         auth.card_id = req.card_id.clone();
         let kek = self.kek()?;
 
@@ -503,11 +503,10 @@ impl Custody {
             return Err(self.refuse(&identity, &auth, &req, e).await);
         }
         match self.validate_and_compute(&req).await {
-            Ok((response, scheme)) => {
+            Ok((response, scheme, challenge)) => {
                 // A card is its identifier under its master key: the same identifier under
                 // another key is another card.
                 let card: [&[u8]; 2] = [req.master_key_reference.as_bytes(), &req.card_id];
-                let challenge = challenge_bytes(&req)?;
                 let claim = UsageClaim {
                     card_fp: kek.fingerprint("card", &card),
                     challenge_fp: kek
@@ -548,10 +547,12 @@ impl Custody {
         }
     }
 
+    /// Checks the request and computes the card's response; also gives back the scheme and
+    /// the challenge's bytes (the replay fingerprint is taken over them).
     async fn validate_and_compute(
         &self,
         req: &pb::ComputeCryptogramRequest,
-    ) -> Result<(Zeroizing<Vec<u8>>, Scheme), Error> {
+    ) -> Result<(Zeroizing<Vec<u8>>, Scheme, Zeroizing<Vec<u8>>), Error> {
         if req.card_id.is_empty() || req.card_id.len() > MAX_CARD_ID {
             return Err(Error::Invalid {
                 field: "card_id",
@@ -612,7 +613,7 @@ impl Custody {
                 },
                 other => Error::Keystore(other),
             })?;
-        Ok((response, scheme))
+        Ok((response, scheme, challenge))
     }
 }
 

@@ -3,6 +3,9 @@
 //! to open), and keyed fingerprints for values custody must recognise without storing them
 //! (a card's challenges for replay refusal).
 
+use std::collections::HashMap;
+use std::sync::{PoisonError, RwLock};
+
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -48,7 +51,12 @@ pub fn random(buf: &mut [u8]) -> Result<(), WrapError> {
 
 pub struct Kek {
     bytes: Zeroizing<[u8; KEK_LEN]>,
+    /// HMAC subkeys by label, each derived on first use: every cryptogram takes two
+    /// fingerprints, and deriving the subkey on each call was two thirds of their hashing.
+    subkeys: RwLock<HashMap<String, Zeroizing<[u8; SUBKEY_LEN]>>>,
 }
+
+const SUBKEY_LEN: usize = 32;
 
 impl std::fmt::Debug for Kek {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -60,24 +68,42 @@ impl Kek {
     pub fn generate() -> Result<Self, WrapError> {
         let mut bytes = Zeroizing::new([0u8; KEK_LEN]);
         random(&mut bytes[..])?;
-        Ok(Self { bytes })
+        Ok(Self::new(bytes))
+    }
+
+    fn new(bytes: Zeroizing<[u8; KEK_LEN]>) -> Self {
+        Self {
+            bytes,
+            subkeys: RwLock::new(HashMap::new()),
+        }
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, WrapError> {
         let array: [u8; KEK_LEN] = bytes.try_into().map_err(|_| WrapError::KekLength)?;
-        Ok(Self {
-            bytes: Zeroizing::new(array),
-        })
+        Ok(Self::new(Zeroizing::new(array)))
     }
 
     pub fn expose(&self) -> &[u8] {
         &self.bytes[..]
     }
 
+    /// HMAC-SHA256(KEK, label), as a key: one per purpose, so fingerprints of one kind never
+    /// match another's.
     fn subkey(&self, label: &str) -> hmac::Key {
+        let cached = self.subkeys.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(subkey) = cached.get(label) {
+            return hmac::Key::new(hmac::HMAC_SHA256, &subkey[..]);
+        }
+        drop(cached);
         let key = hmac::Key::new(hmac::HMAC_SHA256, &self.bytes[..]);
-        let derived = hmac::sign(&key, label.as_bytes());
-        hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref())
+        let mut subkey = Zeroizing::new([0u8; SUBKEY_LEN]);
+        subkey.copy_from_slice(hmac::sign(&key, label.as_bytes()).as_ref());
+        let derived = hmac::Key::new(hmac::HMAC_SHA256, &subkey[..]);
+        self.subkeys
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(label.to_owned(), subkey);
+        derived
     }
 
     /// Public check value: proves a rebuilt KEK is the right one without revealing it.
@@ -226,5 +252,15 @@ mod tests {
             a.fingerprint("x", &[b"a", b"bc"])
         );
         assert_ne!(a.fingerprint("x", &[b"a"]), b.fingerprint("x", &[b"a"]));
+    }
+
+    #[test]
+    fn cached_subkeys_give_the_fingerprints_a_fresh_kek_gives() {
+        let a = Kek::from_bytes(KEY).unwrap();
+        let first = a.fingerprint("card", &[b"ref", b"card"]);
+        assert_eq!(a.fingerprint("card", &[b"ref", b"card"]), first);
+        let fresh = Kek::from_bytes(KEY).unwrap();
+        assert_eq!(fresh.fingerprint("card", &[b"ref", b"card"]), first);
+        assert_ne!(a.fingerprint("card-challenge", &[b"ref", b"card"]), first);
     }
 }
