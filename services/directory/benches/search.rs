@@ -7,7 +7,9 @@
 //!     cargo bench -p cms-directory --bench search -- --users 100000 --credentials 120000 --no-postgres
 //!
 //! Options: --users N, --credentials N, --queries N (per kind), --import-users N,
-//! --no-postgres, --no-sqlite, --keep-sqlite DIR (keep the SQLite database in DIR). PostgreSQL binaries: /usr/lib/postgresql/*/bin or $CMS_TEST_PG_BIN.
+//! --no-postgres, --no-sqlite, --data DIR (keep both databases in DIR, and on later runs with
+//! the same --users/--credentials search them again instead of loading them anew).
+//! PostgreSQL binaries: /usr/lib/postgresql/*/bin or $CMS_TEST_PG_BIN.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,7 +25,7 @@ use sea_orm::ActiveValue::Set;
 use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, TransactionTrait};
 
 struct Args {
-    keep_sqlite: Option<PathBuf>,
+    data: Option<PathBuf>,
     users: usize,
     credentials: usize,
     queries: usize,
@@ -34,7 +36,7 @@ struct Args {
 
 fn args() -> Args {
     let mut a = Args {
-        keep_sqlite: None,
+        data: None,
         users: 1_000_000,
         credentials: 1_200_000,
         queries: 1_000,
@@ -55,7 +57,7 @@ fn args() -> Args {
             "--queries" => a.queries = num("--queries"),
             "--import-users" => a.import_users = num("--import-users"),
             "--no-postgres" => a.postgres = false,
-            "--keep-sqlite" => a.keep_sqlite = it.next().map(PathBuf::from),
+            "--data" => a.data = it.next().map(PathBuf::from),
             "--no-sqlite" => a.sqlite = false,
             "--bench" => {}
             other => panic!("unknown argument {other:?}"),
@@ -234,6 +236,33 @@ fn people(users: usize, credentials: usize, seed: u64) -> Vec<Person> {
     out
 }
 
+/// Loads `people` into `db`, unless `marker` says that this very data set is already there
+/// (then `None`); marks it loaded afterwards.
+async fn load_once(
+    db: &DatabaseConnection,
+    people: &[Person],
+    marker: Option<PathBuf>,
+    data_set: &str,
+) -> Option<Duration> {
+    if let Some(m) = &marker
+        && std::fs::read_to_string(m).is_ok_and(|s| s == data_set)
+    {
+        return None;
+    }
+    let took = load(db, people).await;
+    if let Some(m) = marker {
+        std::fs::write(m, data_set).expect("marker");
+    }
+    Some(took)
+}
+
+fn describe_load(db: &str, took: Option<Duration>) -> String {
+    match took {
+        Some(t) => format!("{db} bulk load: {:.1} s", t.as_secs_f64()),
+        None => format!("{db}: data set already loaded by an earlier run (--data)"),
+    }
+}
+
 async fn load(db: &DatabaseConnection, people: &[Person]) -> Duration {
     let start = Instant::now();
     let now = 1_700_000_000_000_000i64;
@@ -393,6 +422,7 @@ fn directory(db: DatabaseConnection) -> Directory {
 }
 
 async fn sqlite_db(dir: &Path) -> DatabaseConnection {
+    std::fs::create_dir_all(dir).expect("sqlite dir");
     let db = cms_kit::db::connect(&Default::default(), dir, "directory")
         .await
         .expect("sqlite");
@@ -402,13 +432,15 @@ async fn sqlite_db(dir: &Path) -> DatabaseConnection {
 
 /// A throwaway PostgreSQL on a Unix socket (as in the test harness, tests/src/postgres.rs).
 struct Pg {
-    dir: tempfile::TempDir,
+    dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
     bin: PathBuf,
     root: bool,
 }
 
 impl Pg {
-    fn start() -> Self {
+    /// Starts the cluster in `keep` (created there when new), or in a temporary directory.
+    fn start(keep: Option<&Path>) -> Self {
         let bin = std::env::var_os("CMS_TEST_PG_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| {
@@ -426,47 +458,66 @@ impl Pg {
             .output()
             .map(|o| o.stdout.starts_with(b"0"))
             .unwrap_or(false);
-        let dir = tempfile::Builder::new()
-            .prefix("cms-pgbench-")
-            .tempdir()
-            .expect("tmp");
-        let pg = Self { dir, bin, root };
+        let (dir, _temp) = match keep {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).expect("pg dir");
+                (dir.to_owned(), None)
+            }
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("cms-pgbench-")
+                    .tempdir()
+                    .expect("tmp");
+                (t.path().to_owned(), Some(t))
+            }
+        };
+        let pg = Self {
+            dir,
+            _temp,
+            bin,
+            root,
+        };
         if root {
             pg.sh(Command::new("chown")
                 .args(["-R", "postgres:postgres"])
-                .arg(pg.dir.path()));
+                .arg(&pg.dir));
         }
-        let data = pg.dir.path().join("data");
-        pg.sh(pg.cmd("initdb").arg("-D").arg(&data).args([
-            "-U",
-            "cms",
-            "--auth=trust",
-            "--encoding=UTF8",
-            "--no-locale",
-            "--no-sync",
-        ]));
-        let conf = data.join("postgresql.conf");
-        let mut text = std::fs::read_to_string(&conf).expect("conf");
-        text.push_str(&format!(
-            "\nlisten_addresses = ''\nunix_socket_directories = '{}'\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\nshared_buffers = 1GB\nwork_mem = 32MB\nmaintenance_work_mem = 512MB\nmax_wal_size = 4GB\n",
-            pg.dir.path().display()
-        ));
-        std::fs::write(&conf, text).expect("conf");
+        let data = pg.dir.join("data");
+        let fresh = !data.join("PG_VERSION").is_file();
+        if fresh {
+            pg.sh(pg.cmd("initdb").arg("-D").arg(&data).args([
+                "-U",
+                "cms",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-locale",
+                "--no-sync",
+            ]));
+            let conf = data.join("postgresql.conf");
+            let mut text = std::fs::read_to_string(&conf).expect("conf");
+            text.push_str(&format!(
+                "\nlisten_addresses = ''\nunix_socket_directories = '{}'\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\nshared_buffers = 1GB\nwork_mem = 32MB\nmaintenance_work_mem = 512MB\nmax_wal_size = 4GB\n",
+                pg.dir.display()
+            ));
+            std::fs::write(&conf, text).expect("conf");
+        }
         pg.sh(pg
             .cmd("pg_ctl")
             .arg("-D")
             .arg(&data)
             .arg("-l")
-            .arg(pg.dir.path().join("log"))
+            .arg(pg.dir.join("log"))
             .args(["-w", "start"]));
-        pg.sh(pg.cmd("psql").arg("-h").arg(pg.dir.path()).args([
-            "-U",
-            "cms",
-            "-d",
-            "postgres",
-            "-c",
-            "CREATE DATABASE bench",
-        ]));
+        if fresh {
+            pg.sh(pg.cmd("psql").arg("-h").arg(&pg.dir).args([
+                "-U",
+                "cms",
+                "-d",
+                "postgres",
+                "-c",
+                "CREATE DATABASE bench",
+            ]));
+        }
         pg
     }
 
@@ -491,16 +542,13 @@ impl Pg {
     }
 
     fn url(&self) -> String {
-        format!(
-            "postgres://cms@localhost/bench?host={}",
-            self.dir.path().display()
-        )
+        format!("postgres://cms@localhost/bench?host={}", self.dir.display())
     }
 }
 
 impl Drop for Pg {
     fn drop(&mut self) {
-        let data = self.dir.path().join("data");
+        let data = self.dir.join("data");
         let _ = self
             .cmd("pg_ctl")
             .arg("-D")
@@ -555,25 +603,30 @@ async fn run() {
     let people = people(a.users, a.credentials, 1);
     println!("generated data in {:.1} s", t.elapsed().as_secs_f64());
     let sets = query_sets(&people, a.queries);
+    let data_set = format!("{} users, {} credentials", a.users, a.credentials);
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     if a.sqlite {
-        let (rate, took) = import_rate(a.import_users).await;
-        notes.push(format!(
-            "CSV import on SQLite: {} users in {:.2} s = {:.0} users/s (parse + validate + match + insert + search index, one transaction)",
-            a.import_users,
-            took.as_secs_f64(),
-            rate
-        ));
-        println!("{}", notes.last().map(String::as_str).unwrap_or_default());
+        if a.import_users > 0 {
+            let (rate, took) = import_rate(a.import_users).await;
+            notes.push(format!(
+                "CSV import on SQLite: {} users in {:.2} s = {:.0} users/s (parse + validate + match + insert + search index, one transaction)",
+                a.import_users,
+                took.as_secs_f64(),
+                rate
+            ));
+            println!("{}", notes.last().map(String::as_str).unwrap_or_default());
+        }
         let dir = tempfile::tempdir().expect("tmp");
         let path = a
-            .keep_sqlite
-            .clone()
+            .data
+            .as_ref()
+            .map(|d| d.join("sqlite"))
             .unwrap_or_else(|| dir.path().to_owned());
         let db = sqlite_db(&path).await;
-        let took = load(&db, &people).await;
-        notes.push(format!("SQLite bulk load: {:.1} s", took.as_secs_f64()));
+        let marker = a.data.as_ref().map(|d| d.join("sqlite.loaded"));
+        let took = load_once(&db, &people, marker, &data_set).await;
+        notes.push(describe_load("SQLite", took));
         println!("{}", notes.last().map(String::as_str).unwrap_or_default());
         let d = directory(db);
         for (kind, queries) in sets.iter().filter(|(_, q)| !q.is_empty()) {
@@ -586,7 +639,7 @@ async fn run() {
         }
     }
     if a.postgres {
-        let pg = Pg::start();
+        let pg = Pg::start(a.data.as_ref().map(|d| d.join("pg")).as_deref());
         let settings = cms_kit::db::DatabaseSettings {
             url: Some(pg.url()),
             max_connections: 8,
@@ -595,8 +648,9 @@ async fn run() {
             .await
             .expect("postgres");
         cms_directory::migration::run(&db).await.expect("migrate");
-        let took = load(&db, &people).await;
-        notes.push(format!("PostgreSQL bulk load: {:.1} s", took.as_secs_f64()));
+        let marker = a.data.as_ref().map(|d| d.join("pg.loaded"));
+        let took = load_once(&db, &people, marker, &data_set).await;
+        notes.push(describe_load("PostgreSQL", took));
         println!("{}", notes.last().map(String::as_str).unwrap_or_default());
         let d = directory(db);
         for (kind, queries) in sets.iter().filter(|(_, q)| !q.is_empty()) {

@@ -4,7 +4,7 @@
 //!   username key, id). A new user takes a number between its neighbours'; where there is no
 //!   room left, a few neighbours are renumbered ([`place`]).
 //! * `search_postings`: for each gram of the search documents (three characters in a row, or a
-//!   word start and its first one or three characters; word boundaries all count as one
+//!   word start and its first one, three or four characters; word boundaries all count as one
 //!   character, see [`doc_grams`]) the sort ranks of the users that have it, ascending, in
 //!   chunks of a few hundred delta-coded ranks; `search_grams` holds how many users have each
 //!   gram.
@@ -35,9 +35,11 @@ const RELABEL_GAP: i64 = 1 << 12;
 /// Neighbours on each side first renumbered with a user that finds no room.
 const RELABEL_FIRST: usize = 8;
 /// Most bytes of delta-coded ranks in a chunk; a fuller chunk is split into chunks of about
-/// `CHUNK_FILL`. A chunk row stays under 1 KiB: an SQLite page holds a few, none overflows.
-const CHUNK_MAX: usize = 900;
-const CHUNK_FILL: usize = 600;
+/// `CHUNK_FILL`. Searches pay mostly per row read, so chunks are as large as a row can be
+/// while PostgreSQL still keeps it inline (about 2 KiB; larger values go to TOAST, a second
+/// lookup each). On SQLite such a row spills into one overflow page.
+const CHUNK_MAX: usize = 1_900;
+const CHUNK_FILL: usize = 1_300;
 /// Grams whose lists are changed per round of statements.
 const GRAM_BATCH: usize = 4_096;
 /// Rows per multi-row INSERT (4 parameters each).
@@ -45,20 +47,24 @@ const INSERT_ROWS: usize = 1_000;
 /// Keys placed per lookup statement.
 const PLACE_BATCH: usize = 500;
 
-/// A gram: up to three characters, 21 bits each (`NO_CHAR` for the missing third), and the top
-/// bit for a word start before them (`WORD`).
-pub type Gram = u64;
-const NO_CHAR: u64 = 0x1F_FFFF;
-const WORD: u64 = 1 << 63;
+/// A gram: up to four characters, 21 bits each, first character highest (`NO_CHAR` for the
+/// missing ones), and the top bit for a word start before them (`WORD`).
+pub type Gram = u128;
+const NO_CHAR: u128 = 0x1F_FFFF;
+const WORD: Gram = 1 << 127;
+const SLOTS: usize = 4;
 
-fn pack(a: char, b: char, c: Option<char>) -> Gram {
-    (u64::from(a) << 42) | (u64::from(b) << 21) | c.map_or(NO_CHAR, u64::from)
+fn pack(chars: &[char]) -> Gram {
+    (0..SLOTS).fold(0, |g, i| {
+        (g << 21) | chars.get(i).map_or(NO_CHAR, |c| u128::from(u32::from(*c)))
+    })
 }
 
 fn gram_text(g: Gram) -> String {
     let word = (g & WORD != 0).then_some(FIELD_SEP);
-    let chars = [(g >> 42) & NO_CHAR, (g >> 21) & NO_CHAR, g & NO_CHAR]
-        .into_iter()
+    let chars = (0..SLOTS)
+        .rev()
+        .map(|i| (g >> (21 * i)) & NO_CHAR)
         .filter(|c| *c != NO_CHAR)
         .filter_map(|c| char::from_u32(u32::try_from(c).ok()?));
     word.into_iter().chain(chars).collect()
@@ -67,9 +73,8 @@ fn gram_text(g: Gram) -> String {
 fn gram_of_text(text: &str) -> Option<Gram> {
     let chars: Vec<char> = text.chars().collect();
     match chars.as_slice() {
-        [a, b] => Some(pack(*a, *b, None)),
-        [a, b, c] => Some(pack(*a, *b, Some(*c))),
-        [FIELD_SEP, a, b, c] => Some(WORD | pack(*a, *b, Some(*c))),
+        two_or_three @ ([_, _] | [_, _, _]) => Some(pack(two_or_three)),
+        [FIELD_SEP, word @ ..] if (3..=4).contains(&word.len()) => Some(WORD | pack(word)),
         _ => None,
     }
 }
@@ -88,20 +93,22 @@ fn mapped(text: &str) -> Vec<char> {
 }
 
 /// The grams of a search document, sorted and distinct: every three characters in a row, and
-/// every boundary with the one and the three characters after it (word starts: a search for
-/// one finds exactly the words that start so).
+/// every boundary with the one, the three and the four characters after it (word starts: a
+/// search for one finds exactly the words that start so; the four tell "bara" from "barb").
 pub fn doc_grams(search_doc: &str) -> Vec<Gram> {
     let m = mapped(search_doc);
     let mut out = Vec::with_capacity(m.len() * 2);
     for i in 0..m.len() {
         if m[i] == FIELD_SEP && i + 1 < m.len() {
-            out.push(pack(m[i], m[i + 1], None));
-            if i + 3 < m.len() {
-                out.push(WORD | pack(m[i + 1], m[i + 2], Some(m[i + 3])));
+            out.push(pack(&m[i..i + 2]));
+            for n in [3, 4] {
+                if i + n < m.len() {
+                    out.push(WORD | pack(&m[i + 1..i + 1 + n]));
+                }
             }
         }
         if i + 2 < m.len() {
-            out.push(pack(m[i], m[i + 1], Some(m[i + 2])));
+            out.push(pack(&m[i..i + 3]));
         }
     }
     out.sort_unstable();
@@ -112,6 +119,14 @@ pub fn doc_grams(search_doc: &str) -> Vec<Gram> {
 /// The grams every document matching folded query `q` in `tier` has (0: `q` starts a word,
 /// else anywhere); empty when too short to narrow anything down (tier 1 under 3 characters).
 pub fn query_grams(q: &str, tier: u8) -> Vec<Gram> {
+    let mut out = grams_in_order(q, tier);
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// [`query_grams`] in the order they occur in the query (the word-start gram last).
+fn grams_in_order(q: &str, tier: u8) -> Vec<Gram> {
     let mut m = Vec::with_capacity(q.len() + 1);
     if tier == 0 {
         m.push(FIELD_SEP);
@@ -119,16 +134,73 @@ pub fn query_grams(q: &str, tier: u8) -> Vec<Gram> {
     m.extend(mapped(q));
     let mut out: Vec<Gram> = match m.len() {
         0 | 1 => Vec::new(),
-        2 if tier == 0 => vec![pack(m[0], m[1], None)],
+        2 if tier == 0 => vec![pack(&m)],
         2 => Vec::new(),
-        _ => m.windows(3).map(|w| pack(w[0], w[1], Some(w[2]))).collect(),
+        _ => m.windows(3).map(pack).collect(),
     };
-    if tier == 0 && m.len() >= 4 {
-        out.push(WORD | pack(m[1], m[2], Some(m[3])));
+    if tier == 0 {
+        for n in [3, 4] {
+            if m.len() > n {
+                out.push(WORD | pack(&m[1..=n]));
+            }
+        }
     }
-    out.sort_unstable();
-    out.dedup();
     out
+}
+
+/// Most lists a search intersects, and how much longer than the rarest of the query's lists
+/// another may be and still be read (the word-start gram of a prefix search, which the search
+/// depends on, up to `WORD_SPREAD`). Reading a list costs a window's share of its chunks;
+/// a candidate that a list would have ruled out costs a user row read and checked, far more.
+const SEARCH_LISTS: usize = 4;
+const SEARCH_SPREAD: i64 = 16;
+const WORD_SPREAD: i64 = 32;
+
+/// The lists a search for folded `q` in `tier` reads, given each list's length (absent:
+/// empty). Grams that overlap in the query occur together (in the same words) and rule out
+/// little besides each other, so the rarest grams that do not overlap are taken first (after
+/// the rarest word-start gram of a prefix search), then the rarest others. Empty when some
+/// gram has no list: nothing matches.
+pub fn lists_to_read(q: &str, tier: u8, counts: &GramMap<i64>) -> Vec<Gram> {
+    let len = |g: &Gram| counts.get(g).copied().unwrap_or(0);
+    // Each gram with the position of its first character in the query's grams (the
+    // word-start grams, last in order, start at the same character as the second gram of a
+    // prefix search).
+    let ordered = grams_in_order(q, tier);
+    let mut sized: Vec<(i64, usize, Gram)> = Vec::with_capacity(ordered.len());
+    for (i, g) in ordered.iter().enumerate() {
+        let at = if g & WORD != 0 { 1 } else { i };
+        if !sized.iter().any(|(_, _, s)| s == g) {
+            sized.push((len(g), at, *g));
+        }
+    }
+    sized.sort_unstable();
+    let Some(rarest) = sized.first().map(|(n, _, _)| *n).filter(|n| *n > 0) else {
+        return Vec::new();
+    };
+    let mut chosen: Vec<(usize, Gram)> = Vec::with_capacity(SEARCH_LISTS);
+    let within: Vec<&(i64, usize, Gram)> = sized
+        .iter()
+        .filter(|(n, _, _)| *n <= rarest.saturating_mul(SEARCH_SPREAD))
+        .collect();
+    if let Some((_, at, g)) = sized
+        .iter()
+        .find(|(n, _, g)| g & WORD != 0 && *n <= rarest.saturating_mul(WORD_SPREAD))
+    {
+        chosen.push((*at, *g));
+    }
+    for apart in [true, false] {
+        for (_, at, g) in &within {
+            if chosen.len() >= SEARCH_LISTS {
+                break;
+            }
+            let clear = chosen.iter().all(|(p, _)| p.abs_diff(*at) >= 3);
+            if (clear || !apart) && !chosen.iter().any(|(_, c)| c == g) {
+                chosen.push((*at, *g));
+            }
+        }
+    }
+    chosen.into_iter().map(|(_, g)| g).collect()
 }
 
 /// Bytes of the LEB128 form of `d`.
@@ -157,19 +229,31 @@ fn encode(ranks: &[i64]) -> Vec<u8> {
 
 fn decode(lo: i64, data: &[u8]) -> Vec<i64> {
     let mut out = Vec::with_capacity(data.len() / 3 + 1);
-    out.push(lo);
+    decode_into(lo, data, i64::MIN..i64::MAX, &mut out);
+    out
+}
+
+/// Appends the ranks of the chunk starting at `lo` that are in `range` to `out` (ascending).
+fn decode_into(lo: i64, data: &[u8], range: std::ops::Range<i64>, out: &mut Vec<i64>) {
+    if range.contains(&lo) {
+        out.push(lo);
+    }
     let (mut value, mut shift, mut last) = (0u64, 0u32, lo);
     for byte in data {
         value |= u64::from(byte & 0x7f) << shift;
         if byte & 0x80 == 0 {
             last += i64::try_from(value).unwrap_or(0);
-            out.push(last);
+            if last >= range.end {
+                return;
+            }
+            if last >= range.start {
+                out.push(last);
+            }
             (value, shift) = (0, 0);
         } else {
             shift += 7;
         }
     }
-    out
 }
 
 /// `ranks` (ascending) cut into chunks: one when it fits in `CHUNK_MAX` bytes, else chunks of
@@ -214,12 +298,14 @@ impl Hasher for GramHasher {
         }
     }
 
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (n ^ (n >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    fn write_u128(&mut self, n: u128) {
+        // Both halves folded into one word, then spread.
+        let folded = (n as u64) ^ ((n >> 64) as u64).rotate_left(29);
+        self.0 = (folded ^ (folded >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
 }
 
-type GramMap<V> = HashMap<Gram, V, BuildHasherDefault<GramHasher>>;
+pub type GramMap<V> = HashMap<Gram, V, BuildHasherDefault<GramHasher>>;
 
 /// A JSON array parameter (read with `json_each` / `jsonb_array_elements`).
 fn json(value: serde_json::Value) -> Value {
@@ -321,11 +407,13 @@ pub async fn counts<C: ConnectionTrait>(db: &C, grams: &[Gram]) -> Result<GramMa
     let texts: Vec<String> = grams.iter().map(|g| gram_text(*g)).collect();
     let mut sql = Sql::new(db.get_database_backend());
     if pg(db) {
+        // An array built once (an InitPlan) lets the planner look each gram up in the index;
+        // `IN (SELECT …)` hash-joins a scan of the whole table.
         sql.push(
-            "SELECT gram, n FROM search_grams WHERE gram IN (SELECT jsonb_array_elements_text(",
+            "SELECT gram, n FROM search_grams WHERE gram = ANY(ARRAY(SELECT jsonb_array_elements_text(",
         )
         .bind(json(texts.into()))
-        .push("::jsonb))");
+        .push("::jsonb)))");
     } else {
         sql.push("SELECT gram, n FROM search_grams WHERE gram IN (SELECT value FROM json_each(")
             .bind(json(texts.into()))
@@ -395,6 +483,33 @@ async fn load<C: ConnectionTrait>(
         chunks.dedup_by_key(|c| c.lo);
     }
     Ok(out)
+}
+
+/// Users per read while filling the index.
+const FILL_BATCH: i64 = 50_000;
+
+/// Adds every ranked user's search document to the (empty) posting lists.
+pub async fn fill<C: ConnectionTrait>(db: &C) -> Result<(), Error> {
+    let mut after = 0i64;
+    loop {
+        let mut sql = Sql::new(db.get_database_backend());
+        sql.push("SELECT sort_rank, search_doc FROM users WHERE sort_rank > ")
+            .bind(after)
+            .push(" ORDER BY sort_rank LIMIT ")
+            .bind(FILL_BATCH);
+        let rows = db.query_all_raw(sql.statement()).await?;
+        let Some(last) = rows.last() else {
+            return Ok(());
+        };
+        after = last.try_get("", "sort_rank")?;
+        let mut changes = Changes::default();
+        for row in &rows {
+            let rank: i64 = row.try_get("", "sort_rank")?;
+            let doc: String = row.try_get("", "search_doc")?;
+            changes.add(rank, &doc_grams(&doc));
+        }
+        apply(db, changes).await?;
+    }
 }
 
 /// Writes `changes` to the posting lists: each changed chunk is read, merged and written back
@@ -552,32 +667,35 @@ pub async fn window<C: ConnectionTrait>(
 ) -> Result<Vec<i64>, Error> {
     let texts: Vec<String> = grams.iter().map(|g| gram_text(*g)).collect();
     let mut sql = Sql::new(db.get_database_backend());
-    if pg(db) {
-        sql.push("SELECT p.gram, p.lo, p.data FROM jsonb_array_elements_text(")
-            .bind(json(texts.into()))
-            .push("::jsonb) g(value) JOIN search_postings p ON p.gram = g.value");
+    // Where each list's window starts (the chunk holding `a`) is found first, once per gram:
+    // as a condition of the join it was evaluated for every chunk before it, so each window
+    // re-read its lists from their beginning.
+    let (open, close) = if pg(db) {
+        ("jsonb_array_elements_text(", "::jsonb) g(value)")
     } else {
-        sql.push("SELECT p.gram, p.lo, p.data FROM json_each(")
-            .bind(json(texts.into()))
-            .push(") g JOIN search_postings p ON p.gram = g.value");
-    }
-    sql.push(" AND p.lo < ")
-        .bind(b)
-        .push(
-            " AND p.lo >= COALESCE((SELECT MAX(x.lo) FROM search_postings x \
-             WHERE x.gram = g.value AND x.lo <= ",
-        )
-        .bind(a)
-        .push("), ")
-        .bind(a)
-        .push(")");
+        ("json_each(", ") g")
+    };
+    sql.push(
+        "WITH s AS MATERIALIZED (SELECT g.value AS g, COALESCE((SELECT MAX(x.lo) \
+              FROM search_postings x WHERE x.gram = g.value AND x.lo <= ",
+    )
+    .bind(a)
+    .push("), ")
+    .bind(a)
+    .push(") AS start FROM ")
+    .push(open)
+    .bind(json(texts.into()))
+    .push(close)
+    .push(") ");
+    sql.push("SELECT p.gram, p.lo, p.data FROM s JOIN search_postings p ON p.gram = s.g AND p.lo >= s.start AND p.lo < ")
+        .bind(b);
     let mut lists: HashMap<String, Vec<i64>> = HashMap::new();
     for row in db.query_all_raw(sql.statement()).await? {
         let gram: String = row.try_get("", "gram")?;
         let lo: i64 = row.try_get("", "lo")?;
         let data: Vec<u8> = row.try_get("", "data")?;
         let list = lists.entry(gram).or_default();
-        list.extend(decode(lo, &data).into_iter().filter(|r| (a..b).contains(r)));
+        decode_into(lo, &data, a..b, list);
     }
     if lists.len() < grams.len() {
         return Ok(Vec::new());
@@ -881,7 +999,7 @@ mod tests {
         let ranks = vec![5, 6, 200, 1 << 40, (1 << 40) + 3, SPACE - 1];
         assert_eq!(decode(5, &encode(&ranks)), ranks);
         assert_eq!(decode(9, &encode(&[9])), vec![9]);
-        let many: Vec<i64> = (0..1_300).map(|i| i * 7 + 1).collect();
+        let many: Vec<i64> = (0..4_000).map(|i| i * 7 + 1).collect();
         let parts = pieces(many.clone());
         assert!(parts.len() > 1, "{}", parts.len());
         assert!(parts.iter().all(|p| encode(p).len() <= CHUNK_FILL));
@@ -921,16 +1039,25 @@ mod tests {
         );
         assert!(query_grams("an", 1).is_empty());
         for g in [
-            pack('a', FIELD_SEP, None),
-            pack('ø', 'b', Some('c')),
-            WORD | pack('x', 'y', Some('z')),
+            pack(&['a', FIELD_SEP]),
+            pack(&['ø', 'b', 'c']),
+            pack(&[FIELD_SEP, 'b', 'c']),
+            WORD | pack(&['x', 'y', 'z']),
+            WORD | pack(&['w', 'x', 'y', 'z']),
         ] {
             assert_eq!(gram_of_text(&gram_text(g)), Some(g));
         }
         // A word start of three characters or more is one gram of its own.
-        assert!(query_grams("van", 0).contains(&(WORD | pack('v', 'a', Some('n')))));
-        assert!(grams.contains(&(WORD | pack('v', 'a', Some('n')))));
-        assert!(!grams.contains(&(WORD | pack('a', 'n', Some('e')))));
+        assert!(query_grams("van", 0).contains(&(WORD | pack(&['v', 'a', 'n']))));
+        assert!(grams.contains(&(WORD | pack(&['v', 'a', 'n']))));
+        assert!(!grams.contains(&(WORD | pack(&['a', 'n', 'e']))));
+        // Four characters of a word start tell "jane" from "jan…" words.
+        assert!(grams.contains(&(WORD | pack(&['j', 'a', 'n', 'e']))));
+        assert!(
+            query_grams("janx", 0)
+                .iter()
+                .any(|g| grams.binary_search(g).is_err())
+        );
     }
 
     #[test]

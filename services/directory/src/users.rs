@@ -447,14 +447,58 @@ impl Filters {
     }
 }
 
-/// Most posting lists a search intersects: the rarest of the query's grams, up to
-/// `SEARCH_SPREAD` times as long as the rarest (the text check covers the others).
-const SEARCH_LISTS: usize = 4;
-const SEARCH_SPREAD: i64 = 16;
 /// Ranks of the rarest list a search reads in its first window of ranks (all of them when
-/// fewer); each further window is `WINDOW_GROWTH` times as wide.
+/// fewer); a further window is at most `WINDOW_GROWTH` times as wide as the one before.
 const WINDOW_ENTRIES: i64 = 512;
 const WINDOW_GROWTH: i64 = 4;
+
+/// The width of the next window of ranks after one of `span`, for `missing` more matches,
+/// `found` of them in the `scanned` ranks so far: as wide as the matches so far say they need
+/// (and half as wide again), between `span` and `WINDOW_GROWTH` times `span`.
+fn next_span(span: i64, scanned: i64, missing: usize, found: usize) -> i64 {
+    let missing = i128::try_from(missing).unwrap_or(i128::MAX);
+    let found = i128::try_from(found).unwrap_or(i128::MAX);
+    let wanted = i128::from(scanned).saturating_mul(missing) / (found + 1);
+    let wanted = wanted.saturating_add(wanted / 2);
+    i64::try_from(wanted.clamp(
+        i128::from(span),
+        i128::from(span) * i128::from(WINDOW_GROWTH),
+    ))
+    .unwrap_or(i64::MAX)
+}
+
+/// What a search reads of the index once for both tiers: the length of each of the query's
+/// gram lists, and the first and last sort rank.
+struct IndexView {
+    counts: search_index::GramMap<i64>,
+    first: i64,
+    last: i64,
+}
+
+impl IndexView {
+    async fn read<C: ConnectionTrait>(db: &C, q: &str) -> Result<Self, Error> {
+        let mut grams = search_index::query_grams(q, 0);
+        grams.extend(search_index::query_grams(q, 1));
+        grams.sort_unstable();
+        grams.dedup();
+        let counts = search_index::counts(db, &grams).await?;
+        let mut sql = Sql::new(db.get_database_backend());
+        // Two subqueries: each is one index lookup (MIN and MAX together would scan).
+        sql.push(
+            "SELECT COALESCE((SELECT MIN(sort_rank) FROM users WHERE sort_rank > 0), 1) AS lo, \
+             COALESCE((SELECT MAX(sort_rank) FROM users), 0) AS hi",
+        );
+        let (first, last) = match db.query_one_raw(sql.statement()).await? {
+            Some(row) => (row.try_get::<i64>("", "lo")?, row.try_get::<i64>("", "hi")?),
+            None => (1, 0),
+        };
+        Ok(Self {
+            counts,
+            first,
+            last,
+        })
+    }
+}
 
 /// The text conditions of `tier` for folded query `q` on `u`, as SQL.
 fn push_text(sql: &mut Sql, q: &str, tier: u8) {
@@ -481,6 +525,14 @@ fn push_text(sql: &mut Sql, q: &str, tier: u8) {
     }
 }
 
+/// Candidates to check next for `missing` more matches, after `passed` of `checked` passed:
+/// enough for the matches at the rate seen so far (and half as many again), so that one
+/// statement usually finishes the page without reading rows far past it.
+fn check_batch(missing: usize, checked: usize, passed: usize) -> usize {
+    let expected = missing.saturating_mul(checked + 1) / (passed + 1);
+    (expected + expected / 2).clamp(32, 512)
+}
+
 /// The users of one search tier, in page order: those whose prefix document has a word start
 /// `q` (tier 0) or whose search document has `q` elsewhere (tier 1), after `after`.
 ///
@@ -489,6 +541,7 @@ fn push_text(sql: &mut Sql, q: &str, tier: u8) {
 /// characters in tier 1, none at all) walk the (display name, username, id) index instead.
 async fn search_tier<C: ConnectionTrait>(
     db: &C,
+    view: Option<&IndexView>,
     q: &str,
     tier: u8,
     filters: &Filters,
@@ -539,32 +592,20 @@ async fn search_tier<C: ConnectionTrait>(
     }
 
     // The rarest lists, and how far apart their ranks are.
-    let counts = search_index::counts(db, &grams).await?;
-    let mut sized: Vec<(i64, search_index::Gram)> = grams
-        .iter()
-        .map(|g| (counts.get(g).copied().unwrap_or(0), *g))
-        .collect();
-    sized.sort_unstable();
-    let rarest = sized[0].0;
-    if rarest <= 0 {
-        return Ok(Vec::new());
-    }
-    let lists: Vec<search_index::Gram> = sized
-        .iter()
-        .take(SEARCH_LISTS)
-        .take_while(|(n, _)| *n <= rarest.saturating_mul(SEARCH_SPREAD))
-        .map(|(_, g)| *g)
-        .collect();
-    let mut sql = Sql::new(backend);
-    // Two subqueries: each is one index lookup (MIN and MAX together would scan).
-    sql.push(
-        "SELECT COALESCE((SELECT MIN(sort_rank) FROM users WHERE sort_rank > 0), 1) AS lo, \
-         COALESCE((SELECT MAX(sort_rank) FROM users), 0) AS hi",
-    );
-    let (first, last) = match db.query_one_raw(sql.statement()).await? {
-        Some(row) => (row.try_get::<i64>("", "lo")?, row.try_get::<i64>("", "hi")?),
-        None => (1, 0),
+    let Some(view) = view else {
+        return Err(Error::Internal(
+            "a text search without its index view".into(),
+        ));
     };
+    let lists = search_index::lists_to_read(q, tier, &view.counts);
+    let Some(rarest) = lists
+        .iter()
+        .map(|g| view.counts.get(g).copied().unwrap_or(0))
+        .min()
+    else {
+        return Ok(Vec::new());
+    };
+    let (first, last) = (view.first, view.last);
     let mut from = first;
     if let Some([display, username, id]) = after {
         let mut sql = Sql::new(backend);
@@ -592,13 +633,16 @@ async fn search_tier<C: ConnectionTrait>(
 
     // Window by window, the candidates in rank order, checked against the text in batches.
     let mut out = Vec::with_capacity(need);
+    let mut checked = 0usize;
+    let start = from;
     while from < end && out.len() < need {
         let to = from.saturating_add(span).min(end);
         let candidates = search_index::window(db, &lists, from, to).await?;
         let mut rest = candidates.as_slice();
-        let mut batch = (2 * need).max(32);
         while !rest.is_empty() && out.len() < need {
+            let batch = check_batch(need - out.len(), checked, out.len());
             let (now, later) = rest.split_at(batch.min(rest.len()));
+            checked += now.len();
             let mut sql = Sql::new(backend);
             let ranks: Vec<String> = now.iter().map(i64::to_string).collect();
             if pg {
@@ -613,13 +657,22 @@ async fn search_tier<C: ConnectionTrait>(
                     .push(") AS c CROSS JOIN users u ON u.sort_rank = c.value WHERE 1 = 1");
             }
             conditions(&mut sql);
-            sql.push(" ORDER BY u.sort_rank");
-            out.extend(rows(db.query_all_raw(sql.statement()).await?)?);
+            let missing = i64::try_from(need - out.len()).unwrap_or(i64::MAX);
+            if pg {
+                sql.push(" ORDER BY u.sort_rank LIMIT ").bind(missing);
+            } else {
+                // No ORDER BY: SQLite walks the candidates in the array's order (ascending
+                // rank, the outer loop of the CROSS JOIN) and stops at the limit, where a sort
+                // would first read every candidate. Sorted below all the same.
+                sql.push(" LIMIT ").bind(missing);
+            }
+            let mut found = rows(db.query_all_raw(sql.statement()).await?)?;
+            found.sort_by_key(|m| m.sort_rank);
+            out.extend(found);
             rest = later;
-            batch *= 2;
         }
+        span = next_span(span, to - start, need - out.len(), out.len());
         from = to;
-        span = span.saturating_mul(WINDOW_GROWTH);
     }
     out.truncate(need);
     Ok(out)
@@ -840,13 +893,18 @@ impl Directory {
         }
         // One snapshot for every statement of the search.
         let txn = search_index::read_txn(&self.db).await?;
+        let view = if q.is_empty() {
+            None
+        } else {
+            Some(IndexView::read(&txn, &q).await?)
+        };
         let first_tier = after.as_ref().map(|(t, _)| *t).unwrap_or(0);
         let last_tier = if q.is_empty() { 0 } else { 1 };
         let mut page: Vec<(user::Model, u8)> = Vec::new();
         for tier in first_tier..=last_tier {
             let need = limit + 1 - page.len();
             let keyset = after.as_ref().filter(|(t, _)| *t == tier).map(|(_, k)| k);
-            let rows = search_tier(&txn, &q, tier, &filters, keyset, need).await?;
+            let rows = search_tier(&txn, view.as_ref(), &q, tier, &filters, keyset, need).await?;
             page.extend(rows.into_iter().map(|m| (m, tier)));
             if page.len() > limit {
                 break;

@@ -7,7 +7,7 @@
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use sea_orm_migration::prelude::*;
 
-use crate::search_index::{self, Changes};
+use crate::search_index;
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -18,9 +18,6 @@ fn storage(err: crate::Error) -> DbErr {
         other => DbErr::Custom(other.to_string()),
     }
 }
-
-/// Users per read while filling the index.
-const FILL_BATCH: i64 = 50_000;
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
@@ -70,31 +67,7 @@ impl MigrationTrait for Migration {
         drop(moved);
         db.execute_unprepared("CREATE UNIQUE INDEX users_sort_rank ON users (sort_rank)")
             .await?;
-        let mut after = 0i64;
-        loop {
-            let rows = db
-                .query_all_raw(Statement::from_sql_and_values(
-                    backend,
-                    if pg {
-                        "SELECT sort_rank, search_doc FROM users WHERE sort_rank > $1 ORDER BY sort_rank LIMIT $2"
-                    } else {
-                        "SELECT sort_rank, search_doc FROM users WHERE sort_rank > ? ORDER BY sort_rank LIMIT ?"
-                    },
-                    [after.into(), FILL_BATCH.into()],
-                ))
-                .await?;
-            let Some(last) = rows.last() else {
-                break;
-            };
-            after = last.try_get("", "sort_rank")?;
-            let mut changes = Changes::default();
-            for row in &rows {
-                let rank: i64 = row.try_get("", "sort_rank")?;
-                let doc: String = row.try_get("", "search_doc")?;
-                changes.add(rank, &search_index::doc_grams(&doc));
-            }
-            search_index::apply(db, changes).await.map_err(storage)?;
-        }
+        search_index::fill(db).await.map_err(storage)?;
 
         let old: &[&str] = if pg {
             &["DROP INDEX users_search", "DROP TABLE user_words"]
