@@ -269,8 +269,16 @@ async fn insert_rows<C: ConnectionTrait>(
     };
     let (fixed, varying) = (names(true), names(false));
     let mut sql = Sql::new(db.get_database_backend());
+    // On SQLite, OR FAIL: a failing row leaves the rows before it in place instead of undoing
+    // the statement, so SQLite keeps no statement journal (a copy of every page the statement
+    // changes). Callers run inside a transaction that any error rolls back as a whole.
+    let verb = if sql.backend == DbBackend::Sqlite {
+        "INSERT OR FAIL"
+    } else {
+        "INSERT"
+    };
     sql.push(&format!(
-        "INSERT INTO users ({}) SELECT ",
+        "{verb} INTO users ({}) SELECT ",
         [fixed.clone(), varying].concat().join(", ")
     ));
     for (value, _) in table[0].iter().zip(&shared).filter(|(_, s)| **s) {
