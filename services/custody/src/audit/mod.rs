@@ -133,6 +133,7 @@ impl AuditLog {
         // tasks it would wait behind all of them at each of its awaits, and every answer
         // waits for it (this alone tripled cryptogram latency under load).
         let mut sink = Sink::new(db.clone());
+        let checkpoint_db = db.clone();
         let (opened, ready) = oneshot::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -145,6 +146,8 @@ impl AuditLog {
                     match sink.open().await {
                         Ok(()) => {
                             let _ = opened.send(Ok(()));
+                            // Ends with this runtime, when the writer stops.
+                            tokio::spawn(checkpoints(checkpoint_db));
                             writer(sink, head, usage, rx).await;
                         }
                         Err(e) => {
@@ -454,6 +457,28 @@ async fn writer(mut sink: Sink, mut head: Head, mut usage: Usage, mut rx: mpsc::
                     let _ = reply.send(Err(AuditError::Unavailable(clone_err(&e))));
                 }
             }
+        }
+    }
+}
+
+/// How often the SQLite WAL is copied back into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Checkpoints the SQLite WAL from a pool connection, beside the writer: the writer's own
+/// connection does not checkpoint (see `sink`), so a checkpoint's copy and fsync of the
+/// database file never sit inside a commit that requests wait for. PASSIVE: it never blocks
+/// the writer, and copies what it can.
+async fn checkpoints(db: DatabaseConnection) {
+    if db.get_database_backend() != sea_orm::DbBackend::Sqlite {
+        return;
+    }
+    loop {
+        tokio::time::sleep(CHECKPOINT_EVERY).await;
+        if let Err(e) =
+            sea_orm::ConnectionTrait::execute_unprepared(&db, "PRAGMA wal_checkpoint(PASSIVE)")
+                .await
+        {
+            tracing::warn!(error = %e, "audit log: WAL checkpoint failed; retrying");
         }
     }
 }

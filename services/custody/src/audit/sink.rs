@@ -79,10 +79,12 @@ impl Sink {
         let conn = match self.pool.get_database_backend() {
             DbBackend::Sqlite => {
                 let pool = self.pool.get_sqlite_connection_pool();
-                // Every commit is on disk before it returns, whatever the pool was given.
+                // Every commit is on disk before it returns, whatever the pool was given. The
+                // WAL is checkpointed beside the writer (`checkpoints`), not inside its commits.
                 let options = (*pool.connect_options())
                     .clone()
                     .synchronous(SqliteSynchronous::Full)
+                    .pragma("wal_autocheckpoint", "0")
                     .statement_cache_capacity(STATEMENT_CACHE);
                 Conn::Sqlite(
                     SqliteConnection::connect_with(&options)
