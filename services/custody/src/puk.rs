@@ -669,8 +669,6 @@ mod tests {
 
         use cms_kit::SpiffeId;
         use cms_proto::custody::v1::custody_service_server::CustodyService;
-        use sea_orm::{ConnectOptions, Database};
-        use sea_orm_migration::MigratorTrait;
 
         use super::*;
         use crate::config::{CallerScope, GuardSettings};
@@ -680,12 +678,7 @@ mod tests {
         const OTHER: &str = "spiffe://cms.test/cms/service/reports";
 
         async fn custody(dir: &std::path::Path) -> Custody {
-            let mut options = ConnectOptions::new("sqlite::memory:");
-            options.max_connections(1).sqlx_logging(false);
-            let db = Database::connect(options).await.unwrap();
-            crate::store::migration::Migrator::up(&db, None)
-                .await
-                .unwrap();
+            let db = crate::store::test_database().await;
             let scope = |identity: &str, release_puk| CallerScope {
                 identity: identity.parse().unwrap(),
                 key_references: vec!["*".into()],

@@ -609,18 +609,12 @@ fn stage(head: &Head, usage: &Usage, batch: &mut Vec<Job>, now: i64) -> Staged {
 
 #[cfg(test)]
 mod tests {
-    use sea_orm::{ConnectOptions, ConnectionTrait, Database};
-    use sea_orm_migration::MigratorTrait;
+    use sea_orm::ConnectionTrait;
 
     use super::*;
 
     async fn log_with(records: u64) -> (AuditLog, DatabaseConnection) {
-        let mut options = ConnectOptions::new("sqlite::memory:");
-        options.max_connections(1).sqlx_logging(false);
-        let db = Database::connect(options).await.unwrap();
-        crate::store::migration::Migrator::up(&db, None)
-            .await
-            .unwrap();
+        let db = crate::store::test_database().await;
         let log = AuditLog::start(db.clone(), 86_400_000).await.unwrap();
         for i in 0..records {
             let mut event = Event::new(
