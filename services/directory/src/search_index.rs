@@ -623,18 +623,13 @@ async fn write<C: ConnectionTrait>(
         let mut sql = Sql::new(backend);
         sql.push("INSERT INTO search_postings (gram, lo, n, data) VALUES ");
         for (i, (g, ranks)) in batch.iter().enumerate() {
-            if i > 0 {
-                sql.push(", ");
-            }
-            sql.push("(")
-                .bind(gram_text(*g))
-                .push(", ")
-                .bind(ranks[0])
-                .push(", ")
-                .bind(ranks.len() as i64)
-                .push(", ")
-                .bind(encode(ranks))
-                .push(")");
+            let row: [Value; 4] = [
+                gram_text(*g).into(),
+                ranks[0].into(),
+                (ranks.len() as i64).into(),
+                encode(ranks).into(),
+            ];
+            sql.tuple(i == 0, row);
         }
         db.execute_raw(sql.statement()).await?;
     }
@@ -643,14 +638,7 @@ async fn write<C: ConnectionTrait>(
         let mut sql = Sql::new(backend);
         sql.push("INSERT INTO search_grams (gram, n) VALUES ");
         for (i, (g, d)) in batch.iter().enumerate() {
-            if i > 0 {
-                sql.push(", ");
-            }
-            sql.push("(")
-                .bind(gram_text(*g))
-                .push(", ")
-                .bind(*d)
-                .push(")");
+            sql.tuple(i == 0, [gram_text(*g).into(), (*d).into()]);
         }
         sql.push(" ON CONFLICT (gram) DO UPDATE SET n = search_grams.n + excluded.n");
         db.execute_raw(sql.statement()).await?;

@@ -286,19 +286,8 @@ async fn insert_rows<C: ConnectionTrait>(
     }
     sql.push("v.* FROM (VALUES ");
     for (i, row) in table.into_iter().enumerate() {
-        sql.push(if i == 0 { "(" } else { ", (" });
-        let mut first = true;
-        for (j, value) in row.into_iter().enumerate() {
-            if shared[j] {
-                continue;
-            }
-            if !first {
-                sql.push(", ");
-            }
-            first = false;
-            sql.bind(value);
-        }
-        sql.push(")");
+        let varying = row.into_iter().zip(&shared).filter(|(_, s)| !**s);
+        sql.tuple(i == 0, varying.map(|(value, _)| value));
     }
     sql.push(") AS v");
     db.execute_raw(sql.statement()).await?;
@@ -476,7 +465,9 @@ fn next_span(span: i64, scanned: i64, missing: usize, found: usize) -> i64 {
 }
 
 /// What a search reads of the index once for both tiers: the length of each of the query's
-/// gram lists, and the first and last sort rank.
+/// gram lists, and the first and last sort rank (nothing for an empty query, which reads no
+/// lists).
+#[derive(Default)]
 struct IndexView {
     counts: search_index::GramMap<i64>,
     first: i64,
@@ -485,6 +476,9 @@ struct IndexView {
 
 impl IndexView {
     async fn read<C: ConnectionTrait>(db: &C, q: &str) -> Result<Self, Error> {
+        if q.is_empty() {
+            return Ok(Self::default());
+        }
         let mut grams = search_index::query_grams(q, 0);
         grams.extend(search_index::query_grams(q, 1));
         grams.sort_unstable();
@@ -549,7 +543,7 @@ fn check_batch(missing: usize, checked: usize, passed: usize) -> usize {
 /// characters in tier 1, none at all) walk the (display name, username, id) index instead.
 async fn search_tier<C: ConnectionTrait>(
     db: &C,
-    view: Option<&IndexView>,
+    view: &IndexView,
     q: &str,
     tier: u8,
     filters: &Filters,
@@ -600,11 +594,6 @@ async fn search_tier<C: ConnectionTrait>(
     }
 
     // The rarest lists, and how far apart their ranks are.
-    let Some(view) = view else {
-        return Err(Error::Internal(
-            "a text search without its index view".into(),
-        ));
-    };
     let lists = search_index::lists_to_read(q, tier, &view.counts);
     let Some(rarest) = lists
         .iter()
@@ -901,18 +890,14 @@ impl Directory {
         }
         // One snapshot for every statement of the search.
         let txn = search_index::read_txn(&self.db).await?;
-        let view = if q.is_empty() {
-            None
-        } else {
-            Some(IndexView::read(&txn, &q).await?)
-        };
+        let view = IndexView::read(&txn, &q).await?;
         let first_tier = after.as_ref().map(|(t, _)| *t).unwrap_or(0);
         let last_tier = if q.is_empty() { 0 } else { 1 };
         let mut page: Vec<(user::Model, u8)> = Vec::new();
         for tier in first_tier..=last_tier {
             let need = limit + 1 - page.len();
             let keyset = after.as_ref().filter(|(t, _)| *t == tier).map(|(_, k)| k);
-            let rows = search_tier(&txn, view.as_ref(), &q, tier, &filters, keyset, need).await?;
+            let rows = search_tier(&txn, &view, &q, tier, &filters, keyset, need).await?;
             page.extend(rows.into_iter().map(|m| (m, tier)));
             if page.len() > limit {
                 break;

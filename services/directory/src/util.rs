@@ -135,6 +135,19 @@ impl Sql {
         self
     }
 
+    /// Appends one row of a `VALUES` list, `(?, ?, …)` bound to `values`, after a comma unless
+    /// it is the `first`.
+    pub fn tuple(&mut self, first: bool, values: impl IntoIterator<Item = Value>) -> &mut Self {
+        self.push(if first { "(" } else { ", (" });
+        for (i, value) in values.into_iter().enumerate() {
+            if i > 0 {
+                self.push(", ");
+            }
+            self.bind(value);
+        }
+        self.push(")")
+    }
+
     pub fn statement(self) -> Statement {
         Statement::from_sql_and_values(self.backend, self.text, self.values)
     }

@@ -19,19 +19,24 @@ async fn directory(dir: &std::path::Path) -> Directory {
     )
 }
 
+/// Creates users from (username, display name) pairs.
+async fn create(d: &Directory, users: &[(&str, &str)]) {
+    for (username, display_name) in users {
+        d.create_user(Some(User {
+            username: (*username).into(),
+            display_name: (*display_name).into(),
+            ..Default::default()
+        }))
+        .await
+        .expect("create user");
+    }
+}
+
 #[tokio::test]
 async fn search_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     let d = directory(dir.path()).await;
-    for (u, n) in [("jdoe", "Jane Doe"), ("zaberg", "Zoë Åberg")] {
-        d.create_user(Some(User {
-            username: u.into(),
-            display_name: n.into(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
-    }
+    create(&d, &[("jdoe", "Jane Doe"), ("zaberg", "Zoë Åberg")]).await;
     for q in ["", "zo", "aberg", "doe"] {
         let r = d
             .search_users(&SearchUsersRequest {
@@ -79,15 +84,7 @@ async fn pages(d: &Directory, query: &str) -> Vec<String> {
 async fn crowded_inserts_renumber_and_keep_page_order() {
     let dir = tempfile::tempdir().unwrap();
     let d = directory(dir.path()).await;
-    for (u, n) in [("first", "Aaa Person"), ("last", "Zzz Person")] {
-        d.create_user(Some(User {
-            username: u.into(),
-            display_name: n.into(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
-    }
+    create(&d, &[("first", "Aaa Person"), ("last", "Zzz Person")]).await;
     // Each new name sorts just before the previous one: every user halves the same gap.
     let mut expected = vec!["first".to_owned()];
     for i in 0..120 {
@@ -188,12 +185,6 @@ async fn upgrade_indexes_existing_users() {
     assert_eq!(pages(&d, "").await, ["ann", "mo", "zed"]);
     assert_eq!(pages(&d, "mid").await, ["mo"]);
     assert_eq!(pages(&d, "ast").await, ["zed"]);
-    d.create_user(Some(User {
-        username: "nia".into(),
-        display_name: "Nia Next".into(),
-        ..Default::default()
-    }))
-    .await
-    .unwrap();
+    create(&d, &[("nia", "Nia Next")]).await;
     assert_eq!(pages(&d, "").await, ["ann", "mo", "nia", "zed"]);
 }
