@@ -3,9 +3,10 @@
 //! * `users.sort_rank`: a sparse number per user whose order is the page order (display key,
 //!   username key, id). A new user takes a number between its neighbours'; where there is no
 //!   room left, a few neighbours are renumbered ([`place`]).
-//! * `search_postings`: for each gram of the search documents (three characters in a row, or a
-//!   word start and its first one, three or four characters; word boundaries all count as one
-//!   character, see [`doc_grams`]) the sort ranks of the users that have it, ascending, in
+//! * `search_postings`: for each gram of the search documents (three characters in a row, a
+//!   word start and its first one, three or four characters, or a word boundary with two
+//!   characters before and one after it; word boundaries all count as one character, see
+//!   [`doc_grams`]) the sort ranks of the users that have it, ascending, in
 //!   chunks of a few hundred delta-coded ranks; `search_grams` holds how many users have each
 //!   gram.
 //!
@@ -75,18 +76,19 @@ fn gram_of_text(text: &str) -> Option<Gram> {
     match chars.as_slice() {
         two_or_three @ ([_, _] | [_, _, _]) => Some(pack(two_or_three)),
         [FIELD_SEP, word @ ..] if (3..=4).contains(&word.len()) => Some(WORD | pack(word)),
+        span @ [_, _, _, _] => Some(pack(span)),
         _ => None,
     }
 }
 
-/// The text with every word boundary as `FIELD_SEP`.
-fn mapped(text: &str) -> Vec<char> {
-    text.chars()
+/// `text` with every word boundary as `FIELD_SEP`.
+fn mapped(text: &[char]) -> Vec<char> {
+    text.iter()
         .map(|c| {
-            if normalize::is_boundary(c) {
+            if normalize::is_boundary(*c) {
                 FIELD_SEP
             } else {
-                c
+                *c
             }
         })
         .collect()
@@ -94,9 +96,11 @@ fn mapped(text: &str) -> Vec<char> {
 
 /// The grams of a search document, sorted and distinct: every three characters in a row, and
 /// every boundary with the one, the three and the four characters after it (word starts: a
-/// search for one finds exactly the words that start so; the four tell "bara" from "barb").
+/// search for one finds exactly the words that start so; the four tell "bara" from "barb"),
+/// and its [`span_grams`].
 pub fn doc_grams(search_doc: &str) -> Vec<Gram> {
-    let m = mapped(search_doc);
+    let text: Vec<char> = search_doc.chars().collect();
+    let m = mapped(&text);
     let mut out = Vec::with_capacity(m.len() * 2);
     for i in 0..m.len() {
         if m[i] == FIELD_SEP && i + 1 < m.len() {
@@ -111,41 +115,81 @@ pub fn doc_grams(search_doc: &str) -> Vec<Gram> {
             out.push(pack(&m[i..i + 3]));
         }
     }
+    out.extend(spans(&text).map(|(_, g)| g));
     out.sort_unstable();
     out.dedup();
     out
+}
+
+/// The grams that span a word boundary in a search document, sorted and distinct (see
+/// [`spans`]).
+pub fn span_grams(search_doc: &str) -> Vec<Gram> {
+    let text: Vec<char> = search_doc.chars().collect();
+    let mut out: Vec<Gram> = spans(&text).map(|(_, g)| g).collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Each word boundary of `text` with the two characters before it and the one after, as they
+/// are (not mapped), and where that starts: "en.s" of "soren.strom". Substrings that cross
+/// words (the dot of an email address) mostly differ in the few characters around the
+/// boundary, and the three-character grams there are among the most common of all ("et␟s"
+/// would be every "…net" domain before a serial "SC…"). A boundary two characters after
+/// another is left out: ".a.b" is the word start gram of "a.b" already.
+fn spans(text: &[char]) -> impl Iterator<Item = (usize, Gram)> + '_ {
+    let boundary = |i: usize| normalize::is_boundary(text[i]);
+    (2..text.len().saturating_sub(1))
+        .filter(move |i| boundary(*i) && !boundary(i - 2))
+        .map(|i| (i - 2, pack(&text[i - 2..i + 2])))
 }
 
 /// The grams every document matching folded query `q` in `tier` has (0: `q` starts a word,
 /// else anywhere); empty when too short to narrow anything down (tier 1 under 3 characters).
 pub fn query_grams(q: &str, tier: u8) -> Vec<Gram> {
-    let mut out = grams_in_order(q, tier);
+    let mut out: Vec<Gram> = grams_in_order(q, tier)
+        .into_iter()
+        .map(|(_, g)| g)
+        .collect();
     out.sort_unstable();
     out.dedup();
     out
 }
 
-/// [`query_grams`] in the order they occur in the query (the word-start gram last).
-fn grams_in_order(q: &str, tier: u8) -> Vec<Gram> {
-    let mut m = Vec::with_capacity(q.len() + 1);
+/// [`query_grams`] with the position of their first character in the query (the boundary a
+/// prefix search starts with at 0), ordered by it.
+fn grams_in_order(q: &str, tier: u8) -> Vec<(usize, Gram)> {
+    let mut text = Vec::with_capacity(q.len() + 1);
     if tier == 0 {
-        m.push(FIELD_SEP);
+        text.push(FIELD_SEP);
     }
-    m.extend(mapped(q));
-    let mut out: Vec<Gram> = match m.len() {
+    text.extend(q.chars());
+    let m = mapped(&text);
+    let mut out: Vec<(usize, Gram)> = match m.len() {
         0 | 1 => Vec::new(),
-        2 if tier == 0 => vec![pack(&m)],
+        2 if tier == 0 => vec![(0, pack(&m))],
         2 => Vec::new(),
-        _ => m.windows(3).map(pack).collect(),
+        _ => m.windows(3).map(pack).enumerate().collect(),
     };
+    out.extend(spans(&text));
     if tier == 0 {
         for n in [3, 4] {
             if m.len() > n {
-                out.push(WORD | pack(&m[1..=n]));
+                out.push((0, WORD | pack(&m[1..=n])));
             }
         }
     }
+    out.sort_by_key(|(at, _)| *at);
     out
+}
+
+/// How many characters of the query gram `g` stands for (with the boundary before a word
+/// start).
+fn extent(g: Gram) -> usize {
+    let chars = (0..SLOTS)
+        .filter(|i| (g >> (21 * i)) & NO_CHAR != NO_CHAR)
+        .count();
+    chars + usize::from(g & WORD != 0)
 }
 
 /// Most lists a search intersects, and how much longer than the rarest of the query's lists
@@ -158,49 +202,51 @@ const WORD_SPREAD: i64 = 32;
 
 /// The lists a search for folded `q` in `tier` reads, given each list's length (absent:
 /// empty). Grams that overlap in the query occur together (in the same words) and rule out
-/// little besides each other, so the rarest grams that do not overlap are taken first (after
-/// the rarest word-start gram of a prefix search), then the rarest others. Empty when some
-/// gram has no list: nothing matches.
+/// little besides each other, and a character of the query that no list covers is not looked
+/// for at all. So after the rarest word-start gram of a prefix search, the rarest grams are
+/// taken that cover at least two characters not yet covered, then those that cover one, then
+/// the rarest others. Empty when some gram has no list: nothing matches.
 pub fn lists_to_read(q: &str, tier: u8, counts: &GramMap<i64>) -> Vec<Gram> {
     let len = |g: &Gram| counts.get(g).copied().unwrap_or(0);
-    // Each gram with the position of its first character in the query's grams (the
-    // word-start grams, last in order, start at the same character as the second gram of a
-    // prefix search).
     let ordered = grams_in_order(q, tier);
     let mut sized: Vec<(i64, usize, Gram)> = Vec::with_capacity(ordered.len());
-    for (i, g) in ordered.iter().enumerate() {
-        let at = if g & WORD != 0 { 1 } else { i };
-        if !sized.iter().any(|(_, _, s)| s == g) {
-            sized.push((len(g), at, *g));
+    for (at, g) in ordered {
+        if !sized.iter().any(|(_, _, s)| *s == g) {
+            sized.push((len(&g), at, g));
         }
     }
     sized.sort_unstable();
     let Some(rarest) = sized.first().map(|(n, _, _)| *n).filter(|n| *n > 0) else {
         return Vec::new();
     };
-    let mut chosen: Vec<(usize, Gram)> = Vec::with_capacity(SEARCH_LISTS);
-    let within: Vec<&(i64, usize, Gram)> = sized
+    let within: Vec<(usize, Gram)> = sized
         .iter()
         .filter(|(n, _, _)| *n <= rarest.saturating_mul(SEARCH_SPREAD))
+        .map(|(_, at, g)| (*at, *g))
         .collect();
-    if let Some((_, at, g)) = sized
+    let word = sized
         .iter()
         .find(|(n, _, g)| g & WORD != 0 && *n <= rarest.saturating_mul(WORD_SPREAD))
-    {
-        chosen.push((*at, *g));
+        .map(|(_, at, g)| (*at, *g));
+    let mut covered = vec![false; q.chars().count() + 2];
+    let mut chosen: Vec<Gram> = Vec::with_capacity(SEARCH_LISTS);
+    let mut take = |(at, g): (usize, Gram), least_new: usize| {
+        let span = at..(at + extent(g)).min(covered.len());
+        let new = covered[span.clone()].iter().filter(|c| !**c).count();
+        if chosen.len() < SEARCH_LISTS && new >= least_new && !chosen.contains(&g) {
+            covered[span].iter_mut().for_each(|c| *c = true);
+            chosen.push(g);
+        }
+    };
+    if let Some(word) = word {
+        take(word, 0);
     }
-    for apart in [true, false] {
-        for (_, at, g) in &within {
-            if chosen.len() >= SEARCH_LISTS {
-                break;
-            }
-            let clear = chosen.iter().all(|(p, _)| p.abs_diff(*at) >= 3);
-            if (clear || !apart) && !chosen.iter().any(|(_, c)| c == g) {
-                chosen.push((*at, *g));
-            }
+    for least_new in [2, 1, 0] {
+        for gram in &within {
+            take(*gram, least_new);
         }
     }
-    chosen.into_iter().map(|(_, g)| g).collect()
+    chosen
 }
 
 /// Bytes of the LEB128 form of `d`.
@@ -490,6 +536,15 @@ const FILL_BATCH: i64 = 50_000;
 
 /// Adds every ranked user's search document to the (empty) posting lists.
 pub async fn fill<C: ConnectionTrait>(db: &C) -> Result<(), Error> {
+    fill_with(db, doc_grams).await
+}
+
+/// Adds `grams` of every ranked user's search document to the posting lists (a rank already
+/// in a list stays there once).
+pub async fn fill_with<C: ConnectionTrait>(
+    db: &C,
+    grams: fn(&str) -> Vec<Gram>,
+) -> Result<(), Error> {
     let mut after = 0i64;
     loop {
         let mut sql = Sql::new(db.get_database_backend());
@@ -506,7 +561,7 @@ pub async fn fill<C: ConnectionTrait>(db: &C) -> Result<(), Error> {
         for row in &rows {
             let rank: i64 = row.try_get("", "sort_rank")?;
             let doc: String = row.try_get("", "search_doc")?;
-            changes.add(rank, &doc_grams(&doc));
+            changes.add(rank, &grams(&doc));
         }
         apply(db, changes).await?;
     }
@@ -646,13 +701,18 @@ async fn write<C: ConnectionTrait>(
     Ok(())
 }
 
-/// The ranks in `a..b` that are in every list of `grams`, ascending.
+/// The ranks from `a` that are in every list of `grams`, ascending, and where they end: at
+/// the start of the `chunks`-th chunk of `rarest`'s list after `a`, or at `end`. So a window
+/// holds about as many ranks of the rarest list wherever those are dense or sparse in page
+/// order (the users who match a query often share a first name, so they cluster).
 pub async fn window<C: ConnectionTrait>(
     db: &C,
     grams: &[Gram],
+    rarest: Gram,
     a: i64,
-    b: i64,
-) -> Result<Vec<i64>, Error> {
+    chunks: i64,
+    end: i64,
+) -> Result<(Vec<i64>, i64), Error> {
     let texts: Vec<String> = grams.iter().map(|g| gram_text(*g)).collect();
     let mut sql = Sql::new(db.get_database_backend());
     // Where each list's window starts (the chunk holding `a`) is found first, once per gram:
@@ -674,19 +734,42 @@ pub async fn window<C: ConnectionTrait>(
     .push(open)
     .bind(json(texts.into()))
     .push(close)
-    .push(") ");
-    sql.push("SELECT p.gram, p.lo, p.data FROM s JOIN search_postings p ON p.gram = s.g AND p.lo >= s.start AND p.lo < ")
-        .bind(b);
+    .push(
+        "), e AS MATERIALIZED (SELECT COALESCE((SELECT x.lo FROM search_postings x WHERE x.gram = ",
+    )
+    .bind(gram_text(rarest))
+    .push(" AND x.lo > ")
+    .bind(a)
+    .push(" ORDER BY x.lo LIMIT 1 OFFSET ")
+    .bind(chunks.saturating_sub(1).max(0))
+    .push("), ")
+    .bind(end)
+    .push(") AS b) ");
+    // The end in a row of its own, and the chunks.
+    sql.push(
+        "SELECT NULL AS gram, NULL AS lo, NULL AS data, e.b FROM e UNION ALL \
+         SELECT p.gram, p.lo, p.data, NULL FROM e CROSS JOIN s \
+         JOIN search_postings p ON p.gram = s.g AND p.lo >= s.start AND p.lo < e.b",
+    );
+    let mut b = end;
     let mut lists: HashMap<String, Vec<i64>> = HashMap::new();
-    for row in db.query_all_raw(sql.statement()).await? {
-        let gram: String = row.try_get("", "gram")?;
+    let rows = db.query_all_raw(sql.statement()).await?;
+    for row in &rows {
+        if let Some(to) = row.try_get::<Option<i64>>("", "b")? {
+            b = to;
+        }
+    }
+    for row in &rows {
+        let Some(gram) = row.try_get::<Option<String>>("", "gram")? else {
+            continue;
+        };
         let lo: i64 = row.try_get("", "lo")?;
         let data: Vec<u8> = row.try_get("", "data")?;
         let list = lists.entry(gram).or_default();
         decode_into(lo, &data, a..b, list);
     }
     if lists.len() < grams.len() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), b));
     }
     let mut lists: Vec<Vec<i64>> = lists.into_values().collect();
     for list in &mut lists {
@@ -707,7 +790,7 @@ pub async fn window<C: ConnectionTrait>(
         }
         out.push(*r);
     }
-    Ok(out)
+    Ok((out, b))
 }
 
 /// The position of a user in page order.
@@ -1046,6 +1129,56 @@ mod tests {
                 .iter()
                 .any(|g| grams.binary_search(g).is_err())
         );
+    }
+
+    #[test]
+    fn grams_across_word_boundaries() {
+        let soren = normalize::search_doc("Søren Ström", "sstrom", "soren.strom@example.com", &[]);
+        let jan = normalize::search_doc("Jan Ström", "jstrom", "jan.strom@example.com", &[]);
+        let (soren, jan) = (doc_grams(&soren), doc_grams(&jan));
+        let en_strom = pack(&['e', 'n', '.', 's']);
+        assert!(query_grams("en.strom", 1).contains(&en_strom));
+        assert!(query_grams("en.strom", 1).iter().all(|g| soren.contains(g)));
+        // The three character grams of "en.strom" are all in "jan ström" (with "karen" or
+        // any other "…en" word elsewhere), the span is not.
+        assert!(!jan.contains(&en_strom));
+        assert_eq!(gram_of_text(&gram_text(en_strom)), Some(en_strom));
+        // A boundary two characters after another is a word start gram (".a.b"), not a span.
+        let grams = query_grams("xy.a.bc", 1);
+        assert!(grams.contains(&pack(&['x', 'y', '.', 'a'])));
+        assert!(!grams.contains(&pack(&['.', 'a', '.', 'b'])));
+        // Only the spans, for adding them to an index built without them.
+        let spans = span_grams("soren.strom");
+        assert_eq!(spans, vec![en_strom]);
+        // Spans keep the boundary as it is: "en s" of a display name is not "en.s".
+        let karen = normalize::search_doc("Karen Strom", "kstrom", "ks@example.com", &[]);
+        assert!(!doc_grams(&karen).contains(&en_strom));
+
+        // The lists cover the query: "ly.s" is the rarest, but only "␟st" has its last "t".
+        let counts = |q: &str, rare: Gram| -> GramMap<i64> {
+            query_grams(q, 1)
+                .into_iter()
+                .map(|g| {
+                    (
+                        g,
+                        if g == rare {
+                            3_000
+                        } else {
+                            15_000 + (g % 1_000) as i64
+                        },
+                    )
+                })
+                .collect()
+        };
+        let ly_s = pack(&['l', 'y', '.', 's']);
+        let lists = lists_to_read("berly.st", 1, &counts("berly.st", ly_s));
+        assert_eq!(lists[0], ly_s);
+        assert!(lists.contains(&pack(&[FIELD_SEP, 's', 't'])), "{lists:?}");
+        assert!(lists.len() <= SEARCH_LISTS);
+        // A gram without a list: nothing matches.
+        let mut none = counts("berly.st", ly_s);
+        none.remove(&ly_s);
+        assert!(lists_to_read("berly.st", 1, &none).is_empty());
     }
 
     #[test]

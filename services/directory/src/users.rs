@@ -444,24 +444,21 @@ impl Filters {
     }
 }
 
-/// Ranks of the rarest list a search reads in its first window of ranks (all of them when
-/// fewer); a further window is at most `WINDOW_GROWTH` times as wide as the one before.
-const WINDOW_ENTRIES: i64 = 512;
+/// Chunks of the rarest list a search reads in its first window of ranks; a further window
+/// is at most `WINDOW_GROWTH` times as large as the one before.
+const WINDOW_CHUNKS: i64 = 1;
 const WINDOW_GROWTH: i64 = 4;
 
-/// The width of the next window of ranks after one of `span`, for `missing` more matches,
-/// `found` of them in the `scanned` ranks so far: as wide as the matches so far say they need
-/// (and half as wide again), between `span` and `WINDOW_GROWTH` times `span`.
-fn next_span(span: i64, scanned: i64, missing: usize, found: usize) -> i64 {
-    let missing = i128::try_from(missing).unwrap_or(i128::MAX);
-    let found = i128::try_from(found).unwrap_or(i128::MAX);
-    let wanted = i128::from(scanned).saturating_mul(missing) / (found + 1);
-    let wanted = wanted.saturating_add(wanted / 2);
-    i64::try_from(wanted.clamp(
-        i128::from(span),
-        i128::from(span) * i128::from(WINDOW_GROWTH),
-    ))
-    .unwrap_or(i64::MAX)
+/// Chunks of the rarest list for the next window after one of `chunks`, for `missing` more
+/// matches, `found` of them in the `read` chunks so far: as many as the matches so far say
+/// they need (and half as many again), between `chunks` and `WINDOW_GROWTH` times `chunks`.
+fn next_chunks(chunks: i64, read: i64, missing: usize, found: usize) -> i64 {
+    let missing = i64::try_from(missing).unwrap_or(i64::MAX);
+    let found = i64::try_from(found).unwrap_or(i64::MAX);
+    let wanted = read.saturating_mul(missing) / found.saturating_add(1);
+    wanted
+        .saturating_add(wanted / 2)
+        .clamp(chunks, chunks.saturating_mul(WINDOW_GROWTH))
 }
 
 /// What a search reads of the index once for both tiers: the length of each of the query's
@@ -593,17 +590,16 @@ async fn search_tier<C: ConnectionTrait>(
         return rows(db.query_all_raw(sql.statement()).await?);
     }
 
-    // The rarest lists, and how far apart their ranks are.
+    // The rarest lists, and where the page starts.
     let lists = search_index::lists_to_read(q, tier, &view.counts);
     let Some(rarest) = lists
         .iter()
-        .map(|g| view.counts.get(g).copied().unwrap_or(0))
-        .min()
+        .min_by_key(|g| view.counts.get(*g).copied().unwrap_or(0))
+        .copied()
     else {
         return Ok(Vec::new());
     };
-    let (first, last) = (view.first, view.last);
-    let mut from = first;
+    let mut from = view.first;
     if let Some([display, username, id]) = after {
         let mut sql = Sql::new(backend);
         sql.push("SELECT sort_rank FROM users WHERE (display_key, username_key, id) <= (")
@@ -619,22 +615,15 @@ async fn search_tier<C: ConnectionTrait>(
             from = row.try_get::<i64>("", "sort_rank")? + 1;
         }
     }
-    let end = last + 1;
-    let mut span = if rarest <= WINDOW_ENTRIES {
-        end - from
-    } else {
-        i64::try_from(i128::from(end - first) * i128::from(WINDOW_ENTRIES) / i128::from(rarest))
-            .unwrap_or(i64::MAX)
-    }
-    .max(1);
+    let end = view.last + 1;
+    let mut chunks = WINDOW_CHUNKS;
+    let mut read = 0;
 
     // Window by window, the candidates in rank order, checked against the text in batches.
     let mut out = Vec::with_capacity(need);
     let mut checked = 0usize;
-    let start = from;
     while from < end && out.len() < need {
-        let to = from.saturating_add(span).min(end);
-        let candidates = search_index::window(db, &lists, from, to).await?;
+        let (candidates, to) = search_index::window(db, &lists, rarest, from, chunks, end).await?;
         let mut rest = candidates.as_slice();
         while !rest.is_empty() && out.len() < need {
             let batch = check_batch(need - out.len(), checked, out.len());
@@ -668,7 +657,8 @@ async fn search_tier<C: ConnectionTrait>(
             out.extend(found);
             rest = later;
         }
-        span = next_span(span, to - start, need - out.len(), out.len());
+        read += chunks;
+        chunks = next_chunks(chunks, read, need - out.len(), out.len());
         from = to;
     }
     out.truncate(need);

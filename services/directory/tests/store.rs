@@ -188,3 +188,26 @@ async fn upgrade_indexes_existing_users() {
     create(&d, &[("nia", "Nia Next")]).await;
     assert_eq!(pages(&d, "").await, ["ann", "mo", "nia", "zed"]);
 }
+
+#[tokio::test]
+async fn span_grams_migrate_down_and_up() {
+    use sea_orm_migration::MigratorTrait;
+    let dir = tempfile::tempdir().unwrap();
+    let d = directory(dir.path()).await;
+    create(&d, &[("ann.first", "Ann First"), ("jo.firth", "Jo Firth")]).await;
+    assert_eq!(pages(&d, "nn.fi").await, ["ann.first"]);
+    let db = cms_kit::db::connect(&Default::default(), dir.path(), "directory")
+        .await
+        .unwrap();
+    // Without the span grams ("nn.f"), a substring across words has no list to read: the
+    // down migration removed them all, and nothing else.
+    cms_directory::migration::Migrator::down(&db, Some(1))
+        .await
+        .unwrap();
+    assert!(pages(&d, "nn.fi").await.is_empty());
+    assert_eq!(pages(&d, "firth").await, ["jo.firth"]);
+    assert_eq!(pages(&d, "first").await, ["ann.first"]);
+    cms_directory::migration::run(&db).await.unwrap();
+    assert_eq!(pages(&d, "nn.fi").await, ["ann.first"]);
+    assert_eq!(pages(&d, "o.fir").await, ["jo.firth"]);
+}

@@ -7,17 +7,11 @@
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use sea_orm_migration::prelude::*;
 
+use super::storage;
 use crate::search_index;
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
-
-fn storage(err: crate::Error) -> DbErr {
-    match err {
-        crate::Error::Storage(e) => e,
-        other => DbErr::Custom(other.to_string()),
-    }
-}
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {

@@ -5,6 +5,7 @@ use sea_orm_migration::prelude::*;
 
 mod m0001_directory;
 mod m0002_search_index;
+mod m0003_span_grams;
 
 pub struct Migrator;
 
@@ -14,7 +15,16 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m0001_directory::Migration),
             Box::new(m0002_search_index::Migration),
+            Box::new(m0003_span_grams::Migration),
         ]
+    }
+}
+
+/// A search index error as a migration error.
+fn storage(err: crate::Error) -> DbErr {
+    match err {
+        crate::Error::Storage(e) => e,
+        other => DbErr::Custom(other.to_string()),
     }
 }
 
