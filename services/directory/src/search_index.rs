@@ -205,8 +205,10 @@ const WORD_SPREAD: i64 = 32;
 /// little besides each other, and a character of the query that no list covers is not looked
 /// for at all. So after the rarest word-start gram of a prefix search, the rarest grams are
 /// taken that cover at least two characters not yet covered, then those that cover one, then
-/// the rarest others. Empty when some gram has no list: nothing matches.
-pub fn lists_to_read(q: &str, tier: u8, counts: &GramMap<i64>) -> Vec<Gram> {
+/// the rarest others. Lists already `known` (read in full by an earlier tier of the search)
+/// cost nothing: they are all taken first, and only lists that cover more are added to them.
+/// Empty when some gram has no list: nothing matches.
+pub fn lists_to_read(q: &str, tier: u8, counts: &GramMap<i64>, known: &[Gram]) -> Lists {
     let len = |g: &Gram| counts.get(g).copied().unwrap_or(0);
     let ordered = grams_in_order(q, tier);
     let mut sized: Vec<(i64, usize, Gram)> = Vec::with_capacity(ordered.len());
@@ -217,7 +219,7 @@ pub fn lists_to_read(q: &str, tier: u8, counts: &GramMap<i64>) -> Vec<Gram> {
     }
     sized.sort_unstable();
     let Some(rarest) = sized.first().map(|(n, _, _)| *n).filter(|n| *n > 0) else {
-        return Vec::new();
+        return Lists::default();
     };
     let within: Vec<(usize, Gram)> = sized
         .iter()
@@ -228,25 +230,61 @@ pub fn lists_to_read(q: &str, tier: u8, counts: &GramMap<i64>) -> Vec<Gram> {
         .iter()
         .find(|(n, _, g)| g & WORD != 0 && *n <= rarest.saturating_mul(WORD_SPREAD))
         .map(|(_, at, g)| (*at, *g));
+    let reach = |(at, g): (usize, Gram)| at..at + extent(g);
+    // A gram within the characters of a chosen one is in every document that one is in.
+    let implied = |chosen: &[(usize, Gram)], gram: (usize, Gram)| {
+        let r = reach(gram);
+        chosen.iter().any(|c| {
+            let c = reach(*c);
+            c.start <= r.start && r.end <= c.end
+        })
+    };
     let mut covered = vec![false; q.chars().count() + 2];
-    let mut chosen: Vec<Gram> = Vec::with_capacity(SEARCH_LISTS);
-    let mut take = |(at, g): (usize, Gram), least_new: usize| {
-        let span = at..(at + extent(g)).min(covered.len());
+    let mut chosen: Vec<(usize, Gram)> = Vec::with_capacity(SEARCH_LISTS + known.len());
+    let mut take = |gram: (usize, Gram), least_new: usize, free: bool| {
+        let span = reach(gram).start..reach(gram).end.min(covered.len());
         let new = covered[span.clone()].iter().filter(|c| !**c).count();
-        if chosen.len() < SEARCH_LISTS && new >= least_new && !chosen.contains(&g) {
+        let room = chosen.len() < SEARCH_LISTS + known.len();
+        let fresh = !chosen.iter().any(|(_, g)| *g == gram.1) && !implied(&chosen, gram);
+        if fresh && (free || room && new >= least_new) {
             covered[span].iter_mut().for_each(|c| *c = true);
-            chosen.push(g);
+            chosen.push(gram);
         }
     };
-    if let Some(word) = word {
-        take(word, 0);
+    for (_, at, g) in sized.iter().filter(|(_, _, g)| known.contains(g)) {
+        take((*at, *g), 0, true);
     }
-    for least_new in [2, 1, 0] {
+    if let Some(word) = word {
+        take(word, 0, false);
+    }
+    let passes: &[usize] = if known.is_empty() {
+        &[2, 1, 0]
+    } else {
+        &[2, 1]
+    };
+    for least_new in passes {
         for gram in &within {
-            take(*gram, least_new);
+            take(*gram, *least_new, false);
         }
     }
-    chosen
+    let spare = sized
+        .iter()
+        .map(|(_, at, g)| (*at, *g))
+        .filter(|gram| !chosen.contains(gram) && !implied(&chosen, *gram))
+        .map(|(_, g)| g)
+        .collect();
+    Lists {
+        read: chosen.into_iter().map(|(_, g)| g).collect(),
+        spare,
+    }
+}
+
+/// The lists a search reads ([`lists_to_read`]), and those it may add when its candidates turn
+/// out to be mostly not matches, rarest first.
+#[derive(Debug, Default)]
+pub struct Lists {
+    pub read: Vec<Gram>,
+    pub spare: Vec<Gram>,
 }
 
 /// Bytes of the LEB128 form of `d`.
@@ -701,10 +739,10 @@ async fn write<C: ConnectionTrait>(
     Ok(())
 }
 
-/// The ranks from `a` that are in every list of `grams`, ascending, and where they end: at
-/// the start of the `chunks`-th chunk of `rarest`'s list after `a`, or at `end`. So a window
-/// holds about as many ranks of the rarest list wherever those are dense or sparse in page
-/// order (the users who match a query often share a first name, so they cluster).
+/// The ranks of each list of `grams` from `a` on, ascending, and where they end: at the start
+/// of the `chunks`-th chunk of `rarest`'s list after `a`, or at `end`. So a window holds about
+/// as many ranks of the rarest list wherever those are dense or sparse in page order (the
+/// users who match a query often share a first name, so they cluster).
 pub async fn window<C: ConnectionTrait>(
     db: &C,
     grams: &[Gram],
@@ -712,8 +750,8 @@ pub async fn window<C: ConnectionTrait>(
     a: i64,
     chunks: i64,
     end: i64,
-) -> Result<(Vec<i64>, i64), Error> {
-    let texts: Vec<String> = grams.iter().map(|g| gram_text(*g)).collect();
+) -> Result<(GramMap<Vec<i64>>, i64), Error> {
+    let texts: HashMap<String, Gram> = grams.iter().map(|g| (gram_text(*g), *g)).collect();
     let mut sql = Sql::new(db.get_database_backend());
     // Where each list's window starts (the chunk holding `a`) is found first, once per gram:
     // as a condition of the join it was evaluated for every chunk before it, so each window
@@ -732,7 +770,7 @@ pub async fn window<C: ConnectionTrait>(
     .bind(a)
     .push(") AS start FROM ")
     .push(open)
-    .bind(json(texts.into()))
+    .bind(json(texts.keys().cloned().collect::<Vec<_>>().into()))
     .push(close)
     .push(
         "), e AS MATERIALIZED (SELECT COALESCE((SELECT x.lo FROM search_postings x WHERE x.gram = ",
@@ -751,37 +789,40 @@ pub async fn window<C: ConnectionTrait>(
          SELECT p.gram, p.lo, p.data, NULL FROM e CROSS JOIN s \
          JOIN search_postings p ON p.gram = s.g AND p.lo >= s.start AND p.lo < e.b",
     );
-    let mut b = end;
-    let mut lists: HashMap<String, Vec<i64>> = HashMap::new();
     let rows = db.query_all_raw(sql.statement()).await?;
+    let mut b = end;
     for row in &rows {
         if let Some(to) = row.try_get::<Option<i64>>("", "b")? {
             b = to;
         }
     }
+    let mut lists: GramMap<Vec<i64>> = GramMap::default();
     for row in &rows {
-        let Some(gram) = row.try_get::<Option<String>>("", "gram")? else {
+        let Some(text) = row.try_get::<Option<String>>("", "gram")? else {
+            continue;
+        };
+        let Some(gram) = texts.get(&text) else {
             continue;
         };
         let lo: i64 = row.try_get("", "lo")?;
         let data: Vec<u8> = row.try_get("", "data")?;
-        let list = lists.entry(gram).or_default();
-        decode_into(lo, &data, a..b, list);
+        decode_into(lo, &data, a..b, lists.entry(*gram).or_default());
     }
-    if lists.len() < grams.len() {
-        return Ok((Vec::new(), b));
-    }
-    let mut lists: Vec<Vec<i64>> = lists.into_values().collect();
-    for list in &mut lists {
+    for list in lists.values_mut() {
         list.sort_unstable();
     }
-    lists.sort_by_key(Vec::len);
-    let (first, rest) = lists
-        .split_first()
-        .map_or((&[][..], &[][..]), |(f, r)| (f.as_slice(), r));
+    Ok((lists, b))
+}
+
+/// The ranks in every one of `lists` (each ascending), ascending.
+pub fn intersect(mut lists: Vec<&[i64]>) -> Vec<i64> {
+    lists.sort_by_key(|l| l.len());
+    let Some((first, rest)) = lists.split_first() else {
+        return Vec::new();
+    };
     let mut cursors = vec![0usize; rest.len()];
     let mut out = Vec::new();
-    'next: for r in first {
+    'next: for r in *first {
         for (list, at) in rest.iter().zip(cursors.iter_mut()) {
             *at += list[*at..].partition_point(|x| x < r);
             if list.get(*at) != Some(r) {
@@ -790,7 +831,7 @@ pub async fn window<C: ConnectionTrait>(
         }
         out.push(*r);
     }
-    Ok((out, b))
+    out
 }
 
 /// The position of a user in page order.
@@ -1171,14 +1212,28 @@ mod tests {
                 .collect()
         };
         let ly_s = pack(&['l', 'y', '.', 's']);
-        let lists = lists_to_read("berly.st", 1, &counts("berly.st", ly_s));
+        let lists = lists_to_read("berly.st", 1, &counts("berly.st", ly_s), &[]).read;
         assert_eq!(lists[0], ly_s);
         assert!(lists.contains(&pack(&[FIELD_SEP, 's', 't'])), "{lists:?}");
         assert!(lists.len() <= SEARCH_LISTS);
         // A gram without a list: nothing matches.
         let mut none = counts("berly.st", ly_s);
         none.remove(&ly_s);
-        assert!(lists_to_read("berly.st", 1, &none).is_empty());
+        assert!(lists_to_read("berly.st", 1, &none, &[]).read.is_empty());
+        // Lists read already are all taken, and fresh ones only for what they leave out.
+        let (rly, erl) = (pack(&['r', 'l', 'y']), pack(&['e', 'r', 'l']));
+        let known = [ly_s, rly, erl];
+        let lists = lists_to_read("berly.st", 1, &counts("berly.st", ly_s), &known).read;
+        assert!(known.iter().all(|g| lists[..3].contains(g)), "{lists:?}");
+        assert!(lists.contains(&pack(&[FIELD_SEP, 's', 't'])), "{lists:?}");
+        // "y.s" is in every document with "ly.s": never read beside it, nor spare.
+        let y_s = pack(&['y', FIELD_SEP, 's']);
+        let all = query_grams("berly.st", 1);
+        let lists = lists_to_read("berly.st", 1, &counts("berly.st", ly_s), &all).read;
+        assert!(lists.contains(&ly_s) && !lists.contains(&y_s), "{lists:?}");
+        let choice = lists_to_read("berly.st", 1, &counts("berly.st", ly_s), &[]);
+        assert!(!choice.read.contains(&y_s) && !choice.spare.contains(&y_s));
+        assert!(choice.spare.iter().all(|g| !choice.read.contains(g)));
     }
 
     #[test]

@@ -461,14 +461,23 @@ fn next_chunks(chunks: i64, read: i64, missing: usize, found: usize) -> i64 {
         .clamp(chunks, chunks.saturating_mul(WINDOW_GROWTH))
 }
 
+/// Candidates that the lists an earlier tier read in full leave few enough to check them all
+/// rather than read more lists.
+const KNOWN_ENOUGH: usize = 256;
+
+/// The least candidates a check must have found mostly not matches before the search reads
+/// another list.
+const MOSTLY_NOT: usize = 16;
+
 /// What a search reads of the index once for both tiers: the length of each of the query's
 /// gram lists, and the first and last sort rank (nothing for an empty query, which reads no
-/// lists).
+/// lists); and the lists a tier read in full, from the first rank to the last, for the next.
 #[derive(Default)]
 struct IndexView {
     counts: search_index::GramMap<i64>,
     first: i64,
     last: i64,
+    full: search_index::GramMap<Vec<i64>>,
 }
 
 impl IndexView {
@@ -495,6 +504,7 @@ impl IndexView {
             counts,
             first,
             last,
+            full: Default::default(),
         })
     }
 }
@@ -540,7 +550,7 @@ fn check_batch(missing: usize, checked: usize, passed: usize) -> usize {
 /// characters in tier 1, none at all) walk the (display name, username, id) index instead.
 async fn search_tier<C: ConnectionTrait>(
     db: &C,
-    view: &IndexView,
+    view: &mut IndexView,
     q: &str,
     tier: u8,
     filters: &Filters,
@@ -590,15 +600,38 @@ async fn search_tier<C: ConnectionTrait>(
         return rows(db.query_all_raw(sql.statement()).await?);
     }
 
-    // The rarest lists, and where the page starts.
-    let lists = search_index::lists_to_read(q, tier, &view.counts);
-    let Some(rarest) = lists
+    // The rarest lists (with those an earlier tier read in full, which it does not read
+    // again), and where the page starts.
+    let known: Vec<search_index::Gram> = grams
+        .iter()
+        .filter(|g| view.full.contains_key(*g))
+        .copied()
+        .collect();
+    let few = |lists: Vec<&[i64]>| search_index::intersect(lists).len() <= KNOWN_ENOUGH;
+    let search_index::Lists {
+        read: mut lists,
+        spare,
+    } = if !known.is_empty() && few(known.iter().map(|g| view.full[g].as_slice()).collect()) {
+        search_index::Lists {
+            read: known,
+            spare: Vec::new(),
+        }
+    } else {
+        search_index::lists_to_read(q, tier, &view.counts, &known)
+    };
+    if lists.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut spare = spare.into_iter();
+    let mut to_read: Vec<search_index::Gram> = lists
+        .iter()
+        .filter(|g| !view.full.contains_key(*g))
+        .copied()
+        .collect();
+    let rarest = to_read
         .iter()
         .min_by_key(|g| view.counts.get(*g).copied().unwrap_or(0))
-        .copied()
-    else {
-        return Ok(Vec::new());
-    };
+        .copied();
     let mut from = view.first;
     if let Some([display, username, id]) = after {
         let mut sql = Sql::new(backend);
@@ -618,13 +651,33 @@ async fn search_tier<C: ConnectionTrait>(
     let end = view.last + 1;
     let mut chunks = WINDOW_CHUNKS;
     let mut read = 0;
+    let mut whole = from == view.first;
+    let mut seen: search_index::GramMap<Vec<i64>> = Default::default();
 
     // Window by window, the candidates in rank order, checked against the text in batches.
     let mut out = Vec::with_capacity(need);
     let mut checked = 0usize;
     while from < end && out.len() < need {
-        let (candidates, to) = search_index::window(db, &lists, rarest, from, chunks, end).await?;
+        let (window, to) = match rarest {
+            Some(rarest) => search_index::window(db, &to_read, rarest, from, chunks, end).await?,
+            None => (Default::default(), end),
+        };
+        let slices = lists
+            .iter()
+            .map(|g| match (window.get(g), view.full.get(g)) {
+                (Some(ranks), _) => ranks.as_slice(),
+                (None, Some(ranks)) => {
+                    let a = ranks.partition_point(|r| *r < from);
+                    &ranks[a..a + ranks[a..].partition_point(|r| *r < to)]
+                }
+                (None, None) => &[],
+            });
+        let candidates = search_index::intersect(slices.collect());
+        for (g, ranks) in window {
+            seen.entry(g).or_default().extend(ranks);
+        }
         let mut rest = candidates.as_slice();
+        let mut restart = None;
         while !rest.is_empty() && out.len() < need {
             let batch = check_batch(need - out.len(), checked, out.len());
             let (now, later) = rest.split_at(batch.min(rest.len()));
@@ -654,12 +707,37 @@ async fn search_tier<C: ConnectionTrait>(
             }
             let mut found = rows(db.query_all_raw(sql.statement()).await?)?;
             found.sort_by_key(|m| m.sort_rank);
+            let passed = found.len();
             out.extend(found);
             rest = later;
+            // Mostly not matches: the lists let through what another one rules out (the
+            // users "joseph s…strom" in a search for "eph.stro" have all of "ph.s", "eph",
+            // "str" and "tro", but not ".st"). Read that one as well, from here on.
+            if out.len() < need && now.len() >= MOSTLY_NOT && passed * 4 < now.len() {
+                if let (Some(gram), Some(last)) = (spare.next(), now.last()) {
+                    lists.push(gram);
+                    if !view.full.contains_key(&gram) {
+                        to_read.push(gram);
+                    }
+                    restart = Some(last + 1);
+                    break;
+                }
+            }
+        }
+        if let Some(next) = restart {
+            // The lists read so far are not all whole from here on (nor read once).
+            whole = false;
+            from = next;
+            continue;
         }
         read += chunks;
         chunks = next_chunks(chunks, read, need - out.len(), out.len());
         from = to;
+    }
+    if whole && from >= end {
+        for g in to_read {
+            view.full.insert(g, seen.remove(&g).unwrap_or_default());
+        }
     }
     out.truncate(need);
     Ok(out)
@@ -880,14 +958,14 @@ impl Directory {
         }
         // One snapshot for every statement of the search.
         let txn = search_index::read_txn(&self.db).await?;
-        let view = IndexView::read(&txn, &q).await?;
+        let mut view = IndexView::read(&txn, &q).await?;
         let first_tier = after.as_ref().map(|(t, _)| *t).unwrap_or(0);
         let last_tier = if q.is_empty() { 0 } else { 1 };
         let mut page: Vec<(user::Model, u8)> = Vec::new();
         for tier in first_tier..=last_tier {
             let need = limit + 1 - page.len();
             let keyset = after.as_ref().filter(|(t, _)| *t == tier).map(|(_, k)| k);
-            let rows = search_tier(&txn, &view, &q, tier, &filters, keyset, need).await?;
+            let rows = search_tier(&txn, &mut view, &q, tier, &filters, keyset, need).await?;
             page.extend(rows.into_iter().map(|m| (m, tier)));
             if page.len() > limit {
                 break;

@@ -211,3 +211,42 @@ async fn span_grams_migrate_down_and_up() {
     assert_eq!(pages(&d, "nn.fi").await, ["ann.first"]);
     assert_eq!(pages(&d, "o.fir").await, ["jo.firth"]);
 }
+
+/// Searches whose first candidates are mostly not matches (the search then reads another list
+/// and starts again where it was), and searches whose first tier finds few (the second reuses
+/// its lists), find exactly the users whose text has the query: checked against every user.
+#[tokio::test]
+async fn searches_find_exactly_the_matches() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = directory(dir.path()).await;
+    let mut users: Vec<(String, String)> = Vec::new();
+    for i in 0..40 {
+        // "ph.s", "eph", "str" and "tro", but not "eph.stro"; first in page order.
+        users.push((format!("joseph.sa{i:02}.strom"), format!("Joseph Aa{i:02}")));
+    }
+    for i in 0..12 {
+        users.push((format!("joseph.strom{i:02}"), format!("Joseph Zz{i:02}")));
+    }
+    users.push(("serial.owner".into(), "Card Holder".into()));
+    let pairs: Vec<(&str, &str)> = users
+        .iter()
+        .map(|(u, n)| (u.as_str(), n.as_str()))
+        .collect();
+    create(&d, &pairs).await;
+    for q in [
+        "eph.stro", "joseph.s", "strom0", "a07.st", "h.sa1", "m11", "serial.o",
+    ] {
+        let mut found = pages(&d, q).await;
+        let count = found.len();
+        found.sort();
+        found.dedup();
+        assert_eq!(found.len(), count, "{q}: a user twice");
+        let mut expected: Vec<String> = users
+            .iter()
+            .filter(|(u, n)| u.contains(q) || n.to_lowercase().contains(q))
+            .map(|(u, _)| u.clone())
+            .collect();
+        expected.sort();
+        assert_eq!(found, expected, "{q}");
+    }
+}
