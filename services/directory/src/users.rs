@@ -685,26 +685,26 @@ async fn search_tier<C: ConnectionTrait>(
             let mut sql = Sql::new(backend);
             let ranks: Vec<String> = now.iter().map(i64::to_string).collect();
             if pg {
-                sql.push(
-                    "WITH c AS MATERIALIZED (SELECT u.* FROM users u WHERE u.sort_rank = ANY(string_to_array(",
-                )
-                .bind(ranks.join(","))
-                .push(", ',')::bigint[])) SELECT u.* FROM c u WHERE 1 = 1");
+                // A lateral subquery with a LIMIT is never pulled up into a join: each
+                // candidate is looked up in the array's order, and the outer LIMIT stops at the
+                // first matches instead of reading and sorting every candidate.
+                sql.push("SELECT u.* FROM unnest(string_to_array(")
+                    .bind(ranks.join(","))
+                    .push(
+                        ", ',')::bigint[]) AS c(r) CROSS JOIN LATERAL \
+                         (SELECT * FROM users x WHERE x.sort_rank = c.r LIMIT 1) u WHERE 1 = 1",
+                    );
             } else {
                 sql.push("SELECT u.* FROM json_each(")
                     .bind(format!("[{}]", ranks.join(",")))
                     .push(") AS c CROSS JOIN users u ON u.sort_rank = c.value WHERE 1 = 1");
             }
             conditions(&mut sql);
+            // No ORDER BY: both walk the candidates in the array's order (ascending rank, the
+            // outer loop) and stop at the limit, where a sort would first read every
+            // candidate. Sorted below all the same.
             let missing = i64::try_from(need - out.len()).unwrap_or(i64::MAX);
-            if pg {
-                sql.push(" ORDER BY u.sort_rank LIMIT ").bind(missing);
-            } else {
-                // No ORDER BY: SQLite walks the candidates in the array's order (ascending
-                // rank, the outer loop of the CROSS JOIN) and stops at the limit, where a sort
-                // would first read every candidate. Sorted below all the same.
-                sql.push(" LIMIT ").bind(missing);
-            }
+            sql.push(" LIMIT ").bind(missing);
             let mut found = rows(db.query_all_raw(sql.statement()).await?)?;
             found.sort_by_key(|m| m.sort_rank);
             let passed = found.len();
