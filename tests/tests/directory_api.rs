@@ -1354,8 +1354,8 @@ async fn all_pages(
     }
 }
 
-/// Dense queries (more index candidates than the cap) walk the name index instead of sorting
-/// candidates; both strategies must give the same pages.
+/// Dense queries (hundreds of matches) and sparse ones on the same data: every page in page
+/// order, word-start matches first.
 async fn dense_and_sparse_searches_agree(backend: Backend) {
     let env = start(&backend).await;
     let db = cms_directory::open_database(&env.dir_config).await.unwrap();
@@ -1416,6 +1416,58 @@ async fn dense_and_sparse_searches_agree(backend: Backend) {
     env.stop().await;
 }
 
+/// Searches whose first candidates are mostly not matches (the search then reads another list
+/// and starts again where it was), and searches whose first tier finds few (the second reuses
+/// its lists), find exactly the users whose text has the query: checked against every user.
+async fn searches_find_exactly_the_matches(backend: Backend) {
+    let env = start(&backend).await;
+    let db = cms_directory::open_database(&env.dir_config).await.unwrap();
+    let d = cms_directory::Directory::new(
+        db,
+        cms_directory::secrets::SecretKey::from_bytes(&[3; 32]),
+        Default::default(),
+    );
+    let mut users: Vec<(String, String)> = Vec::new();
+    for i in 0..40 {
+        // "ph.s", "eph", "str" and "tro", but not "eph.stro"; first in page order.
+        users.push((format!("joseph.sa{i:02}.strom"), format!("Joseph Aa{i:02}")));
+    }
+    for i in 0..12 {
+        users.push((format!("joseph.strom{i:02}"), format!("Joseph Zz{i:02}")));
+    }
+    users.push(("serial.owner".into(), "Card Holder".into()));
+    for (username, display_name) in &users {
+        d.create_user(Some(User {
+            username: username.clone(),
+            display_name: display_name.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    }
+    for q in [
+        "eph.stro", "joseph.s", "strom0", "a07.st", "h.sa1", "m11", "serial.o",
+    ] {
+        let mut found: Vec<String> = all_pages(&d, q, 7)
+            .await
+            .into_iter()
+            .map(|(u, _)| u)
+            .collect();
+        let count = found.len();
+        found.sort();
+        found.dedup();
+        assert_eq!(found.len(), count, "{q}: a user twice");
+        let mut expected: Vec<String> = users
+            .iter()
+            .filter(|(u, n)| u.contains(q) || n.to_lowercase().contains(q))
+            .map(|(u, _)| u.clone())
+            .collect();
+        expected.sort();
+        assert_eq!(found, expected, "{q}");
+    }
+    env.stop().await;
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -1435,6 +1487,7 @@ on_both_backends!(
     users,
     search,
     dense_and_sparse_searches_agree,
+    searches_find_exactly_the_matches,
     credentials,
     operators,
     enrolment,
