@@ -96,24 +96,29 @@ fn mapped(text: &str) -> Vec<char> {
 /// every boundary with the one, the three and the four characters after it (word starts: a
 /// search for one finds exactly the words that start so; the four tell "bara" from "barb").
 pub fn doc_grams(search_doc: &str) -> Vec<Gram> {
-    let m = mapped(search_doc);
-    let mut out = Vec::with_capacity(m.len() * 2);
+    let mut out = Vec::with_capacity(search_doc.len() * 2);
+    each_gram(&mapped(search_doc), |g| out.push(g));
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Calls `f` with each gram of a [`mapped`] document (see [`doc_grams`]), in text order, some
+/// more than once.
+fn each_gram(m: &[char], mut f: impl FnMut(Gram)) {
     for i in 0..m.len() {
         if m[i] == FIELD_SEP && i + 1 < m.len() {
-            out.push(pack(&m[i..i + 2]));
+            f(pack(&m[i..i + 2]));
             for n in [3, 4] {
                 if i + n < m.len() {
-                    out.push(WORD | pack(&m[i + 1..i + 1 + n]));
+                    f(WORD | pack(&m[i + 1..i + 1 + n]));
                 }
             }
         }
         if i + 2 < m.len() {
-            out.push(pack(&m[i..i + 3]));
+            f(pack(&m[i..i + 3]));
         }
     }
-    out.sort_unstable();
-    out.dedup();
-    out
 }
 
 /// The grams every document matching folded query `q` in `tier` has (0: `q` starts a word,
@@ -366,6 +371,63 @@ impl Changes {
         }
     }
 
+    /// Adds the grams of many documents (`(rank, search_doc)`) at once. Each list is allocated
+    /// once at its final length: grown a rank at a time, the tens of thousands of lists of a
+    /// bulk load kept the allocator busier than SQLite. Lists come out ascending when the
+    /// ranks do ([`apply`] sorts them either way).
+    pub fn add_docs<'a>(&mut self, docs: impl IntoIterator<Item = (i64, &'a str)>) {
+        // First every document's grams as indexes into `grams`, counted; then the lists.
+        let mut index: GramMap<usize> = GramMap::default();
+        let mut grams: Vec<Gram> = Vec::new();
+        let mut lens: Vec<usize> = Vec::new();
+        let mut flat: Vec<u32> = Vec::new();
+        let mut ends: Vec<(i64, usize)> = Vec::new();
+        let mut chars = Vec::new();
+        for (rank, doc) in docs {
+            chars.clear();
+            chars.extend(doc.chars().map(|c| {
+                if normalize::is_boundary(c) {
+                    FIELD_SEP
+                } else {
+                    c
+                }
+            }));
+            // A gram twice in a document is listed twice here, next to each other ([`apply`]
+            // drops the repeat).
+            each_gram(&chars, |g| {
+                let i = *index.entry(g).or_insert_with(|| {
+                    grams.push(g);
+                    lens.push(0);
+                    grams.len() - 1
+                });
+                lens[i] += 1;
+                // Fewer distinct grams than `u32::MAX` (each takes a hash map entry).
+                flat.push(u32::try_from(i).unwrap_or(u32::MAX));
+            });
+            ends.push((rank, flat.len()));
+        }
+        drop(index);
+        let mut lists: Vec<Vec<i64>> = grams
+            .iter()
+            .zip(&lens)
+            .map(|(g, n)| {
+                let mut list = self.adds.remove(g).unwrap_or_default();
+                list.reserve_exact(*n);
+                list
+            })
+            .collect();
+        let mut start = 0;
+        for (rank, end) in ends {
+            for i in &flat[start..end] {
+                if let Some(list) = lists.get_mut(*i as usize) {
+                    list.push(rank);
+                }
+            }
+            start = end;
+        }
+        self.adds.extend(grams.into_iter().zip(lists));
+    }
+
     pub fn remove(&mut self, rank: i64, grams: &[Gram]) {
         for g in grams {
             self.removes.entry(*g).or_default().push(rank);
@@ -502,12 +564,16 @@ pub async fn fill<C: ConnectionTrait>(db: &C) -> Result<(), Error> {
             return Ok(());
         };
         after = last.try_get("", "sort_rank")?;
-        let mut changes = Changes::default();
+        let mut docs = Vec::with_capacity(rows.len());
         for row in &rows {
             let rank: i64 = row.try_get("", "sort_rank")?;
             let doc: String = row.try_get("", "search_doc")?;
-            changes.add(rank, &doc_grams(&doc));
+            docs.push((rank, doc));
         }
+        drop(rows);
+        let mut changes = Changes::default();
+        changes.add_docs(docs.iter().map(|(rank, doc)| (*rank, doc.as_str())));
+        drop(docs);
         apply(db, changes).await?;
     }
 }
@@ -522,6 +588,9 @@ pub async fn apply<C: ConnectionTrait>(db: &C, changes: Changes) -> Result<(), E
     let mut grams: Vec<Gram> = adds.keys().chain(removes.keys()).copied().collect();
     grams.sort_unstable();
     grams.dedup();
+    // In the order of the stored keys (the gram's text), so that chunks are written in key
+    // order: into an empty table that appends instead of splitting pages all over.
+    grams.sort_by_cached_key(|g| gram_text(*g));
     for batch in grams.chunks(GRAM_BATCH) {
         let stored = counts(db, batch).await?;
         let mut probes = Vec::new();
@@ -619,7 +688,7 @@ async fn write<C: ConnectionTrait>(
         }
         db.execute_raw(sql.statement()).await?;
     }
-    for batch in inserts.chunks(INSERT_ROWS) {
+    let statements = inserts.chunks(INSERT_ROWS).map(|batch| {
         let mut sql = Sql::new(backend);
         sql.push("INSERT INTO search_postings (gram, lo, n, data) VALUES ");
         for (i, (g, ranks)) in batch.iter().enumerate() {
@@ -631,8 +700,9 @@ async fn write<C: ConnectionTrait>(
             ];
             sql.tuple(i == 0, row);
         }
-        db.execute_raw(sql.statement()).await?;
-    }
+        sql.statement()
+    });
+    run_overlapped(db, statements).await?;
     let deltas: Vec<&(Gram, i64)> = deltas.iter().filter(|(_, d)| *d != 0).collect();
     for batch in deltas.chunks(INSERT_ROWS) {
         let mut sql = Sql::new(backend);
@@ -642,6 +712,23 @@ async fn write<C: ConnectionTrait>(
         }
         sql.push(" ON CONFLICT (gram) DO UPDATE SET n = search_grams.n + excluded.n");
         db.execute_raw(sql.statement()).await?;
+    }
+    Ok(())
+}
+
+/// Runs `statements` in turn, each built (by the iterator) while the database runs the one
+/// before: the CPU work of the next statement overlaps with SQLite's (on its own thread) or
+/// PostgreSQL's.
+pub(crate) async fn run_overlapped<C: ConnectionTrait>(
+    db: &C,
+    mut statements: impl Iterator<Item = sea_orm::Statement> + Send,
+) -> Result<(), Error> {
+    let mut next = statements.next();
+    while let Some(current) = next {
+        let (done, following) =
+            futures_util::future::join(db.execute_raw(current), async { statements.next() }).await;
+        done?;
+        next = following;
     }
     Ok(())
 }
