@@ -482,6 +482,8 @@ impl Directory {
                 .exec(&txn)
                 .await?;
         }
+        drop((creates, fields, updates));
+        crate::users::drop_later((records, by_name, by_external));
         txn.commit().await?;
         progress(Progress {
             phase: "done",
