@@ -11,7 +11,7 @@ use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryF
 use crate::entity::{credential, user};
 use crate::normalize;
 use crate::search_index::{self, Changes};
-use crate::users::{INSERT_BATCH, UserFields, insert_users, new_row, reindex};
+use crate::users::{INSERT_BATCH, UserFields, insert_new_users, reindex};
 use crate::util::{Sql, now_micros, timestamp};
 use crate::{Directory, Error};
 
@@ -248,11 +248,12 @@ pub fn describe(errors: &[ImportError], max: usize) -> String {
 async fn existing_by<C: ConnectionTrait>(
     db: &C,
     column: &str,
-    keys: Vec<String>,
+    keys: &[&str],
 ) -> Result<Vec<user::Model>, Error> {
     let mut out = Vec::new();
     for chunk in keys.chunks(10_000) {
-        let list = serde_json::Value::from(chunk.to_vec()).to_string();
+        let list = serde_json::to_string(chunk)
+            .map_err(|e| Error::Internal(format!("a key list as JSON: {e}")))?;
         let mut sql = Sql::new(db.get_database_backend());
         sql.push(&format!("SELECT * FROM users WHERE {column} IN "));
         if db.get_database_backend() == sea_orm::DbBackend::Postgres {
@@ -295,13 +296,14 @@ impl Directory {
             txn.execute_unprepared(&format!("PRAGMA cache_size = -{IMPORT_CACHE_KIB}"))
                 .await?;
         }
+        let keys: Vec<String> = records
+            .iter()
+            .map(|r| normalize::fold(&r.fields.username))
+            .collect();
         let by_name: HashMap<String, user::Model> = existing_by(
             &txn,
             "username_key",
-            records
-                .iter()
-                .map(|r| normalize::fold(&r.fields.username))
-                .collect(),
+            &keys.iter().map(String::as_str).collect::<Vec<_>>(),
         )
         .await?
         .into_iter()
@@ -310,11 +312,11 @@ impl Directory {
         let by_external: HashMap<String, user::Model> = existing_by(
             &txn,
             "external_id",
-            records
+            &records
                 .iter()
                 .filter(|r| !r.fields.external_id.is_empty())
-                .map(|r| r.fields.external_id.clone())
-                .collect(),
+                .map(|r| r.fields.external_id.as_str())
+                .collect::<Vec<_>>(),
         )
         .await?
         .into_iter()
@@ -327,16 +329,15 @@ impl Directory {
         let mut unchanged = 0u64;
         let mut matched: HashSet<i64> = HashSet::new();
         let mut errors = Vec::new();
-        for r in &records {
-            let key = normalize::fold(&r.fields.username);
+        for (r, key) in records.iter().zip(&keys) {
             let found = by_external
                 .get(&r.fields.external_id)
                 .filter(|_| !r.fields.external_id.is_empty())
-                .or_else(|| by_name.get(&key));
+                .or_else(|| by_name.get(key));
             match found {
                 None => creates.push(r),
                 Some(m) => {
-                    if let Some(other) = by_name.get(&key)
+                    if let Some(other) = by_name.get(key)
                         && other.num != m.num
                     {
                         errors.push(error(
@@ -391,11 +392,8 @@ impl Directory {
         }
 
         let now = now_micros();
-        let rows: Vec<user::ActiveModel> = creates
-            .iter()
-            .map(|r| new_row(&r.fields, source, now))
-            .collect();
-        let inserted = insert_users(&txn, rows, &mut |n| {
+        let fields: Vec<&UserFields> = creates.iter().map(|r| &r.fields).collect();
+        let inserted = insert_new_users(&txn, &fields, source, now, &mut |n| {
             progress(Progress {
                 phase: "applying",
                 read: total,
@@ -484,6 +482,8 @@ impl Directory {
                 .exec(&txn)
                 .await?;
         }
+        drop((creates, fields, updates));
+        crate::users::drop_later((records, by_name, by_external));
         txn.commit().await?;
         progress(Progress {
             phase: "done",

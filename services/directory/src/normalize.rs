@@ -12,10 +12,29 @@ pub const FIELD_SEP: char = '\u{1f}';
 pub fn fold(s: &str) -> String {
     // ASCII is its own decomposition: skip the normalizer (most of the time of bulk imports).
     if s.is_ascii() {
-        fold_chars(s.chars(), s.len())
+        fold_ascii(s)
     } else {
         fold_chars(s.nfkd(), s.len())
     }
+}
+
+/// [`fold_chars`] of ASCII text, a byte at a time: no combining marks, no special letters;
+/// white space and control characters are the bytes up to the space, and DEL.
+fn fold_ascii(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut space = false;
+    for b in s.bytes() {
+        if b <= b' ' || b == 0x7f {
+            space = !out.is_empty();
+            continue;
+        }
+        if space {
+            out.push(' ');
+            space = false;
+        }
+        out.push(char::from(b.to_ascii_lowercase()));
+    }
+    out
 }
 
 fn fold_chars(chars: impl Iterator<Item = char>, len: usize) -> String {
@@ -156,6 +175,31 @@ mod tests {
         assert_eq!(fold(" J.\tDOE\u{7f}x "), "j. doe x");
         assert_eq!(fold_answer("St. Louis!"), "st louis");
         assert_eq!(serial("SN-00 12:AB"), "sn0012ab");
+    }
+
+    #[test]
+    fn ascii_folds_as_any_text() {
+        let all: String = (0u8..128).map(char::from).collect();
+        for text in [
+            all.as_str(),
+            " a\tB  c\x7f",
+            "\x00X",
+            "Jane.DOE@Example.com ",
+        ] {
+            assert_eq!(
+                fold_ascii(text),
+                fold_chars(text.chars(), text.len()),
+                "{text:?}"
+            );
+        }
+        for b in 0u8..128 {
+            let text = format!("a{}b{}", char::from(b), char::from(b));
+            assert_eq!(
+                fold_ascii(&text),
+                fold_chars(text.chars(), text.len()),
+                "{b}"
+            );
+        }
     }
 
     #[test]

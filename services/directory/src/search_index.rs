@@ -38,9 +38,26 @@ const RELABEL_FIRST: usize = 8;
 /// Most bytes of delta-coded ranks in a chunk; a fuller chunk is split into chunks of about
 /// `CHUNK_FILL`. Searches pay mostly per row read, so chunks are as large as a row can be
 /// while PostgreSQL still keeps it inline (about 2 KiB; larger values go to TOAST, a second
-/// lookup each). On SQLite such a row spills into one overflow page.
+/// lookup each). These are PostgreSQL's sizes; SQLite's follow.
 const CHUNK_MAX: usize = 1_900;
 const CHUNK_FILL: usize = 1_300;
+/// On SQLite (4 KiB pages) a row of the WITHOUT ROWID postings table stays whole in its
+/// B-tree page up to about 1,000 bytes; a longer one keeps about 490 bytes there and puts the
+/// rest in an overflow page of its own, mostly empty. 81 MB of chunks of 1,300 bytes took
+/// 278 MB of pages, of 950 bytes 83 MB (the postings of an import of 200,000 users): so
+/// chunks there stay under that.
+const SQLITE_CHUNK_MAX: usize = 940;
+const SQLITE_CHUNK_FILL: usize = 640;
+
+/// Most bytes of a chunk, and of each chunk of a split list, on `db`'s database.
+fn chunk_sizes(db: &impl ConnectionTrait) -> (usize, usize) {
+    if pg(db) {
+        (CHUNK_MAX, CHUNK_FILL)
+    } else {
+        (SQLITE_CHUNK_MAX, SQLITE_CHUNK_FILL)
+    }
+}
+
 /// Grams whose lists are changed per round of statements.
 const GRAM_BATCH: usize = 4_096;
 /// Rows per multi-row INSERT (4 parameters each).
@@ -100,30 +117,37 @@ fn mapped(text: &[char]) -> Vec<char> {
 /// and its [`span_grams`].
 pub fn doc_grams(search_doc: &str) -> Vec<Gram> {
     let text: Vec<char> = search_doc.chars().collect();
-    let m = mapped(&text);
-    let mut out = Vec::with_capacity(m.len() * 2);
-    for i in 0..m.len() {
-        if m[i] == FIELD_SEP && i + 1 < m.len() {
-            out.push(pack(&m[i..i + 2]));
-            for n in [3, 4] {
-                if i + n < m.len() {
-                    out.push(WORD | pack(&m[i + 1..i + 1 + n]));
-                }
-            }
-        }
-        if i + 2 < m.len() {
-            out.push(pack(&m[i..i + 3]));
-        }
-    }
-    out.extend(spans(&text).map(|(_, g)| g));
+    let mut out = Vec::with_capacity(text.len() * 2);
+    each_gram(&text, &mapped(&text), |g| out.push(g));
     out.sort_unstable();
     out.dedup();
     out
 }
 
+/// Calls `f` with each gram of a document's `text` (see [`doc_grams`]), [`mapped`] as `m`, in
+/// text order (the spans last), some more than once.
+fn each_gram(text: &[char], m: &[char], mut f: impl FnMut(Gram)) {
+    for i in 0..m.len() {
+        if m[i] == FIELD_SEP && i + 1 < m.len() {
+            f(pack(&m[i..i + 2]));
+            for n in [3, 4] {
+                if i + n < m.len() {
+                    f(WORD | pack(&m[i + 1..i + 1 + n]));
+                }
+            }
+        }
+        if i + 2 < m.len() {
+            f(pack(&m[i..i + 3]));
+        }
+    }
+    for (_, g) in spans(text) {
+        f(g);
+    }
+}
+
 /// The grams that span a word boundary in a search document, sorted and distinct (see
 /// [`spans`]).
-pub fn span_grams(search_doc: &str) -> Vec<Gram> {
+fn span_grams(search_doc: &str) -> Vec<Gram> {
     let text: Vec<char> = search_doc.chars().collect();
     let mut out: Vec<Gram> = spans(&text).map(|(_, g)| g).collect();
     out.sort_unstable();
@@ -340,20 +364,20 @@ fn decode_into(lo: i64, data: &[u8], range: std::ops::Range<i64>, out: &mut Vec<
     }
 }
 
-/// `ranks` (ascending) cut into chunks: one when it fits in `CHUNK_MAX` bytes, else chunks of
-/// about `CHUNK_FILL` (room to grow before the next split).
-fn pieces(ranks: Vec<i64>) -> Vec<Vec<i64>> {
+/// `ranks` (ascending) cut into chunks: one when it fits in `max` bytes, else chunks of
+/// about `fill` (room to grow before the next split); see [`chunk_sizes`].
+fn pieces(ranks: Vec<i64>, (max, fill): (usize, usize)) -> Vec<Vec<i64>> {
     let size: usize = ranks.windows(2).map(|w| delta_len(w[1] - w[0])).sum();
-    if size <= CHUNK_MAX {
+    if size <= max {
         return vec![ranks];
     }
-    let mut out = Vec::with_capacity(size / CHUNK_FILL + 1);
+    let mut out = Vec::with_capacity(size / fill + 1);
     let mut piece: Vec<i64> = Vec::new();
     let mut bytes = 0;
     for r in ranks {
         if let Some(last) = piece.last() {
             let d = delta_len(r - last);
-            if bytes + d > CHUNK_FILL {
+            if bytes + d > fill {
                 out.push(std::mem::take(&mut piece));
                 bytes = 0;
             } else {
@@ -448,6 +472,64 @@ impl Changes {
         for g in grams {
             self.adds.entry(*g).or_default().push(rank);
         }
+    }
+
+    /// Adds the grams of many documents (`(rank, search_doc)`) at once. Each list is allocated
+    /// once at its final length: grown a rank at a time, the tens of thousands of lists of a
+    /// bulk load kept the allocator busier than SQLite. Lists come out ascending when the
+    /// ranks do ([`apply`] sorts them either way).
+    pub fn add_docs<'a>(&mut self, docs: impl IntoIterator<Item = (i64, &'a str)>) {
+        // First every document's grams as indexes into `grams`, counted; then the lists.
+        let mut index: GramMap<usize> = GramMap::default();
+        let mut grams: Vec<Gram> = Vec::new();
+        let mut lens: Vec<usize> = Vec::new();
+        let mut flat: Vec<u32> = Vec::new();
+        let mut ends: Vec<(i64, usize)> = Vec::new();
+        let (mut text, mut chars) = (Vec::new(), Vec::new());
+        for (rank, doc) in docs {
+            text.clear();
+            text.extend(doc.chars());
+            chars.clear();
+            chars.extend(text.iter().map(|c| {
+                if normalize::is_boundary(*c) {
+                    FIELD_SEP
+                } else {
+                    *c
+                }
+            }));
+            // A gram twice in a document is listed twice here ([`apply`] drops the repeat).
+            each_gram(&text, &chars, |g| {
+                let i = *index.entry(g).or_insert_with(|| {
+                    grams.push(g);
+                    lens.push(0);
+                    grams.len() - 1
+                });
+                lens[i] += 1;
+                // Fewer distinct grams than `u32::MAX` (each takes a hash map entry).
+                flat.push(u32::try_from(i).unwrap_or(u32::MAX));
+            });
+            ends.push((rank, flat.len()));
+        }
+        drop(index);
+        let mut lists: Vec<Vec<i64>> = grams
+            .iter()
+            .zip(&lens)
+            .map(|(g, n)| {
+                let mut list = self.adds.remove(g).unwrap_or_default();
+                list.reserve_exact(*n);
+                list
+            })
+            .collect();
+        let mut start = 0;
+        for (rank, end) in ends {
+            for i in &flat[start..end] {
+                if let Some(list) = lists.get_mut(*i as usize) {
+                    list.push(rank);
+                }
+            }
+            start = end;
+        }
+        self.adds.extend(grams.into_iter().zip(lists));
     }
 
     pub fn remove(&mut self, rank: i64, grams: &[Gram]) {
@@ -574,14 +656,28 @@ const FILL_BATCH: i64 = 50_000;
 
 /// Adds every ranked user's search document to the (empty) posting lists.
 pub async fn fill<C: ConnectionTrait>(db: &C) -> Result<(), Error> {
-    fill_with(db, doc_grams).await
+    fill_with(db, |changes, docs| {
+        changes.add_docs(docs.iter().map(|(rank, doc)| (*rank, doc.as_str())));
+    })
+    .await
 }
 
-/// Adds `grams` of every ranked user's search document to the posting lists (a rank already
-/// in a list stays there once).
-pub async fn fill_with<C: ConnectionTrait>(
+/// Adds the span grams (see [`spans`]) of every ranked user's search document to posting
+/// lists built before there were any.
+pub async fn fill_spans<C: ConnectionTrait>(db: &C) -> Result<(), Error> {
+    fill_with(db, |changes, docs| {
+        for (rank, doc) in docs {
+            changes.add(*rank, &span_grams(doc));
+        }
+    })
+    .await
+}
+
+/// Reads every ranked user's search document, a batch at a time, and writes the posting
+/// changes `add` makes of each batch.
+async fn fill_with<C: ConnectionTrait>(
     db: &C,
-    grams: fn(&str) -> Vec<Gram>,
+    add: fn(&mut Changes, &[(i64, String)]),
 ) -> Result<(), Error> {
     let mut after = 0i64;
     loop {
@@ -595,12 +691,16 @@ pub async fn fill_with<C: ConnectionTrait>(
             return Ok(());
         };
         after = last.try_get("", "sort_rank")?;
-        let mut changes = Changes::default();
+        let mut docs = Vec::with_capacity(rows.len());
         for row in &rows {
             let rank: i64 = row.try_get("", "sort_rank")?;
             let doc: String = row.try_get("", "search_doc")?;
-            changes.add(rank, &grams(&doc));
+            docs.push((rank, doc));
         }
+        drop(rows);
+        let mut changes = Changes::default();
+        add(&mut changes, &docs);
+        drop(docs);
         apply(db, changes).await?;
     }
 }
@@ -615,6 +715,10 @@ pub async fn apply<C: ConnectionTrait>(db: &C, changes: Changes) -> Result<(), E
     let mut grams: Vec<Gram> = adds.keys().chain(removes.keys()).copied().collect();
     grams.sort_unstable();
     grams.dedup();
+    // In the order of the stored keys (the gram's text), so that chunks are written in key
+    // order: into an empty table that appends instead of splitting pages all over.
+    grams.sort_by_cached_key(|g| gram_text(*g));
+    let sizes = chunk_sizes(db);
     for batch in grams.chunks(GRAM_BATCH) {
         let stored = counts(db, batch).await?;
         let mut probes = Vec::new();
@@ -647,7 +751,7 @@ pub async fn apply<C: ConnectionTrait>(db: &C, changes: Changes) -> Result<(), E
                 // Nothing stored yet (removing what is not there changes nothing).
                 if !add.is_empty() {
                     deltas.push((g, add.len() as i64));
-                    inserts.extend(pieces(add).into_iter().map(|p| (g, p)));
+                    inserts.extend(pieces(add, sizes).into_iter().map(|p| (g, p)));
                 }
                 continue;
             }
@@ -678,7 +782,7 @@ pub async fn apply<C: ConnectionTrait>(db: &C, changes: Changes) -> Result<(), E
                 delta += merged.len() as i64 - before as i64;
                 deletes.push((g, chunk.lo));
                 if !merged.is_empty() {
-                    inserts.extend(pieces(merged).into_iter().map(|p| (g, p)));
+                    inserts.extend(pieces(merged, sizes).into_iter().map(|p| (g, p)));
                 }
             }
             deltas.push((g, delta));
@@ -712,7 +816,7 @@ async fn write<C: ConnectionTrait>(
         }
         db.execute_raw(sql.statement()).await?;
     }
-    for batch in inserts.chunks(INSERT_ROWS) {
+    let statements = inserts.chunks(INSERT_ROWS).map(|batch| {
         let mut sql = Sql::new(backend);
         sql.push("INSERT INTO search_postings (gram, lo, n, data) VALUES ");
         for (i, (g, ranks)) in batch.iter().enumerate() {
@@ -724,8 +828,9 @@ async fn write<C: ConnectionTrait>(
             ];
             sql.tuple(i == 0, row);
         }
-        db.execute_raw(sql.statement()).await?;
-    }
+        sql.statement()
+    });
+    run_overlapped(db, statements).await?;
     let deltas: Vec<&(Gram, i64)> = deltas.iter().filter(|(_, d)| *d != 0).collect();
     for batch in deltas.chunks(INSERT_ROWS) {
         let mut sql = Sql::new(backend);
@@ -735,6 +840,23 @@ async fn write<C: ConnectionTrait>(
         }
         sql.push(" ON CONFLICT (gram) DO UPDATE SET n = search_grams.n + excluded.n");
         db.execute_raw(sql.statement()).await?;
+    }
+    Ok(())
+}
+
+/// Runs `statements` in turn, each built (by the iterator) while the database runs the one
+/// before: the CPU work of the next statement overlaps with SQLite's (on its own thread) or
+/// PostgreSQL's.
+pub(crate) async fn run_overlapped<C: ConnectionTrait>(
+    db: &C,
+    mut statements: impl Iterator<Item = sea_orm::Statement> + Send,
+) -> Result<(), Error> {
+    let mut next = statements.next();
+    while let Some(current) = next {
+        let (done, following) =
+            futures_util::future::join(db.execute_raw(current), async { statements.next() }).await;
+        done?;
+        next = following;
     }
     Ok(())
 }
@@ -1112,17 +1234,22 @@ mod tests {
         assert_eq!(decode(5, &encode(&ranks)), ranks);
         assert_eq!(decode(9, &encode(&[9])), vec![9]);
         let many: Vec<i64> = (0..4_000).map(|i| i * 7 + 1).collect();
-        let parts = pieces(many.clone());
-        assert!(parts.len() > 1, "{}", parts.len());
-        assert!(parts.iter().all(|p| encode(p).len() <= CHUNK_FILL));
-        assert_eq!(parts.concat(), many);
-        let wide: Vec<i64> = (0..400).map(|i| i << 40).collect();
-        assert!(
-            pieces(wide.clone())
-                .iter()
-                .all(|p| encode(p).len() <= CHUNK_FILL)
-        );
-        assert_eq!(pieces(wide.clone()).concat(), wide);
+        for (max, fill) in [
+            (CHUNK_MAX, CHUNK_FILL),
+            (SQLITE_CHUNK_MAX, SQLITE_CHUNK_FILL),
+        ] {
+            let parts = pieces(many.clone(), (max, fill));
+            assert!(parts.len() > 1, "{}", parts.len());
+            assert!(parts.iter().all(|p| encode(p).len() <= fill));
+            assert_eq!(parts.concat(), many);
+            let wide: Vec<i64> = (0..400).map(|i| i << 40).collect();
+            assert!(
+                pieces(wide.clone(), (max, fill))
+                    .iter()
+                    .all(|p| encode(p).len() <= fill)
+            );
+            assert_eq!(pieces(wide.clone(), (max, fill)).concat(), wide);
+        }
         assert_eq!(delta_len(127), 1);
         assert_eq!(delta_len(128), 2);
     }
@@ -1234,6 +1361,40 @@ mod tests {
         let choice = lists_to_read("berly.st", 1, &counts("berly.st", ly_s), &[]);
         assert!(!choice.read.contains(&y_s) && !choice.spare.contains(&y_s));
         assert!(choice.spare.iter().all(|g| !choice.read.contains(g)));
+    }
+
+    /// The bulk path gives every document the same grams as [`doc_grams`] (spans included).
+    #[test]
+    fn bulk_and_single_documents_agree() {
+        let docs = [
+            (
+                7,
+                normalize::search_doc("Søren Ström", "sstrom", "soren.strom@example.com", &[]),
+            ),
+            (
+                9,
+                normalize::search_doc("Jan van Doe", "jdoe", "jan.doe@x.org", &["SC 12-34".into()]),
+            ),
+        ];
+        let mut bulk = Changes::default();
+        bulk.add_docs(docs.iter().map(|(r, d)| (*r, d.as_str())));
+        let mut single = Changes::default();
+        for (r, d) in &docs {
+            single.add(*r, &doc_grams(d));
+        }
+        let lists = |c: Changes| -> BTreeMap<Gram, Vec<i64>> {
+            c.adds
+                .into_iter()
+                .map(|(g, mut ranks)| {
+                    ranks.sort_unstable();
+                    ranks.dedup();
+                    (g, ranks)
+                })
+                .collect()
+        };
+        let (bulk, single) = (lists(bulk), lists(single));
+        assert!(bulk.contains_key(&pack(&['e', 'n', '.', 's'])));
+        assert_eq!(bulk, single);
     }
 
     #[test]

@@ -52,7 +52,12 @@ impl UserFields {
     pub fn validated(mut self, prefix: &str) -> Result<Self, (String, String)> {
         let f = |name: &str| format!("{prefix}{name}");
         let check = |name: &str, value: &str, max: usize, required: bool| {
-            check_text(&f(name), value, max, required).map_err(|e| match e {
+            let checked = if prefix.is_empty() {
+                check_text(name, value, max, required)
+            } else {
+                check_text(&f(name), value, max, required)
+            };
+            checked.map_err(|e| match e {
                 Error::Invalid { field, message } => (field, message),
                 other => (f(name), other.to_string()),
             })
@@ -198,17 +203,20 @@ pub async fn insert_users<C: ConnectionTrait>(
         order.push((key, i));
     }
     order.sort_unstable();
-    let keys: Vec<Key> = order.iter().map(|(k, _)| k.clone()).collect();
+    let (keys, slots): (Vec<Key>, Vec<usize>) = order.into_iter().unzip();
     let mut changes = Changes::default();
     let ranks = search_index::place(db, &keys, &mut changes).await?;
     drop(keys);
-    for ((_, i), rank) in order.iter().zip(ranks) {
-        let am = &mut rows[*i];
-        am.sort_rank = Set(rank);
-        if let Set(doc) = &am.search_doc {
-            changes.add(rank, &search_index::doc_grams(doc));
-        }
+    for (i, rank) in slots.into_iter().zip(ranks) {
+        rows[i].sort_rank = Set(rank);
     }
+    changes.add_docs(
+        rows.iter()
+            .filter_map(|am| match (&am.sort_rank, &am.search_doc) {
+                (Set(rank), Set(doc)) => Some((*rank, doc.as_str())),
+                _ => None,
+            }),
+    );
     let mut inserted = 0;
     let mut rows = rows.into_iter();
     loop {
@@ -221,6 +229,190 @@ pub async fn insert_users<C: ConnectionTrait>(
         progress(inserted);
     }
     search_index::apply(db, changes).await
+}
+
+/// The columns of a [`new_row`] that differ from user to user; [`insert_new_users`] writes
+/// them in this order.
+const OWN_COLUMNS: [user::Column; 12] = [
+    user::Column::Id,
+    user::Column::Username,
+    user::Column::UsernameKey,
+    user::Column::DisplayName,
+    user::Column::DisplayKey,
+    user::Column::Email,
+    user::Column::Phone,
+    user::Column::OrgUnit,
+    user::Column::ExternalId,
+    user::Column::SearchDoc,
+    user::Column::PrefixDoc,
+    user::Column::SortRank,
+];
+
+/// Inserts new users with `fields` from `source`: the rows [`new_row`] makes, and indexed for
+/// the search as [`insert_users`] does, but for bulk imports: written in page order (the
+/// order and rank indexes are appended to, and the ids, made in that order, ascend with it),
+/// each value made just before its statement binds it (no row models: building, moving and
+/// freeing hundreds of thousands of them took longer than SQLite's work).
+/// `progress` gets the number inserted so far after each batch.
+pub async fn insert_new_users<C: ConnectionTrait>(
+    db: &C,
+    fields: &[&UserFields],
+    source: UserSource,
+    now: i64,
+    progress: &mut (dyn FnMut(usize) + Send),
+) -> Result<(), Error> {
+    use sea_orm::{ActiveModelTrait, IdenStatic, Iterable, Value};
+    let Some(first) = fields.first() else {
+        return Ok(());
+    };
+    // The columns every new row shares, bound once per statement: those of a new row that are
+    // not its own (checked against a real one, in case `new_row` ever sets more).
+    let (template, other) = (
+        new_row(first, source, now),
+        new_row(&UserFields::default(), source, now),
+    );
+    let mut shared: Vec<(&str, Value)> = Vec::new();
+    let own: Vec<&str> = OWN_COLUMNS.iter().map(|c| c.as_str()).collect();
+    for column in user::Column::iter().filter(|c| !own.contains(&c.as_str())) {
+        match template.get(column) {
+            Set(value) | sea_orm::ActiveValue::Unchanged(value) => {
+                if other.get(column) != Set(value.clone()) {
+                    return Err(Error::Internal(format!(
+                        "new user rows differ in column {}",
+                        column.as_str()
+                    )));
+                }
+                shared.push((column.as_str(), value));
+            }
+            sea_orm::ActiveValue::NotSet => {}
+        }
+    }
+
+    let mut order: Vec<(String, String, usize)> = fields
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            (
+                normalize::fold(&f.display_name),
+                normalize::fold(&f.username),
+                i,
+            )
+        })
+        .collect();
+    order.sort_unstable();
+    let (keys, slots): (Vec<Key>, Vec<usize>) = order
+        .into_iter()
+        .zip(new_ids(fields.len())?)
+        .map(|((display, username, i), id)| {
+            (
+                Key {
+                    display,
+                    username,
+                    id,
+                },
+                i,
+            )
+        })
+        .unzip();
+    let mut changes = Changes::default();
+    let ranks = search_index::place(db, &keys, &mut changes).await?;
+    let docs: Vec<String> = keys
+        .iter()
+        .zip(&slots)
+        .map(|(k, i)| {
+            let email = normalize::fold(&fields[*i].email);
+            normalize::search_doc_of_folded(&k.display, &k.username, &email, &[])
+        })
+        .collect();
+    // The posting lists are gathered on another thread meanwhile (CPU work only).
+    let docs = std::sync::Arc::new(docs);
+    let ranks = std::sync::Arc::new(ranks);
+    let gathered = {
+        let (docs, ranks) = (docs.clone(), ranks.clone());
+        tokio::task::spawn_blocking(move || {
+            changes.add_docs(ranks.iter().copied().zip(docs.iter().map(String::as_str)));
+            changes
+        })
+    };
+
+    let columns: Vec<&str> = shared
+        .iter()
+        .map(|(name, _)| *name)
+        .chain(OWN_COLUMNS.iter().map(|c| c.as_str()))
+        .collect();
+    let backend = db.get_database_backend();
+    let statement = |start: usize| {
+        let end = (start + INSERT_BATCH).min(keys.len());
+        let rows = (start..end).map(|j| {
+            let (k, f, doc) = (&keys[j], fields[slots[j]], &docs[j]);
+            [
+                Value::from(k.id.clone()),
+                f.username.clone().into(),
+                k.username.clone().into(),
+                f.display_name.clone().into(),
+                k.display.clone().into(),
+                f.email.clone().into(),
+                f.phone.clone().into(),
+                f.org_unit.clone().into(),
+                f.external_id.clone().into(),
+                doc.clone().into(),
+                normalize::prefix_doc(doc).into(),
+                ranks[j].into(),
+            ]
+        });
+        let fixed = shared.iter().map(|(_, v)| v.clone());
+        (end, table_insert(backend, &columns, fixed, rows))
+    };
+    // Each statement is built while SQLite runs the one before.
+    let mut next = statement(0);
+    loop {
+        let (end, current) = next;
+        let more = end < keys.len();
+        let (done, following) = futures_util::future::join(db.execute_raw(current), async {
+            more.then(|| statement(end))
+        })
+        .await;
+        done?;
+        progress(end);
+        match following {
+            Some(following) => next = following,
+            None => break,
+        }
+    }
+    let changes = gathered
+        .await
+        .map_err(|e| Error::Internal(format!("gathering posting lists: {e}")))?;
+    search_index::apply(db, changes).await?;
+    drop_later((keys, slots, docs));
+    Ok(())
+}
+
+/// `n` new ids, ascending: UUIDv7s of this millisecond, as [`util::new_id`] makes them, but
+/// with their random bits from one read of the system's generator instead of one per id.
+fn new_ids(n: usize) -> Result<Vec<String>, Error> {
+    use ring::rand::SecureRandom;
+    let mut random = vec![0u8; n * 10];
+    ring::rand::SystemRandom::new()
+        .fill(&mut random)
+        .map_err(|_| Error::Internal("the system's random generator failed".into()))?;
+    let millis = u64::try_from(now_micros() / 1_000).unwrap_or(0);
+    let mut ids: Vec<String> = random
+        .chunks_exact(10)
+        .map(|bits| {
+            let bits = <[u8; 10]>::try_from(bits).unwrap_or_default();
+            uuid::Builder::from_unix_timestamp_millis(millis, &bits)
+                .into_uuid()
+                .to_string()
+        })
+        .collect();
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// Drops `value` on a blocking thread: freeing the hundreds of thousands of strings of a bulk
+/// import takes a while, which the caller spends committing instead.
+pub(crate) fn drop_later<T: Send + 'static>(value: T) {
+    drop(tokio::task::spawn_blocking(move || drop(value)));
 }
 
 /// One multi-row INSERT of `rows` (the same columns set in each), written out directly: the
@@ -254,8 +446,6 @@ async fn insert_rows<C: ConnectionTrait>(
         }
         table.push(values);
     }
-    // The columns whose value every row shares are bound once, in the select list; the others
-    // come from a VALUES table (placeholders count in text order on SQLite).
     let shared: Vec<bool> = (0..columns.len())
         .map(|j| table.len() > 1 && table.iter().all(|row| row[j] == table[0][j]))
         .collect();
@@ -267,31 +457,58 @@ async fn insert_rows<C: ConnectionTrait>(
             .map(|(c, _)| c.as_str())
             .collect()
     };
-    let (fixed, varying) = (names(true), names(false));
-    let mut sql = Sql::new(db.get_database_backend());
+    let names = [names(true), names(false)].concat();
+    let fixed: Vec<Value> = table[0]
+        .iter()
+        .zip(&shared)
+        .filter(|(_, s)| **s)
+        .map(|(value, _)| value.clone())
+        .collect();
+    let varying = table.into_iter().map(|row| {
+        row.into_iter()
+            .zip(&shared)
+            .filter(|(_, s)| !**s)
+            .map(|(value, _)| value)
+    });
+    let statement = table_insert(db.get_database_backend(), &names, fixed, varying);
+    db.execute_raw(statement).await?;
+    Ok(())
+}
+
+/// One multi-row INSERT into users of the `columns`: first those bound once (`fixed`, in the
+/// select list), then those of each row (from a VALUES table; placeholders count in text
+/// order on SQLite).
+fn table_insert<R>(
+    backend: DbBackend,
+    columns: &[&str],
+    fixed: impl IntoIterator<Item = sea_orm::Value>,
+    rows: impl IntoIterator<Item = R>,
+) -> sea_orm::Statement
+where
+    R: IntoIterator<Item = sea_orm::Value>,
+{
+    let mut sql = Sql::new(backend);
     // On SQLite, OR FAIL: a failing row leaves the rows before it in place instead of undoing
     // the statement, so SQLite keeps no statement journal (a copy of every page the statement
     // changes). Callers run inside a transaction that any error rolls back as a whole.
-    let verb = if sql.backend == DbBackend::Sqlite {
+    let verb = if backend == DbBackend::Sqlite {
         "INSERT OR FAIL"
     } else {
         "INSERT"
     };
     sql.push(&format!(
         "{verb} INTO users ({}) SELECT ",
-        [fixed.clone(), varying].concat().join(", ")
+        columns.join(", ")
     ));
-    for (value, _) in table[0].iter().zip(&shared).filter(|(_, s)| **s) {
-        sql.bind(value.clone()).push(", ");
+    for value in fixed {
+        sql.bind(value).push(", ");
     }
     sql.push("v.* FROM (VALUES ");
-    for (i, row) in table.into_iter().enumerate() {
-        let varying = row.into_iter().zip(&shared).filter(|(_, s)| !**s);
-        sql.tuple(i == 0, varying.map(|(value, _)| value));
+    for (i, row) in rows.into_iter().enumerate() {
+        sql.tuple(i == 0, row);
     }
     sql.push(") AS v");
-    db.execute_raw(sql.statement()).await?;
-    Ok(())
+    sql.statement()
 }
 
 /// Re-indexes `current`, whose fields become those of `am` (keys and search document set):

@@ -1,4 +1,4 @@
-//! Adds the grams that span a word boundary (see `search_index::span_grams`) to the search
+//! Adds the grams that span a word boundary (see `search_index::fill_spans`) to the search
 //! index of the users already there. Without them, a substring that crosses words, such as
 //! "en.strom" of an email address, had every "…n strom…" as a candidate to check.
 
@@ -15,7 +15,7 @@ pub struct Migration;
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        search_index::fill_with(manager.get_connection(), search_index::span_grams)
+        search_index::fill_spans(manager.get_connection())
             .await
             .map_err(storage)
     }
