@@ -861,8 +861,8 @@ pub(crate) async fn run_overlapped<C: ConnectionTrait>(
     Ok(())
 }
 
-/// The ranks of each list of `grams` from `a` on, ascending, and where they end: at the start
-/// of the `chunks`-th chunk of `rarest`'s list after `a`, or at `end`. So a window holds about
+/// The ranks of each list of `grams` from `a` on, ascending, and where they end: after
+/// `chunks` chunks of `rarest`'s list (the one holding `a` the first), or at `end`. So a window holds about
 /// as many ranks of the rarest list wherever those are dense or sparse in page order (the
 /// users who match a query often share a first name, so they cluster).
 pub async fn window<C: ConnectionTrait>(
@@ -900,9 +900,15 @@ pub async fn window<C: ConnectionTrait>(
     .bind(gram_text(rarest))
     .push(" AND x.lo > ")
     .bind(a)
-    .push(" ORDER BY x.lo LIMIT 1 OFFSET ")
+    // The chunk holding `a` counts as the first; when `a` is before the list's first chunk,
+    // that one does (else the window would hold none of the list).
+    .push(" ORDER BY x.lo LIMIT 1 OFFSET (")
     .bind(chunks.saturating_sub(1).max(0))
-    .push("), ")
+    .push(" + CASE WHEN EXISTS (SELECT 1 FROM search_postings y WHERE y.gram = ")
+    .bind(gram_text(rarest))
+    .push(" AND y.lo <= ")
+    .bind(a)
+    .push(") THEN 0 ELSE 1 END)), ")
     .bind(end)
     .push(") AS b) ");
     // The end in a row of its own, and the chunks.
