@@ -8,6 +8,7 @@
 //! error: custody fails closed.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cms_proto::common::v1::AuthContext;
@@ -17,6 +18,7 @@ use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOr
 use tokio::sync::{mpsc, oneshot};
 
 use crate::store::entities::{audit_record, card_use};
+use crate::wrap::{FINGERPRINT_LEN, Fingerprint};
 
 mod sink;
 use sink::Sink;
@@ -64,8 +66,8 @@ impl Event {
 /// replay. Fingerprints are keyed (KEK) hashes, never the card's challenge itself.
 #[derive(Clone, Debug)]
 pub struct UsageClaim {
-    pub card_fp: Vec<u8>,
-    pub challenge_fp: Vec<u8>,
+    pub card_fp: Fingerprint,
+    pub challenge_fp: Fingerprint,
     pub limit: u32,
     pub window_ms: i64,
     pub replay_window_ms: i64,
@@ -356,13 +358,45 @@ pub fn record_hash(r: &audit_record::Model) -> Vec<u8> {
 /// (at, card fingerprint, challenge fingerprint) of a granted claim, as stored.
 type GrantedRow = (i64, Option<Vec<u8>>, Option<Vec<u8>>);
 
+/// Hashes a fingerprint by its first eight bytes. A fingerprint is an HMAC under a key only
+/// custody holds, so its bytes are already uniform and no caller can aim them at one bucket:
+/// hashing them again (SipHash over the whole 32 bytes, twice per claim and per grant) was
+/// pure cost in the writer.
+#[derive(Default)]
+struct FingerprintHasher(u64);
+
+impl Hasher for FingerprintHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // `[u8; 32]` hashes as its length, then its bytes: the length is the same for every
+        // key, and the bytes' first eight are the hash.
+        let mut first = [0u8; 8];
+        let n = bytes.len().min(8);
+        first[..n].copy_from_slice(&bytes[..n]);
+        self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(first);
+    }
+
+    fn write_usize(&mut self, _len: usize) {}
+}
+
+type FingerprintMap<V> = HashMap<Fingerprint, V, BuildHasherDefault<FingerprintHasher>>;
+type FingerprintRefs<'a, V> = HashMap<&'a Fingerprint, V, BuildHasherDefault<FingerprintHasher>>;
+
+/// A stored fingerprint, or `None` when it is not one (no claim can match it then).
+fn stored_fingerprint(bytes: Option<Vec<u8>>) -> Option<Fingerprint> {
+    bytes.and_then(|b| <[u8; FINGERPRINT_LEN]>::try_from(b.as_slice()).ok())
+}
+
 /// Recent answered challenges, by card: the writer's own index of the granted claims, so
 /// deciding a claim needs no query. The audit records (and the legacy `card_use` rows) stay the
 /// durable record it is rebuilt from at start.
 struct Usage {
     retention_ms: i64,
-    by_card: HashMap<Vec<u8>, Vec<i64>>,
-    challenges: HashMap<Vec<u8>, i64>,
+    by_card: FingerprintMap<Vec<i64>>,
+    challenges: FingerprintMap<i64>,
     pruned_at: i64,
 }
 
@@ -370,8 +404,8 @@ impl Usage {
     async fn load(db: &DatabaseConnection, retention_ms: i64) -> Result<Self, AuditError> {
         let mut usage = Self {
             retention_ms,
-            by_card: HashMap::new(),
-            challenges: HashMap::new(),
+            by_card: FingerprintMap::default(),
+            challenges: FingerprintMap::default(),
             pruned_at: now_ms(),
         };
         let since = now_ms() - retention_ms;
@@ -381,7 +415,12 @@ impl Usage {
             .await
             .map_err(AuditError::Read)?;
         for row in legacy {
-            usage.add(row.card_fp, row.challenge_fp, row.at);
+            if let (Some(card_fp), Some(challenge_fp)) = (
+                stored_fingerprint(Some(row.card_fp)),
+                stored_fingerprint(Some(row.challenge_fp)),
+            ) {
+                usage.add(card_fp, challenge_fp, row.at);
+            }
         }
         let granted: Vec<GrantedRow> = audit_record::Entity::find()
             .select_only()
@@ -395,25 +434,28 @@ impl Usage {
             .await
             .map_err(AuditError::Read)?;
         for (at, card_fp, challenge_fp) in granted {
-            if let (Some(card_fp), Some(challenge_fp)) = (card_fp, challenge_fp) {
+            if let (Some(card_fp), Some(challenge_fp)) = (
+                stored_fingerprint(card_fp),
+                stored_fingerprint(challenge_fp),
+            ) {
                 usage.add(card_fp, challenge_fp, at);
             }
         }
         Ok(usage)
     }
 
-    fn add(&mut self, card_fp: Vec<u8>, challenge_fp: Vec<u8>, at: i64) {
+    fn add(&mut self, card_fp: Fingerprint, challenge_fp: Fingerprint, at: i64) {
         self.by_card.entry(card_fp).or_default().push(at);
         self.challenges.insert(challenge_fp, at);
     }
 
-    fn replayed(&self, challenge_fp: &[u8], since: i64) -> bool {
+    fn replayed(&self, challenge_fp: &Fingerprint, since: i64) -> bool {
         self.challenges
             .get(challenge_fp)
             .is_some_and(|at| *at >= since)
     }
 
-    fn used(&self, card_fp: &[u8], since: i64) -> usize {
+    fn used(&self, card_fp: &Fingerprint, since: i64) -> usize {
         self.by_card
             .get(card_fp)
             .map_or(0, |uses| uses.iter().filter(|at| **at >= since).count())
@@ -493,23 +535,21 @@ struct Staged {
     rows: Vec<audit_record::Model>,
     head: Head,
     replies: Vec<(oneshot::Sender<Result<Written, AuditError>>, Written)>,
-    granted: Vec<(Vec<u8>, Vec<u8>)>,
+    granted: Vec<(Fingerprint, Fingerprint)>,
 }
 
 /// Decides every claim of the batch in order, counting the batch's own grants.
 fn decide(usage: &Usage, jobs: &[Job], now: i64) -> Vec<Option<Refusal>> {
-    let mut staged_cards: HashMap<&[u8], usize> = HashMap::new();
-    let mut staged_challenges: HashSet<&[u8]> = HashSet::new();
+    let mut staged_cards: FingerprintRefs<usize> = FingerprintRefs::default();
+    let mut staged_challenges: HashSet<&Fingerprint, BuildHasherDefault<FingerprintHasher>> =
+        HashSet::default();
     jobs.iter()
         .map(|job| {
             let claim = job.claim.as_ref()?;
-            let replayed = staged_challenges.contains(claim.challenge_fp.as_slice())
+            let replayed = staged_challenges.contains(&claim.challenge_fp)
                 || usage.replayed(&claim.challenge_fp, now - claim.replay_window_ms);
             let used = usage.used(&claim.card_fp, now - claim.window_ms)
-                + staged_cards
-                    .get(claim.card_fp.as_slice())
-                    .copied()
-                    .unwrap_or(0);
+                + staged_cards.get(&claim.card_fp).copied().unwrap_or(0);
             if replayed {
                 Some(Refusal::Replay)
             } else if used >= claim.limit as usize {
@@ -561,10 +601,11 @@ fn stage(head: &Head, usage: &Usage, batch: &mut Vec<Job>, now: i64) -> Staged {
                 };
             }
             (Some(claim), None) => {
-                staged
-                    .granted
-                    .push((claim.card_fp.clone(), claim.challenge_fp.clone()));
-                fingerprints = (Some(claim.card_fp), Some(claim.challenge_fp));
+                staged.granted.push((claim.card_fp, claim.challenge_fp));
+                fingerprints = (
+                    Some(claim.card_fp.to_vec()),
+                    Some(claim.challenge_fp.to_vec()),
+                );
             }
             (None, _) => {}
         }
@@ -738,8 +779,8 @@ mod tests {
     async fn per_card_limit_and_replay_are_decided_in_order() {
         let (log, _db) = log_with(0).await;
         let claim = |challenge: u8| UsageClaim {
-            card_fp: vec![1],
-            challenge_fp: vec![challenge],
+            card_fp: [1; 32],
+            challenge_fp: [challenge; 32],
             limit: 2,
             window_ms: 60_000,
             replay_window_ms: 60_000,
@@ -764,9 +805,16 @@ mod tests {
     #[tokio::test]
     async fn usage_is_rebuilt_at_start_from_audit_records_and_legacy_card_use_rows() {
         let (log, db) = log_with(0).await;
+        // Fingerprints of a card, and of a challenge to that card.
+        let card_fp = |card: u8| [card; 32];
+        let challenge_fp = |card: u8, challenge: u8| {
+            let mut fp = [card; 32];
+            fp[31] = challenge;
+            fp
+        };
         let claim = |card: u8, challenge: u8| UsageClaim {
-            card_fp: vec![card],
-            challenge_fp: vec![card, challenge],
+            card_fp: card_fp(card),
+            challenge_fp: challenge_fp(card, challenge),
             limit: 2,
             window_ms: 60_000,
             replay_window_ms: 60_000,
@@ -781,8 +829,8 @@ mod tests {
         }
         // A use written by a version before migration 4, in the table it had then.
         card_use::Entity::insert(card_use::ActiveModel {
-            card_fp: sea_orm::Set(vec![2]),
-            challenge_fp: sea_orm::Set(vec![2, 1]),
+            card_fp: sea_orm::Set(card_fp(2).to_vec()),
+            challenge_fp: sea_orm::Set(challenge_fp(2, 1).to_vec()),
             at: sea_orm::Set(now_ms()),
             ..Default::default()
         })
