@@ -129,7 +129,7 @@ impl AuditLog {
                 hash: GENESIS.to_vec(),
             },
         };
-        let usage = Usage::load(&db, retention_ms).await?;
+        let usage = Usage::load(&db, retention_ms, LOAD_PAGE).await?;
         let (jobs, rx) = mpsc::channel(4 * MAX_BATCH);
         // The writer gets a thread and a runtime of its own: as one task among the request
         // tasks it would wait behind all of them at each of its awaits, and every answer
@@ -355,8 +355,12 @@ pub fn record_hash(r: &audit_record::Model) -> Vec<u8> {
     ctx.finish().as_ref().to_vec()
 }
 
-/// (at, card fingerprint, challenge fingerprint) of a granted claim, as stored.
-type GrantedRow = (i64, Option<Vec<u8>>, Option<Vec<u8>>);
+/// (seq, at, card fingerprint, challenge fingerprint) of a record, as stored: the
+/// fingerprints are those of a granted claim, or none.
+type GrantedRow = (i64, i64, Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// Records read per query when the usage is rebuilt at start.
+const LOAD_PAGE: u64 = 10_000;
 
 /// Hashes a fingerprint by its first eight bytes. A fingerprint is an HMAC under a key only
 /// custody holds, so its bytes are already uniform and no caller can aim them at one bucket:
@@ -401,7 +405,11 @@ struct Usage {
 }
 
 impl Usage {
-    async fn load(db: &DatabaseConnection, retention_ms: i64) -> Result<Self, AuditError> {
+    async fn load(
+        db: &DatabaseConnection,
+        retention_ms: i64,
+        page_size: u64,
+    ) -> Result<Self, AuditError> {
         let mut usage = Self {
             retention_ms,
             by_card: FingerprintMap::default(),
@@ -422,23 +430,44 @@ impl Usage {
                 usage.add(card_fp, challenge_fp, row.at);
             }
         }
-        let granted: Vec<GrantedRow> = audit_record::Entity::find()
-            .select_only()
-            .column(audit_record::Column::At)
-            .column(audit_record::Column::CardFp)
-            .column(audit_record::Column::ChallengeFp)
-            .filter(audit_record::Column::At.gte(since))
-            .filter(audit_record::Column::CardFp.is_not_null())
-            .into_tuple()
-            .all(db)
-            .await
-            .map_err(AuditError::Read)?;
-        for (at, card_fp, challenge_fp) in granted {
-            if let (Some(card_fp), Some(challenge_fp)) = (
-                stored_fingerprint(card_fp),
-                stored_fingerprint(challenge_fp),
-            ) {
-                usage.add(card_fp, challenge_fp, at);
+        // Records newest first by sequence number (the primary key: no index on `at` is
+        // written with every record for this one read at start), until one is older than the
+        // window by another window; the granted claims among them. Records are written in time
+        // order; the margin covers a clock that was set back by up to one window since. Every
+        // record counts for the stop, granted or not, so a log of refusals is not read whole.
+        let mut before = i64::MAX;
+        'pages: loop {
+            let page: Vec<GrantedRow> = audit_record::Entity::find()
+                .select_only()
+                .column(audit_record::Column::Seq)
+                .column(audit_record::Column::At)
+                .column(audit_record::Column::CardFp)
+                .column(audit_record::Column::ChallengeFp)
+                .filter(audit_record::Column::Seq.lt(before))
+                .order_by_desc(audit_record::Column::Seq)
+                .limit(page_size)
+                .into_tuple()
+                .all(db)
+                .await
+                .map_err(AuditError::Read)?;
+            let last_page = (page.len() as u64) < page_size;
+            for (seq, at, card_fp, challenge_fp) in page {
+                before = seq;
+                if at < since.saturating_sub(retention_ms) {
+                    break 'pages;
+                }
+                if at < since {
+                    continue;
+                }
+                if let (Some(card_fp), Some(challenge_fp)) = (
+                    stored_fingerprint(card_fp),
+                    stored_fingerprint(challenge_fp),
+                ) {
+                    usage.add(card_fp, challenge_fp, at);
+                }
+            }
+            if last_page {
+                break;
             }
         }
         Ok(usage)
@@ -857,6 +886,68 @@ mod tests {
             log.record(event(), Some(claim(2, 2))).await.unwrap(),
             Written::Recorded { .. }
         ));
+    }
+
+    #[tokio::test]
+    async fn usage_is_rebuilt_newest_first_until_records_are_a_window_older_than_the_window() {
+        use sea_orm::{ActiveModelTrait, IntoActiveModel};
+        let db = crate::store::test_database().await;
+        const W: i64 = 60_000;
+        let now = now_ms();
+        // (seq, at, card, challenge): card 0 is a record with no claim.
+        let records = [
+            (1, now - 10, 1, 1),        // in the window, but behind the stop below
+            (2, now - 3 * W, 2, 1),     // older than the window by more than a window: stop
+            (3, now - 5_000, 3, 1),     // written before the clock was set back...
+            (4, now - 3 * W / 2, 4, 1), // ...by more than the window (within the margin)
+            (5, now - 2_000, 3, 2),
+            (6, now - 1_000, 0, 0),
+            (7, now - 500, 5, 1),
+        ];
+        for (seq, at, card, challenge) in records {
+            let fp = |b: u8| (card > 0).then(|| vec![b; 32]);
+            audit_record::Model {
+                seq,
+                at,
+                event: AuditEvent::Cryptogram as i32,
+                outcome: AuditOutcome::Success as i32,
+                caller: "c".into(),
+                actor_kind: 0,
+                actor_id: String::new(),
+                user_id: String::new(),
+                card_id: vec![card],
+                flow: 0,
+                approval_id: String::new(),
+                request_id: String::new(),
+                key_reference: "k".into(),
+                key_version: 1,
+                reason: String::new(),
+                prev_hash: vec![0; 32],
+                hash: vec![0; 32],
+                card_fp: fp(card),
+                challenge_fp: fp(16 * card + challenge),
+            }
+            .into_active_model()
+            .insert(&db)
+            .await
+            .unwrap();
+        }
+        for page_size in [1, 2, 3, 100] {
+            let usage = Usage::load(&db, W, page_size).await.unwrap();
+            let since = now - W;
+            let used = |card: u8| usage.used(&[card; 32], since);
+            let replayed =
+                |card: u8, challenge: u8| usage.replayed(&[16 * card + challenge; 32], since);
+            assert_eq!((used(3), used(5)), (2, 1), "page size {page_size}");
+            assert!(replayed(3, 1) && replayed(3, 2) && replayed(5, 1));
+            // Outside the window, or behind a record older than two windows.
+            assert_eq!(
+                (used(1), used(2), used(4)),
+                (0, 0, 0),
+                "page size {page_size}"
+            );
+            assert!(!replayed(1, 1) && !replayed(4, 1));
+        }
     }
 
     async fn futures_join(log: &AuditLog, jobs: Vec<(Event, UsageClaim)>) -> Vec<Written> {
