@@ -4,7 +4,10 @@
 //! acceptor and layers every service uses) and the cryptogram RPC with its durable audit
 //! (SQLite WAL, synchronous=FULL, group commit), at 1, 16, 64 and 256 requests in flight
 //! spread over 4 connections. Requests/s, p50, p99 and the ratio to the baseline at the same
-//! concurrency. Client and servers share this machine's cores, as in the e2e tests, but run
+//! concurrency. The rows of one level are measured in interleaved slices (baseline, soft,
+//! pkcs11, baseline, soft, ... [`ROUNDS`] times), so that a change in the machine's load
+//! (other work on a shared machine) falls on all of them alike; the figures are over all
+//! slices, and the last column gives the ratio of each round on its own. Client and servers share this machine's cores, as in the e2e tests, but run
 //! on runtimes of their own (threads `bench-client` and `bench-server`, custody's own audit
 //! threads besides), so a profile tells their costs apart.
 
@@ -39,8 +42,26 @@ fn levels() -> Vec<usize> {
         Err(_) => LEVELS.to_vec(),
     }
 }
-const RUN: Duration = Duration::from_secs(3);
-const WARMUP: Duration = Duration::from_millis(500);
+/// Slices per row and level, interleaved with the other rows'.
+const ROUNDS: usize = 3;
+/// Measured time per slice, after its warm-up.
+const SLICE: Duration = Duration::from_secs(1);
+const WARMUP: Duration = Duration::from_millis(300);
+
+/// What one slice saw.
+#[derive(Default)]
+struct Slice {
+    latencies: Vec<Duration>,
+    errors: u64,
+    /// CPU ticks by thread group over the measured time (see [`cpu_ticks`]).
+    ticks: [u64; 4],
+}
+
+impl Slice {
+    fn rps(&self) -> f64 {
+        self.latencies.len() as f64 / SLICE.as_secs_f64()
+    }
+}
 
 #[derive(Clone)]
 struct Figures {
@@ -110,8 +131,8 @@ fn channels(pki: &DevPki, addr: std::net::SocketAddr, server: &str) -> Vec<Chann
         .collect()
 }
 
-/// Runs `in_flight` loops for RUN (after WARMUP), each sending one request at a time.
-async fn measure<F, Fut>(in_flight: usize, call: F) -> Figures
+/// Runs `in_flight` loops for SLICE (after WARMUP), each sending one request at a time.
+async fn measure<F, Fut>(in_flight: usize, call: F) -> Slice
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send,
@@ -119,7 +140,7 @@ where
     let call = Arc::new(call);
     let start = Instant::now();
     let measure_from = start + WARMUP;
-    let end = measure_from + RUN;
+    let end = measure_from + SLICE;
     let mut tasks = Vec::new();
     for worker in 0..in_flight {
         let call = call.clone();
@@ -149,13 +170,24 @@ where
     let cpu_before = cpu_ticks();
     tokio::time::sleep_until(end.into()).await;
     let cpu_after = cpu_ticks();
-    let mut all = Vec::new();
-    let mut errors = 0;
+    let mut slice = Slice::default();
     for t in tasks {
         let (l, e) = t.await.expect("worker");
-        all.extend(l);
-        errors += e;
+        slice.latencies.extend(l);
+        slice.errors += e;
     }
+    for (i, ((_, before), (_, after))) in cpu_before.iter().zip(cpu_after).enumerate() {
+        slice.ticks[i] = after - before;
+    }
+    slice
+}
+
+/// One row's figures over all its slices.
+fn figures(slices: &[Slice]) -> Figures {
+    let mut all: Vec<Duration> = slices
+        .iter()
+        .flat_map(|s| s.latencies.iter().copied())
+        .collect();
     all.sort();
     let pct = |p: f64| {
         all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
@@ -164,23 +196,31 @@ where
     };
     // Linux reports utime and stime in USER_HZ ticks: 100 per second.
     let tick_us = 10_000.0;
-    let cpu_us = cpu_before
+    let names = cpu_ticks().map(|(name, _)| name);
+    let cpu_us = names
         .iter()
-        .zip(cpu_after)
-        .map(|((name, before), (_, after))| {
-            (
-                *name,
-                (after - before) as f64 * tick_us / all.len().max(1) as f64,
-            )
+        .enumerate()
+        .map(|(i, name)| {
+            let ticks: u64 = slices.iter().map(|s| s.ticks[i]).sum();
+            (*name, ticks as f64 * tick_us / all.len().max(1) as f64)
         })
         .collect();
     Figures {
         cpu_us,
-        rps: all.len() as f64 / RUN.as_secs_f64(),
+        rps: all.len() as f64 / (SLICE.as_secs_f64() * slices.len().max(1) as f64),
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
-        errors,
+        errors: slices.iter().map(|s| s.errors).sum(),
     }
+}
+
+/// Each round's ratio of `row` to `base`, e.g. "0.71 / 0.78 / 0.74".
+fn round_ratios(row: &[Slice], base: &[Slice]) -> String {
+    row.iter()
+        .zip(base)
+        .map(|(r, b)| format!("{:.2}", r.rps() / b.rps()))
+        .collect::<Vec<_>>()
+        .join(" / ")
 }
 
 fn custody_config(dir: &Path, pki: &DevPki) -> cms_custody::Config {
@@ -430,7 +470,7 @@ async fn cryptograms(
     version: u32,
     prefix: String,
     in_flight: usize,
-) -> Figures {
+) -> Slice {
     let channels = channels.clone();
     measure(in_flight, move |worker, n| {
         let mut client = CustodyServiceClient::new(channels[worker % CONNECTIONS].clone());
@@ -467,35 +507,52 @@ async fn bench(started: &Started) {
     };
 
     println!(
-        "custody cryptogram benchmark: {CONNECTIONS} connections, {}s per row after {}ms warm-up, {} cores",
-        RUN.as_secs(),
+        "custody cryptogram benchmark: {CONNECTIONS} connections, per row {ROUNDS} slices of {}s (after {}ms warm-up each), interleaved with the other rows, {} cores",
+        SLICE.as_secs(),
         WARMUP.as_millis(),
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0)
     );
     println!(
-        "| backend | in flight | baseline req/s | baseline p50 ms | baseline p99 ms | cryptogram req/s | p50 ms | p99 ms | errors | ratio | pkcs11/soft |"
+        "| backend | in flight | baseline req/s | baseline p50 ms | baseline p99 ms | cryptogram req/s | p50 ms | p99 ms | errors | ratio | pkcs11/soft | ratio by round |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut cpu = Vec::new();
-    for (round, in_flight) in levels().into_iter().enumerate() {
-        let echo = echo.clone();
-        let base = measure(in_flight, move |worker, _| {
-            let mut client = HealthClient::new(echo[worker % CONNECTIONS].clone());
-            async move {
-                client
-                    .check(HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                    .is_ok()
+    for (level, in_flight) in levels().into_iter().enumerate() {
+        let (mut base_slices, mut soft_slices, mut p11_slices) =
+            (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..ROUNDS {
+            let echo = echo.clone();
+            base_slices.push(
+                measure(in_flight, move |worker, _| {
+                    let mut client = HealthClient::new(echo[worker % CONNECTIONS].clone());
+                    async move {
+                        client
+                            .check(HealthCheckRequest {
+                                service: String::new(),
+                            })
+                            .await
+                            .is_ok()
+                    }
+                })
+                .await,
+            );
+            soft_slices.push(
+                cryptograms(&soft, soft_version, format!("r{level}-{round}"), in_flight).await,
+            );
+            // The same requests against custody on the pkcs11 backend (SoftHSM2), right after
+            // the soft slice so both see the same machine load; same baseline.
+            if let Some((channels, version)) = &pkcs11 {
+                p11_slices.push(
+                    cryptograms(channels, *version, format!("p{level}-{round}"), in_flight).await,
+                );
             }
-        })
-        .await;
-        let crypto = cryptograms(&soft, soft_version, format!("r{round}"), in_flight).await;
+        }
+        let base = figures(&base_slices);
+        let crypto = figures(&soft_slices);
         println!(
-            "| soft | {in_flight} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {} | {:.2}x | - |",
+            "| soft | {in_flight} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {} | {:.2}x | - | {} |",
             base.rps,
             base.p50_ms,
             base.p99_ms,
@@ -503,16 +560,15 @@ async fn bench(started: &Started) {
             crypto.p50_ms,
             crypto.p99_ms,
             crypto.errors + base.errors,
-            crypto.rps / base.rps
+            crypto.rps / base.rps,
+            round_ratios(&soft_slices, &base_slices),
         );
         cpu.push(("baseline", in_flight, base.cpu_us.clone()));
         cpu.push(("soft", in_flight, crypto.cpu_us.clone()));
-        // The same requests against custody on the pkcs11 backend (SoftHSM2), measured right
-        // after the soft row so both see the same machine load; same baseline.
-        if let Some((channels, version)) = &pkcs11 {
-            let p11 = cryptograms(channels, *version, format!("p{round}"), in_flight).await;
+        if pkcs11.is_some() {
+            let p11 = figures(&p11_slices);
             println!(
-                "| pkcs11 | {in_flight} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {} | {:.2}x | {:.2}x |",
+                "| pkcs11 | {in_flight} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {} | {:.2}x | {:.2}x | {} |",
                 base.rps,
                 base.p50_ms,
                 base.p99_ms,
@@ -521,7 +577,8 @@ async fn bench(started: &Started) {
                 p11.p99_ms,
                 p11.errors + base.errors,
                 p11.rps / base.rps,
-                p11.rps / crypto.rps
+                p11.rps / crypto.rps,
+                round_ratios(&p11_slices, &base_slices),
             );
             cpu.push(("pkcs11", in_flight, p11.cpu_us.clone()));
         }
@@ -540,7 +597,7 @@ async fn bench(started: &Started) {
     }
     if let Err(why) = &started.pkcs11 {
         println!(
-            "| pkcs11 | skipped: SoftHSM2 is not usable here ({why}); install it with `apt-get install softhsm2` | | | | | | | | | |"
+            "| pkcs11 | skipped: SoftHSM2 is not usable here ({why}); install it with `apt-get install softhsm2` | | | | | | | | | | |"
         );
     }
 }

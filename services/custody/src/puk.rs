@@ -48,7 +48,7 @@ use crate::guards::{self, Caller};
 use crate::keystore::{KeystoreError, MasterKeyHandle};
 use crate::service::{Custody, context};
 use crate::store::entities::{puk_card, puk_session};
-use crate::wrap::Kek;
+use crate::wrap::{Fingerprint, Kek};
 
 /// Longest session id accepted.
 const MAX_SESSION_ID: usize = 128;
@@ -141,7 +141,7 @@ fn check_reference(reference: &str) -> Result<(), Error> {
 }
 
 /// The card as custody knows it everywhere: its identifier under its master key.
-fn card_fingerprint(kek: &Kek, reference: &str, card_id: &[u8]) -> Vec<u8> {
+fn card_fingerprint(kek: &Kek, reference: &str, card_id: &[u8]) -> Fingerprint {
     kek.fingerprint("card", &[reference.as_bytes(), card_id])
 }
 
@@ -177,7 +177,7 @@ fn audited_outcome(error: &Error) -> (AuditOutcome, String) {
 struct Release {
     _slot: OwnedSemaphorePermit,
     kek: Arc<Kek>,
-    card_fp: Vec<u8>,
+    card_fp: Fingerprint,
     version: u32,
     /// The version was read out offline before (online releases report it).
     exposed: bool,
@@ -266,13 +266,13 @@ impl Custody {
             Some(session) => {
                 let fp = kek.fingerprint("puk-session", &[session.as_bytes()]);
                 let used = puk_session::Entity::find()
-                    .filter(puk_session::Column::SessionFp.eq(fp.clone()))
+                    .filter(puk_session::Column::SessionFp.eq(fp.to_vec()))
                     .one(&self.db)
                     .await?;
                 if used.is_some() {
                     return Err(session_used());
                 }
-                Some(fp)
+                Some(fp.to_vec())
             }
             None => None,
         };
@@ -300,7 +300,7 @@ impl Custody {
         let version = i64::from(release.version);
         let offline = release.session_fp.is_none();
         let first_seen = puk_card::ActiveModel {
-            card_fp: Set(release.card_fp.clone()),
+            card_fp: Set(release.card_fp.to_vec()),
             puk_version: Set(version),
             exposed: Set(offline),
             exposed_at: Set(offline.then_some(now)),
@@ -329,7 +329,7 @@ impl Custody {
                 }
                 let taken = puk_session::ActiveModel {
                     session_fp: Set(session_fp.clone()),
-                    card_fp: Set(release.card_fp.clone()),
+                    card_fp: Set(release.card_fp.to_vec()),
                     puk_version: Set(version),
                     at: Set(now),
                     ..Default::default()
@@ -349,7 +349,7 @@ impl Custody {
                 let updated = puk_card::Entity::update_many()
                     .col_expr(puk_card::Column::Exposed, Expr::val(true))
                     .col_expr(puk_card::Column::ExposedAt, exposed_at)
-                    .filter(puk_card::Column::CardFp.eq(release.card_fp.clone()))
+                    .filter(puk_card::Column::CardFp.eq(release.card_fp.to_vec()))
                     .filter(puk_card::Column::PukVersion.eq(version))
                     .exec(&self.db)
                     .await?;
@@ -374,7 +374,7 @@ impl Custody {
             .map_err(crate::seal::SealError::from)
             .map_err(Error::from)?;
         Ok(UsageClaim {
-            card_fp: release.card_fp.clone(),
+            card_fp: release.card_fp,
             challenge_fp: release.kek.fingerprint(
                 "card-puk-release",
                 &[req.master_key_reference.as_bytes(), &req.card_id, &nonce],
@@ -455,7 +455,7 @@ impl Custody {
         &self,
         caller: Result<Caller<'_>, Error>,
         req: &pb::ConfirmPukRotationRequest,
-    ) -> Result<(Vec<u8>, i64), Error> {
+    ) -> Result<(Fingerprint, i64), Error> {
         let caller = caller?;
         caller.require_release_puk()?;
         caller.require_key(&req.master_key_reference)?;
@@ -505,7 +505,7 @@ impl Custody {
                 puk_card::Column::RotatedAt,
                 Expr::val(Some(audit::now_ms())),
             )
-            .filter(puk_card::Column::CardFp.eq(card_fp.clone()))
+            .filter(puk_card::Column::CardFp.eq(card_fp.to_vec()))
             .filter(puk_card::Column::PukVersion.eq(old))
             .exec(&self.db)
             .await;

@@ -12,6 +12,10 @@ use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
 pub const KEK_LEN: usize = 32;
+pub const FINGERPRINT_LEN: usize = 32;
+
+/// A keyed fingerprint (HMAC-SHA256 under a KEK subkey): recognises a value without keeping it.
+pub type Fingerprint = [u8; FINGERPRINT_LEN];
 const BLOB_FORMAT: u8 = 1;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -114,13 +118,15 @@ impl Kek {
     }
 
     /// A keyed fingerprint of `parts` (length-prefixed, so part boundaries matter).
-    pub fn fingerprint(&self, label: &str, parts: &[&[u8]]) -> Vec<u8> {
+    pub fn fingerprint(&self, label: &str, parts: &[&[u8]]) -> Fingerprint {
         let mut ctx = hmac::Context::with_key(&self.subkey(label));
         for part in parts {
             ctx.update(&(part.len() as u64).to_be_bytes());
             ctx.update(part);
         }
-        ctx.sign().as_ref().to_vec()
+        let mut fingerprint = [0u8; FINGERPRINT_LEN];
+        fingerprint.copy_from_slice(ctx.sign().as_ref());
+        fingerprint
     }
 
     fn aead(&self) -> LessSafeKey {

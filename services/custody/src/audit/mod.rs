@@ -8,6 +8,7 @@
 //! error: custody fails closed.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cms_proto::common::v1::AuthContext;
@@ -17,6 +18,7 @@ use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOr
 use tokio::sync::{mpsc, oneshot};
 
 use crate::store::entities::{audit_record, card_use};
+use crate::wrap::{FINGERPRINT_LEN, Fingerprint};
 
 mod sink;
 use sink::Sink;
@@ -64,8 +66,8 @@ impl Event {
 /// replay. Fingerprints are keyed (KEK) hashes, never the card's challenge itself.
 #[derive(Clone, Debug)]
 pub struct UsageClaim {
-    pub card_fp: Vec<u8>,
-    pub challenge_fp: Vec<u8>,
+    pub card_fp: Fingerprint,
+    pub challenge_fp: Fingerprint,
     pub limit: u32,
     pub window_ms: i64,
     pub replay_window_ms: i64,
@@ -127,7 +129,7 @@ impl AuditLog {
                 hash: GENESIS.to_vec(),
             },
         };
-        let usage = Usage::load(&db, retention_ms).await?;
+        let usage = Usage::load(&db, retention_ms, LOAD_PAGE).await?;
         let (jobs, rx) = mpsc::channel(4 * MAX_BATCH);
         // The writer gets a thread and a runtime of its own: as one task among the request
         // tasks it would wait behind all of them at each of its awaits, and every answer
@@ -353,25 +355,65 @@ pub fn record_hash(r: &audit_record::Model) -> Vec<u8> {
     ctx.finish().as_ref().to_vec()
 }
 
-/// (at, card fingerprint, challenge fingerprint) of a granted claim, as stored.
-type GrantedRow = (i64, Option<Vec<u8>>, Option<Vec<u8>>);
+/// (seq, at, card fingerprint, challenge fingerprint) of a record, as stored: the
+/// fingerprints are those of a granted claim, or none.
+type GrantedRow = (i64, i64, Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// Records read per query when the usage is rebuilt at start.
+const LOAD_PAGE: u64 = 10_000;
+
+/// Hashes a fingerprint by its first eight bytes. A fingerprint is an HMAC under a key only
+/// custody holds, so its bytes are already uniform and no caller can aim them at one bucket:
+/// hashing them again (SipHash over the whole 32 bytes, twice per claim and per grant) was
+/// pure cost in the writer.
+#[derive(Default)]
+struct FingerprintHasher(u64);
+
+impl Hasher for FingerprintHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // `[u8; 32]` hashes as its length, then its bytes: the length is the same for every
+        // key, and the bytes' first eight are the hash.
+        let mut first = [0u8; 8];
+        let n = bytes.len().min(8);
+        first[..n].copy_from_slice(&bytes[..n]);
+        self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(first);
+    }
+
+    fn write_usize(&mut self, _len: usize) {}
+}
+
+type FingerprintMap<V> = HashMap<Fingerprint, V, BuildHasherDefault<FingerprintHasher>>;
+type FingerprintRefs<'a, V> = HashMap<&'a Fingerprint, V, BuildHasherDefault<FingerprintHasher>>;
+
+/// A stored fingerprint, or `None` when it is not one (no claim can match it then).
+fn stored_fingerprint(bytes: Option<Vec<u8>>) -> Option<Fingerprint> {
+    bytes.and_then(|b| <[u8; FINGERPRINT_LEN]>::try_from(b.as_slice()).ok())
+}
 
 /// Recent answered challenges, by card: the writer's own index of the granted claims, so
 /// deciding a claim needs no query. The audit records (and the legacy `card_use` rows) stay the
 /// durable record it is rebuilt from at start.
 struct Usage {
     retention_ms: i64,
-    by_card: HashMap<Vec<u8>, Vec<i64>>,
-    challenges: HashMap<Vec<u8>, i64>,
+    by_card: FingerprintMap<Vec<i64>>,
+    challenges: FingerprintMap<i64>,
     pruned_at: i64,
 }
 
 impl Usage {
-    async fn load(db: &DatabaseConnection, retention_ms: i64) -> Result<Self, AuditError> {
+    async fn load(
+        db: &DatabaseConnection,
+        retention_ms: i64,
+        page_size: u64,
+    ) -> Result<Self, AuditError> {
         let mut usage = Self {
             retention_ms,
-            by_card: HashMap::new(),
-            challenges: HashMap::new(),
+            by_card: FingerprintMap::default(),
+            challenges: FingerprintMap::default(),
             pruned_at: now_ms(),
         };
         let since = now_ms() - retention_ms;
@@ -381,39 +423,68 @@ impl Usage {
             .await
             .map_err(AuditError::Read)?;
         for row in legacy {
-            usage.add(row.card_fp, row.challenge_fp, row.at);
+            if let (Some(card_fp), Some(challenge_fp)) = (
+                stored_fingerprint(Some(row.card_fp)),
+                stored_fingerprint(Some(row.challenge_fp)),
+            ) {
+                usage.add(card_fp, challenge_fp, row.at);
+            }
         }
-        let granted: Vec<GrantedRow> = audit_record::Entity::find()
-            .select_only()
-            .column(audit_record::Column::At)
-            .column(audit_record::Column::CardFp)
-            .column(audit_record::Column::ChallengeFp)
-            .filter(audit_record::Column::At.gte(since))
-            .filter(audit_record::Column::CardFp.is_not_null())
-            .into_tuple()
-            .all(db)
-            .await
-            .map_err(AuditError::Read)?;
-        for (at, card_fp, challenge_fp) in granted {
-            if let (Some(card_fp), Some(challenge_fp)) = (card_fp, challenge_fp) {
-                usage.add(card_fp, challenge_fp, at);
+        // Records newest first by sequence number (the primary key: no index on `at` is
+        // written with every record for this one read at start), until one is older than the
+        // window by another window; the granted claims among them. Records are written in time
+        // order; the margin covers a clock that was set back by up to one window since. Every
+        // record counts for the stop, granted or not, so a log of refusals is not read whole.
+        let mut before = i64::MAX;
+        'pages: loop {
+            let page: Vec<GrantedRow> = audit_record::Entity::find()
+                .select_only()
+                .column(audit_record::Column::Seq)
+                .column(audit_record::Column::At)
+                .column(audit_record::Column::CardFp)
+                .column(audit_record::Column::ChallengeFp)
+                .filter(audit_record::Column::Seq.lt(before))
+                .order_by_desc(audit_record::Column::Seq)
+                .limit(page_size)
+                .into_tuple()
+                .all(db)
+                .await
+                .map_err(AuditError::Read)?;
+            let last_page = (page.len() as u64) < page_size;
+            for (seq, at, card_fp, challenge_fp) in page {
+                before = seq;
+                if at < since.saturating_sub(retention_ms) {
+                    break 'pages;
+                }
+                if at < since {
+                    continue;
+                }
+                if let (Some(card_fp), Some(challenge_fp)) = (
+                    stored_fingerprint(card_fp),
+                    stored_fingerprint(challenge_fp),
+                ) {
+                    usage.add(card_fp, challenge_fp, at);
+                }
+            }
+            if last_page {
+                break;
             }
         }
         Ok(usage)
     }
 
-    fn add(&mut self, card_fp: Vec<u8>, challenge_fp: Vec<u8>, at: i64) {
+    fn add(&mut self, card_fp: Fingerprint, challenge_fp: Fingerprint, at: i64) {
         self.by_card.entry(card_fp).or_default().push(at);
         self.challenges.insert(challenge_fp, at);
     }
 
-    fn replayed(&self, challenge_fp: &[u8], since: i64) -> bool {
+    fn replayed(&self, challenge_fp: &Fingerprint, since: i64) -> bool {
         self.challenges
             .get(challenge_fp)
             .is_some_and(|at| *at >= since)
     }
 
-    fn used(&self, card_fp: &[u8], since: i64) -> usize {
+    fn used(&self, card_fp: &Fingerprint, since: i64) -> usize {
         self.by_card
             .get(card_fp)
             .map_or(0, |uses| uses.iter().filter(|at| **at >= since).count())
@@ -493,23 +564,21 @@ struct Staged {
     rows: Vec<audit_record::Model>,
     head: Head,
     replies: Vec<(oneshot::Sender<Result<Written, AuditError>>, Written)>,
-    granted: Vec<(Vec<u8>, Vec<u8>)>,
+    granted: Vec<(Fingerprint, Fingerprint)>,
 }
 
 /// Decides every claim of the batch in order, counting the batch's own grants.
 fn decide(usage: &Usage, jobs: &[Job], now: i64) -> Vec<Option<Refusal>> {
-    let mut staged_cards: HashMap<&[u8], usize> = HashMap::new();
-    let mut staged_challenges: HashSet<&[u8]> = HashSet::new();
+    let mut staged_cards: FingerprintRefs<usize> = FingerprintRefs::default();
+    let mut staged_challenges: HashSet<&Fingerprint, BuildHasherDefault<FingerprintHasher>> =
+        HashSet::default();
     jobs.iter()
         .map(|job| {
             let claim = job.claim.as_ref()?;
-            let replayed = staged_challenges.contains(claim.challenge_fp.as_slice())
+            let replayed = staged_challenges.contains(&claim.challenge_fp)
                 || usage.replayed(&claim.challenge_fp, now - claim.replay_window_ms);
             let used = usage.used(&claim.card_fp, now - claim.window_ms)
-                + staged_cards
-                    .get(claim.card_fp.as_slice())
-                    .copied()
-                    .unwrap_or(0);
+                + staged_cards.get(&claim.card_fp).copied().unwrap_or(0);
             if replayed {
                 Some(Refusal::Replay)
             } else if used >= claim.limit as usize {
@@ -561,10 +630,11 @@ fn stage(head: &Head, usage: &Usage, batch: &mut Vec<Job>, now: i64) -> Staged {
                 };
             }
             (Some(claim), None) => {
-                staged
-                    .granted
-                    .push((claim.card_fp.clone(), claim.challenge_fp.clone()));
-                fingerprints = (Some(claim.card_fp), Some(claim.challenge_fp));
+                staged.granted.push((claim.card_fp, claim.challenge_fp));
+                fingerprints = (
+                    Some(claim.card_fp.to_vec()),
+                    Some(claim.challenge_fp.to_vec()),
+                );
             }
             (None, _) => {}
         }
@@ -738,8 +808,8 @@ mod tests {
     async fn per_card_limit_and_replay_are_decided_in_order() {
         let (log, _db) = log_with(0).await;
         let claim = |challenge: u8| UsageClaim {
-            card_fp: vec![1],
-            challenge_fp: vec![challenge],
+            card_fp: [1; 32],
+            challenge_fp: [challenge; 32],
             limit: 2,
             window_ms: 60_000,
             replay_window_ms: 60_000,
@@ -764,9 +834,16 @@ mod tests {
     #[tokio::test]
     async fn usage_is_rebuilt_at_start_from_audit_records_and_legacy_card_use_rows() {
         let (log, db) = log_with(0).await;
+        // Fingerprints of a card, and of a challenge to that card.
+        let card_fp = |card: u8| [card; 32];
+        let challenge_fp = |card: u8, challenge: u8| {
+            let mut fp = [card; 32];
+            fp[31] = challenge;
+            fp
+        };
         let claim = |card: u8, challenge: u8| UsageClaim {
-            card_fp: vec![card],
-            challenge_fp: vec![card, challenge],
+            card_fp: card_fp(card),
+            challenge_fp: challenge_fp(card, challenge),
             limit: 2,
             window_ms: 60_000,
             replay_window_ms: 60_000,
@@ -781,8 +858,8 @@ mod tests {
         }
         // A use written by a version before migration 4, in the table it had then.
         card_use::Entity::insert(card_use::ActiveModel {
-            card_fp: sea_orm::Set(vec![2]),
-            challenge_fp: sea_orm::Set(vec![2, 1]),
+            card_fp: sea_orm::Set(card_fp(2).to_vec()),
+            challenge_fp: sea_orm::Set(challenge_fp(2, 1).to_vec()),
             at: sea_orm::Set(now_ms()),
             ..Default::default()
         })
@@ -809,6 +886,68 @@ mod tests {
             log.record(event(), Some(claim(2, 2))).await.unwrap(),
             Written::Recorded { .. }
         ));
+    }
+
+    #[tokio::test]
+    async fn usage_is_rebuilt_newest_first_until_records_are_a_window_older_than_the_window() {
+        use sea_orm::{ActiveModelTrait, IntoActiveModel};
+        let db = crate::store::test_database().await;
+        const W: i64 = 60_000;
+        let now = now_ms();
+        // (seq, at, card, challenge): card 0 is a record with no claim.
+        let records = [
+            (1, now - 10, 1, 1),        // in the window, but behind the stop below
+            (2, now - 3 * W, 2, 1),     // older than the window by more than a window: stop
+            (3, now - 5_000, 3, 1),     // written before the clock was set back...
+            (4, now - 3 * W / 2, 4, 1), // ...by more than the window (within the margin)
+            (5, now - 2_000, 3, 2),
+            (6, now - 1_000, 0, 0),
+            (7, now - 500, 5, 1),
+        ];
+        for (seq, at, card, challenge) in records {
+            let fp = |b: u8| (card > 0).then(|| vec![b; 32]);
+            audit_record::Model {
+                seq,
+                at,
+                event: AuditEvent::Cryptogram as i32,
+                outcome: AuditOutcome::Success as i32,
+                caller: "c".into(),
+                actor_kind: 0,
+                actor_id: String::new(),
+                user_id: String::new(),
+                card_id: vec![card],
+                flow: 0,
+                approval_id: String::new(),
+                request_id: String::new(),
+                key_reference: "k".into(),
+                key_version: 1,
+                reason: String::new(),
+                prev_hash: vec![0; 32],
+                hash: vec![0; 32],
+                card_fp: fp(card),
+                challenge_fp: fp(16 * card + challenge),
+            }
+            .into_active_model()
+            .insert(&db)
+            .await
+            .unwrap();
+        }
+        for page_size in [1, 2, 3, 100] {
+            let usage = Usage::load(&db, W, page_size).await.unwrap();
+            let since = now - W;
+            let used = |card: u8| usage.used(&[card; 32], since);
+            let replayed =
+                |card: u8, challenge: u8| usage.replayed(&[16 * card + challenge; 32], since);
+            assert_eq!((used(3), used(5)), (2, 1), "page size {page_size}");
+            assert!(replayed(3, 1) && replayed(3, 2) && replayed(5, 1));
+            // Outside the window, or behind a record older than two windows.
+            assert_eq!(
+                (used(1), used(2), used(4)),
+                (0, 0, 0),
+                "page size {page_size}"
+            );
+            assert!(!replayed(1, 1) && !replayed(4, 1));
+        }
     }
 
     async fn futures_join(log: &AuditLog, jobs: Vec<(Event, UsageClaim)>) -> Vec<Written> {

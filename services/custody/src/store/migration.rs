@@ -17,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(SoTokens),
             Box::new(PivPuks),
             Box::new(UsageInAudit),
+            Box::new(NoAuditTimeIndex),
         ]
     }
 
@@ -139,5 +140,56 @@ impl MigrationTrait for UsageInAudit {
                     .to_owned(),
             )
             .await
+    }
+}
+
+/// The index on `audit_record.at` goes: it was written with every record (one B-tree more per
+/// insert, and on SQLite about a third of the WAL pages of a commit) and read only at start,
+/// to find the recent uses. Those are found by sequence number now, newest first, which the
+/// primary key answers (see `audit::Usage::load`).
+struct NoAuditTimeIndex;
+
+impl MigrationName for NoAuditTimeIndex {
+    fn name(&self) -> &str {
+        "m20261127_000005_no_audit_time_index"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for NoAuditTimeIndex {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .drop_index(
+                Index::drop()
+                    .if_exists()
+                    .name("audit_record_at")
+                    .table(audit_record::Entity)
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::{ConnectionTrait, Statement};
+
+    #[tokio::test]
+    async fn an_audit_record_is_written_into_its_table_alone() {
+        let db = crate::store::test_database().await;
+        let indexes = db
+            .query_all_raw(Statement::from_string(
+                db.get_database_backend(),
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'audit_record'",
+            ))
+            .await
+            .unwrap();
+        // `seq` is the rowid (sea-query makes an i64 key `integer PRIMARY KEY` on SQLite): no
+        // index of its own, and none on `at` since migration 5.
+        let names: Vec<String> = indexes
+            .iter()
+            .map(|r| r.try_get("", "name").unwrap())
+            .collect();
+        assert!(names.is_empty(), "{names:?}");
     }
 }
