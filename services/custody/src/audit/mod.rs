@@ -149,7 +149,7 @@ impl AuditLog {
                         Ok(()) => {
                             let _ = opened.send(Ok(()));
                             // Ends with this runtime, when the writer stops.
-                            tokio::spawn(checkpoints(checkpoint_db));
+                            tokio::spawn(checkpoints(checkpoint_db, WAL_RESTART_PAGES));
                             writer(sink, head, usage, rx).await;
                         }
                         Err(e) => {
@@ -534,24 +534,48 @@ async fn writer(mut sink: Sink, mut head: Head, mut usage: Usage, mut rx: mpsc::
 
 /// How often the SQLite WAL is copied back into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+/// WAL pages (4 KiB each) past which a checkpoint also makes the next commit start the WAL
+/// over: 16 MiB.
+const WAL_RESTART_PAGES: i64 = 4_096;
 
 /// Checkpoints the SQLite WAL from a pool connection, beside the writer: the writer's own
 /// connection does not checkpoint (see `sink`), so a checkpoint's copy and fsync of the
 /// database file never sit inside a commit that requests wait for. PASSIVE: it never blocks
 /// the writer, and copies what it can.
-async fn checkpoints(db: DatabaseConnection) {
+///
+/// Under steady load the writer appends while each PASSIVE checkpoint runs, so the WAL is
+/// never all copied when the next commit starts, and SQLite only ever appends to it: it grew
+/// by megabytes a second. Past `restart_pages`, a RESTART checkpoint waits for the writer's
+/// commit in progress, copies the little the PASSIVE one left, and makes the next commit
+/// write the WAL from its start again (`journal_size_limit` then trims the file).
+async fn checkpoints(db: DatabaseConnection, restart_pages: i64) {
     if db.get_database_backend() != sea_orm::DbBackend::Sqlite {
         return;
     }
     loop {
         tokio::time::sleep(CHECKPOINT_EVERY).await;
-        if let Err(e) =
-            sea_orm::ConnectionTrait::execute_unprepared(&db, "PRAGMA wal_checkpoint(PASSIVE)")
-                .await
-        {
+        if let Err(e) = checkpoint(&db, restart_pages).await {
             tracing::warn!(error = %e, "audit log: WAL checkpoint failed; retrying");
         }
     }
+}
+
+async fn checkpoint(db: &DatabaseConnection, restart_pages: i64) -> Result<(), sea_orm::DbErr> {
+    use sea_orm::ConnectionTrait;
+    let pages = |row: Option<sea_orm::QueryResult>| -> Result<i64, sea_orm::DbErr> {
+        row.map_or(Ok(0), |row| row.try_get_by_index::<i64>(1))
+    };
+    let statement = |mode: &str| {
+        sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Sqlite,
+            format!("PRAGMA wal_checkpoint({mode})"),
+        )
+    };
+    let in_wal = pages(db.query_one_raw(statement("PASSIVE")).await?)?;
+    if in_wal > restart_pages {
+        db.query_one_raw(statement("RESTART")).await?;
+    }
+    Ok(())
 }
 
 fn clone_err(e: &sea_orm::DbErr) -> sea_orm::DbErr {

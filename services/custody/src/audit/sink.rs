@@ -85,6 +85,8 @@ impl Sink {
                     .clone()
                     .synchronous(SqliteSynchronous::Full)
                     .pragma("wal_autocheckpoint", "0")
+                    // The WAL file is cut back to this when a commit starts it over.
+                    .pragma("journal_size_limit", "16777216")
                     .statement_cache_capacity(STATEMENT_CACHE);
                 Conn::Sqlite(
                     SqliteConnection::connect_with(&options)
