@@ -38,26 +38,12 @@ const RELABEL_FIRST: usize = 8;
 /// Most bytes of delta-coded ranks in a chunk; a fuller chunk is split into chunks of about
 /// `CHUNK_FILL`. Searches pay mostly per row read, so chunks are as large as a row can be
 /// while PostgreSQL still keeps it inline (about 2 KiB; larger values go to TOAST, a second
-/// lookup each). These are PostgreSQL's sizes; SQLite's follow.
+/// lookup each). On SQLite (4 KiB pages) such a row spills into an overflow page of its own,
+/// mostly empty, which imports write too; chunks under 1,000 bytes stay whole in the B-tree
+/// page, but searches that read whole lists (exact card serials) read twice the rows, and
+/// were a third slower (p99 11.3 against 6.4 ms on 1,000,000 users), for an import 10% faster.
 const CHUNK_MAX: usize = 1_900;
 const CHUNK_FILL: usize = 1_300;
-/// On SQLite (4 KiB pages) a row of the WITHOUT ROWID postings table stays whole in its
-/// B-tree page up to about 1,000 bytes; a longer one keeps about 490 bytes there and puts the
-/// rest in an overflow page of its own, mostly empty. 81 MB of chunks of 1,300 bytes took
-/// 278 MB of pages, of 950 bytes 83 MB (the postings of an import of 200,000 users): so
-/// chunks there stay under that.
-const SQLITE_CHUNK_MAX: usize = 940;
-const SQLITE_CHUNK_FILL: usize = 640;
-
-/// Most bytes of a chunk, and of each chunk of a split list, on `db`'s database.
-fn chunk_sizes(db: &impl ConnectionTrait) -> (usize, usize) {
-    if pg(db) {
-        (CHUNK_MAX, CHUNK_FILL)
-    } else {
-        (SQLITE_CHUNK_MAX, SQLITE_CHUNK_FILL)
-    }
-}
-
 /// Grams whose lists are changed per round of statements.
 const GRAM_BATCH: usize = 4_096;
 /// Rows per multi-row INSERT (4 parameters each).
@@ -364,20 +350,20 @@ fn decode_into(lo: i64, data: &[u8], range: std::ops::Range<i64>, out: &mut Vec<
     }
 }
 
-/// `ranks` (ascending) cut into chunks: one when it fits in `max` bytes, else chunks of
-/// about `fill` (room to grow before the next split); see [`chunk_sizes`].
-fn pieces(ranks: Vec<i64>, (max, fill): (usize, usize)) -> Vec<Vec<i64>> {
+/// `ranks` (ascending) cut into chunks: one when it fits in `CHUNK_MAX` bytes, else chunks of
+/// about `CHUNK_FILL` (room to grow before the next split).
+fn pieces(ranks: Vec<i64>) -> Vec<Vec<i64>> {
     let size: usize = ranks.windows(2).map(|w| delta_len(w[1] - w[0])).sum();
-    if size <= max {
+    if size <= CHUNK_MAX {
         return vec![ranks];
     }
-    let mut out = Vec::with_capacity(size / fill + 1);
+    let mut out = Vec::with_capacity(size / CHUNK_FILL + 1);
     let mut piece: Vec<i64> = Vec::new();
     let mut bytes = 0;
     for r in ranks {
         if let Some(last) = piece.last() {
             let d = delta_len(r - last);
-            if bytes + d > fill {
+            if bytes + d > CHUNK_FILL {
                 out.push(std::mem::take(&mut piece));
                 bytes = 0;
             } else {
@@ -718,7 +704,6 @@ pub async fn apply<C: ConnectionTrait>(db: &C, changes: Changes) -> Result<(), E
     // In the order of the stored keys (the gram's text), so that chunks are written in key
     // order: into an empty table that appends instead of splitting pages all over.
     grams.sort_by_cached_key(|g| gram_text(*g));
-    let sizes = chunk_sizes(db);
     for batch in grams.chunks(GRAM_BATCH) {
         let stored = counts(db, batch).await?;
         let mut probes = Vec::new();
@@ -751,7 +736,7 @@ pub async fn apply<C: ConnectionTrait>(db: &C, changes: Changes) -> Result<(), E
                 // Nothing stored yet (removing what is not there changes nothing).
                 if !add.is_empty() {
                     deltas.push((g, add.len() as i64));
-                    inserts.extend(pieces(add, sizes).into_iter().map(|p| (g, p)));
+                    inserts.extend(pieces(add).into_iter().map(|p| (g, p)));
                 }
                 continue;
             }
@@ -782,7 +767,7 @@ pub async fn apply<C: ConnectionTrait>(db: &C, changes: Changes) -> Result<(), E
                 delta += merged.len() as i64 - before as i64;
                 deletes.push((g, chunk.lo));
                 if !merged.is_empty() {
-                    inserts.extend(pieces(merged, sizes).into_iter().map(|p| (g, p)));
+                    inserts.extend(pieces(merged).into_iter().map(|p| (g, p)));
                 }
             }
             deltas.push((g, delta));
@@ -1240,22 +1225,17 @@ mod tests {
         assert_eq!(decode(5, &encode(&ranks)), ranks);
         assert_eq!(decode(9, &encode(&[9])), vec![9]);
         let many: Vec<i64> = (0..4_000).map(|i| i * 7 + 1).collect();
-        for (max, fill) in [
-            (CHUNK_MAX, CHUNK_FILL),
-            (SQLITE_CHUNK_MAX, SQLITE_CHUNK_FILL),
-        ] {
-            let parts = pieces(many.clone(), (max, fill));
-            assert!(parts.len() > 1, "{}", parts.len());
-            assert!(parts.iter().all(|p| encode(p).len() <= fill));
-            assert_eq!(parts.concat(), many);
-            let wide: Vec<i64> = (0..400).map(|i| i << 40).collect();
-            assert!(
-                pieces(wide.clone(), (max, fill))
-                    .iter()
-                    .all(|p| encode(p).len() <= fill)
-            );
-            assert_eq!(pieces(wide.clone(), (max, fill)).concat(), wide);
-        }
+        let parts = pieces(many.clone());
+        assert!(parts.len() > 1, "{}", parts.len());
+        assert!(parts.iter().all(|p| encode(p).len() <= CHUNK_FILL));
+        assert_eq!(parts.concat(), many);
+        let wide: Vec<i64> = (0..400).map(|i| i << 40).collect();
+        assert!(
+            pieces(wide.clone())
+                .iter()
+                .all(|p| encode(p).len() <= CHUNK_FILL)
+        );
+        assert_eq!(pieces(wide.clone()).concat(), wide);
         assert_eq!(delta_len(127), 1);
         assert_eq!(delta_len(128), 2);
     }
