@@ -556,29 +556,62 @@ struct Chunk {
 
 /// How many users have each of `grams` (absent: none).
 pub async fn counts<C: ConnectionTrait>(db: &C, grams: &[Gram]) -> Result<GramMap<i64>, Error> {
+    Ok(counts_and_ranks(db, grams, false).await?.0)
+}
+
+/// [`counts`] of `grams`, and the first and last sort rank (1 and 0 without users), in one
+/// statement: what a search reads of the index before its first window.
+pub async fn counts_and_span<C: ConnectionTrait>(
+    db: &C,
+    grams: &[Gram],
+) -> Result<(GramMap<i64>, i64, i64), Error> {
+    counts_and_ranks(db, grams, true).await
+}
+
+async fn counts_and_ranks<C: ConnectionTrait>(
+    db: &C,
+    grams: &[Gram],
+    span: bool,
+) -> Result<(GramMap<i64>, i64, i64), Error> {
     let texts: Vec<String> = grams.iter().map(|g| gram_text(*g)).collect();
     let mut sql = Sql::new(db.get_database_backend());
     if pg(db) {
         // An array built once (an InitPlan) lets the planner look each gram up in the index;
         // `IN (SELECT …)` hash-joins a scan of the whole table.
         sql.push(
-            "SELECT gram, n FROM search_grams WHERE gram = ANY(ARRAY(SELECT jsonb_array_elements_text(",
+            "SELECT 0 AS k, gram, n FROM search_grams WHERE gram = ANY(ARRAY(SELECT jsonb_array_elements_text(",
         )
         .bind(json(texts.into()))
         .push("::jsonb)))");
     } else {
-        sql.push("SELECT gram, n FROM search_grams WHERE gram IN (SELECT value FROM json_each(")
-            .bind(json(texts.into()))
-            .push("))");
+        sql.push(
+            "SELECT 0 AS k, gram, n FROM search_grams WHERE gram IN (SELECT value FROM json_each(",
+        )
+        .bind(json(texts.into()))
+        .push("))");
     }
-    let mut out = GramMap::default();
+    if span {
+        // Two subqueries: each is one index lookup (MIN and MAX together would scan).
+        sql.push(
+            " UNION ALL SELECT 1, NULL, COALESCE((SELECT MIN(sort_rank) FROM users WHERE sort_rank > 0), 1) \
+             UNION ALL SELECT 2, NULL, COALESCE((SELECT MAX(sort_rank) FROM users), 0)",
+        );
+    }
+    let (mut out, mut first, mut last) = (GramMap::default(), 1, 0);
     for row in db.query_all_raw(sql.statement()).await? {
-        let text: String = row.try_get("", "gram")?;
-        if let Some(g) = gram_of_text(&text) {
-            out.insert(g, row.try_get::<i64>("", "n")?);
+        let n: i64 = row.try_get("", "n")?;
+        match row.try_get::<i32>("", "k")? {
+            1 => first = n,
+            2 => last = n,
+            _ => {
+                let text: String = row.try_get("", "gram")?;
+                if let Some(g) = gram_of_text(&text) {
+                    out.insert(g, n);
+                }
+            }
         }
     }
-    Ok(out)
+    Ok((out, first, last))
 }
 
 /// Reads the chunks of `gram` that cover ranks `a..=b` (and the first chunk when all start

@@ -706,17 +706,7 @@ impl IndexView {
         grams.extend(search_index::query_grams(q, 1));
         grams.sort_unstable();
         grams.dedup();
-        let counts = search_index::counts(db, &grams).await?;
-        let mut sql = Sql::new(db.get_database_backend());
-        // Two subqueries: each is one index lookup (MIN and MAX together would scan).
-        sql.push(
-            "SELECT COALESCE((SELECT MIN(sort_rank) FROM users WHERE sort_rank > 0), 1) AS lo, \
-             COALESCE((SELECT MAX(sort_rank) FROM users), 0) AS hi",
-        );
-        let (first, last) = match db.query_one_raw(sql.statement()).await? {
-            Some(row) => (row.try_get::<i64>("", "lo")?, row.try_get::<i64>("", "hi")?),
-            None => (1, 0),
-        };
+        let (counts, first, last) = search_index::counts_and_span(db, &grams).await?;
         Ok(Self {
             counts,
             first,
