@@ -835,7 +835,7 @@ async fn search_tier<C: ConnectionTrait>(
         .filter(|g| !view.full.contains_key(*g))
         .copied()
         .collect();
-    let rarest = to_read
+    let mut rarest = to_read
         .iter()
         .min_by_key(|g| view.counts.get(*g).copied().unwrap_or(0))
         .copied();
@@ -925,6 +925,9 @@ async fn search_tier<C: ConnectionTrait>(
                     lists.push(gram);
                     if !view.full.contains_key(&gram) {
                         to_read.push(gram);
+                        // Windows are sized by a list they read (none yet when every list
+                        // was known).
+                        rarest = rarest.or(Some(gram));
                     }
                     restart = Some(last + 1);
                     break;
