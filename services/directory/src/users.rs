@@ -920,18 +920,20 @@ async fn search_tier<C: ConnectionTrait>(
             // Mostly not matches: the lists let through what another one rules out (the
             // users "joseph s…strom" in a search for "eph.stro" have all of "ph.s", "eph",
             // "str" and "tro", but not ".st"). Read that one as well, from here on.
-            if out.len() < need && now.len() >= MOSTLY_NOT && passed * 4 < now.len() {
-                if let (Some(gram), Some(last)) = (spare.next(), now.last()) {
-                    lists.push(gram);
-                    if !view.full.contains_key(&gram) {
-                        to_read.push(gram);
-                        // Windows are sized by a list they read (none yet when every list
-                        // was known).
-                        rarest = rarest.or(Some(gram));
-                    }
-                    restart = Some(last + 1);
-                    break;
+            if out.len() < need
+                && now.len() >= MOSTLY_NOT
+                && passed * 4 < now.len()
+                && let (Some(gram), Some(last)) = (spare.next(), now.last())
+            {
+                lists.push(gram);
+                if !view.full.contains_key(&gram) {
+                    to_read.push(gram);
+                    // Windows are sized by a list they read (none yet when every list was
+                    // known).
+                    rarest = rarest.or(Some(gram));
                 }
+                restart = Some(last + 1);
+                break;
             }
         }
         if let Some(next) = restart {
