@@ -4,9 +4,9 @@
 //!   username key, id). A new user takes a number between its neighbours'; where there is no
 //!   room left, a few neighbours are renumbered ([`place`]).
 //! * `search_postings`: for each gram of the search documents (three characters in a row, a
-//!   word start and its first one, three or four characters, or a word boundary with two
-//!   characters before and one after it; word boundaries all count as one character, see
-//!   [`doc_grams`]) the sort ranks of the users that have it, ascending, in
+//!   word start and its first one, three or four characters, where word boundaries all count
+//!   as one character; or a word boundary as it is, with two characters before and one after
+//!   it; see [`doc_grams`]) the sort ranks of the users that have it, ascending, in
 //!   chunks of a few hundred delta-coded ranks; `search_grams` holds how many users have each
 //!   gram.
 //!
@@ -86,15 +86,16 @@ fn gram_of_text(text: &str) -> Option<Gram> {
 
 /// `text` with every word boundary as `FIELD_SEP`.
 fn mapped(text: &[char]) -> Vec<char> {
-    text.iter()
-        .map(|c| {
-            if normalize::is_boundary(*c) {
-                FIELD_SEP
-            } else {
-                *c
-            }
-        })
-        .collect()
+    text.iter().copied().map(boundary_as_sep).collect()
+}
+
+/// `c`, or `FIELD_SEP` for a word boundary: grams see all boundaries as one character.
+fn boundary_as_sep(c: char) -> char {
+    if normalize::is_boundary(c) {
+        FIELD_SEP
+    } else {
+        c
+    }
 }
 
 /// The grams of a search document, sorted and distinct: every three characters in a row, and
@@ -476,13 +477,7 @@ impl Changes {
             text.clear();
             text.extend(doc.chars());
             chars.clear();
-            chars.extend(text.iter().map(|c| {
-                if normalize::is_boundary(*c) {
-                    FIELD_SEP
-                } else {
-                    *c
-                }
-            }));
+            chars.extend(text.iter().copied().map(boundary_as_sep));
             // A gram twice in a document is listed twice here ([`apply`] drops the repeat).
             each_gram(&text, &chars, |g| {
                 let i = *index.entry(g).or_insert_with(|| {
@@ -848,7 +843,7 @@ async fn write<C: ConnectionTrait>(
         }
         sql.statement()
     });
-    run_overlapped(db, statements).await?;
+    run_overlapped(db, statements, &mut |_| {}).await?;
     let deltas: Vec<&(Gram, i64)> = deltas.iter().filter(|(_, d)| *d != 0).collect();
     for batch in deltas.chunks(INSERT_ROWS) {
         let mut sql = Sql::new(backend);
@@ -864,25 +859,29 @@ async fn write<C: ConnectionTrait>(
 
 /// Runs `statements` in turn, each built (by the iterator) while the database runs the one
 /// before: the CPU work of the next statement overlaps with SQLite's (on its own thread) or
-/// PostgreSQL's.
+/// PostgreSQL's. `ran` gets how many have run after each.
 pub(crate) async fn run_overlapped<C: ConnectionTrait>(
     db: &C,
     mut statements: impl Iterator<Item = sea_orm::Statement> + Send,
+    ran: &mut (dyn FnMut(usize) + Send),
 ) -> Result<(), Error> {
     let mut next = statements.next();
+    let mut count = 0;
     while let Some(current) = next {
         let (done, following) =
             futures_util::future::join(db.execute_raw(current), async { statements.next() }).await;
         done?;
+        count += 1;
+        ran(count);
         next = following;
     }
     Ok(())
 }
 
 /// The ranks of each list of `grams` from `a` on, ascending, and where they end: after
-/// `chunks` chunks of `rarest`'s list (the one holding `a` the first), or at `end`. So a window holds about
-/// as many ranks of the rarest list wherever those are dense or sparse in page order (the
-/// users who match a query often share a first name, so they cluster).
+/// `chunks` chunks of `rarest`'s list (the one holding `a` the first), or at `end`. So a
+/// window holds about as many ranks of the rarest list wherever those are dense or sparse in
+/// page order (the users who match a query often share a first name, so they cluster).
 pub async fn window<C: ConnectionTrait>(
     db: &C,
     grams: &[Gram],

@@ -341,7 +341,7 @@ pub async fn insert_new_users<C: ConnectionTrait>(
         .chain(OWN_COLUMNS.iter().map(|c| c.as_str()))
         .collect();
     let backend = db.get_database_backend();
-    let statement = |start: usize| {
+    let statements = (0..keys.len()).step_by(INSERT_BATCH).map(|start| {
         let end = (start + INSERT_BATCH).min(keys.len());
         let rows = (start..end).map(|j| {
             let (k, f, doc) = (&keys[j], fields[slots[j]], &docs[j]);
@@ -361,24 +361,14 @@ pub async fn insert_new_users<C: ConnectionTrait>(
             ]
         });
         let fixed = shared.iter().map(|(_, v)| v.clone());
-        (end, table_insert(backend, &columns, fixed, rows))
-    };
+        table_insert(backend, &columns, fixed, rows)
+    });
     // Each statement is built while SQLite runs the one before.
-    let mut next = statement(0);
-    loop {
-        let (end, current) = next;
-        let more = end < keys.len();
-        let (done, following) = futures_util::future::join(db.execute_raw(current), async {
-            more.then(|| statement(end))
-        })
-        .await;
-        done?;
-        progress(end);
-        match following {
-            Some(following) => next = following,
-            None => break,
-        }
-    }
+    let total = keys.len();
+    search_index::run_overlapped(db, statements, &mut |ran| {
+        progress((ran * INSERT_BATCH).min(total));
+    })
+    .await?;
     let changes = gathered
         .await
         .map_err(|e| Error::Internal(format!("gathering posting lists: {e}")))?;
