@@ -1354,16 +1354,21 @@ async fn all_pages(
     }
 }
 
+/// The directory of `env`'s database, without its gRPC service.
+async fn in_process(env: &Env) -> cms_directory::Directory {
+    let db = cms_directory::open_database(&env.dir_config).await.unwrap();
+    cms_directory::Directory::new(
+        db,
+        cms_directory::secrets::SecretKey::from_bytes(&[3; 32]),
+        Default::default(),
+    )
+}
+
 /// Dense queries (hundreds of matches) and sparse ones on the same data: every page in page
 /// order, word-start matches first.
 async fn dense_and_sparse_searches_agree(backend: Backend) {
     let env = start(&backend).await;
-    let db = cms_directory::open_database(&env.dir_config).await.unwrap();
-    let d = cms_directory::Directory::new(
-        db,
-        cms_directory::secrets::SecretKey::from_bytes(&[3; 32]),
-        Default::default(),
-    );
+    let d = in_process(&env).await;
     // 600 "Pager" users (dense for "pager" and "ager"), a few sparse ones.
     for i in 0..600 {
         d.create_user(Some(User {
@@ -1421,12 +1426,7 @@ async fn dense_and_sparse_searches_agree(backend: Backend) {
 /// its lists), find exactly the users whose text has the query: checked against every user.
 async fn searches_find_exactly_the_matches(backend: Backend) {
     let env = start(&backend).await;
-    let db = cms_directory::open_database(&env.dir_config).await.unwrap();
-    let d = cms_directory::Directory::new(
-        db,
-        cms_directory::secrets::SecretKey::from_bytes(&[3; 32]),
-        Default::default(),
-    );
+    let d = in_process(&env).await;
     let mut users: Vec<(String, String)> = Vec::new();
     for i in 0..40 {
         // "ph.s", "eph", "str" and "tro", but not "eph.stro"; first in page order.
