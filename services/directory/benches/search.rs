@@ -619,7 +619,8 @@ async fn run() {
     let people = people(a.users, a.credentials, 1);
     println!("generated data in {:.1} s", t.elapsed().as_secs_f64());
     let sets = query_sets(&people, a.queries, 42);
-    let warm_ups = query_sets(&people, WARM_UP_QUERIES, 7);
+    // None when nothing is measured (an import-only run has no users to draw queries from).
+    let warm_ups = query_sets(&people, WARM_UP_QUERIES.min(a.queries), 7);
     let data_set = format!("{} users, {} credentials", a.users, a.credentials);
     let mut rows = Vec::new();
     let mut notes = Vec::new();
