@@ -2,7 +2,7 @@
 //!
 //! One run, one table: a baseline (gRPC health check, a no-op handler behind the same mTLS
 //! acceptor and layers every service uses) and the cryptogram RPC with its durable audit
-//! (SQLite WAL, synchronous=FULL, group commit), at 1, 16, 64 and 256 requests in flight
+//! (SQLite WAL synced before each answer, group commit), at 1, 16, 64 and 256 requests in flight
 //! spread over 4 connections. Requests/s, p50, p99 and the ratio to the baseline at the same
 //! concurrency. The rows of one level are measured in interleaved slices (baseline, soft,
 //! pkcs11, baseline, soft, ... [`ROUNDS`] times), so that a change in the machine's load
@@ -42,7 +42,15 @@ fn levels() -> Vec<usize> {
         Err(_) => LEVELS.to_vec(),
     }
 }
-/// Slices per row and level, interleaved with the other rows'.
+/// Slices per row and level, interleaved with the other rows': [`ROUNDS`], or
+/// CUSTODY_BENCH_ROUNDS (more rounds, steadier figures on a noisy machine).
+fn rounds() -> usize {
+    std::env::var("CUSTODY_BENCH_ROUNDS")
+        .ok()
+        .and_then(|n| n.trim().parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(ROUNDS)
+}
 const ROUNDS: usize = 3;
 /// Measured time per slice, after its warm-up.
 const SLICE: Duration = Duration::from_secs(1);
@@ -74,7 +82,8 @@ struct Figures {
 }
 
 /// This process's CPU time so far, in clock ticks, by thread group: the load generator, the
-/// servers' runtime, custody's audit writers and their SQLite connections' worker threads.
+/// servers' runtime, custody's own threads (audit writer, WAL checkpoints), and the worker
+/// threads of SQLite pool connections (sqlx).
 fn cpu_ticks() -> [(&'static str, u64); 4] {
     let mut groups = [("client", 0), ("server", 0), ("audit", 0), ("sqlite", 0)];
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
@@ -102,7 +111,7 @@ fn cpu_ticks() -> [(&'static str, u64); 4] {
             0
         } else if comm.starts_with("bench-server") {
             1
-        } else if comm.starts_with("custody-audit") {
+        } else if comm.starts_with("custody-") {
             2
         } else if comm.starts_with("sqlx-sqlite") {
             3
@@ -507,7 +516,8 @@ async fn bench(started: &Started) {
     };
 
     println!(
-        "custody cryptogram benchmark: {CONNECTIONS} connections, per row {ROUNDS} slices of {}s (after {}ms warm-up each), interleaved with the other rows, {} cores",
+        "custody cryptogram benchmark: {CONNECTIONS} connections, per row {} slices of {}s (after {}ms warm-up each), interleaved with the other rows, {} cores",
+        rounds(),
         SLICE.as_secs(),
         WARMUP.as_millis(),
         std::thread::available_parallelism()
@@ -522,7 +532,7 @@ async fn bench(started: &Started) {
     for (level, in_flight) in levels().into_iter().enumerate() {
         let (mut base_slices, mut soft_slices, mut p11_slices) =
             (Vec::new(), Vec::new(), Vec::new());
-        for round in 0..ROUNDS {
+        for round in 0..rounds() {
             let echo = echo.clone();
             base_slices.push(
                 measure(in_flight, move |worker, _| {
@@ -585,7 +595,7 @@ async fn bench(started: &Started) {
     }
     println!();
     println!("CPU per request, µs, by thread group (10 ms ticks: rough at low rates)");
-    println!("| row | in flight | client | server | audit writer | sqlite | total |");
+    println!("| row | in flight | client | server | custody threads | sqlx sqlite | total |");
     println!("|---|---|---|---|---|---|---|");
     for (row, in_flight, groups) in cpu {
         let total: f64 = groups.iter().map(|(_, us)| us).sum();

@@ -678,7 +678,7 @@ mod tests {
         const OTHER: &str = "spiffe://cms.test/cms/service/reports";
 
         async fn custody(dir: &std::path::Path) -> Custody {
-            let db = crate::store::test_database().await;
+            let db = crate::store::test_database_in(dir).await;
             let scope = |identity: &str, release_puk| CallerScope {
                 identity: identity.parse().unwrap(),
                 key_references: vec!["*".into()],

@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cms_proto::common::v1::AuthContext;
@@ -21,6 +22,7 @@ use crate::store::entities::{audit_record, card_use};
 use crate::wrap::{FINGERPRINT_LEN, Fingerprint};
 
 mod sink;
+mod wal;
 use sink::Sink;
 
 pub const CHAIN_ID: &str = "cms-custody-audit-v1";
@@ -91,16 +93,53 @@ struct Job {
     reply: oneshot::Sender<Result<Written, AuditError>>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AuditLog {
     jobs: mpsc::Sender<Job>,
     db: DatabaseConnection,
+    /// Checkpoints of the SQLite WAL, while any handle to the log is left.
+    _checkpoints: Option<Arc<wal::Checkpoints>>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog").finish_non_exhaustive()
+    }
 }
 
 #[derive(Clone)]
 struct Head {
     seq: u64,
     hash: Vec<u8>,
+}
+
+/// What the writer carries from one batch to the next: the chain head and the recent usage,
+/// as the database has them.
+struct State {
+    head: Head,
+    usage: Usage,
+}
+
+impl State {
+    async fn load(db: &DatabaseConnection, retention_ms: i64) -> Result<Self, AuditError> {
+        let head = match audit_record::Entity::find()
+            .order_by_desc(audit_record::Column::Seq)
+            .one(db)
+            .await
+            .map_err(AuditError::Read)?
+        {
+            Some(last) => Head {
+                seq: u64::try_from(last.seq).unwrap_or(0),
+                hash: last.hash,
+            },
+            None => Head {
+                seq: 0,
+                hash: GENESIS.to_vec(),
+            },
+        };
+        let usage = Usage::load(db, retention_ms, LOAD_PAGE).await?;
+        Ok(Self { head, usage })
+    }
 }
 
 pub fn now_ms() -> i64 {
@@ -114,28 +153,20 @@ impl AuditLog {
     /// Loads the chain head and the recent card usage, and starts the writer. `retention_ms`
     /// is the longest window a claim will ask about (per-card limit or replay).
     pub async fn start(db: DatabaseConnection, retention_ms: i64) -> Result<Self, AuditError> {
-        let head = match audit_record::Entity::find()
-            .order_by_desc(audit_record::Column::Seq)
-            .one(&db)
-            .await
-            .map_err(AuditError::Read)?
-        {
-            Some(last) => Head {
-                seq: u64::try_from(last.seq).unwrap_or(0),
-                hash: last.hash,
-            },
-            None => Head {
-                seq: 0,
-                hash: GENESIS.to_vec(),
-            },
-        };
-        let usage = Usage::load(&db, retention_ms, LOAD_PAGE).await?;
+        let state = State::load(&db, retention_ms).await?;
         let (jobs, rx) = mpsc::channel(4 * MAX_BATCH);
         // The writer gets a thread and a runtime of its own: as one task among the request
         // tasks it would wait behind all of them at each of its awaits, and every answer
         // waits for it (this alone tripled cryptogram latency under load).
-        let mut sink = Sink::new(db.clone());
-        let checkpoint_db = db.clone();
+        let sqlite_file = match db.get_database_backend() {
+            sea_orm::DbBackend::Sqlite => Some(
+                sink::sqlite_file(&db)
+                    .await
+                    .map_err(AuditError::Unavailable)?,
+            ),
+            _ => None,
+        };
+        let mut sink = Sink::new(db.clone(), sqlite_file.clone());
         let (opened, ready) = oneshot::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -148,9 +179,7 @@ impl AuditLog {
                     match sink.open().await {
                         Ok(()) => {
                             let _ = opened.send(Ok(()));
-                            // Ends with this runtime, when the writer stops.
-                            tokio::spawn(checkpoints(checkpoint_db, WAL_RESTART_PAGES));
-                            writer(sink, head, usage, rx).await;
+                            writer(sink, state, rx).await;
                         }
                         Err(e) => {
                             let _ = opened.send(Err(e));
@@ -163,7 +192,15 @@ impl AuditLog {
             .await
             .map_err(|_| AuditError::Stopped)?
             .map_err(AuditError::Unavailable)?;
-        Ok(Self { jobs, db })
+        let checkpoints = sqlite_file
+            .map(|file| wal::start(file, wal::WAL_RESTART_PAGES))
+            .transpose()
+            .map_err(AuditError::Thread)?;
+        Ok(Self {
+            jobs,
+            db,
+            _checkpoints: checkpoints.map(Arc::new),
+        })
     }
 
     /// Records `event` (and decides `claim`) durably; returns once committed.
@@ -505,24 +542,48 @@ impl Usage {
     }
 }
 
-async fn writer(mut sink: Sink, mut head: Head, mut usage: Usage, mut rx: mpsc::Receiver<Job>) {
+async fn writer(mut sink: Sink, state: State, mut rx: mpsc::Receiver<Job>) {
+    let retention_ms = state.usage.retention_ms;
+    let mut state = Some(state);
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    // Whatever is waiting, up to MAX_BATCH, is one batch: one INSERT, one commit.
+    // Whatever is waiting, up to MAX_BATCH, is one batch: one transaction, one sync.
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let mut current = match state.take() {
+            Some(current) => current,
+            None => {
+                match State::load(sink.pool(), retention_ms).await {
+                    Ok(loaded) => loaded,
+                    Err(e) => {
+                        tracing::error!(error = %e, records = batch.len(), "audit log unreadable; refusing the requests");
+                        for job in batch.drain(..) {
+                            let _ = job.reply.send(Err(AuditError::Unavailable(
+                                sea_orm::DbErr::Custom(e.to_string()),
+                            )));
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
         let now = now_ms();
-        let staged = stage(&head, &usage, &mut batch, now);
+        let staged = stage(&current.head, &current.usage, &mut batch, now);
         match sink.insert(staged.rows).await {
             Ok(()) => {
-                head = staged.head;
+                current.head = staged.head;
                 for (card_fp, challenge_fp) in staged.granted {
-                    usage.add(card_fp, challenge_fp, now);
+                    current.usage.add(card_fp, challenge_fp, now);
                 }
-                usage.prune(now);
+                current.usage.prune(now);
+                state = Some(current);
                 for (reply, written) in staged.replies {
                     let _ = reply.send(Ok(written));
                 }
             }
             Err(e) => {
+                // The records may have reached the database even so (a commit whose sync
+                // failed, or whose answer was lost), and then the chain goes on from them: the
+                // next batch starts from what the database holds. Their requests are refused,
+                // so a record without an answer can exist, never an answer without a record.
                 tracing::error!(error = %e, records = staged.replies.len(), "audit commit failed; refusing the requests");
                 for (reply, _) in staged.replies {
                     let _ = reply.send(Err(AuditError::Unavailable(clone_err(&e))));
@@ -530,52 +591,6 @@ async fn writer(mut sink: Sink, mut head: Head, mut usage: Usage, mut rx: mpsc::
             }
         }
     }
-}
-
-/// How often the SQLite WAL is copied back into the database file.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
-/// WAL pages (4 KiB each) past which a checkpoint also makes the next commit start the WAL
-/// over: 16 MiB.
-const WAL_RESTART_PAGES: i64 = 4_096;
-
-/// Checkpoints the SQLite WAL from a pool connection, beside the writer: the writer's own
-/// connection does not checkpoint (see `sink`), so a checkpoint's copy and fsync of the
-/// database file never sit inside a commit that requests wait for. PASSIVE: it never blocks
-/// the writer, and copies what it can.
-///
-/// Under steady load the writer appends while each PASSIVE checkpoint runs, so the WAL is
-/// never all copied when the next commit starts, and SQLite only ever appends to it: it grew
-/// by megabytes a second. Past `restart_pages`, a RESTART checkpoint waits for the writer's
-/// commit in progress, copies the little the PASSIVE one left, and makes the next commit
-/// write the WAL from its start again (`journal_size_limit` then trims the file).
-async fn checkpoints(db: DatabaseConnection, restart_pages: i64) {
-    if db.get_database_backend() != sea_orm::DbBackend::Sqlite {
-        return;
-    }
-    loop {
-        tokio::time::sleep(CHECKPOINT_EVERY).await;
-        if let Err(e) = checkpoint(&db, restart_pages).await {
-            tracing::warn!(error = %e, "audit log: WAL checkpoint failed; retrying");
-        }
-    }
-}
-
-async fn checkpoint(db: &DatabaseConnection, restart_pages: i64) -> Result<(), sea_orm::DbErr> {
-    use sea_orm::ConnectionTrait;
-    let pages = |row: Option<sea_orm::QueryResult>| -> Result<i64, sea_orm::DbErr> {
-        row.map_or(Ok(0), |row| row.try_get_by_index::<i64>(1))
-    };
-    let statement = |mode: &str| {
-        sea_orm::Statement::from_string(
-            sea_orm::DbBackend::Sqlite,
-            format!("PRAGMA wal_checkpoint({mode})"),
-        )
-    };
-    let in_wal = pages(db.query_one_raw(statement("PASSIVE")).await?)?;
-    if in_wal > restart_pages {
-        db.query_one_raw(statement("RESTART")).await?;
-    }
-    Ok(())
 }
 
 fn clone_err(e: &sea_orm::DbErr) -> sea_orm::DbErr {
@@ -707,7 +722,7 @@ mod tests {
 
     use super::*;
 
-    async fn log_with(records: u64) -> (AuditLog, DatabaseConnection) {
+    async fn log_with(records: u64) -> (AuditLog, crate::store::TestDatabase) {
         let db = crate::store::test_database().await;
         let log = AuditLog::start(db.clone(), 86_400_000).await.unwrap();
         for i in 0..records {
@@ -829,6 +844,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn after_a_failed_commit_the_chain_goes_on_from_the_database() {
+        use sea_orm::{ActiveModelTrait, IntoActiveModel};
+        let (log, db) = log_with(2).await;
+        // Record 3 reaches the database while the writer is told its commit failed (here:
+        // written behind its back).
+        let last = audit_record::Entity::find_by_id(2_i64)
+            .one(&*db)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut third = last.clone();
+        third.seq = 3;
+        third.prev_hash = last.hash;
+        third.reason = "committed, answer lost".into();
+        third.hash = record_hash(&third);
+        third.into_active_model().insert(&*db).await.unwrap();
+
+        let event = || Event::new(AuditEvent::Cryptogram, AuditOutcome::Success, "c");
+        // The writer still thinks the head is record 2: its record 3 fails, and is refused...
+        assert!(matches!(
+            log.record(event(), None).await,
+            Err(AuditError::Unavailable(_))
+        ));
+        // ...and the next batch goes on from record 3, as the database has it.
+        assert_eq!(
+            log.record(event(), None).await.unwrap(),
+            Written::Recorded { seq: 4 }
+        );
+        let verdict = log.verify(None).await.unwrap();
+        assert!(verdict.first_bad.is_none(), "{verdict:?}");
+        assert_eq!(verdict.head_seq, 4);
+    }
+
+    #[tokio::test]
     async fn per_card_limit_and_replay_are_decided_in_order() {
         let (log, _db) = log_with(0).await;
         let claim = |challenge: u8| UsageClaim {
@@ -887,7 +936,7 @@ mod tests {
             at: sea_orm::Set(now_ms()),
             ..Default::default()
         })
-        .exec(&db)
+        .exec(&*db)
         .await
         .unwrap();
         drop(log);
@@ -952,7 +1001,7 @@ mod tests {
                 challenge_fp: fp(16 * card + challenge),
             }
             .into_active_model()
-            .insert(&db)
+            .insert(&*db)
             .await
             .unwrap();
         }

@@ -1,24 +1,24 @@
-//! Where the writer's batches go: one multi-row INSERT per batch on a connection of the
-//! writer's own, with the statement text cached per batch size and the values bound straight
-//! from the records.
+//! Where the writer's batches go: a connection of the writer's own, outside the pool.
 //!
-//! Not through the pool and the query builder: a pool round trip, a builder pass and a copy
-//! of every value per record were most of the writer's cost. The connection is opened on the
-//! writer's thread (its socket, on PostgreSQL, belongs to that runtime) and dropped after any
-//! failure, to be opened again for the next batch.
+//! On SQLite that is a plain SQLite connection used on the writer's thread: each batch is one
+//! transaction of a cached single-row INSERT, bound straight from the records. Through sqlx,
+//! every batch crossed to the connection's worker thread and back, and every value was copied
+//! into an argument buffer first; that was most of the writer's cost. On PostgreSQL it is one
+//! sqlx connection and one multi-row INSERT per batch, its text cached per batch size. The
+//! connection is dropped after any failure, to be opened again for the next batch.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sea_orm::sqlx::postgres::PgConnection;
-use sea_orm::sqlx::sqlite::{SqliteConnection, SqliteSynchronous};
-use sea_orm::sqlx::{self, AssertSqlSafe, Connection, Database, Encode, Type};
+use sea_orm::sqlx::{self, AssertSqlSafe, Connection};
 use sea_orm::{DatabaseConnection, DbBackend, DbErr, RuntimeErr};
 
 use crate::store::entities::audit_record;
 
-/// `audit_record`'s columns, in the order [`bind`] binds them.
+/// `audit_record`'s columns, in the order the rows' values are bound.
 const COLUMNS: [&str; 19] = [
     "seq",
     "at",
@@ -41,29 +41,54 @@ const COLUMNS: [&str; 19] = [
     "challenge_fp",
 ];
 
-/// Prepared statements kept per connection: one per batch size seen recently.
+/// Prepared statements kept per PostgreSQL connection: one per batch size seen recently.
 const STATEMENT_CACHE: usize = 256;
 
+/// How long an SQLite statement waits for a lock another connection holds (a checkpoint).
+const SQLITE_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 enum Conn {
-    Sqlite(SqliteConnection),
+    Sqlite(SqliteWriter),
     Postgres(PgConnection),
+}
+
+/// The writer's SQLite connection, and the WAL file it appends to.
+///
+/// Commits do not sync (`synchronous=NORMAL`); after each one the writer syncs the WAL
+/// itself, with fdatasync. It is as durable: the commit's frames were written to the WAL
+/// before it returned, and the sync that follows puts them on disk before anyone is answered.
+/// SQLite's own sync at commit (without HAVE_FDATASYNC, which its bundled build lacks) is an
+/// fsync, which on every commit also writes the WAL file's inode, for its modification time.
+struct SqliteWriter {
+    conn: rusqlite::Connection,
+    wal_path: PathBuf,
+    /// Opened after the first commit, which creates the WAL file when there is none.
+    wal: Option<std::fs::File>,
 }
 
 pub(super) struct Sink {
     /// Where the connect options come from.
     pool: DatabaseConnection,
+    /// The audit database's file, on SQLite.
+    sqlite_file: Option<PathBuf>,
     conn: Option<Conn>,
-    /// INSERT text by number of rows.
+    /// PostgreSQL INSERT text by number of rows.
     sql: HashMap<usize, Arc<str>>,
 }
 
 impl Sink {
-    pub(super) fn new(pool: DatabaseConnection) -> Self {
+    pub(super) fn new(pool: DatabaseConnection, sqlite_file: Option<PathBuf>) -> Self {
         Self {
             pool,
+            sqlite_file,
             conn: None,
             sql: HashMap::new(),
         }
+    }
+
+    /// The pool the writer's connection was made like, for reads.
+    pub(super) fn pool(&self) -> &DatabaseConnection {
+        &self.pool
     }
 
     /// Opens the writer's connection now, so that a database custody cannot write to stops
@@ -76,70 +101,75 @@ impl Sink {
     }
 
     async fn connect(&self) -> Result<Conn, DbErr> {
-        let conn = match self.pool.get_database_backend() {
-            DbBackend::Sqlite => {
-                let pool = self.pool.get_sqlite_connection_pool();
-                // Every commit is on disk before it returns, whatever the pool was given. The
-                // WAL is checkpointed beside the writer (`checkpoints`), not inside its commits.
-                let options = (*pool.connect_options())
-                    .clone()
-                    .synchronous(SqliteSynchronous::Full)
-                    .pragma("wal_autocheckpoint", "0")
+        match (self.pool.get_database_backend(), &self.sqlite_file) {
+            (DbBackend::Sqlite, Some(file)) => {
+                let conn = open_sqlite(file).map_err(sqlite_conn_err)?;
+                // The WAL is synced after each commit by the writer (see `SqliteWriter`), and
+                // checkpointed beside it (`wal`), not inside its commits.
+                let mode: String = conn
+                    .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+                    .map_err(sqlite_conn_err)?;
+                if !mode.eq_ignore_ascii_case("wal") {
+                    return Err(DbErr::Custom(format!(
+                        "the audit database is in journal mode {mode}, not WAL"
+                    )));
+                }
+                conn.pragma_update(None, "synchronous", "NORMAL")
+                    .and_then(|()| conn.pragma_update(None, "wal_autocheckpoint", 0))
                     // The WAL file is cut back to this when a commit starts it over.
-                    .pragma("journal_size_limit", "16777216")
-                    .statement_cache_capacity(STATEMENT_CACHE);
-                Conn::Sqlite(
-                    SqliteConnection::connect_with(&options)
-                        .await
-                        .map_err(conn_err)?,
-                )
+                    .and_then(|()| conn.pragma_update(None, "journal_size_limit", 16_777_216))
+                    .map_err(sqlite_conn_err)?;
+                let mut wal_path = file.clone().into_os_string();
+                wal_path.push("-wal");
+                Ok(Conn::Sqlite(SqliteWriter {
+                    conn,
+                    wal_path: wal_path.into(),
+                    wal: None,
+                }))
             }
-            DbBackend::Postgres => {
+            (DbBackend::Postgres, _) => {
                 let pool = self.pool.get_postgres_connection_pool();
                 let options = (*pool.connect_options())
                     .clone()
                     .statement_cache_capacity(STATEMENT_CACHE);
-                Conn::Postgres(
-                    PgConnection::connect_with(&options)
-                        .await
-                        .map_err(conn_err)?,
-                )
+                PgConnection::connect_with(&options)
+                    .await
+                    .map(Conn::Postgres)
+                    .map_err(|e| DbErr::Conn(RuntimeErr::SqlxError(Arc::new(e))))
             }
-            other => {
-                return Err(DbErr::Custom(format!(
-                    "the audit log cannot be written to {other:?}"
-                )));
-            }
-        };
-        Ok(conn)
+            (other, _) => Err(DbErr::Custom(format!(
+                "the audit log cannot be written to {other:?}"
+            ))),
+        }
     }
 
-    /// Inserts `rows` as one statement: all of them, or (on error) none.
+    /// Inserts `rows` in one transaction: all of them, or (on error) none.
     pub(super) async fn insert(&mut self, rows: Vec<audit_record::Model>) -> Result<(), DbErr> {
         self.open().await?;
-        let sql = self.sql(rows.len());
         let result = match self.conn.as_mut() {
-            Some(Conn::Sqlite(conn)) => bind(sqlx::query(AssertSqlSafe(sql)), rows)
-                .execute(conn)
-                .await
-                .map(drop),
-            Some(Conn::Postgres(conn)) => bind(sqlx::query(AssertSqlSafe(sql)), rows)
-                .execute(conn)
-                .await
-                .map(drop),
+            Some(Conn::Sqlite(writer)) => writer.insert(&rows),
+            Some(Conn::Postgres(_)) => {
+                let sql = self.postgres_sql(rows.len());
+                let Some(Conn::Postgres(conn)) = self.conn.as_mut() else {
+                    unreachable!("matched above")
+                };
+                bind(sqlx::query(AssertSqlSafe(sql)), rows)
+                    .execute(conn)
+                    .await
+                    .map(drop)
+                    .map_err(|e| DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e))))
+            }
             None => unreachable!("opened above"),
         };
         if result.is_err() {
             // Whatever state the connection is in, the next batch gets a fresh one.
             self.conn = None;
         }
-        result.map_err(|e| DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e))))
+        result
     }
 
-    /// `INSERT INTO audit_record (…) VALUES (…), (…)` for `rows` rows, in the backend's
-    /// placeholder style; built once per size.
-    fn sql(&mut self, rows: usize) -> Arc<str> {
-        let postgres = self.pool.get_database_backend() == DbBackend::Postgres;
+    /// `INSERT INTO audit_record (…) VALUES ($1, …), (…)` for `rows` rows; built once per size.
+    fn postgres_sql(&mut self, rows: usize) -> Arc<str> {
         self.sql
             .entry(rows)
             .or_insert_with(|| {
@@ -152,11 +182,7 @@ impl Sink {
                         if column > 0 {
                             sql.push_str(", ");
                         }
-                        if postgres {
-                            let _ = write!(sql, "${n}");
-                        } else {
-                            sql.push('?');
-                        }
+                        let _ = write!(sql, "${n}");
                     }
                     sql.push(')');
                 }
@@ -166,18 +192,107 @@ impl Sink {
     }
 }
 
+/// The file of the pool's SQLite database, as SQLite names it. An in-memory database is
+/// refused: it would not keep the audit log past the process.
+pub(super) async fn sqlite_file(pool: &DatabaseConnection) -> Result<PathBuf, DbErr> {
+    use sea_orm::ConnectionTrait;
+    let main = pool
+        .query_all_raw(sea_orm::Statement::from_string(
+            DbBackend::Sqlite,
+            "PRAGMA database_list",
+        ))
+        .await?
+        .into_iter()
+        .find(|row| {
+            row.try_get_by_index::<String>(1)
+                .is_ok_and(|name| name == "main")
+        });
+    match main.map(|row| row.try_get_by_index::<String>(2)).transpose()? {
+        Some(file) if !file.is_empty() => Ok(PathBuf::from(file)),
+        _ => Err(DbErr::Custom(
+            "the audit log needs an SQLite file or PostgreSQL: an in-memory database does not keep it"
+                .into(),
+        )),
+    }
+}
+
+/// A connection of its own to the audit database `file`, waiting for locks as the pool does.
+pub(super) fn open_sqlite(file: &Path) -> rusqlite::Result<rusqlite::Connection> {
+    use rusqlite::OpenFlags;
+    let conn = rusqlite::Connection::open_with_flags(
+        file,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(SQLITE_BUSY_TIMEOUT)?;
+    Ok(conn)
+}
+
+impl SqliteWriter {
+    /// Commits `rows`, then syncs the WAL.
+    fn insert(&mut self, rows: &[audit_record::Model]) -> Result<(), DbErr> {
+        let exec = |e: rusqlite::Error| DbErr::Exec(RuntimeErr::Internal(e.to_string()));
+        insert_rows(&mut self.conn, rows).map_err(exec)?;
+        if self.wal.is_none() {
+            self.wal = Some(std::fs::File::open(&self.wal_path).map_err(wal_err)?);
+        }
+        if let Some(wal) = &self.wal {
+            wal.sync_data().map_err(wal_err)?;
+        }
+        Ok(())
+    }
+}
+
+fn wal_err(e: std::io::Error) -> DbErr {
+    DbErr::Exec(RuntimeErr::Internal(format!("audit WAL: {e}")))
+}
+
+fn insert_rows(
+    conn: &mut rusqlite::Connection,
+    rows: &[audit_record::Model],
+) -> rusqlite::Result<()> {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let placeholders: Vec<String> = (1..=COLUMNS.len()).map(|n| format!("?{n}")).collect();
+        format!(
+            "INSERT INTO audit_record ({}) VALUES ({})",
+            COLUMNS.join(", "),
+            placeholders.join(", ")
+        )
+    });
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    {
+        let mut insert = tx.prepare_cached(&SQL)?;
+        for r in rows {
+            insert.execute(rusqlite::params![
+                r.seq,
+                r.at,
+                r.event,
+                r.outcome,
+                r.caller,
+                r.actor_kind,
+                r.actor_id,
+                r.user_id,
+                r.card_id,
+                r.flow,
+                r.approval_id,
+                r.request_id,
+                r.key_reference,
+                r.key_version,
+                r.reason,
+                r.prev_hash,
+                r.hash,
+                r.card_fp,
+                r.challenge_fp,
+            ])?;
+        }
+    }
+    tx.commit()
+}
+
 /// Binds every row's values, in [`COLUMNS`] order, moving them (no copy of a string).
-fn bind<DB: Database>(
-    mut query: sqlx::query::Query<'static, DB, DB::Arguments>,
+fn bind(
+    mut query: sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>,
     rows: Vec<audit_record::Model>,
-) -> sqlx::query::Query<'static, DB, DB::Arguments>
-where
-    for<'a> i64: Encode<'a, DB> + Type<DB>,
-    for<'a> i32: Encode<'a, DB> + Type<DB>,
-    for<'a> String: Encode<'a, DB> + Type<DB>,
-    for<'a> Vec<u8>: Encode<'a, DB> + Type<DB>,
-    for<'a> Option<Vec<u8>>: Encode<'a, DB> + Type<DB>,
-{
+) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
     for r in rows {
         query = query
             .bind(r.seq)
@@ -203,6 +318,6 @@ where
     query
 }
 
-fn conn_err(e: sqlx::Error) -> DbErr {
-    DbErr::Conn(RuntimeErr::SqlxError(Arc::new(e)))
+fn sqlite_conn_err(e: rusqlite::Error) -> DbErr {
+    DbErr::Conn(RuntimeErr::Internal(e.to_string()))
 }

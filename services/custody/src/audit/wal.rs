@@ -1,0 +1,61 @@
+//! The SQLite WAL of the audit log, kept beside the writer: checkpoints on a thread of their
+//! own, so a checkpoint's copy and fsync of the database file never sit inside a commit that
+//! requests wait for (the writer's connection does not checkpoint: `wal_autocheckpoint=0`).
+
+use std::path::PathBuf;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::Duration;
+
+/// How often the WAL is copied back into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// WAL pages (4 KiB each) past which a checkpoint also makes the next commit start the WAL
+/// over: 16 MiB.
+pub(super) const WAL_RESTART_PAGES: i64 = 4_096;
+
+/// Stops the checkpoint thread when dropped.
+pub(super) struct Checkpoints {
+    _stop: mpsc::Sender<()>,
+}
+
+/// Starts checkpointing the WAL of the audit database `file` every [`CHECKPOINT_EVERY`],
+/// until the returned guard is dropped.
+///
+/// PASSIVE checkpoints never block the writer, and copy what they can. Under steady load the
+/// writer appends while each one runs, so the WAL is never all copied when the next commit
+/// starts, and SQLite only ever appends to it: it grew by megabytes a second. Past
+/// `restart_pages`, a RESTART checkpoint waits for the writer's commit in progress, copies
+/// the little the PASSIVE one left, and makes the next commit write the WAL from its start
+/// again (`journal_size_limit` then trims the file).
+pub(super) fn start(file: PathBuf, restart_pages: i64) -> std::io::Result<Checkpoints> {
+    let (stop, stopped) = mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("custody-checkpoint".into())
+        .spawn(move || {
+            let mut conn = None;
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
+                if conn.is_none() {
+                    conn = super::sink::open_sqlite(&file)
+                        .inspect_err(|e| {
+                            tracing::warn!(error = %e, "audit log: cannot open the database to checkpoint its WAL; retrying");
+                        })
+                        .ok();
+                }
+                if let Some(c) = &conn
+                    && let Err(e) = checkpoint(c, restart_pages)
+                {
+                    tracing::warn!(error = %e, "audit log: WAL checkpoint failed; retrying");
+                    conn = None;
+                }
+            }
+        })?;
+    Ok(Checkpoints { _stop: stop })
+}
+
+/// One PASSIVE checkpoint, and a RESTART one when the WAL still holds over `restart_pages`.
+fn checkpoint(conn: &rusqlite::Connection, restart_pages: i64) -> rusqlite::Result<()> {
+    let in_wal: i64 = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| row.get(1))?;
+    if in_wal > restart_pages {
+        conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))?;
+    }
+    Ok(())
+}
