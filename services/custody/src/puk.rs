@@ -45,7 +45,7 @@ use tonic::Request;
 use crate::audit::{self, Event, Refusal, UsageClaim, Written};
 use crate::error::Error;
 use crate::guards::{self, Caller};
-use crate::keystore::{KeystoreError, MasterKeyHandle};
+use crate::keystore::{KeystoreError, MasterKeyHandle, on_keystore};
 use crate::service::{Custody, context};
 use crate::store::entities::{puk_card, puk_session};
 use crate::wrap::{Fingerprint, Kek};
@@ -206,19 +206,27 @@ impl Custody {
             .await?)
     }
 
-    fn derive(
+    /// The PUK of `checked`'s card at `puk_version` (on a blocking thread for an HSM).
+    async fn derive(
         &self,
-        master: &MasterKeyHandle,
+        master: &Arc<MasterKeyHandle>,
         checked: &Checked<'_>,
         puk_version: u32,
     ) -> Result<Puk, Error> {
-        let input = PukInput {
-            card_id: checked.card_id,
-            master_key_version: checked.master_version,
-            puk_version,
-            digits: checked.digits,
-        };
-        self.keystore.puk(master, &input).map_err(|e| match e {
+        let master = master.clone();
+        let card_id = checked.card_id.to_vec();
+        let (master_key_version, digits) = (checked.master_version, checked.digits);
+        on_keystore(&self.keystore, move |keystore| {
+            let input = PukInput {
+                card_id: &card_id,
+                master_key_version,
+                puk_version,
+                digits,
+            };
+            keystore.puk(&master, &input)
+        })
+        .await
+        .map_err(|e| match e {
             KeystoreError::Puk(PukError::Length { .. }) => Error::Invalid {
                 field: "puk_length",
                 message: e.to_string(),
@@ -276,9 +284,12 @@ impl Custody {
             }
             None => None,
         };
-        let puk = self.derive(&master, &checked, checked.puk_version)?;
+        let puk = self.derive(&master, &checked, checked.puk_version).await?;
         let next = match checked.session {
-            Some(_) => Some(self.derive(&master, &checked, checked.puk_version + 1)?),
+            Some(_) => Some(
+                self.derive(&master, &checked, checked.puk_version + 1)
+                    .await?,
+            ),
             None => None,
         };
         Ok(Release {

@@ -21,7 +21,7 @@ use crate::audit::{self, AuditLog, Event, Refusal, UsageClaim, Written};
 use crate::config::{CallerScope, GuardSettings};
 use crate::error::Error;
 use crate::guards::{self, Caller, RateLimiter};
-use crate::keystore::{CryptogramInput, Keystore, MasterKeyHandle};
+use crate::keystore::{CryptogramInput, Keystore, MasterKeyHandle, on_keystore};
 use crate::seal;
 use crate::store::entities::{master_key, seal_meta, so_token};
 use crate::wrap::{self, Kek};
@@ -485,7 +485,7 @@ impl Custody {
     ) -> Result<pb::ComputeCryptogramResponse, Error> {
         let caller = guards::caller(&self.callers, &request)?;
         let identity = caller.identity.clone();
-        let mut req = request.into_inner();
+        let mut req = ChallengeWiped(request.into_inner());
         let mut auth = context(req.auth.take());
         auth.card_id = req.card_id.clone();
         let kek = self.kek()?;
@@ -522,7 +522,7 @@ impl Custody {
                 event.context = auth;
                 event.key_reference = req.master_key_reference.clone();
                 event.key_version = req.master_key_version;
-                event.reason = format!("scheme {scheme}");
+                event.reason = ["scheme ", scheme.as_str()].concat();
                 match self.audit.record(event, Some(claim)).await? {
                     Written::Recorded { seq } => Ok(pb::ComputeCryptogramResponse {
                         response_checksum: checksum(&response),
@@ -596,24 +596,62 @@ impl Custody {
                 req.master_key_reference, req.master_key_version
             ))
         })?;
-        let input = CryptogramInput {
-            scheme,
-            card_id: &req.card_id,
-            key_version: req.master_key_version,
-            admin_algorithm,
-            challenge: &challenge,
-        };
-        let response = self
-            .keystore
-            .cryptogram(&handle, &input)
-            .map_err(|e| match e {
-                crate::keystore::KeystoreError::Diversify(d) => Error::Invalid {
-                    field: "scheme",
-                    message: d.to_string(),
-                },
-                other => Error::Keystore(other),
-            })?;
+        let card_id = req.card_id.clone();
+        let key_version = req.master_key_version;
+        let (response, challenge) = on_keystore(&self.keystore, move |keystore| {
+            let input = CryptogramInput {
+                scheme,
+                card_id: &card_id,
+                key_version,
+                admin_algorithm,
+                challenge: &challenge,
+            };
+            Ok((keystore.cryptogram(&handle, &input)?, challenge))
+        })
+        .await
+        .map_err(|e| match e {
+            crate::keystore::KeystoreError::Diversify(d) => Error::Invalid {
+                field: "scheme",
+                message: d.to_string(),
+            },
+            other => Error::Keystore(other),
+        })?;
         Ok((response, scheme, challenge))
+    }
+}
+
+/// A cryptogram request whose challenge (raw or typed) is wiped when it is dropped, whatever
+/// way the request ends.
+struct ChallengeWiped(pb::ComputeCryptogramRequest);
+
+impl std::ops::Deref for ChallengeWiped {
+    type Target = pb::ComputeCryptogramRequest;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ChallengeWiped {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl ChallengeWiped {
+    fn wipe(&mut self) {
+        use zeroize::Zeroize;
+        self.0.challenge.zeroize();
+        if let Some(code) = &mut self.0.challenge_code {
+            code.hex.zeroize();
+            code.checksum.zeroize();
+        }
+    }
+}
+
+impl Drop for ChallengeWiped {
+    fn drop(&mut self) {
+        self.wipe();
     }
 }
 
@@ -1443,4 +1481,28 @@ fn kcv_matches(key: &SecretKey, expected: &str) -> bool {
         return false;
     };
     key.verify_kcv(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cryptogram_request_loses_its_challenge_when_it_goes() {
+        let mut req = ChallengeWiped(pb::ComputeCryptogramRequest {
+            card_id: b"card".to_vec(),
+            challenge: vec![0xA5; 16],
+            challenge_code: Some(cms_proto::common::v1::TypedCode {
+                hex: "A5A5 A5A5 A5A5 A5A5".into(),
+                checksum: "1234".into(),
+            }),
+            ..Default::default()
+        });
+        req.wipe();
+        assert!(req.challenge.is_empty());
+        let code = req.challenge_code.as_ref().unwrap();
+        assert!(code.hex.is_empty() && code.checksum.is_empty());
+        // The card identifier is no secret, and stays.
+        assert_eq!(req.card_id, b"card");
+    }
 }

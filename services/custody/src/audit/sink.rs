@@ -258,9 +258,12 @@ fn insert_rows(
             placeholders.join(", ")
         )
     });
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    // Each statement prepared once per connection (rusqlite's own transaction would parse
+    // BEGIN and COMMIT again on every batch). On an error the connection is dropped, and with
+    // it the open transaction.
+    conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
     {
-        let mut insert = tx.prepare_cached(&SQL)?;
+        let mut insert = conn.prepare_cached(&SQL)?;
         for r in rows {
             insert.execute(rusqlite::params![
                 r.seq,
@@ -285,7 +288,7 @@ fn insert_rows(
             ])?;
         }
     }
-    tx.commit()
+    conn.prepare_cached("COMMIT")?.execute([]).map(drop)
 }
 
 /// Binds every row's values, in [`COLUMNS`] order, moving them (no copy of a string).

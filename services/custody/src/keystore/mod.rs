@@ -93,6 +93,12 @@ pub struct Stored {
 pub trait Keystore: Send + Sync {
     fn backend(&self) -> Backend;
 
+    /// True when a call waits on a device (an HSM) rather than computing in memory: see
+    /// [`on_keystore`].
+    fn blocks(&self) -> bool {
+        false
+    }
+
     /// Creates a new random master key version (inside the HSM for pkcs11); returns what to
     /// persist.
     fn generate(
@@ -133,6 +139,27 @@ pub trait Keystore: Send + Sync {
     /// A PIV card's PUK under this master key ([`cms_cardcrypto::puk`]): the PRF runs where
     /// the master key lives (inside the HSM for pkcs11) and only the digits come out.
     fn puk(&self, master: &MasterKeyHandle, input: &PukInput<'_>) -> Result<Puk, KeystoreError>;
+}
+
+/// Runs `call` on `keystore`: inline when it computes in memory, on a blocking thread when it
+/// waits on an HSM. A network HSM answers in milliseconds, and a runtime worker blocked that
+/// long holds up every request queued behind it (there is one worker per core).
+pub async fn on_keystore<T: Send + 'static>(
+    keystore: &std::sync::Arc<dyn Keystore>,
+    call: impl FnOnce(&dyn Keystore) -> Result<T, KeystoreError> + Send + 'static,
+) -> Result<T, KeystoreError> {
+    if !keystore.blocks() {
+        return call(keystore.as_ref());
+    }
+    let keystore = keystore.clone();
+    tokio::task::spawn_blocking(move || call(keystore.as_ref()))
+        .await
+        .unwrap_or_else(|_| {
+            Err(KeystoreError::Hsm {
+                operation: "call",
+                detail: "the HSM call did not finish".into(),
+            })
+        })
 }
 
 /// The inputs of one cryptogram.

@@ -854,6 +854,10 @@ impl Keystore for Pkcs11Keystore {
         Backend::Pkcs11
     }
 
+    fn blocks(&self) -> bool {
+        true
+    }
+
     fn generate(
         &self,
         kek: &Kek,
