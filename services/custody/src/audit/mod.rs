@@ -1,9 +1,10 @@
 //! The audit log: every cryptogram, refusal and key-lifecycle event is one record of a
 //! SHA-256 hash chain, committed durably before custody answers.
 //!
-//! One writer task owns the chain head. Requests queue to it; it takes whatever is waiting
-//! (group commit: one transaction and one fsync for the batch), and answers each only after
-//! the commit. Per-card limits and replay refusal are decided inside that same transaction,
+//! One writer task, on a thread of its own, owns the chain head. Requests queue to it; it takes
+//! whatever is waiting (group commit: one transaction and one sync for the batch: on SQLite an
+//! fdatasync of the WAL, see `sink`), and answers each only once the batch is on disk.
+//! Per-card limits and replay refusal are decided by the writer for the whole batch, in order,
 //! so they hold under any concurrency. If the commit fails nobody gets an answer but an
 //! error: custody fails closed.
 

@@ -59,3 +59,50 @@ fn checkpoint(conn: &rusqlite::Connection, restart_pages: i64) -> rusqlite::Resu
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use cms_proto::custody::v1::{AuditEvent, AuditOutcome};
+
+    use super::*;
+    use crate::audit::{AuditLog, Event};
+
+    /// The WAL header's checkpoint sequence number: SQLite counts up each time a commit starts
+    /// the WAL over, which it does only once a checkpoint has copied all of it.
+    fn wal_restarts(db_file: &std::path::Path) -> u32 {
+        let mut wal = db_file.as_os_str().to_owned();
+        wal.push("-wal");
+        let header = std::fs::read(PathBuf::from(wal)).unwrap();
+        u32::from_be_bytes(header[12..16].try_into().unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_wal_is_checkpointed_beside_the_writer_and_starts_over() {
+        let db = crate::store::test_database().await;
+        let file = crate::audit::sink::sqlite_file(&db).await.unwrap();
+        let log = AuditLog::start(db.clone(), 86_400_000).await.unwrap();
+        let record = || async {
+            log.record(
+                Event::new(AuditEvent::Cryptogram, AuditOutcome::Success, "c"),
+                None,
+            )
+            .await
+            .unwrap()
+        };
+        for _ in 0..20 {
+            record().await;
+        }
+        let before = wal_restarts(&file);
+        // The writer never checkpoints; the checkpoint thread does, every CHECKPOINT_EVERY.
+        // Once it has, the next commit writes the WAL from its start again.
+        let deadline = std::time::Instant::now() + 10 * CHECKPOINT_EVERY;
+        while wal_restarts(&file) == before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the WAL was never started over: no checkpoint ran"
+            );
+            tokio::time::sleep(CHECKPOINT_EVERY / 5).await;
+            record().await;
+        }
+    }
+}
