@@ -94,18 +94,12 @@ struct Job {
     reply: oneshot::Sender<Result<Written, AuditError>>,
 }
 
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct AuditLog {
     jobs: mpsc::Sender<Job>,
     db: DatabaseConnection,
     /// Checkpoints of the SQLite WAL, while any handle to the log is left.
     _checkpoints: Option<Arc<wal::Checkpoints>>,
-}
-
-impl std::fmt::Debug for AuditLog {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuditLog").finish_non_exhaustive()
-    }
 }
 
 #[derive(Clone)]

@@ -148,11 +148,8 @@ impl Sink {
         self.open().await?;
         let result = match self.conn.as_mut() {
             Some(Conn::Sqlite(writer)) => writer.insert(&rows),
-            Some(Conn::Postgres(_)) => {
-                let sql = self.postgres_sql(rows.len());
-                let Some(Conn::Postgres(conn)) = self.conn.as_mut() else {
-                    unreachable!("matched above")
-                };
+            Some(Conn::Postgres(conn)) => {
+                let sql = postgres_sql(&mut self.sql, rows.len());
                 bind(sqlx::query(AssertSqlSafe(sql)), rows)
                     .execute(conn)
                     .await
@@ -167,29 +164,30 @@ impl Sink {
         }
         result
     }
+}
 
-    /// `INSERT INTO audit_record (…) VALUES ($1, …), (…)` for `rows` rows; built once per size.
-    fn postgres_sql(&mut self, rows: usize) -> Arc<str> {
-        self.sql
-            .entry(rows)
-            .or_insert_with(|| {
-                let mut sql = format!("INSERT INTO audit_record ({}) VALUES ", COLUMNS.join(", "));
-                let mut n = 0;
-                for row in 0..rows {
-                    sql.push_str(if row == 0 { "(" } else { ", (" });
-                    for column in 0..COLUMNS.len() {
-                        n += 1;
-                        if column > 0 {
-                            sql.push_str(", ");
-                        }
-                        let _ = write!(sql, "${n}");
+/// `INSERT INTO audit_record (…) VALUES ($1, …), (…)` for `rows` rows, from `cache` (built
+/// once per size).
+fn postgres_sql(cache: &mut HashMap<usize, Arc<str>>, rows: usize) -> Arc<str> {
+    cache
+        .entry(rows)
+        .or_insert_with(|| {
+            let mut sql = format!("INSERT INTO audit_record ({}) VALUES ", COLUMNS.join(", "));
+            let mut n = 0;
+            for row in 0..rows {
+                sql.push_str(if row == 0 { "(" } else { ", (" });
+                for column in 0..COLUMNS.len() {
+                    n += 1;
+                    if column > 0 {
+                        sql.push_str(", ");
                     }
-                    sql.push(')');
+                    let _ = write!(sql, "${n}");
                 }
-                sql.into()
-            })
-            .clone()
-    }
+                sql.push(')');
+            }
+            sql.into()
+        })
+        .clone()
 }
 
 /// The file of the pool's SQLite database, as SQLite names it. An in-memory database is

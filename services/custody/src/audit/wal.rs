@@ -13,6 +13,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 pub(super) const WAL_RESTART_PAGES: i64 = 4_096;
 
 /// Stops the checkpoint thread when dropped.
+#[derive(Debug)]
 pub(super) struct Checkpoints {
     _stop: mpsc::Sender<()>,
 }
