@@ -81,7 +81,15 @@ pub enum CodeError {
         /// Hex digits entered.
         got_digits: usize,
     },
-    /// The checksum field is not 4 hex digits.
+    /// The checksum field is empty or has fewer than 4 hex digits: it was not (fully) typed.
+    #[error(
+        "the checksum is missing: it is the 4 hex digits shown beside the code, {got_digits} were given"
+    )]
+    ChecksumMissing {
+        /// Hex digits entered in the checksum field.
+        got_digits: usize,
+    },
+    /// The checksum field holds more than 4 hex digits, or a character that is not one.
     #[error("the checksum must be exactly 4 hex digits (0-9, A-F)")]
     ChecksumMalformed,
     /// The code and its checksum do not belong together: a typing error in one of them.
@@ -160,13 +168,20 @@ pub fn parse_hex(input: &str, expected_lengths: &[usize]) -> Result<Zeroizing<Ve
     Ok(Zeroizing::new(bytes))
 }
 
-/// Parses the 4-hex-character checksum field (separators ignored, any case).
+/// Parses the 4-hex-character checksum field (separators ignored, any case). An empty or
+/// short field is a missing checksum (the user skipped it or stopped early), told apart from
+/// a mistyped one.
 fn parse_checksum_field(checksum: &str) -> Result<Zeroizing<Vec<u8>>, CodeError> {
-    let digits = normalise(checksum).map_err(|_| CodeError::ChecksumMalformed)?;
-    if digits.len() != CHECKSUM_DIGITS {
-        return Err(CodeError::ChecksumMalformed);
+    let digits = match normalise(checksum) {
+        Ok(digits) => digits,
+        Err(CodeError::Empty) => return Err(CodeError::ChecksumMissing { got_digits: 0 }),
+        Err(_) => return Err(CodeError::ChecksumMalformed),
+    };
+    match digits.len() {
+        CHECKSUM_DIGITS => Ok(digits),
+        short if short < CHECKSUM_DIGITS => Err(CodeError::ChecksumMissing { got_digits: short }),
+        _ => Err(CodeError::ChecksumMalformed),
     }
-    Ok(digits)
 }
 
 /// Parses a code and checks it against its separately typed checksum.

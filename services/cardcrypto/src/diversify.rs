@@ -81,6 +81,19 @@ impl Scheme {
         }
     }
 
+    /// Admin-key algorithms the scheme can produce: 3DES for the GP 3DES schemes, AES for the
+    /// CMAC schemes (gp-kdf3 further needs the master key's length).
+    pub const fn admin_algorithms(self) -> &'static [KeyAlgorithm] {
+        match self {
+            Scheme::GpEmv | Scheme::GpVisa2 => &[KeyAlgorithm::Tdes2Key, KeyAlgorithm::Tdes3Key],
+            Scheme::GpKdf3 | Scheme::Sp800108Cmac => &[
+                KeyAlgorithm::Aes128,
+                KeyAlgorithm::Aes192,
+                KeyAlgorithm::Aes256,
+            ],
+        }
+    }
+
     /// True when an HSM can derive the admin key inside itself with one
     /// CKM_DES3_ECB_ENCRYPT_DATA over [`gp_derivation_data`] (the GP 3DES schemes). The CMAC
     /// schemes cannot use CKM_AES_ECB_ENCRYPT_DATA.

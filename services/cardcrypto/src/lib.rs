@@ -18,6 +18,8 @@
 //!   constant-time check.
 //! * [`so_token`]: the System Owner token's unblock key: generated from caller randomness, shown
 //!   once with a checksum, typed back, used locally.
+//! * [`weak`]: degenerate keys (all zeros, weak or repeated DES keys) that a key ceremony
+//!   refuses.
 //! * [`puk`]: a PIV card's PUK, derived per card and PUK version from a master key (SP 800-108
 //!   with a CMAC PRF, decimalised without modulo bias), in software or with an HSM's PRF.
 //!
@@ -55,6 +57,7 @@ pub mod diversify;
 pub mod primitives;
 pub mod puk;
 pub mod so_token;
+pub mod weak;
 
 pub use code::{
     CharacterClass, CodeError, TypedCode, checksum, format_groups, parse_hex, parse_with_checksum,
@@ -67,4 +70,5 @@ pub use primitives::{
 };
 pub use puk::{Puk, PukError, PukInput, derive_puk, derive_puk_with};
 pub use so_token::{SoTokenError, SoUnblockKey, so_cryptogram};
+pub use weak::{Degenerate, degenerate};
 pub use zeroize::Zeroizing;
