@@ -6,7 +6,8 @@ use cms_cardcrypto::KeyAlgorithm;
 use cms_kit::client::Channel;
 use cms_launcher::layout::Peers;
 use cms_proto::common::v1::{
-    AuthContext, DiversificationScheme, ErrorReason, Flow, KeyAlgorithm as Alg, TypedCode,
+    ActorKind, AuthContext, DiversificationScheme, ErrorReason, Flow, KeyAlgorithm as Alg,
+    TypedCode,
 };
 use cms_proto::custody::v1::custody_service_client::CustodyServiceClient;
 use cms_proto::custody::v1::*;
@@ -45,6 +46,7 @@ async fn custody(tweak: impl FnOnce(&mut cms_custody::Config)) -> Harness {
 
 fn auth() -> Option<AuthContext> {
     Some(AuthContext {
+        actor_kind: ActorKind::Operator as i32,
         actor_id: "helpdesk-7".into(),
         flow: Flow::OfflineHelpdesk as i32,
         request_id: "req-1".into(),
@@ -253,7 +255,7 @@ async fn refusals_are_distinct_and_clear() {
         .unwrap_err();
     assert_eq!(
         (err.code(), reason(&err)),
-        (Code::ResourceExhausted, ErrorReason::RateLimited)
+        (Code::ResourceExhausted, ErrorReason::CardLimitReached)
     );
     assert!(err.message().contains("limit of 3"), "{}", err.message());
     // Another card is not affected.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use cms_launcher::layout::{Layout, Peers, Ports};
 use cms_launcher::supervise::{self, Service};
-use cms_proto::common::v1::{AuthContext, DiversificationScheme, KeyAlgorithm};
+use cms_proto::common::v1::{ActorKind, AuthContext, DiversificationScheme, KeyAlgorithm};
 use cms_proto::custody::v1::custody_service_client::CustodyServiceClient;
 use cms_proto::custody::v1::*;
 use cms_tests::inproc;
@@ -104,6 +104,7 @@ async fn every_answered_cryptogram_survives_sigkill_in_the_audit() {
                         scheme: DiversificationScheme::Sp800108Cmac as i32,
                         admin_key_algorithm: KeyAlgorithm::Aes128 as i32,
                         auth: Some(AuthContext {
+                            actor_kind: ActorKind::Service as i32,
                             request_id: request_id.clone(),
                             ..Default::default()
                         }),

@@ -17,7 +17,7 @@ use cms_custody::keystore::cryptoki;
 use cms_kit::client::Channel;
 use cms_launcher::layout::{Layout, Peers, Ports};
 use cms_proto::common::v1::{
-    AuthContext, DiversificationScheme, Flow, KeyAlgorithm as Alg, TypedCode,
+    ActorKind, AuthContext, DiversificationScheme, Flow, KeyAlgorithm as Alg, TypedCode,
 };
 use cms_proto::custody::v1::custody_service_client::CustodyServiceClient;
 use cms_proto::custody::v1::*;
@@ -82,6 +82,7 @@ async fn custody(token: &str, tweak: impl FnOnce(&mut cms_custody::Config)) -> H
 
 fn auth() -> Option<AuthContext> {
     Some(AuthContext {
+        actor_kind: ActorKind::Operator as i32,
         actor_id: "helpdesk-7".into(),
         flow: Flow::OfflineHelpdesk as i32,
         request_id: "req-1".into(),

@@ -18,7 +18,7 @@ use cms_kit::client::Channel;
 use cms_kit::pki::LeafSpec;
 use cms_launcher::layout::Peers;
 use cms_proto::common::v1::{
-    AuthContext, DiversificationScheme, ErrorReason, Flow, KeyAlgorithm as Alg,
+    ActorKind, AuthContext, DiversificationScheme, ErrorReason, Flow, KeyAlgorithm as Alg,
 };
 use cms_proto::custody::v1::custody_service_client::CustodyServiceClient;
 use cms_proto::custody::v1::*;
@@ -93,6 +93,7 @@ async fn custody(keystore: Keystore, per_card_limit: u32) -> Harness {
 
 fn auth() -> Option<AuthContext> {
     Some(AuthContext {
+        actor_kind: ActorKind::Operator as i32,
         actor_id: "helpdesk-7".into(),
         flow: Flow::OfflineHelpdesk as i32,
         request_id: "req-puk".into(),
@@ -488,7 +489,13 @@ async fn life_of_a_puk(keystore: Keystore) {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    // A retired master key version.
+    // A retired master key version (after a rotation: the current version is not retired).
+    gw.rotate_master_key(RotateMasterKeyRequest {
+        reference: "puk-aes".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     gw.retire_master_key_version(RetireMasterKeyVersionRequest {
         reference: "puk-aes".into(),
         version: 1,
@@ -676,7 +683,7 @@ async fn releases_count_against_the_card_limit_with_cryptograms() {
         .unwrap_err();
     assert_eq!(
         (err.code(), detail(&err).0),
-        (Code::ResourceExhausted, ErrorReason::RateLimited),
+        (Code::ResourceExhausted, ErrorReason::CardLimitReached),
         "{err:?}"
     );
     // The card's one release stands.

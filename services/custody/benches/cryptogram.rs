@@ -22,7 +22,7 @@ use cms_kit::pki::DevPki;
 use cms_kit::server::{Listeners, Serve};
 use cms_kit::shutdown;
 use cms_kit::tls::TlsSource;
-use cms_proto::common::v1::{AuthContext, DiversificationScheme, KeyAlgorithm};
+use cms_proto::common::v1::{ActorKind, AuthContext, DiversificationScheme, KeyAlgorithm};
 use cms_proto::custody::v1::custody_service_client::CustodyServiceClient;
 use cms_proto::custody::v1::{ComputeCryptogramRequest, GenerateMasterKeyRequest};
 use tonic_health::pb::HealthCheckRequest;
@@ -493,7 +493,11 @@ async fn cryptograms(
             master_key_version: version,
             scheme: DiversificationScheme::Sp800108Cmac as i32,
             admin_key_algorithm: KeyAlgorithm::Aes128 as i32,
-            auth: Some(AuthContext::default()),
+            auth: Some(AuthContext {
+                actor_kind: ActorKind::Service as i32,
+                request_id: format!("bench-{worker}-{n}"),
+                ..Default::default()
+            }),
             challenge_code: None,
         };
         async move { client.compute_cryptogram(request).await.is_ok() }

@@ -43,6 +43,19 @@ pub enum Error {
     UnknownKey { reference: String, version: u32 },
     #[error("master key {reference} version {version} is retired")]
     Retired { reference: String, version: u32 },
+    #[error(
+        "master key {reference} version {version} is its current version, and the current version cannot be retired: rotate the key first, then retire this version"
+    )]
+    RetireCurrent { reference: String, version: u32 },
+    #[error(
+        "master key {reference} version {version} was made by the {made_by} keystore backend, and this custody runs the {running} backend: run custody with keystore.backend = \"{made_by}\", or import the key again"
+    )]
+    OtherBackend {
+        reference: String,
+        version: u32,
+        made_by: &'static str,
+        running: &'static str,
+    },
     #[error("{0}")]
     AlreadyExists(String),
     #[error("{0}")]
@@ -53,7 +66,9 @@ pub enum Error {
         "this challenge was already answered for this card; read a new challenge from the card"
     )]
     Replay,
-    #[error("this card reached its limit of {limit} cryptograms in {window_hours} h")]
+    #[error(
+        "this card reached its limit of {limit} key uses in {window_hours} h (cryptograms and PIV PUK releases count together)"
+    )]
     CardLimit { limit: u32, window_hours: u64 },
     #[error("too many requests from this caller; retry shortly")]
     CallerRate,
@@ -99,27 +114,30 @@ impl Error {
                 match source {
                     cms_cardcrypto::CodeError::ChecksumMismatch => R::CodeChecksumMismatch,
                     cms_cardcrypto::CodeError::ChecksumMalformed => R::CodeChecksumMismatch,
+                    cms_cardcrypto::CodeError::ChecksumMissing { .. } => R::CodeChecksumMissing,
                     cms_cardcrypto::CodeError::NotHex { .. } => R::CodeNotHex,
                     _ => R::CodeWrongLength,
                 },
                 field,
             ),
             Self::UnknownKey { .. } | Self::NotFound(_) => (Code::NotFound, R::NotFound, ""),
-            Self::Retired { .. } | Self::Precondition(_) => {
+            Self::Retired { .. } | Self::RetireCurrent { .. } | Self::Precondition(_) => {
                 (Code::FailedPrecondition, R::Unspecified, "")
             }
+            Self::OtherBackend { .. } => (Code::FailedPrecondition, R::KeyFromOtherBackend, ""),
             Self::AlreadyExists(_) => (Code::AlreadyExists, R::AlreadyExists, ""),
             Self::KcvMismatch(_) => (Code::InvalidArgument, R::KcvMismatch, ""),
             Self::Replay => (Code::AlreadyExists, R::ReplayedChallenge, "challenge"),
-            Self::CardLimit { .. } | Self::CallerRate | Self::Overloaded => {
-                (Code::ResourceExhausted, R::RateLimited, "")
-            }
+            Self::CardLimit { .. } => (Code::ResourceExhausted, R::CardLimitReached, ""),
+            Self::CallerRate => (Code::ResourceExhausted, R::RateLimited, ""),
+            Self::Overloaded => (Code::ResourceExhausted, R::Overloaded, ""),
             Self::AuditUnavailable => (Code::Unavailable, R::AuditUnavailable, ""),
             Self::Seal(e) => match e {
                 crate::seal::SealError::Share(_, code) => (
                     Code::InvalidArgument,
                     match code {
                         cms_cardcrypto::CodeError::ChecksumMismatch => R::CodeChecksumMismatch,
+                        cms_cardcrypto::CodeError::ChecksumMissing { .. } => R::CodeChecksumMissing,
                         cms_cardcrypto::CodeError::NotHex { .. } => R::CodeNotHex,
                         _ => R::CodeWrongLength,
                     },

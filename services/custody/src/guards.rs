@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use cms_kit::PeerIdentity;
+use cms_proto::common::v1::{ActorKind, AuthContext};
 
 use crate::config::{CallerScope, GuardSettings};
 use crate::error::Error;
@@ -43,6 +44,27 @@ impl RateLimiter {
             Err(Error::CallerRate)
         }
     }
+}
+
+/// A cryptogram or PUK request must say who acts and under which request id (common.proto:
+/// an unspecified actor kind is rejected): custody's audit record is only as good as that.
+pub fn require_context(auth: &AuthContext) -> Result<(), Error> {
+    if ActorKind::try_from(auth.actor_kind).unwrap_or(ActorKind::Unspecified)
+        == ActorKind::Unspecified
+    {
+        return Err(Error::Invalid {
+            field: "auth.actor_kind",
+            message: "the authorization context must say who acts (operator, user or service)"
+                .into(),
+        });
+    }
+    if auth.request_id.trim().is_empty() {
+        return Err(Error::Invalid {
+            field: "auth.request_id",
+            message: "the authorization context must carry the request id".into(),
+        });
+    }
+    Ok(())
 }
 
 /// The verified caller and its scope.

@@ -12,6 +12,7 @@ pub mod audit;
 mod config;
 pub mod error;
 pub mod guards;
+mod keyrules;
 pub mod keystore;
 mod puk;
 pub mod seal;

@@ -584,6 +584,11 @@ mod tests {
             master_key_version: 1,
             puk_version: 3,
             puk_length: 8,
+            auth: Some(cms_proto::common::v1::AuthContext {
+                actor_kind: cms_proto::common::v1::ActorKind::Operator as i32,
+                request_id: "req-unit".into(),
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }

@@ -21,10 +21,11 @@ use crate::audit::{self, AuditLog, Event, Refusal, UsageClaim, Written};
 use crate::config::{CallerScope, GuardSettings};
 use crate::error::Error;
 use crate::guards::{self, Caller, RateLimiter};
-use crate::keystore::{CryptogramInput, Keystore, MasterKeyHandle, on_keystore};
+use crate::keyrules;
+use crate::keystore::{CryptogramInput, Keystore, KeystoreError, MasterKeyHandle, on_keystore};
 use crate::seal;
 use crate::store::entities::{master_key, seal_meta, so_token};
-use crate::wrap::{self, Kek};
+use crate::wrap::{self, Fingerprint, Kek};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 const IMPORT_TTL: Duration = Duration::from_secs(600);
@@ -48,6 +49,30 @@ struct Loaded {
     algorithm: KeyAlgorithm,
     /// `None` when the stored form could not be opened (altered, moved or truncated).
     handle: Option<Arc<MasterKeyHandle>>,
+    /// The backend that made it, when that is not the running one.
+    made_by: Option<&'static str>,
+}
+
+impl Loaded {
+    /// The usable handle, or why the stored form cannot be used.
+    fn handle(&self) -> Result<Arc<MasterKeyHandle>, Error> {
+        let (reference, version) = (&self.row.reference, self.row.version);
+        let version = u32::try_from(version).unwrap_or(0);
+        if let Some(handle) = &self.handle {
+            return Ok(handle.clone());
+        }
+        Err(match self.made_by {
+            Some(made_by) => Error::OtherBackend {
+                reference: reference.clone(),
+                version,
+                made_by,
+                running: if made_by == "soft" { "pkcs11" } else { "soft" },
+            },
+            None => Error::Precondition(format!(
+                "master key {reference} version {version} cannot be opened: its stored form was altered"
+            )),
+        })
+    }
 }
 
 struct State {
@@ -86,6 +111,8 @@ struct Import {
     expected: u32,
     received: u32,
     accumulator: Zeroizing<Vec<u8>>,
+    /// Keyed fingerprints of the components accepted so far (a repeated one is refused).
+    seen: Vec<Fingerprint>,
     description: String,
     started: Instant,
 }
@@ -334,6 +361,7 @@ impl Custody {
     fn load_row(&self, kek: &Kek, row: master_key::Model) -> Loaded {
         let algorithm = row.algorithm.parse::<KeyAlgorithm>().ok();
         let version = u32::try_from(row.version).unwrap_or(0);
+        let mut made_by = None;
         let handle = algorithm.and_then(|algorithm| {
             match self
                 .keystore
@@ -341,6 +369,9 @@ impl Custody {
             {
                 Ok(handle) => Some(Arc::new(handle)),
                 Err(e) => {
+                    if let KeystoreError::OtherBackend { made_by: by, .. } = e {
+                        made_by = Some(by);
+                    }
                     tracing::error!(reference = %row.reference, version, error = %e, "master key cannot be opened");
                     None
                 }
@@ -349,6 +380,7 @@ impl Custody {
         Loaded {
             algorithm: algorithm.unwrap_or(KeyAlgorithm::Aes128),
             handle,
+            made_by,
             row,
         }
     }
@@ -373,11 +405,7 @@ impl Custody {
                 version,
             });
         }
-        loaded.handle.clone().ok_or_else(|| {
-            Error::Precondition(format!(
-                "master key {reference} version {version} cannot be opened: its stored form was altered"
-            ))
-        })
+        loaded.handle()
     }
 
     fn current_version(&self, reference: &str) -> Option<u32> {
@@ -461,6 +489,32 @@ impl Custody {
         Ok(row)
     }
 
+    /// A PUK release names who asks and under which request id (common.proto): one without
+    /// is refused, and audited, before anything else is looked at. A caller with no scope
+    /// here is left to `release_puk`, which refuses (and audits) it as such.
+    async fn puk_context(&self, request: &Request<pb::ReleasePivPukRequest>) -> Result<(), Error> {
+        let Ok(caller) = guards::caller(&self.callers, request) else {
+            return Ok(());
+        };
+        let req = request.get_ref();
+        let auth = context(req.auth.clone());
+        let Err(error) = guards::require_context(&auth) else {
+            return Ok(());
+        };
+        let mut event = Event::new(
+            AuditEvent::PukRelease,
+            AuditOutcome::Refused,
+            &caller.identity,
+        );
+        event.context = auth;
+        event.context.card_id = req.card_id.clone();
+        event.key_reference = req.master_key_reference.clone();
+        event.key_version = req.master_key_version;
+        event.reason = error.to_string();
+        self.audit.record(event, None).await?;
+        Err(error)
+    }
+
     async fn refuse(
         &self,
         caller: &str,
@@ -492,6 +546,9 @@ impl Custody {
 
         // Who may use which key comes before anything else is looked at.
         if let Err(e) = caller.require_key(&req.master_key_reference) {
+            return Err(self.refuse(&identity, &auth, &req, e).await);
+        }
+        if let Err(e) = guards::require_context(&auth) {
             return Err(self.refuse(&identity, &auth, &req, e).await);
         }
         let _slot = self
@@ -561,7 +618,8 @@ impl Custody {
         }
         let scheme = scheme_from_proto(req.scheme)?;
         let admin_algorithm = algorithm_from_proto(req.admin_key_algorithm, "admin_key_algorithm")?;
-        let challenge = challenge_bytes(req)?;
+        keyrules::scheme_fits(scheme, admin_algorithm)?;
+        let challenge = challenge_bytes(req, admin_algorithm.block_len())?;
         if challenge.len() != admin_algorithm.block_len() {
             return Err(Error::Invalid {
                 field: "challenge",
@@ -582,7 +640,7 @@ impl Custody {
                     reference: req.master_key_reference.clone(),
                     version: req.master_key_version,
                 })?;
-            (loaded.handle.clone(), loaded.row.state == "retired")
+            (loaded.handle(), loaded.row.state == "retired")
         };
         if retired {
             return Err(Error::Retired {
@@ -590,12 +648,7 @@ impl Custody {
                 version: req.master_key_version,
             });
         }
-        let handle = handle.ok_or_else(|| {
-            Error::Precondition(format!(
-                "master key {} version {} cannot be opened: its stored form was altered",
-                req.master_key_reference, req.master_key_version
-            ))
-        })?;
+        let handle = handle?;
         let card_id = req.card_id.clone();
         let key_version = req.master_key_version;
         let (response, challenge) = on_keystore(&self.keystore, move |keystore| {
@@ -655,18 +708,22 @@ impl Drop for ChallengeWiped {
     }
 }
 
-/// The challenge as raw bytes, from `challenge` or from the typed `challenge_code`.
-fn challenge_bytes(req: &pb::ComputeCryptogramRequest) -> Result<Zeroizing<Vec<u8>>, Error> {
+/// The challenge as raw bytes, from `challenge` or from the typed `challenge_code`. A typed
+/// code must have the length the admin key answers (`block_len` bytes), or it is a
+/// wrong-length code (a raw challenge's length is checked by the caller).
+fn challenge_bytes(
+    req: &pb::ComputeCryptogramRequest,
+    block_len: usize,
+) -> Result<Zeroizing<Vec<u8>>, Error> {
     match (&req.challenge_code, req.challenge.is_empty()) {
-        (Some(code), true) => parse_with_checksum(
-            &code.hex,
-            &code.checksum,
-            cms_cardcrypto::cryptogram::CHALLENGE_LENGTHS,
-        )
-        .map_err(|source| Error::Code {
-            field: "challenge_code",
-            source,
-        }),
+        (Some(code), true) => {
+            parse_with_checksum(&code.hex, &code.checksum, &[block_len]).map_err(|source| {
+                Error::Code {
+                    field: "challenge_code",
+                    source,
+                }
+            })
+        }
         (None, false) => Ok(Zeroizing::new(req.challenge.clone())),
         (Some(_), false) => Err(Error::Invalid {
             field: "challenge",
@@ -1012,6 +1069,11 @@ impl CustodyService for Custody {
                 reference: req.reference.clone(),
                 version: req.version,
             })?;
+        keyrules::may_retire(
+            &req.reference,
+            req.version,
+            self.current_version(&req.reference),
+        )?;
         let mut event = Event::new(
             AuditEvent::MasterKeyRetire,
             AuditOutcome::Success,
@@ -1104,6 +1166,7 @@ impl CustodyService for Custody {
                 expected: req.component_count,
                 received: 0,
                 accumulator: Zeroizing::new(vec![0; algorithm.key_len()]),
+                seen: Vec::new(),
                 description: req.description,
                 started: Instant::now(),
             },
@@ -1123,7 +1186,7 @@ impl CustodyService for Custody {
         let caller = guards::caller(&self.callers, &request)?;
         caller.require_admin()?;
         let req = request.into_inner();
-        self.kek()?;
+        let kek = self.kek()?;
         let mut imports = self.imports.lock().unwrap_or_else(|p| p.into_inner());
         let import = imports
             .get_mut(&req.import_id)
@@ -1152,6 +1215,14 @@ impl CustodyService for Custody {
             ))
             .into());
         }
+        let fingerprint = keyrules::check_component(
+            &kek,
+            &req.import_id,
+            &component,
+            import.received + 1,
+            &import.seen,
+        )?;
+        import.seen.push(fingerprint);
         for (acc, byte) in import.accumulator.iter_mut().zip(component.expose_bytes()) {
             *acc ^= byte;
         }
@@ -1193,6 +1264,7 @@ impl CustodyService for Custody {
                 field: "component",
                 message: "the combined key is not valid for its algorithm".into(),
             })?;
+        keyrules::check_combined(&key)?;
         if !kcv_matches(&key, &req.expected_kcv) {
             return Err(Error::KcvMismatch(
                 "the combined key does not have the key check value given; nothing was stored"
@@ -1245,6 +1317,7 @@ impl CustodyService for Custody {
         &self,
         request: Request<pb::ReleasePivPukRequest>,
     ) -> Rpc<pb::ReleasePivPukResponse> {
+        self.puk_context(&request).await?;
         Ok(Response::new(self.release_puk(request).await?))
     }
 
@@ -1365,13 +1438,13 @@ impl CustodyService for Custody {
             }
             .into());
         }
+        // One per installation (DESIGN 1): whatever its label.
         let exists = so_token::Entity::find()
-            .filter(so_token::Column::Label.eq(label.clone()))
             .one(&self.db)
             .await
             .map_err(Error::from)?;
-        if exists.is_some() {
-            return Err(Error::AlreadyExists(format!("SO token {label} exists")).into());
+        if let Some(existing) = exists {
+            return Err(so_token_exists(&existing.label).into());
         }
         let mut failed = false;
         let key = cms_cardcrypto::SoUnblockKey::generate(algorithm, &mut |buf| {
@@ -1397,8 +1470,11 @@ impl CustodyService for Custody {
         auth.card_id = req.card_id.clone();
         event.context = auth;
         event.key_reference = label.clone();
+        event.reason = so_token_summary(algorithm, req.share_count, req.share_threshold);
         self.audit.record(event, None).await.map_err(Error::from)?;
         let row = so_token::ActiveModel {
+            // A fixed id: a racing second initialisation fails on the primary key.
+            id: Set(SO_TOKEN_ID),
             label: Set(label),
             algorithm: Set(algorithm.as_str().to_owned()),
             kcv: Set(kcv.clone()),
@@ -1406,11 +1482,15 @@ impl CustodyService for Custody {
             share_threshold: Set(i32::try_from(req.share_threshold).unwrap_or(0)),
             card_id: Set(req.card_id),
             created_at: Set(audit::now_ms()),
-            ..Default::default()
         }
         .insert(&self.db)
         .await
-        .map_err(Error::from)?;
+        .map_err(|e| match e.sql_err() {
+            Some(sea_orm::SqlErr::UniqueConstraintViolation(_)) => {
+                so_token_exists("initialised meanwhile")
+            }
+            _ => Error::from(e),
+        })?;
         Ok(Response::new(pb::InitSoTokenResponse {
             so_unblock_key: Some(cms_proto::common::v1::TypedCode {
                 hex: cms_cardcrypto::format_groups(bytes),
@@ -1447,6 +1527,27 @@ impl CustodyService for Custody {
         Ok(Response::new(pb::GetSoTokenInfoResponse {
             info: Some(so_info(&row)),
         }))
+    }
+}
+
+/// The id of the one SO token row.
+const SO_TOKEN_ID: i64 = 1;
+
+fn so_token_exists(label: &str) -> Error {
+    Error::AlreadyExists(format!(
+        "a System Owner token ({label}) is already initialised: there is one per installation"
+    ))
+}
+
+/// What the SO token's audit record says about it (no secret): algorithm and shares.
+fn so_token_summary(algorithm: KeyAlgorithm, share_count: u32, threshold: u32) -> String {
+    if share_count == 0 {
+        format!("{} unblock key, not split into shares", algorithm.as_str())
+    } else {
+        format!(
+            "{} unblock key, {share_count} shares, {threshold} needed",
+            algorithm.as_str()
+        )
     }
 }
 

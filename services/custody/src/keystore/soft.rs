@@ -6,6 +6,9 @@ use cms_proto::custody::v1::Backend;
 use super::{CryptogramInput, Keystore, KeystoreError, MasterKeyHandle, Stored, binding, pkcs11};
 use crate::wrap::Kek;
 
+/// Draws of a random key before the generator is taken for broken.
+const MAX_DRAWS: usize = 4;
+
 /// Master keys wrapped under the KEK in custody's own database.
 #[derive(Debug, Default)]
 pub struct SoftKeystore;
@@ -37,11 +40,18 @@ impl Keystore for SoftKeystore {
         version: u32,
         algorithm: KeyAlgorithm,
     ) -> Result<Stored, KeystoreError> {
-        let mut bytes = Zeroizing::new(vec![0u8; algorithm.key_len()]);
-        crate::wrap::random(&mut bytes).map_err(|_| KeystoreError::Random)?;
-        let key =
-            SecretKey::from_zeroizing(algorithm, bytes).map_err(|_| KeystoreError::Corrupt)?;
-        self.store(kek, reference, version, &key)
+        // A weak or repeated DES part is a 2^-50-ish draw, but a key ceremony refuses such
+        // keys, so the generator does too; a generator that keeps drawing them is broken.
+        for _ in 0..MAX_DRAWS {
+            let mut bytes = Zeroizing::new(vec![0u8; algorithm.key_len()]);
+            crate::wrap::random(&mut bytes).map_err(|_| KeystoreError::Random)?;
+            let key =
+                SecretKey::from_zeroizing(algorithm, bytes).map_err(|_| KeystoreError::Corrupt)?;
+            if cms_cardcrypto::degenerate(&key).is_none() {
+                return self.store(kek, reference, version, &key);
+            }
+        }
+        Err(KeystoreError::Random)
     }
 
     fn import(
