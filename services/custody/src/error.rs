@@ -188,3 +188,32 @@ impl From<Error> for tonic::Status {
 pub fn detail(status: &tonic::Status) -> Option<ErrorDetail> {
     ErrorDetail::decode(status.details()).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each limit has its own reason: a caller can tell "retry in a second" (its rate, the
+    /// server's load) from "this card is done for the window".
+    #[test]
+    fn limits_have_distinct_reasons() {
+        let reason = |e: Error| e.classify().map(|(code, reason, _)| (code, reason));
+        let card = Error::CardLimit {
+            limit: 3,
+            window_hours: 24,
+        };
+        assert!(card.to_string().contains("PUK releases"), "{card}");
+        assert_eq!(
+            reason(card),
+            Some((Code::ResourceExhausted, ErrorReason::CardLimitReached))
+        );
+        assert_eq!(
+            reason(Error::CallerRate),
+            Some((Code::ResourceExhausted, ErrorReason::RateLimited))
+        );
+        assert_eq!(
+            reason(Error::Overloaded),
+            Some((Code::ResourceExhausted, ErrorReason::Overloaded))
+        );
+    }
+}
