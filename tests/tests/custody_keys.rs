@@ -8,7 +8,7 @@
 //! One SoftHSM2 token directory for the whole binary (see cms_tests::softhsm): every test
 //! calls `hsm()` first.
 
-use cms_cardcrypto::{KeyAlgorithm, SecretKey};
+use cms_cardcrypto::KeyAlgorithm;
 use cms_custody::keystore::cryptoki;
 use cms_kit::client::Channel;
 use cms_launcher::layout::Peers;
@@ -669,5 +669,169 @@ async fn there_is_one_system_owner_token_per_installation() {
         said.contains("aes-128") && said.contains("3 shares") && said.contains("2 needed"),
         "{said}"
     );
+    h.server.stop().await.unwrap();
+}
+
+/// A session of this test process on `token`, logged in with the PIN custody uses: what
+/// anyone holding the token PIN can do outside custody.
+fn token_session(token: &str) -> Session {
+    let context = Pkcs11::new(softhsm::module()).unwrap();
+    match context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => panic!("C_Initialize: {e}"),
+    }
+    let slot = context
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| context.get_token_info(*s).unwrap().label() == token)
+        .expect("token");
+    let session = context.open_rw_session(slot).unwrap();
+    let pin = AuthPin::from(hsm().token(token).pin());
+    match session.login(UserType::User, Some(&pin)) {
+        Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(e) => panic!("C_Login: {e}"),
+    }
+    session
+}
+
+fn master_object(session: &Session, reference: &str) -> ObjectHandle {
+    let found = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(format!("cms-mk:{reference}:1").into_bytes()),
+        ])
+        .unwrap();
+    assert_eq!(found.len(), 1, "{reference}: one object");
+    found[0]
+}
+
+/// (CKA_ENCRYPT, CKA_DERIVE, CKA_SIGN, CKA_COPYABLE, CKA_MODIFIABLE) of `object`.
+fn uses(session: &Session, object: ObjectHandle) -> [bool; 5] {
+    let wanted = [
+        AttributeType::Encrypt,
+        AttributeType::Derive,
+        AttributeType::Sign,
+        AttributeType::Copyable,
+        AttributeType::Modifiable,
+    ];
+    let got = session.get_attributes(object, &wanted).unwrap();
+    wanted.map(|attribute| {
+        got.iter()
+            .find_map(|a| match (a, attribute) {
+                (Attribute::Encrypt(b), AttributeType::Encrypt)
+                | (Attribute::Derive(b), AttributeType::Derive)
+                | (Attribute::Sign(b), AttributeType::Sign)
+                | (Attribute::Copyable(b), AttributeType::Copyable)
+                | (Attribute::Modifiable(b), AttributeType::Modifiable) => Some(*b),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{attribute:?} not returned"))
+    })
+}
+
+#[tokio::test]
+async fn pkcs11_master_keys_carry_only_what_their_scheme_needs() {
+    let token = "keys-attributes";
+    let mut h = custody(|c| {
+        c.keystore = hsm().keystore(token);
+        c.guards.per_card_limit = 100;
+    })
+    .await;
+    for (reference, alg) in [
+        ("gen-3des", KeyAlgorithm::Tdes2Key),
+        ("gen-3des3", KeyAlgorithm::Tdes3Key),
+        ("gen-aes", KeyAlgorithm::Aes128),
+    ] {
+        h.client
+            .generate_master_key(GenerateMasterKeyRequest {
+                reference: reference.into(),
+                algorithm: proto_alg(alg) as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    import(
+        &mut h.client,
+        "imp-3des",
+        KeyAlgorithm::Tdes2Key,
+        &hex(MASTER),
+    )
+    .await;
+    let session = token_session(token);
+    //                     encrypt derive sign   copy   modify
+    for (reference, wanted) in [
+        // The GP schemes derive inside the HSM: derive only.
+        ("gen-3des", [false, true, false, false, false]),
+        ("imp-3des", [false, true, false, false, false]),
+        // No scheme derives from a 3-key 3DES key; the PUK PRF encrypts with it.
+        ("gen-3des3", [true, false, false, false, false]),
+        // The AES schemes' CMAC (sign); the KCV (encrypt).
+        ("gen-aes", [true, false, true, false, false]),
+    ] {
+        let object = master_object(&session, reference);
+        assert_eq!(uses(&session, object), wanted, "{reference}");
+    }
+    // The PIN holder's C_Encrypt with a GP master key is refused by the token.
+    for reference in ["gen-3des", "imp-3des"] {
+        let err = session
+            .encrypt(
+                &Mechanism::Des3Ecb,
+                master_object(&session, reference),
+                &[0u8; 8],
+            )
+            .unwrap_err();
+        assert!(
+            matches!(err, P11Error::Pkcs11(RvError::KeyFunctionNotPermitted, _)),
+            "{reference}: {err}"
+        );
+    }
+
+    // Custody still does all it did with a derive-only key: the key check value (above,
+    // from the import), the shared gp-emv vector, and a PUK (cms_cardcrypto's known answer).
+    let answer = h
+        .client
+        .compute_cryptogram(cryptogram(
+            "imp-3des",
+            &hex("00010203040506070809"),
+            &hex("1603EBDF1C8A2E72"),
+            DiversificationScheme::GpEmv,
+            Alg::Tdes3key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        cms_tests::custody::upper(&answer.response),
+        "9CB2DC8314AFA496"
+    );
+    let puk = h
+        .client
+        .release_piv_puk(ReleasePivPukRequest {
+            card_id: hex("6F1D2B3C4D5E6F708192A3B4C5D6E7F8"),
+            auth: auth(),
+            purpose: PukPurpose::OfflineHelpdesk as i32,
+            master_key_reference: "imp-3des".into(),
+            master_key_version: 1,
+            puk_version: 1,
+            puk_length: 8,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(puk.puk, b"24326921");
+    // A generated derive-only key answers too.
+    h.client
+        .compute_cryptogram(cryptogram(
+            "gen-3des",
+            b"card-1",
+            &[4; 8],
+            DiversificationScheme::GpVisa2,
+            Alg::Tdes2key,
+        ))
+        .await
+        .unwrap();
     h.server.stop().await.unwrap();
 }

@@ -13,7 +13,7 @@
 mod pkcs11;
 mod soft;
 
-pub use pkcs11::{Pkcs11Key, Pkcs11Keystore};
+pub use pkcs11::{Pkcs11Key, Pkcs11Keystore, derived_block};
 pub use soft::SoftKeystore;
 
 /// The PKCS#11 crate the HSM backend is built on, for tools and tests that inspect a token.

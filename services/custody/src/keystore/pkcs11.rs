@@ -3,7 +3,10 @@
 //!
 //! * Master keys are token objects (`CKA_TOKEN`, `CKA_PRIVATE`, `CKA_SENSITIVE`, not
 //!   `CKA_EXTRACTABLE`, not modifiable or copyable) labelled `cms-mk:<reference>:<version>` with
-//!   a random 16-byte `CKA_ID`. `generate` makes them inside the HSM (CKM_DES2_KEY_GEN,
+//!   a random 16-byte `CKA_ID`. They may do only what their algorithm's uses need
+//!   ([`master_attributes`]): a 2-key 3DES key (`gp-emv`, `gp-visa2`) may only derive, so the
+//!   token PIN alone does not make it an encryption oracle that turns derivation data into
+//!   per-card keys. `generate` makes them inside the HSM (CKM_DES2_KEY_GEN,
 //!   CKM_DES3_KEY_GEN, CKM_AES_KEY_GEN); `import` creates them with C_CreateObject from the
 //!   ceremony's combined components (which are necessarily in host memory at that point).
 //!   The key check value is computed inside the HSM (E_K(zero block), ECB) and, for an
@@ -26,9 +29,17 @@
 //!   as well; SoftHSM2 2.6 does not offer it.
 //! * PIV PUKs ([`cms_cardcrypto::puk`]): the PRF runs on the master-key object and only the
 //!   digits come out. AES master keys: C_Sign(CKM_AES_CMAC) per block. 3DES master keys may
-//!   encrypt but not sign (their attributes are fixed at creation), so TDES-CMAC is assembled
-//!   from C_Encrypt(CKM_DES3_ECB) block by block ([`cms_cardcrypto::cmac_by_blocks`]); the
-//!   chaining values pass through zeroizing host memory, the key never does.
+//!   not sign, so TDES-CMAC is assembled block by block ([`cms_cardcrypto::cmac_by_blocks`]):
+//!   3-key 3DES with C_Encrypt(CKM_DES3_ECB); 2-key 3DES, which may only derive, with
+//!   C_DeriveKey(CKM_DES3_ECB_ENCRYPT_DATA) into a readable 8-byte session object that is
+//!   destroyed at once ([`derived_block`]; also its key check value). The chaining values pass
+//!   through zeroizing host memory, the key never does.
+//!
+//! What derive-only does not stop: a token that lets C_DeriveKey make a non-sensitive key
+//! (SoftHSM2 does; PKCS#11 2.40 has no attribute that forbids it, 3.0's CKA_DERIVE_TEMPLATE
+//! is not in cryptoki 0.12) still hands E_K(data) to whoever holds the PIN. Production HSMs
+//! should enforce sensitive derived keys by policy; custody then needs AES (or 3-key 3DES)
+//! PUK master keys.
 //!
 //! Sessions come from a small pool (a PKCS#11 session serves one thread at a time); the login
 //! is per application and token, so it is done once at start and kept alive by one session
@@ -346,16 +357,73 @@ fn master_attributes(
         Attribute::Copyable(false),
         Attribute::Label(label.as_bytes().to_vec()),
         Attribute::Id(id.to_vec()),
-        // Only what custody does with it: the key check value (one zero block), the GP 3DES
-        // derivation, the CMAC of the AES schemes.
-        Attribute::Encrypt(true),
+        // Only what custody does with it. 2-key 3DES (the GP schemes' master keys): derive
+        // only; its key check value and PUK blocks come from derivations too. 3-key 3DES (PUK
+        // PRF only; no scheme derives from it): encrypt. AES: the CMAC of its schemes and of
+        // the PUK PRF (sign) and its key check value (encrypt); no derive mechanism builds
+        // CMAC, so derive-only would not protect it.
+        Attribute::Encrypt(!derive_only(algorithm)),
         Attribute::Decrypt(false),
-        Attribute::Derive(algorithm.is_tdes()),
+        Attribute::Derive(derive_only(algorithm)),
         Attribute::Sign(algorithm.is_aes()),
         Attribute::Verify(false),
         Attribute::Wrap(false),
         Attribute::Unwrap(false),
     ]
+}
+
+/// True for the master keys that may only derive (see [`master_attributes`]).
+fn derive_only(algorithm: KeyAlgorithm) -> bool {
+    algorithm == KeyAlgorithm::Tdes2Key
+}
+
+/// E_K(`data`) (whole 3DES blocks) for a derive-only 3DES key: C_DeriveKey with
+/// CKM_DES3_ECB_ENCRYPT_DATA into a session object that is readable (it holds what C_Encrypt
+/// would return) and destroyed before this returns. Public for tests that check a token's
+/// keys as any holder of its PIN could.
+pub fn derived_block(
+    session: &Session,
+    object: ObjectHandle,
+    data: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, P11Error> {
+    let params = KeyDerivationStringData::new(data);
+    let mechanism = Mechanism::VendorDefined(VendorDefinedMechanism::new(
+        des3_ecb_encrypt_data(),
+        Some(&params),
+    ));
+    let len = Ulong::try_from(data.len()).unwrap_or_else(|_| Ulong::from(0));
+    let block = session.derive_key(
+        &mechanism,
+        object,
+        &[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::Token(false),
+            Attribute::Sensitive(false),
+            Attribute::Extractable(true),
+            Attribute::ValueLen(len),
+        ],
+    )?;
+    let value = session.get_attributes(block, &[AttributeType::Value]);
+    let destroyed = session.destroy_object(block);
+    let mut value = value?;
+    destroyed?;
+    let out = value.iter_mut().find_map(|attribute| match attribute {
+        Attribute::Value(bytes) => Some(Zeroizing::new(std::mem::take(bytes))),
+        _ => None,
+    });
+    for attribute in &mut value {
+        if let Attribute::Value(bytes) = attribute {
+            bytes.zeroize();
+        }
+    }
+    match out {
+        Some(out) if out.len() == data.len() => Ok(out),
+        _ => Err(P11Error::Pkcs11(
+            RvError::KeySizeRange,
+            cryptoki::context::Function::DeriveKey,
+        )),
+    }
 }
 
 /// First 3 bytes of E_K(zero block), computed by the token.
@@ -365,7 +433,11 @@ fn token_kcv(
     algorithm: KeyAlgorithm,
 ) -> Result<[u8; KCV_LEN], P11Error> {
     let block = vec![0u8; algorithm.block_len()];
-    let out = session.encrypt(&ecb(algorithm), object, &block)?;
+    let out = if derive_only(algorithm) {
+        derived_block(session, object, &block)?
+    } else {
+        Zeroizing::new(session.encrypt(&ecb(algorithm), object, &block)?)
+    };
     let mut kcv = [0u8; KCV_LEN];
     if out.len() >= KCV_LEN {
         kcv.copy_from_slice(&out[..KCV_LEN]);
@@ -693,13 +765,22 @@ impl Pkcs11Keystore {
                         .map(Zeroizing::new)
                 })?
             } else {
-                self.with_session("C_Encrypt (CKM_DES3_ECB)", |session| {
+                let operation = if derive_only(algorithm) {
+                    "C_DeriveKey (CKM_DES3_ECB_ENCRYPT_DATA)"
+                } else {
+                    "C_Encrypt (CKM_DES3_ECB)"
+                };
+                self.with_session(operation, |session| {
                     cmac_by_blocks(algorithm, message, |block| {
-                        let out = Zeroizing::new(session.encrypt(
-                            &Mechanism::Des3Ecb,
-                            key.object,
-                            block,
-                        )?);
+                        let out = if derive_only(algorithm) {
+                            derived_block(session, key.object, block)?
+                        } else {
+                            Zeroizing::new(session.encrypt(
+                                &Mechanism::Des3Ecb,
+                                key.object,
+                                block,
+                            )?)
+                        };
                         if out.len() != block.len() {
                             return Err(P11Error::Pkcs11(
                                 RvError::EncryptedDataLenRange,
@@ -953,6 +1034,7 @@ impl Keystore for Pkcs11Keystore {
                     AttributeType::ValueLen,
                     AttributeType::Sensitive,
                     AttributeType::Extractable,
+                    AttributeType::Encrypt,
                 ],
             )
         })?;
@@ -974,6 +1056,10 @@ impl Keystore for Pkcs11Keystore {
                         && usize::try_from(**len).ok() != Some(algorithm.key_len()) =>
                 {
                     return Err(wrong("its length does not match the stored algorithm"));
+                }
+                Attribute::Encrypt(true) if derive_only(algorithm) => {
+                    // Made before master keys became derive-only; it still works.
+                    tracing::warn!(%label, "master key object allows CKA_ENCRYPT: the token PIN can compute per-card keys with it; rotate the key to replace it");
                 }
                 Attribute::Sensitive(s) => secure.0 = *s,
                 Attribute::Extractable(e) => secure.1 = !*e,
