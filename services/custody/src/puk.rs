@@ -589,7 +589,6 @@ mod tests {
                 request_id: "req-unit".into(),
                 ..Default::default()
             }),
-            ..Default::default()
         }
     }
 
