@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use cms_launcher::bootstrap;
 use cms_launcher::layout::{self, Layout, Peers, Ports, START_ORDER};
 use cms_launcher::supervise::{self, Service};
 
@@ -24,7 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Start all five services on 127.0.0.1 and stop them on Ctrl-C or SIGTERM.
+    /// Start all five services on 127.0.0.1, restart any that dies, and stop them on Ctrl-C
+    /// or SIGTERM. Creates the dev operator account `admin` in the directory if missing.
     Up {
         #[command(flatten)]
         data: DataArgs,
@@ -74,6 +76,8 @@ enum Error {
     Pki(#[from] cms_kit::pki::PkiError),
     #[error(transparent)]
     Supervise(#[from] supervise::SuperviseError),
+    #[error("creating the dev operator account: {0}")]
+    Bootstrap(#[from] bootstrap::BootstrapError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -203,6 +207,19 @@ async fn up(data: &DataArgs, base_port: u16) -> Result<(), Error> {
             }
         };
         match started {
+            Ok(service) if name == "directory" => {
+                let directory = service.grpc;
+                running.push(service);
+                // The dev operator needs its account before anyone uses cmsctl.
+                match bootstrap::ensure_dev_admin(&layout, directory).await {
+                    Ok(Some(line)) => println!("{line}"),
+                    Ok(None) => {}
+                    Err(e) => {
+                        supervise::stop_all(&mut running, Duration::from_secs(15)).await;
+                        return Err(e.into());
+                    }
+                }
+            }
             Ok(service) => running.push(service),
             Err(e) => {
                 supervise::stop_all(&mut running, Duration::from_secs(15)).await;
@@ -236,32 +253,77 @@ async fn up(data: &DataArgs, base_port: u16) -> Result<(), Error> {
     );
     println!("Ctrl-C stops everything.");
 
-    let outcome = watch(&mut running, &shutdown).await;
+    let outcome = watch(&exe, &layout, &mut running, &shutdown).await;
     println!("stopping ...");
     supervise::stop_all(&mut running, Duration::from_secs(15)).await;
     println!("stopped");
     outcome
 }
 
-/// Waits for a signal (Ok) or for a service to die (Err, with its last log lines).
+/// Waits for a signal (Ok), restarting each service that dies with a backoff; Err when a
+/// service cannot be brought back (its start failed `Backoff::MAX_FAILED_STARTS` times in a row).
 async fn watch(
+    exe: &Path,
+    layout: &Layout,
     running: &mut [Service],
     shutdown: &cms_kit::shutdown::Shutdown,
 ) -> Result<(), Error> {
+    let mut backoffs: Vec<supervise::Backoff> = running
+        .iter()
+        .map(|_| supervise::Backoff::default())
+        .collect();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             () = shutdown.wait() => return Ok(()),
             _ = tick.tick() => {}
         }
-        for service in running.iter_mut() {
-            if let Ok(Some(status)) = service.process.try_wait() {
-                return Err(Error::Failed(format!(
-                    "{} stopped unexpectedly ({status}); last lines of {}:\n{}",
-                    service.name,
-                    service.log.display(),
-                    supervise::tail(&service.log, 20)
-                )));
+        for (service, backoff) in running.iter_mut().zip(backoffs.iter_mut()) {
+            let Ok(Some(status)) = service.process.try_wait() else {
+                continue;
+            };
+            let delay = backoff.delay();
+            println!(
+                "{} stopped unexpectedly ({status}); restarting it in {} s (log: {})",
+                service.name,
+                delay.as_secs(),
+                service.log.display()
+            );
+            let started = tokio::select! {
+                () = shutdown.wait() => return Ok(()),
+                r = async {
+                    tokio::time::sleep(delay).await;
+                    supervise::start(exe, layout, service.name, Duration::from_secs(60)).await
+                } => r,
+            };
+            match started {
+                Ok(fresh) => {
+                    backoff.started();
+                    println!(
+                        "{} restarted (pid {}) on {}",
+                        fresh.name,
+                        fresh.process.id().unwrap_or_default(),
+                        fresh.grpc
+                    );
+                    *service = fresh;
+                }
+                Err(e) => {
+                    let again = backoff.failed_start();
+                    println!(
+                        "{} did not come back: {}",
+                        service.name,
+                        cms_kit::exit::one_line(&e)
+                    );
+                    if !again {
+                        return Err(Error::Failed(format!(
+                            "{} stopped unexpectedly and failed to start {} times in a row; giving up. Last lines of {}:\n{}",
+                            service.name,
+                            supervise::Backoff::MAX_FAILED_STARTS,
+                            service.log.display(),
+                            supervise::tail(&service.log, 20)
+                        )));
+                    }
+                }
             }
         }
     }
