@@ -110,3 +110,24 @@ impl ServiceConfig for Config {
         &self.telemetry
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_systemd_example_parses_and_cache_ttl_is_bounded() {
+        let example = include_str!("../../deploy/systemd/config/gateway.toml");
+        let config: Config = cms_kit::config::from_toml(example).unwrap();
+        assert_eq!(
+            config.operators.cache_ttl().unwrap(),
+            std::time::Duration::from_secs(10)
+        );
+        for bad in [0, 99, 300_001] {
+            let err = OperatorSettings { cache_ttl_ms: bad }
+                .cache_ttl()
+                .unwrap_err();
+            assert!(err.to_string().contains("operators.cache_ttl_ms"), "{err}");
+        }
+    }
+}
