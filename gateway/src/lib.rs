@@ -14,6 +14,7 @@ mod roles;
 
 pub use config::{AgentLinkSettings, Backends as BackendSettings, Config, OperatorSettings};
 pub use error::Error;
+pub use roles::Role;
 
 use std::time::Duration;
 

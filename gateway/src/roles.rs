@@ -15,6 +15,15 @@ pub enum Role {
 }
 
 impl Role {
+    pub const ALL: [Self; 6] = [
+        Self::Helpdesk,
+        Self::Approver,
+        Self::TemplateAdmin,
+        Self::KeyCustodian,
+        Self::Auditor,
+        Self::Admin,
+    ];
+
     /// A role name as stored; `None` for names the gateway does not know (they grant nothing).
     pub fn parse(name: &str) -> Option<Self> {
         Some(match name {

@@ -240,3 +240,68 @@ async fn an_operator_disabled_in_the_directory_is_refused_after_the_cache_time()
     assert_eq!(generated.0, Code::PermissionDenied, "{generated:?}");
     assert!(generated.1.contains("is disabled"), "{generated:?}");
 }
+
+/// `cms operator add`: the first accounts of an installation, made with the gateway's
+/// certificate directly in the directory.
+fn cms_operator_add(cluster: &Cluster, args: &[&str]) -> Output {
+    std::process::Command::new(cms_tests::binary("cms"))
+        .args(["operator", "add", "--data-dir"])
+        .arg(cluster.dir.path())
+        .args(args)
+        .output()
+        .expect("cms operator add")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cms_operator_add_creates_an_account_the_gateway_then_admits() {
+    let cluster = cluster().await;
+    let auditor = operator_cert(&cluster, "auditor2");
+    let out = cmsctl_as(&cluster, &auditor, &["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+
+    let out = tokio::task::block_in_place(|| {
+        cms_operator_add(&cluster, &["auditor2", "--role", "superuser"])
+    });
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("--role \"superuser\": use one of"),
+        "{}",
+        text(&out)
+    );
+
+    let out = tokio::task::block_in_place(|| {
+        cms_operator_add(&cluster, &["auditor2", "--role", "auditor"])
+    });
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("created the operator account \"auditor2\" with roles [auditor]"),
+        "{}",
+        text(&out)
+    );
+    let out = tokio::task::block_in_place(|| {
+        cms_operator_add(&cluster, &["auditor2", "--role", "admin"])
+    });
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("exists (active, roles [auditor]); left as it is"),
+        "{}",
+        text(&out)
+    );
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = cmsctl_as(&cluster, &auditor, &["audit", "verify"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = cmsctl_as(
+        &cluster,
+        &auditor,
+        &[
+            "keys",
+            "generate",
+            "--reference",
+            "x",
+            "--algorithm",
+            "aes-128",
+        ],
+    );
+    assert!(text(&out).contains("permission denied"), "{}", text(&out));
+}

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use cms_kit::client::{self, UpstreamSettings};
-use cms_kit::tls::TlsSource;
+use cms_kit::tls::{TlsSettings, TlsSource};
 use cms_proto::common::v1::PageRequest;
 use cms_proto::directory::v1::directory_service_client::DirectoryServiceClient;
 use cms_proto::directory::v1::{
@@ -46,45 +46,69 @@ pub enum BootstrapError {
     Pki(#[from] cms_kit::pki::PkiError),
     #[error("directory at {address}: {action}: {code:?}: {message}")]
     Rpc {
-        address: SocketAddr,
+        address: String,
         action: &'static str,
         code: tonic::Code,
         message: String,
     },
 }
 
+pub type DirectoryClient = DirectoryServiceClient<client::Channel>;
+
+/// How to reach the directory as the gateway: its certificate and the directory's address
+/// and identity.
+#[derive(Clone, Debug)]
+pub struct DirectoryAccess {
+    pub tls: TlsSettings,
+    pub upstream: UpstreamSettings,
+}
+
+impl DirectoryAccess {
+    /// The directory at `directory` with the gateway's certificate of `layout`'s dev PKI.
+    pub fn dev(layout: &Layout, directory: SocketAddr) -> Result<Self, BootstrapError> {
+        let pki = layout.pki();
+        Ok(Self {
+            tls: pki.tls_settings("gateway"),
+            upstream: UpstreamSettings {
+                address: directory.to_string(),
+                identity: pki.spiffe_id("directory")?,
+                connect_timeout_ms: 3_000,
+            },
+        })
+    }
+
+    pub fn client(&self) -> Result<DirectoryClient, BootstrapError> {
+        cms_kit::tls::install_crypto_provider();
+        let tls = TlsSource::load(TlsSettings {
+            reload_interval_ms: 0,
+            ..self.tls.clone()
+        })?;
+        Ok(DirectoryServiceClient::new(client::channel(
+            &self.upstream,
+            tls,
+        )?))
+    }
+}
+
 /// A DirectoryService client with the gateway's certificate of `layout`'s dev PKI.
 pub fn directory_client(
     layout: &Layout,
     directory: SocketAddr,
-) -> Result<DirectoryServiceClient<client::Channel>, BootstrapError> {
-    cms_kit::tls::install_crypto_provider();
-    let pki = layout.pki();
-    let tls = TlsSource::load(cms_kit::tls::TlsSettings {
-        reload_interval_ms: 0,
-        ..pki.tls_settings("gateway")
-    })?;
-    let upstream = UpstreamSettings {
-        address: directory.to_string(),
-        identity: pki.spiffe_id("directory")?,
-        connect_timeout_ms: 3_000,
-    };
-    Ok(DirectoryServiceClient::new(client::channel(
-        &upstream, tls,
-    )?))
+) -> Result<DirectoryClient, BootstrapError> {
+    DirectoryAccess::dev(layout, directory)?.client()
 }
 
 /// Creates the operator account `username` with `roles` unless one with that username exists.
 pub async fn ensure_operator(
-    layout: &Layout,
-    directory: SocketAddr,
+    access: &DirectoryAccess,
     username: &str,
     roles: &[&str],
 ) -> Result<Ensured, BootstrapError> {
-    let mut client = directory_client(layout, directory)?;
+    let mut client = access.client()?;
+    let address = access.upstream.address.as_str();
     let rpc = |action| {
         move |status: tonic::Status| BootstrapError::Rpc {
-            address: directory,
+            address: address.to_owned(),
             action,
             code: status.code(),
             message: status.message().to_owned(),
@@ -141,7 +165,7 @@ pub async fn ensure_dev_admin(
 ) -> Result<Option<String>, BootstrapError> {
     let name = dev_admin_username();
     Ok(
-        match ensure_operator(layout, directory, name, &["admin"]).await? {
+        match ensure_operator(&DirectoryAccess::dev(layout, directory)?, name, &["admin"]).await? {
             Ensured::Created => Some(format!(
                 "created the operator account {name:?} (role admin) for pki/operator-admin.pem"
             )),

@@ -40,6 +40,11 @@ enum Cmd {
         #[command(subcommand)]
         command: PkiCmd,
     },
+    /// Operator accounts in the directory.
+    Operator {
+        #[command(subcommand)]
+        command: OperatorCmd,
+    },
     /// Run one service in the foreground.
     Serve {
         #[arg(value_parser = clap::builder::PossibleValuesParser::new(START_ORDER))]
@@ -55,6 +60,38 @@ enum PkiCmd {
     Init {
         #[command(flatten)]
         data: DataArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum OperatorCmd {
+    /// Create an operator account, unless one with that username exists, directly in the
+    /// directory with the gateway's certificate: for an installation's first admin (on the
+    /// gateway's host in production). Defaults: the files of a local `cms up` data directory.
+    Add {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Username: the <name> in the operator certificate's spiffe://<td>/cms/operator/<name>.
+        name: String,
+        /// A role (repeat for more): helpdesk, approver, template-admin, key-custodian,
+        /// auditor, admin.
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+        /// The directory's address. Default: <data-dir>/run/directory.addr.
+        #[arg(long)]
+        directory: Option<String>,
+        /// The SPIFFE ID the directory must present. Default: that of <data-dir>/pki/directory.pem.
+        #[arg(long)]
+        directory_id: Option<cms_kit::SpiffeId>,
+        /// CA bundle. Default: <data-dir>/pki/ca.pem.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// The gateway's certificate. Default: <data-dir>/pki/gateway.pem.
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// The gateway's private key. Default: <data-dir>/pki/gateway.key.
+        #[arg(long)]
+        key: Option<PathBuf>,
     },
 }
 
@@ -94,6 +131,9 @@ fn main() -> ExitCode {
         Cmd::Pki {
             command: PkiCmd::Init { data },
         } => cms_kit::exit::run("cms", || async move { pki_init(&data) }),
+        Cmd::Operator { command } => {
+            cms_kit::exit::run("cms", || async move { operator(command).await })
+        }
         Cmd::Up { data, base_port } => {
             cms_kit::exit::run("cms", || async move { up(&data, base_port).await })
         }
@@ -139,6 +179,85 @@ fn pki_init(data: &DataArgs) -> Result<(), Error> {
         );
         for path in written {
             println!("  wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+async fn operator(command: OperatorCmd) -> Result<(), Error> {
+    let OperatorCmd::Add {
+        data,
+        name,
+        roles,
+        directory,
+        directory_id,
+        ca,
+        cert,
+        key,
+    } = command;
+    for role in &roles {
+        if !cms_gateway::Role::ALL.iter().any(|r| r.as_str() == role) {
+            let known: Vec<&str> = cms_gateway::Role::ALL.iter().map(|r| r.as_str()).collect();
+            return Err(Error::Failed(format!(
+                "--role {role:?}: use one of {}",
+                known.join(", ")
+            )));
+        }
+    }
+    let pki = data.data_dir.join("pki");
+    let address = match directory {
+        Some(a) => a,
+        None => {
+            let path = data.data_dir.join("run").join("directory.addr");
+            cms_kit::server::read_announce(&path)
+                .map(|(grpc, _)| grpc.to_string())
+                .ok_or_else(|| {
+                    Error::Failed(format!(
+                        "no --directory given and {} names no running directory",
+                        path.display()
+                    ))
+                })?
+        }
+    };
+    let identity = match directory_id {
+        Some(id) => id,
+        None => {
+            let path = pki.join("directory.pem");
+            let pem = std::fs::read(&path).map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })?;
+            cms_kit::pki::spiffe_id_of_pem(&pem)
+                .map_err(|e| Error::Failed(format!("{}: {e}", path.display())))?
+        }
+    };
+    let access = bootstrap::DirectoryAccess {
+        tls: cms_kit::tls::TlsSettings {
+            ca: ca.unwrap_or_else(|| pki.join("ca.pem")),
+            cert: cert.unwrap_or_else(|| pki.join("gateway.pem")),
+            key: key.unwrap_or_else(|| pki.join("gateway.key")),
+            reload_interval_ms: 0,
+        },
+        upstream: cms_kit::client::UpstreamSettings {
+            address,
+            identity,
+            connect_timeout_ms: 3_000,
+        },
+    };
+    let roles: Vec<&str> = roles.iter().map(String::as_str).collect();
+    match bootstrap::ensure_operator(&access, &name, &roles).await? {
+        bootstrap::Ensured::Created => {
+            println!(
+                "created the operator account {name:?} with roles [{}]",
+                roles.join(", ")
+            );
+        }
+        bootstrap::Ensured::Present { active, roles } => {
+            println!(
+                "the operator account {name:?} exists ({}, roles [{}]); left as it is",
+                if active { "active" } else { "disabled" },
+                roles.join(", ")
+            );
         }
     }
     Ok(())
