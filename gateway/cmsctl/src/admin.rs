@@ -268,13 +268,19 @@ pub(crate) fn show_shares(shares: &[Share]) {
             share.index, share.value, share.checksum
         );
         if interactive {
-            eprint!("Press Enter once it is written down; the screen is then cleared.");
-            let mut ignore = String::new();
-            let _ = std::io::stdin().read_line(&mut ignore);
-            print!("\x1b[2J\x1b[3J\x1b[H");
-            let _ = std::io::stdout().flush();
+            clear_when_written_down();
         }
     }
+}
+
+/// Waits for Enter, then clears the screen and its scrollback, so a secret shown once does
+/// not stay on the terminal.
+pub(crate) fn clear_when_written_down() {
+    eprint!("Press Enter once it is written down; the screen is then cleared.");
+    let mut ignore = String::new();
+    let _ = std::io::stdin().read_line(&mut ignore);
+    print!("\x1b[2J\x1b[3J\x1b[H");
+    let _ = std::io::stdout().flush();
 }
 
 fn print_key(key: &cms_proto::custody::v1::MasterKeyVersion) {

@@ -7,7 +7,9 @@ use cms_proto::common::v1::KeyAlgorithm;
 use cms_proto::custody::v1::SoTokenInfo;
 use cms_proto::gateway::v1 as gw;
 
-use crate::admin::{algorithm, bytes_hex, show_shares};
+use std::io::IsTerminal;
+
+use crate::admin::{algorithm, bytes_hex, clear_when_written_down, show_shares};
 use crate::{Error, Session};
 
 #[derive(Args)]
@@ -72,6 +74,10 @@ pub async fn init(s: &mut Session, args: &SoInitArgs) -> Result<bool, Error> {
         cms_cardcrypto::format_groups(&key),
         cms_cardcrypto::checksum(&key)
     );
+    let interactive = std::io::stdout().is_terminal() && std::io::stdin().is_terminal();
+    if interactive {
+        clear_when_written_down();
+    }
     if !r.shares.is_empty() {
         println!(
             "and as shares: any {} of these {} rebuild it.",
