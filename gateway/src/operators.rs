@@ -24,6 +24,7 @@ use crate::roles::{self, Account, Action};
 const MAX_ACCOUNTS: usize = 10_000;
 const PAGE_SIZE: u32 = 500;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 /// Proof that the caller is an operator allowed to do the action it was checked for.
 /// Only `OperatorAccounts::authorize` makes one, so a handler cannot pass a request through
@@ -45,10 +46,19 @@ struct Snapshot {
     accounts: HashMap<String, Account>,
 }
 
+/// What the last read of the directory left behind.
+#[derive(Default)]
+struct Cache {
+    snapshot: Option<Arc<Snapshot>>,
+    /// A failed read, repeated to callers for `RETRY_AFTER_FAILURE` instead of each of them
+    /// waiting for the directory in turn.
+    failure: Option<(Instant, String)>,
+}
+
 pub struct OperatorAccounts {
     directory: DirectoryServiceClient<Channel>,
     ttl: Duration,
-    snapshot: Mutex<Option<Arc<Snapshot>>>,
+    cache: Mutex<Cache>,
 }
 
 impl OperatorAccounts {
@@ -56,7 +66,7 @@ impl OperatorAccounts {
         Self {
             directory: DirectoryServiceClient::new(directory),
             ttl,
-            snapshot: Mutex::new(None),
+            cache: Mutex::new(Cache::default()),
         }
     }
 
@@ -77,27 +87,40 @@ impl OperatorAccounts {
         }
     }
 
-    /// The accounts, fetched again when older than the TTL.
+    /// The accounts, fetched again when older than the TTL. One caller fetches while the
+    /// others wait for its result.
     async fn current(&self, action: Action) -> Result<Arc<Snapshot>, Error> {
-        let mut cached = self.snapshot.lock().await;
-        if let Some(s) = cached.as_ref()
+        let mut cache = self.cache.lock().await;
+        if let Some(s) = cache.snapshot.as_ref()
             && s.fetched.elapsed() < self.ttl
         {
             return Ok(s.clone());
         }
-        match self.fetch().await {
+        let outcome = match &cache.failure {
+            Some((at, message)) if at.elapsed() < RETRY_AFTER_FAILURE => {
+                Err(Error::Unavailable(message.clone()))
+            }
+            _ => self.fetch().await,
+        };
+        match outcome {
             Ok(fresh) => {
                 let fresh = Arc::new(fresh);
-                *cached = Some(fresh.clone());
+                cache.snapshot = Some(fresh.clone());
+                cache.failure = None;
                 Ok(fresh)
             }
-            Err(err) => match cached.as_ref() {
-                Some(stale) if action.tolerates_stale_accounts() => {
-                    tracing::warn!(error = %err, "operator accounts unavailable; using the last known ones for a status call");
-                    Ok(stale.clone())
+            Err(err) => {
+                if cache.failure.is_none() {
+                    tracing::warn!(error = %err, "cannot read operator accounts");
                 }
-                _ => Err(err),
-            },
+                if !matches!(&cache.failure, Some((at, _)) if at.elapsed() < RETRY_AFTER_FAILURE) {
+                    cache.failure = Some((Instant::now(), err.to_string()));
+                }
+                match cache.snapshot.as_ref() {
+                    Some(stale) if action.tolerates_stale_accounts() => Ok(stale.clone()),
+                    _ => Err(err),
+                }
+            }
         }
     }
 

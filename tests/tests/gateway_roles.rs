@@ -228,7 +228,7 @@ async fn admin_calls_need_an_active_account_with_the_role() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_disabled_in_the_directory_is_refused_after_the_cache_time() {
-    let cluster = cluster().await;
+    let mut cluster = cluster().await;
     let tls = operator_cert(&cluster, "custodian2");
     let account = create_account(&cluster, "custodian2", &["key-custodian"]).await;
     let [generated, _] = generate_and_query(&cluster, tls.clone(), "before").await;
@@ -239,6 +239,28 @@ async fn an_operator_disabled_in_the_directory_is_refused_after_the_cache_time()
     let [generated, _] = generate_and_query(&cluster, tls, "after").await;
     assert_eq!(generated.0, Code::PermissionDenied, "{generated:?}");
     assert!(generated.1.contains("is disabled"), "{generated:?}");
+
+    // Directory down: administration fails closed; status still answers from the last accounts.
+    cluster
+        .service("directory")
+        .stop(Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let admin = cluster.pki.tls("operator/admin");
+    let [generated, queried] = generate_and_query(&cluster, admin.clone(), "directory-down").await;
+    for outcome in [&generated, &queried] {
+        assert_eq!(outcome.0, Code::Unavailable, "{outcome:?}");
+        assert!(
+            outcome
+                .1
+                .contains("cannot check the caller's operator account"),
+            "{outcome:?}"
+        );
+    }
+    admin_client(&cluster, admin)
+        .get_system_status(gw::GetSystemStatusRequest {})
+        .await
+        .expect("status with the directory down");
 }
 
 /// `cms operator add`: the first accounts of an installation, made with the gateway's
