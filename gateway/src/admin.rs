@@ -1,4 +1,5 @@
-//! AdminService: system administration by operators. Today: the system status.
+//! AdminService: system administration by operators: the system status and custody's
+//! administration. Every call is authorised against the caller's operator account first.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,11 +14,13 @@ use tracing::Instrument;
 
 use crate::agents::Registry;
 use crate::backends::Backends;
-use crate::caller::require_operator;
 use crate::custody_admin::{self as custody, CustodyClient};
+use crate::operators::OperatorAccounts;
+use crate::roles::Action;
 
 pub struct Admin {
     pub custody: CustodyClient,
+    pub operators: OperatorAccounts,
     pub backends: Backends,
     pub agents: Registry,
     pub tls: Arc<TlsSource>,
@@ -33,7 +36,9 @@ impl AdminService for Admin {
         &self,
         request: Request<GetSystemStatusRequest>,
     ) -> Result<Response<GetSystemStatusResponse>, Status> {
-        require_operator(&request)?;
+        self.operators
+            .authorize(&request, Action::ViewStatus)
+            .await?;
         let probes = self.backends.all().map(|backend| {
             let span = tracing::info_span!("probe", backend = backend.name);
             backend.probe().instrument(span)
@@ -91,104 +96,174 @@ impl AdminService for Admin {
         &self,
         r: Request<gw::GetCustodyStatusRequest>,
     ) -> Result<Response<gw::GetCustodyStatusResponse>, Status> {
-        custody::status(self.custody.clone(), r).await
+        let who = self.operators.authorize(&r, Action::ViewStatus).await?;
+        custody::status(self.custody.clone(), who, r).await
     }
 
     async fn init_custody(
         &self,
         r: Request<gw::InitCustodyRequest>,
     ) -> Result<Response<gw::InitCustodyResponse>, Status> {
-        custody::init(self.custody.clone(), r).await
+        let who = self
+            .operators
+            .authorize(&r, Action::AdministerCustody)
+            .await?;
+        custody::init(self.custody.clone(), who, r).await
     }
 
     async fn unseal(
         &self,
         r: Request<gw::UnsealRequest>,
     ) -> Result<Response<gw::UnsealResponse>, Status> {
-        custody::unseal(self.custody.clone(), r).await
+        let who = self
+            .operators
+            .authorize(&r, Action::AdministerCustody)
+            .await?;
+        custody::unseal(self.custody.clone(), who, r).await
     }
 
     async fn seal(
         &self,
         r: Request<gw::SealRequest>,
     ) -> Result<Response<gw::SealResponse>, Status> {
-        custody::seal(self.custody.clone(), r).await
+        let who = self
+            .operators
+            .authorize(&r, Action::AdministerCustody)
+            .await?;
+        custody::seal(self.custody.clone(), who, r).await
     }
 
     async fn list_master_keys(
         &self,
         r: Request<gw::ListMasterKeysRequest>,
     ) -> Result<Response<gw::ListMasterKeysResponse>, Status> {
-        custody::list_keys(self.custody.clone(), r).await
+        let who = self
+            .operators
+            .authorize(&r, Action::ReadKeyMetadata)
+            .await?;
+        custody::list_keys(self.custody.clone(), who, r).await
     }
 
     async fn generate_master_key(
         &self,
         r: Request<gw::GenerateMasterKeyRequest>,
     ) -> Result<Response<gw::GenerateMasterKeyResponse>, Status> {
-        custody::generate_key(self.custody.clone(), r).await
+        let who = self
+            .operators
+            .authorize(&r, Action::AdministerCustody)
+            .await?;
+        custody::generate_key(self.custody.clone(), who, r).await
     }
 
     async fn rotate_master_key(
         &self,
         r: Request<gw::RotateMasterKeyRequest>,
     ) -> Result<Response<gw::RotateMasterKeyResponse>, Status> {
-        custody::rotate_key(self.custody.clone(), r).await
+        let who = self
+            .operators
+            .authorize(&r, Action::AdministerCustody)
+            .await?;
+        custody::rotate_key(self.custody.clone(), who, r).await
     }
 
     async fn retire_master_key_version(
         &self,
         r: Request<gw::RetireMasterKeyVersionRequest>,
     ) -> Result<Response<gw::RetireMasterKeyVersionResponse>, Status> {
-        custody::retire_key(self.custody.clone(), r).await
+        let who = self
+            .operators
+            .authorize(&r, Action::AdministerCustody)
+            .await?;
+        custody::retire_key(self.custody.clone(), who, r).await
     }
 
     async fn begin_key_import(
         &self,
         r: Request<gw::BeginKeyImportRequest>,
     ) -> Result<Response<gw::BeginKeyImportResponse>, Status> {
-        custody::begin_import(self.custody.clone(), r).await
+        let who = self
+            .operators
+            .authorize(&r, Action::AdministerCustody)
+            .await?;
+        custody::begin_import(self.custody.clone(), who, r).await
     }
 
     async fn add_key_component(
         &self,
         r: Request<gw::AddKeyComponentRequest>,
     ) -> Result<Response<gw::AddKeyComponentResponse>, Status> {
-        custody::add_component(self.custody.clone(), r).await
+        let who = self
+            .operators
+            .authorize(&r, Action::AdministerCustody)
+            .await?;
+        custody::add_component(self.custody.clone(), who, r).await
     }
 
     async fn finish_key_import(
         &self,
         r: Request<gw::FinishKeyImportRequest>,
     ) -> Result<Response<gw::FinishKeyImportResponse>, Status> {
-        custody::finish_import(self.custody.clone(), r).await
+        let who = self
+            .operators
+            .authorize(&r, Action::AdministerCustody)
+            .await?;
+        custody::finish_import(self.custody.clone(), who, r).await
     }
 
     async fn abort_key_import(
         &self,
         r: Request<gw::AbortKeyImportRequest>,
     ) -> Result<Response<gw::AbortKeyImportResponse>, Status> {
-        custody::abort_import(self.custody.clone(), r).await
+        let who = self
+            .operators
+            .authorize(&r, Action::AdministerCustody)
+            .await?;
+        custody::abort_import(self.custody.clone(), who, r).await
     }
 
     async fn query_audit(
         &self,
         r: Request<gw::QueryAuditRequest>,
     ) -> Result<Response<gw::QueryAuditResponse>, Status> {
-        custody::query_audit(self.custody.clone(), r).await
+        let who = self.operators.authorize(&r, Action::ReadAudit).await?;
+        custody::query_audit(self.custody.clone(), who, r).await
     }
 
     async fn export_audit_head(
         &self,
         r: Request<gw::ExportAuditHeadRequest>,
     ) -> Result<Response<gw::ExportAuditHeadResponse>, Status> {
-        custody::export_head(self.custody.clone(), r).await
+        let who = self.operators.authorize(&r, Action::ReadAudit).await?;
+        custody::export_head(self.custody.clone(), who, r).await
     }
 
     async fn verify_audit(
         &self,
         r: Request<gw::VerifyAuditRequest>,
     ) -> Result<Response<gw::VerifyAuditResponse>, Status> {
-        custody::verify_audit(self.custody.clone(), r).await
+        let who = self.operators.authorize(&r, Action::ReadAudit).await?;
+        custody::verify_audit(self.custody.clone(), who, r).await
+    }
+
+    async fn init_so_token(
+        &self,
+        r: Request<gw::InitSoTokenRequest>,
+    ) -> Result<Response<gw::InitSoTokenResponse>, Status> {
+        let who = self
+            .operators
+            .authorize(&r, Action::AdministerCustody)
+            .await?;
+        custody::init_so_token(self.custody.clone(), who, r).await
+    }
+
+    async fn get_so_token_info(
+        &self,
+        r: Request<gw::GetSoTokenInfoRequest>,
+    ) -> Result<Response<gw::GetSoTokenInfoResponse>, Status> {
+        let who = self
+            .operators
+            .authorize(&r, Action::ReadKeyMetadata)
+            .await?;
+        custody::so_token_info(self.custody.clone(), who, r).await
     }
 }

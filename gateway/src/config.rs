@@ -19,6 +19,8 @@ pub struct Config {
     #[serde(default)]
     pub agent_link: AgentLinkSettings,
     #[serde(default)]
+    pub operators: OperatorSettings,
+    #[serde(default)]
     pub telemetry: TelemetrySettings,
 }
 
@@ -58,6 +60,47 @@ fn default_stale_after_ms() -> u64 {
     45_000
 }
 
+/// How the gateway reads operator accounts from the directory.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorSettings {
+    /// How long the operator accounts read from the directory are reused; a change in the
+    /// directory (a new, disabled or re-roled operator) takes effect within this time.
+    #[serde(default = "default_cache_ttl_ms")]
+    pub cache_ttl_ms: u64,
+}
+
+impl Default for OperatorSettings {
+    fn default() -> Self {
+        Self {
+            cache_ttl_ms: default_cache_ttl_ms(),
+        }
+    }
+}
+
+fn default_cache_ttl_ms() -> u64 {
+    10_000
+}
+
+impl OperatorSettings {
+    pub const CACHE_TTL_RANGE_MS: std::ops::RangeInclusive<u64> = 100..=300_000;
+
+    /// The cache lifetime, refused outside `CACHE_TTL_RANGE_MS` (0 would ask the directory on
+    /// every call; hours would keep a disabled operator working).
+    pub fn cache_ttl(&self) -> Result<std::time::Duration, crate::Error> {
+        if Self::CACHE_TTL_RANGE_MS.contains(&self.cache_ttl_ms) {
+            Ok(std::time::Duration::from_millis(self.cache_ttl_ms))
+        } else {
+            Err(crate::Error::Config(format!(
+                "operators.cache_ttl_ms = {} is outside {}..={}",
+                self.cache_ttl_ms,
+                Self::CACHE_TTL_RANGE_MS.start(),
+                Self::CACHE_TTL_RANGE_MS.end()
+            )))
+        }
+    }
+}
+
 impl ServiceConfig for Config {
     fn server(&self) -> &ServerSettings {
         &self.server
@@ -65,5 +108,26 @@ impl ServiceConfig for Config {
 
     fn telemetry(&self) -> &TelemetrySettings {
         &self.telemetry
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_systemd_example_parses_and_cache_ttl_is_bounded() {
+        let example = include_str!("../../deploy/systemd/config/gateway.toml");
+        let config: Config = cms_kit::config::from_toml(example).unwrap();
+        assert_eq!(
+            config.operators.cache_ttl().unwrap(),
+            std::time::Duration::from_secs(10)
+        );
+        for bad in [0, 99, 300_001] {
+            let err = OperatorSettings { cache_ttl_ms: bad }
+                .cache_ttl()
+                .unwrap_err();
+            assert!(err.to_string().contains("operators.cache_ttl_ms"), "{err}");
+        }
     }
 }

@@ -1,20 +1,20 @@
 //! Custody administration by operators, passed through to custody with the operator's
-//! verified identity as the audit context. Custody's own errors (already free of secrets,
-//! with their ErrorDetail) go back to the operator unchanged.
+//! verified identity as the audit context. Every function takes the `Authorized` proof that
+//! the caller's roles allow the call. Custody's own errors (already free of secrets, with
+//! their ErrorDetail) go back to the operator unchanged.
 
 use cms_proto::common::v1::{ActorKind, AuthContext, Flow};
 use cms_proto::custody::v1 as custody;
 use cms_proto::gateway::v1 as gw;
 use tonic::{Request, Response, Status};
 
-use crate::caller::require_operator;
+use crate::operators::Authorized;
 
 pub type CustodyClient =
     custody::custody_service_client::CustodyServiceClient<cms_kit::client::Channel>;
 
 /// The operator behind a request, as custody's audit context.
-pub fn operator_context<T>(request: &Request<T>) -> Result<AuthContext, Status> {
-    let operator = require_operator(request)?;
+pub fn operator_context<T>(who: &Authorized, request: &Request<T>) -> AuthContext {
     let peer = cms_kit::PeerIdentity::of(request)
         .map(|p| p.spiffe_id.to_string())
         .unwrap_or_default();
@@ -26,21 +26,21 @@ pub fn operator_context<T>(request: &Request<T>) -> Result<AuthContext, Status> 
         .chars()
         .take(64)
         .collect();
-    Ok(AuthContext {
+    AuthContext {
         actor_kind: ActorKind::Operator as i32,
-        actor_id: operator,
+        actor_id: who.operator().to_owned(),
         flow: Flow::Administration as i32,
         peer_identity: peer,
         request_id,
         ..Default::default()
-    })
+    }
 }
 
 pub async fn status(
     mut client: CustodyClient,
-    request: Request<gw::GetCustodyStatusRequest>,
+    _who: Authorized,
+    _request: Request<gw::GetCustodyStatusRequest>,
 ) -> Result<Response<gw::GetCustodyStatusResponse>, Status> {
-    require_operator(&request)?;
     let s = client
         .get_status(custody::GetStatusRequest {})
         .await?
@@ -62,9 +62,10 @@ pub async fn status(
 
 pub async fn init(
     mut client: CustodyClient,
+    who: Authorized,
     request: Request<gw::InitCustodyRequest>,
 ) -> Result<Response<gw::InitCustodyResponse>, Status> {
-    let auth = operator_context(&request)?;
+    let auth = operator_context(&who, &request);
     let req = request.into_inner();
     let r = client
         .init_seal(custody::InitSealRequest {
@@ -84,9 +85,10 @@ pub async fn init(
 
 pub async fn unseal(
     mut client: CustodyClient,
+    who: Authorized,
     request: Request<gw::UnsealRequest>,
 ) -> Result<Response<gw::UnsealResponse>, Status> {
-    let auth = operator_context(&request)?;
+    let auth = operator_context(&who, &request);
     let req = request.into_inner();
     let r = client
         .unseal(custody::UnsealRequest {
@@ -106,9 +108,10 @@ pub async fn unseal(
 
 pub async fn seal(
     mut client: CustodyClient,
+    who: Authorized,
     request: Request<gw::SealRequest>,
 ) -> Result<Response<gw::SealResponse>, Status> {
-    let auth = operator_context(&request)?;
+    let auth = operator_context(&who, &request);
     let req = request.into_inner();
     let r = client
         .seal(custody::SealRequest {
@@ -124,9 +127,9 @@ pub async fn seal(
 
 pub async fn list_keys(
     mut client: CustodyClient,
+    _who: Authorized,
     request: Request<gw::ListMasterKeysRequest>,
 ) -> Result<Response<gw::ListMasterKeysResponse>, Status> {
-    require_operator(&request)?;
     let req = request.into_inner();
     let r = client
         .list_master_keys(custody::ListMasterKeysRequest {
@@ -144,9 +147,10 @@ pub async fn list_keys(
 
 pub async fn generate_key(
     mut client: CustodyClient,
+    who: Authorized,
     request: Request<gw::GenerateMasterKeyRequest>,
 ) -> Result<Response<gw::GenerateMasterKeyResponse>, Status> {
-    let auth = operator_context(&request)?;
+    let auth = operator_context(&who, &request);
     let req = request.into_inner();
     let r = client
         .generate_master_key(custody::GenerateMasterKeyRequest {
@@ -162,9 +166,10 @@ pub async fn generate_key(
 
 pub async fn rotate_key(
     mut client: CustodyClient,
+    who: Authorized,
     request: Request<gw::RotateMasterKeyRequest>,
 ) -> Result<Response<gw::RotateMasterKeyResponse>, Status> {
-    let auth = operator_context(&request)?;
+    let auth = operator_context(&who, &request);
     let req = request.into_inner();
     let r = client
         .rotate_master_key(custody::RotateMasterKeyRequest {
@@ -182,9 +187,10 @@ pub async fn rotate_key(
 
 pub async fn retire_key(
     mut client: CustodyClient,
+    who: Authorized,
     request: Request<gw::RetireMasterKeyVersionRequest>,
 ) -> Result<Response<gw::RetireMasterKeyVersionResponse>, Status> {
-    let auth = operator_context(&request)?;
+    let auth = operator_context(&who, &request);
     let req = request.into_inner();
     let r = client
         .retire_master_key_version(custody::RetireMasterKeyVersionRequest {
@@ -202,9 +208,10 @@ pub async fn retire_key(
 
 pub async fn begin_import(
     mut client: CustodyClient,
+    who: Authorized,
     request: Request<gw::BeginKeyImportRequest>,
 ) -> Result<Response<gw::BeginKeyImportResponse>, Status> {
-    let auth = operator_context(&request)?;
+    let auth = operator_context(&who, &request);
     let req = request.into_inner();
     let r = client
         .begin_key_import(custody::BeginKeyImportRequest {
@@ -226,9 +233,10 @@ pub async fn begin_import(
 
 pub async fn add_component(
     mut client: CustodyClient,
+    who: Authorized,
     request: Request<gw::AddKeyComponentRequest>,
 ) -> Result<Response<gw::AddKeyComponentResponse>, Status> {
-    let auth = operator_context(&request)?;
+    let auth = operator_context(&who, &request);
     let req = request.into_inner();
     let r = client
         .add_key_component(custody::AddKeyComponentRequest {
@@ -249,9 +257,10 @@ pub async fn add_component(
 
 pub async fn finish_import(
     mut client: CustodyClient,
+    who: Authorized,
     request: Request<gw::FinishKeyImportRequest>,
 ) -> Result<Response<gw::FinishKeyImportResponse>, Status> {
-    let auth = operator_context(&request)?;
+    let auth = operator_context(&who, &request);
     let req = request.into_inner();
     let r = client
         .finish_key_import(custody::FinishKeyImportRequest {
@@ -266,9 +275,10 @@ pub async fn finish_import(
 
 pub async fn abort_import(
     mut client: CustodyClient,
+    who: Authorized,
     request: Request<gw::AbortKeyImportRequest>,
 ) -> Result<Response<gw::AbortKeyImportResponse>, Status> {
-    let auth = operator_context(&request)?;
+    let auth = operator_context(&who, &request);
     let req = request.into_inner();
     client
         .abort_key_import(custody::AbortKeyImportRequest {
@@ -282,9 +292,9 @@ pub async fn abort_import(
 
 pub async fn query_audit(
     mut client: CustodyClient,
+    _who: Authorized,
     request: Request<gw::QueryAuditRequest>,
 ) -> Result<Response<gw::QueryAuditResponse>, Status> {
-    require_operator(&request)?;
     let q = request.into_inner();
     let r = client
         .query_audit(custody::QueryAuditRequest {
@@ -310,9 +320,10 @@ pub async fn query_audit(
 
 pub async fn export_head(
     mut client: CustodyClient,
+    who: Authorized,
     request: Request<gw::ExportAuditHeadRequest>,
 ) -> Result<Response<gw::ExportAuditHeadResponse>, Status> {
-    let auth = operator_context(&request)?;
+    let auth = operator_context(&who, &request);
     let r = client
         .export_audit_head(custody::ExportAuditHeadRequest { auth: Some(auth) })
         .await?
@@ -322,9 +333,9 @@ pub async fn export_head(
 
 pub async fn verify_audit(
     mut client: CustodyClient,
+    _who: Authorized,
     request: Request<gw::VerifyAuditRequest>,
 ) -> Result<Response<gw::VerifyAuditResponse>, Status> {
-    require_operator(&request)?;
     let req = request.into_inner();
     let r = client
         .verify_audit(custody::VerifyAuditRequest {
@@ -340,4 +351,44 @@ pub async fn verify_audit(
         reason: r.reason,
         head: r.head,
     }))
+}
+
+pub async fn init_so_token(
+    mut client: CustodyClient,
+    who: Authorized,
+    request: Request<gw::InitSoTokenRequest>,
+) -> Result<Response<gw::InitSoTokenResponse>, Status> {
+    let auth = operator_context(&who, &request);
+    let req = request.into_inner();
+    let r = client
+        .init_so_token(custody::InitSoTokenRequest {
+            label: req.label,
+            algorithm: req.algorithm,
+            share_count: req.share_count,
+            share_threshold: req.share_threshold,
+            card_id: req.card_id,
+            auth: Some(auth),
+        })
+        .await?
+        .into_inner();
+    Ok(Response::new(gw::InitSoTokenResponse {
+        so_unblock_key: r.so_unblock_key,
+        shares: r.shares,
+        kcv: r.kcv,
+        info: r.info,
+    }))
+}
+
+pub async fn so_token_info(
+    mut client: CustodyClient,
+    _who: Authorized,
+    request: Request<gw::GetSoTokenInfoRequest>,
+) -> Result<Response<gw::GetSoTokenInfoResponse>, Status> {
+    let r = client
+        .get_so_token_info(custody::GetSoTokenInfoRequest {
+            label: request.into_inner().label,
+        })
+        .await?
+        .into_inner();
+    Ok(Response::new(gw::GetSoTokenInfoResponse { info: r.info }))
 }

@@ -13,6 +13,10 @@ pub enum Error {
     BadRequest(String),
     #[error("{0}")]
     Timeout(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("config: {0}")]
+    Config(String),
 }
 
 impl From<Error> for tonic::Status {
@@ -21,6 +25,7 @@ impl From<Error> for tonic::Status {
             Error::Forbidden(msg) => tonic::Status::permission_denied(msg),
             Error::BadRequest(msg) => tonic::Status::invalid_argument(msg),
             Error::Timeout(msg) => tonic::Status::deadline_exceeded(msg),
+            Error::Unavailable(msg) => tonic::Status::unavailable(msg),
             other => {
                 // Internal detail stays in the server log; the caller gets a generic message.
                 tracing::error!(error = %cms_kit::exit::one_line(&other), "internal error");

@@ -9,9 +9,12 @@ pub mod caller;
 mod config;
 mod custody_admin;
 mod error;
+mod operators;
+mod roles;
 
-pub use config::{AgentLinkSettings, Backends as BackendSettings, Config};
+pub use config::{AgentLinkSettings, Backends as BackendSettings, Config, OperatorSettings};
 pub use error::Error;
+pub use roles::Role;
 
 use std::time::Duration;
 
@@ -42,6 +45,7 @@ async fn serve_gateway(
     listeners: Listeners,
     shutdown: Shutdown,
 ) -> Result<(), Error> {
+    let cache_ttl = config.operators.cache_ttl()?;
     let tls = TlsSource::load(config.tls)?;
     let backends = backends::Backends::connect(&config.backends, &tls)?;
     let registry = agents::Registry::default();
@@ -52,6 +56,7 @@ async fn serve_gateway(
         .unwrap_or_default();
     let admin = admin::Admin {
         custody: custody_admin::CustodyClient::new(backends.custody.channel.clone()),
+        operators: operators::OperatorAccounts::new(backends.directory.channel.clone(), cache_ttl),
         backends,
         agents: registry.clone(),
         tls: tls.clone(),

@@ -54,7 +54,14 @@ impl Cluster {
                 .unwrap_or_else(|e| panic!("{e}"));
             match name {
                 "template" => peers.template = Some(service.grpc),
-                "directory" => peers.directory = Some(service.grpc),
+                "directory" => {
+                    peers.directory = Some(service.grpc);
+                    // The gateway admits only operators with an account: `cmsctl`'s dev
+                    // operator gets its admin account, as under `cms up`.
+                    cms_launcher::bootstrap::ensure_dev_admin(&layout, service.grpc)
+                        .await
+                        .unwrap_or_else(|e| panic!("dev operator account: {e}"));
+                }
                 "custody" => peers.custody = Some(service.grpc),
                 "gateway" => peers.gateway = Some(service.grpc),
                 _ => {}

@@ -2,5 +2,6 @@
 //! service, and the five services as supervised child processes. Used by `cms up` and by the
 //! end-to-end test harness.
 
+pub mod bootstrap;
 pub mod layout;
 pub mod supervise;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use cms_launcher::bootstrap;
 use cms_launcher::layout::{self, Layout, Peers, Ports, START_ORDER};
 use cms_launcher::supervise::{self, Service};
 
@@ -24,7 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Start all five services on 127.0.0.1 and stop them on Ctrl-C or SIGTERM.
+    /// Start all five services on 127.0.0.1, restart any that dies, and stop them on Ctrl-C
+    /// or SIGTERM. Creates the dev operator account `admin` in the directory if missing.
     Up {
         #[command(flatten)]
         data: DataArgs,
@@ -37,6 +39,11 @@ enum Cmd {
     Pki {
         #[command(subcommand)]
         command: PkiCmd,
+    },
+    /// Operator accounts in the directory.
+    Operator {
+        #[command(subcommand)]
+        command: OperatorCmd,
     },
     /// Run one service in the foreground.
     Serve {
@@ -53,6 +60,38 @@ enum PkiCmd {
     Init {
         #[command(flatten)]
         data: DataArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum OperatorCmd {
+    /// Create an operator account, unless one with that username exists, directly in the
+    /// directory with the gateway's certificate: for an installation's first admin (on the
+    /// gateway's host in production). Defaults: the files of a local `cms up` data directory.
+    Add {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Username: the <name> in the operator certificate's spiffe://<td>/cms/operator/<name>.
+        name: String,
+        /// A role (repeat for more): helpdesk, approver, template-admin, key-custodian,
+        /// auditor, admin.
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+        /// The directory's address. Default: <data-dir>/run/directory.addr.
+        #[arg(long)]
+        directory: Option<String>,
+        /// The SPIFFE ID the directory must present. Default: that of <data-dir>/pki/directory.pem.
+        #[arg(long)]
+        directory_id: Option<cms_kit::SpiffeId>,
+        /// CA bundle. Default: <data-dir>/pki/ca.pem.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// The gateway's certificate. Default: <data-dir>/pki/gateway.pem.
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// The gateway's private key. Default: <data-dir>/pki/gateway.key.
+        #[arg(long)]
+        key: Option<PathBuf>,
     },
 }
 
@@ -74,6 +113,8 @@ enum Error {
     Pki(#[from] cms_kit::pki::PkiError),
     #[error(transparent)]
     Supervise(#[from] supervise::SuperviseError),
+    #[error("creating the dev operator account: {0}")]
+    Bootstrap(#[from] bootstrap::BootstrapError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -90,6 +131,9 @@ fn main() -> ExitCode {
         Cmd::Pki {
             command: PkiCmd::Init { data },
         } => cms_kit::exit::run("cms", || async move { pki_init(&data) }),
+        Cmd::Operator { command } => {
+            cms_kit::exit::run("cms", || async move { operator(command).await })
+        }
         Cmd::Up { data, base_port } => {
             cms_kit::exit::run("cms", || async move { up(&data, base_port).await })
         }
@@ -135,6 +179,85 @@ fn pki_init(data: &DataArgs) -> Result<(), Error> {
         );
         for path in written {
             println!("  wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+async fn operator(command: OperatorCmd) -> Result<(), Error> {
+    let OperatorCmd::Add {
+        data,
+        name,
+        roles,
+        directory,
+        directory_id,
+        ca,
+        cert,
+        key,
+    } = command;
+    for role in &roles {
+        if !cms_gateway::Role::ALL.iter().any(|r| r.as_str() == role) {
+            let known: Vec<&str> = cms_gateway::Role::ALL.iter().map(|r| r.as_str()).collect();
+            return Err(Error::Failed(format!(
+                "--role {role:?}: use one of {}",
+                known.join(", ")
+            )));
+        }
+    }
+    let pki = data.data_dir.join("pki");
+    let address = match directory {
+        Some(a) => a,
+        None => {
+            let path = data.data_dir.join("run").join("directory.addr");
+            cms_kit::server::read_announce(&path)
+                .map(|(grpc, _)| grpc.to_string())
+                .ok_or_else(|| {
+                    Error::Failed(format!(
+                        "no --directory given and {} names no running directory",
+                        path.display()
+                    ))
+                })?
+        }
+    };
+    let identity = match directory_id {
+        Some(id) => id,
+        None => {
+            let path = pki.join("directory.pem");
+            let pem = std::fs::read(&path).map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })?;
+            cms_kit::pki::spiffe_id_of_pem(&pem)
+                .map_err(|e| Error::Failed(format!("{}: {e}", path.display())))?
+        }
+    };
+    let access = bootstrap::DirectoryAccess {
+        tls: cms_kit::tls::TlsSettings {
+            ca: ca.unwrap_or_else(|| pki.join("ca.pem")),
+            cert: cert.unwrap_or_else(|| pki.join("gateway.pem")),
+            key: key.unwrap_or_else(|| pki.join("gateway.key")),
+            reload_interval_ms: 0,
+        },
+        upstream: cms_kit::client::UpstreamSettings {
+            address,
+            identity,
+            connect_timeout_ms: 3_000,
+        },
+    };
+    let roles: Vec<&str> = roles.iter().map(String::as_str).collect();
+    match bootstrap::ensure_operator(&access, &name, &roles).await? {
+        bootstrap::Ensured::Created => {
+            println!(
+                "created the operator account {name:?} with roles [{}]",
+                roles.join(", ")
+            );
+        }
+        bootstrap::Ensured::Present { active, roles } => {
+            println!(
+                "the operator account {name:?} exists ({}, roles [{}]); left as it is",
+                if active { "active" } else { "disabled" },
+                roles.join(", ")
+            );
         }
     }
     Ok(())
@@ -203,6 +326,19 @@ async fn up(data: &DataArgs, base_port: u16) -> Result<(), Error> {
             }
         };
         match started {
+            Ok(service) if name == "directory" => {
+                let directory = service.grpc;
+                running.push(service);
+                // The dev operator needs its account before anyone uses cmsctl.
+                match bootstrap::ensure_dev_admin(&layout, directory).await {
+                    Ok(Some(line)) => println!("{line}"),
+                    Ok(None) => {}
+                    Err(e) => {
+                        supervise::stop_all(&mut running, Duration::from_secs(15)).await;
+                        return Err(e.into());
+                    }
+                }
+            }
             Ok(service) => running.push(service),
             Err(e) => {
                 supervise::stop_all(&mut running, Duration::from_secs(15)).await;
@@ -236,32 +372,77 @@ async fn up(data: &DataArgs, base_port: u16) -> Result<(), Error> {
     );
     println!("Ctrl-C stops everything.");
 
-    let outcome = watch(&mut running, &shutdown).await;
+    let outcome = watch(&exe, &layout, &mut running, &shutdown).await;
     println!("stopping ...");
     supervise::stop_all(&mut running, Duration::from_secs(15)).await;
     println!("stopped");
     outcome
 }
 
-/// Waits for a signal (Ok) or for a service to die (Err, with its last log lines).
+/// Waits for a signal (Ok), restarting each service that dies with a backoff; Err when a
+/// service cannot be brought back (its start failed `Backoff::MAX_FAILED_STARTS` times in a row).
 async fn watch(
+    exe: &Path,
+    layout: &Layout,
     running: &mut [Service],
     shutdown: &cms_kit::shutdown::Shutdown,
 ) -> Result<(), Error> {
+    let mut backoffs: Vec<supervise::Backoff> = running
+        .iter()
+        .map(|_| supervise::Backoff::default())
+        .collect();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             () = shutdown.wait() => return Ok(()),
             _ = tick.tick() => {}
         }
-        for service in running.iter_mut() {
-            if let Ok(Some(status)) = service.process.try_wait() {
-                return Err(Error::Failed(format!(
-                    "{} stopped unexpectedly ({status}); last lines of {}:\n{}",
-                    service.name,
-                    service.log.display(),
-                    supervise::tail(&service.log, 20)
-                )));
+        for (service, backoff) in running.iter_mut().zip(backoffs.iter_mut()) {
+            let Ok(Some(status)) = service.process.try_wait() else {
+                continue;
+            };
+            let delay = backoff.delay();
+            println!(
+                "{} stopped unexpectedly ({status}); restarting it in {} s (log: {})",
+                service.name,
+                delay.as_secs(),
+                service.log.display()
+            );
+            let started = tokio::select! {
+                () = shutdown.wait() => return Ok(()),
+                r = async {
+                    tokio::time::sleep(delay).await;
+                    supervise::start(exe, layout, service.name, Duration::from_secs(60)).await
+                } => r,
+            };
+            match started {
+                Ok(fresh) => {
+                    backoff.started();
+                    println!(
+                        "{} restarted (pid {}) on {}",
+                        fresh.name,
+                        fresh.process.id().unwrap_or_default(),
+                        fresh.grpc
+                    );
+                    *service = fresh;
+                }
+                Err(e) => {
+                    let again = backoff.failed_start();
+                    println!(
+                        "{} did not come back: {}",
+                        service.name,
+                        cms_kit::exit::one_line(&e)
+                    );
+                    if !again {
+                        return Err(Error::Failed(format!(
+                            "{} stopped unexpectedly and failed to start {} times in a row; giving up. Last lines of {}:\n{}",
+                            service.name,
+                            supervise::Backoff::MAX_FAILED_STARTS,
+                            service.log.display(),
+                            supervise::tail(&service.log, 20)
+                        )));
+                    }
+                }
             }
         }
     }

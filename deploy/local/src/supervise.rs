@@ -157,3 +157,69 @@ pub async fn stop_all(services: &mut [Service], grace: Duration) {
         service.stop(grace).await;
     }
 }
+
+/// When to restart a service that died: after 1 s, doubling up to 30 s while it keeps dying;
+/// back to 1 s once it has stayed up for a minute. After `MAX_FAILED_STARTS` starts in a row
+/// that never became ready, the launcher gives up.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+    failed_starts: u32,
+    up_since: Instant,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            next: Self::FIRST,
+            failed_starts: 0,
+            up_since: Instant::now(),
+        }
+    }
+}
+
+impl Backoff {
+    pub const FIRST: Duration = Duration::from_secs(1);
+    pub const MAX: Duration = Duration::from_secs(30);
+    pub const STABLE_AFTER: Duration = Duration::from_secs(60);
+    pub const MAX_FAILED_STARTS: u32 = 5;
+
+    /// The wait before the next start, after the service died or failed to start.
+    pub fn delay(&mut self) -> Duration {
+        if self.failed_starts == 0 && self.up_since.elapsed() >= Self::STABLE_AFTER {
+            self.next = Self::FIRST;
+        }
+        let delay = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        delay
+    }
+
+    pub fn started(&mut self) {
+        self.failed_starts = 0;
+        self.up_since = Instant::now();
+    }
+
+    /// Records a start that failed; false when it is time to give up.
+    pub fn failed_start(&mut self) -> bool {
+        self.failed_starts += 1;
+        self.failed_starts < Self::MAX_FAILED_STARTS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_gives_up_after_failed_starts() {
+        let mut b = Backoff::default();
+        let delays: Vec<u64> = (0..7).map(|_| b.delay().as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30]);
+        for _ in 1..Backoff::MAX_FAILED_STARTS {
+            assert!(b.failed_start());
+        }
+        assert!(!b.failed_start());
+        b.started();
+        assert!(b.failed_start());
+    }
+}

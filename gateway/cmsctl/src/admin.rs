@@ -41,6 +41,15 @@ pub enum CustodyCmd {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Create the System Owner token's unblock key (once per installation) and show it once:
+    /// in groups of 4 with its checksum, and with --shares as M-of-N shares.
+    SoInit(crate::so_token::SoInitArgs),
+    /// The System Owner token's metadata: label, algorithm, KCV, creation time, shares.
+    SoInfo {
+        /// Empty: the installation's SO token.
+        #[arg(long, default_value = "")]
+        label: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -102,7 +111,7 @@ pub enum AuditCmd {
     },
 }
 
-fn algorithm(name: &str) -> Result<KeyAlgorithm, Error> {
+pub(crate) fn algorithm(name: &str) -> Result<KeyAlgorithm, Error> {
     Ok(match name.to_ascii_lowercase().as_str() {
         "3des-2key" => KeyAlgorithm::Tdes2key,
         "3des-3key" => KeyAlgorithm::Tdes3key,
@@ -144,7 +153,7 @@ fn read_secret_line(prompt: &str) -> Result<Zeroizing<String>, Error> {
     Ok(Zeroizing::new(line.trim().to_owned()))
 }
 
-fn bytes_hex(bytes: &[u8]) -> String {
+pub(crate) fn bytes_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02X}")).collect()
 }
 
@@ -190,33 +199,12 @@ pub async fn custody(cli: &Cli, command: &CustodyCmd) -> Result<bool, Error> {
                 .await
                 .map_err(|e| s.rpc_error(e))?
                 .into_inner();
-            let interactive = std::io::stdout().is_terminal() && std::io::stdin().is_terminal();
             println!(
                 "custody initialised: any {} of these {} shares unseal it. Each is shown once and stored nowhere.",
                 r.threshold,
                 r.shares.len()
             );
-            for share in &r.shares {
-                if interactive {
-                    eprint!(
-                        "Call custodian {} and press Enter to show their share...",
-                        share.index
-                    );
-                    let mut ignore = String::new();
-                    let _ = std::io::stdin().read_line(&mut ignore);
-                }
-                println!(
-                    "share {}: {}  checksum {}",
-                    share.index, share.value, share.checksum
-                );
-                if interactive {
-                    eprint!("Press Enter once it is written down; the screen is then cleared.");
-                    let mut ignore = String::new();
-                    let _ = std::io::stdin().read_line(&mut ignore);
-                    print!("\x1b[2J\x1b[3J\x1b[H");
-                    let _ = std::io::stdout().flush();
-                }
-            }
+            show_shares(&r.shares);
             Ok(true)
         }
         CustodyCmd::Unseal {
@@ -247,6 +235,8 @@ pub async fn custody(cli: &Cli, command: &CustodyCmd) -> Result<bool, Error> {
             }
             Ok(true)
         }
+        CustodyCmd::SoInit(args) => crate::so_token::init(&mut s, args).await,
+        CustodyCmd::SoInfo { label } => crate::so_token::info(&mut s, label).await,
         CustodyCmd::Seal { reason } => {
             s.admin
                 .seal(gw::SealRequest {
@@ -258,6 +248,39 @@ pub async fn custody(cli: &Cli, command: &CustodyCmd) -> Result<bool, Error> {
             Ok(true)
         }
     }
+}
+
+/// Shows each share once; at a terminal, one custodian at a time with the screen cleared
+/// after each.
+pub(crate) fn show_shares(shares: &[Share]) {
+    let interactive = std::io::stdout().is_terminal() && std::io::stdin().is_terminal();
+    for share in shares {
+        if interactive {
+            eprint!(
+                "Call custodian {} and press Enter to show their share...",
+                share.index
+            );
+            let mut ignore = String::new();
+            let _ = std::io::stdin().read_line(&mut ignore);
+        }
+        println!(
+            "share {}: {}  checksum {}",
+            share.index, share.value, share.checksum
+        );
+        if interactive {
+            clear_when_written_down();
+        }
+    }
+}
+
+/// Waits for Enter, then clears the screen and its scrollback, so a secret shown once does
+/// not stay on the terminal.
+pub(crate) fn clear_when_written_down() {
+    eprint!("Press Enter once it is written down; the screen is then cleared.");
+    let mut ignore = String::new();
+    let _ = std::io::stdin().read_line(&mut ignore);
+    print!("\x1b[2J\x1b[3J\x1b[H");
+    let _ = std::io::stdout().flush();
 }
 
 fn print_key(key: &cms_proto::custody::v1::MasterKeyVersion) {

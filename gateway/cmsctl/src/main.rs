@@ -70,6 +70,7 @@ enum Cmd {
 }
 
 mod admin;
+mod so_token;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Error {
@@ -79,11 +80,56 @@ pub(crate) enum Error {
     Tls(#[from] cms_kit::tls::TlsError),
     #[error(transparent)]
     Client(#[from] cms_kit::client::ClientError),
-    #[error("gateway at {address}: {status}")]
+    /// One line: the gateway's answer in words and its message, never tonic's debug dump of
+    /// the status (metadata, details).
+    #[error("gateway at {address}: {}", describe(status))]
     Rpc {
         address: String,
         status: Box<tonic::Status>,
     },
+}
+
+/// A gRPC status as `<code in words>: <message>: <causes>`, on one line.
+fn describe(status: &tonic::Status) -> String {
+    use std::error::Error as _;
+    let mut text = code_words(status.code()).to_owned();
+    let mut add = |part: &str| {
+        let part = part.split_whitespace().collect::<Vec<_>>().join(" ");
+        if !part.is_empty() && !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+    };
+    add(status.message());
+    let mut source = status.source();
+    while let Some(cause) = source {
+        add(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn code_words(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown error",
+        Code::InvalidArgument => "invalid argument",
+        Code::DeadlineExceeded => "no answer in time",
+        Code::NotFound => "not found",
+        Code::AlreadyExists => "already exists",
+        Code::PermissionDenied => "permission denied",
+        Code::ResourceExhausted => "resource exhausted",
+        Code::FailedPrecondition => "refused in the current state",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out of range",
+        Code::Unimplemented => "not implemented by this gateway",
+        Code::Internal => "internal error",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
 }
 
 fn main() -> ExitCode {
