@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod ops;
 pub mod page_token;
 pub mod pki;
+pub mod served;
 pub mod server;
 pub mod service;
 pub mod shutdown;

@@ -1,0 +1,194 @@
+//! The fabric every service shares, tried from outside as an attacker or a stock gRPC client
+//! would: real processes (`cms serve …`) over real mutual TLS on 127.0.0.1.
+//!
+//! - Metric labels and span names come from the methods a service serves; any other path is
+//!   one "unknown" value, so unique bogus paths cannot grow memory or /metrics.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use cms_launcher::layout::{Layout, Peers, Ports};
+use cms_launcher::supervise::{self, Service};
+use cms_proto::custody::v1::GetStatusRequest;
+use cms_proto::custody::v1::custody_service_client::CustodyServiceClient;
+use cms_tests::inproc;
+use cms_tests::pki::{TRUST_DOMAIN, TestPki};
+use futures_util::StreamExt;
+use tempfile::TempDir;
+use tonic::Code;
+use tonic::codegen::http::uri::PathAndQuery;
+
+/// One service as a real process, with its own dev PKI.
+struct Process {
+    _dir: TempDir,
+    pki: TestPki,
+    service: Service,
+}
+
+impl Process {
+    async fn start(name: &'static str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = TestPki::new(dir.path());
+        let layout = Layout::new(dir.path(), TRUST_DOMAIN).unwrap();
+        layout.create_dirs().unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let config = layout
+            .service_config(
+                name,
+                Ports {
+                    grpc: any,
+                    ops: any,
+                },
+                &Peers::default(),
+                "",
+            )
+            .unwrap();
+        std::fs::write(layout.config_path(name), config).unwrap();
+        let service = supervise::start(
+            &cms_tests::binary("cms"),
+            &layout,
+            name,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        Self {
+            _dir: dir,
+            pki,
+            service,
+        }
+    }
+
+    /// Resident set size of the process, in KiB (VmRSS of /proc/<pid>/status).
+    fn rss_kib(&self) -> u64 {
+        let pid = self.service.process.id().expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// The whole /metrics body (no size cap: the point is to see how big it got).
+    async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.service.ops)
+            .await
+            .unwrap();
+        let request = "GET /metrics HTTP/1.1\r\nHost: ops\r\nConnection: close\r\n\r\n";
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.unwrap();
+        let text = String::from_utf8(response).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        body.to_owned()
+    }
+}
+
+/// A unary call with an empty message to any path, as a stock gRPC client can send.
+async fn call_path(channel: cms_kit::client::Channel, path: &str) -> Result<(), tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let path = PathAndQuery::try_from(path).expect("path");
+    grpc.unary(
+        tonic::Request::new(()),
+        path,
+        tonic_prost::ProstCodec::<(), ()>::default(),
+    )
+    .await
+    .map(drop)
+}
+
+/// Sends `count` unique ~1 KB paths, 32 at a time, and expects `code` for each.
+async fn flood(channel: &cms_kit::client::Channel, tag: &str, count: usize, code: Code) {
+    let padding = "x".repeat(1_000);
+    futures_util::stream::iter(0..count)
+        .map(|i| {
+            let channel = channel.clone();
+            let path = format!("/bogus.{tag}.{padding}.S{i}/M{i}");
+            async move {
+                let err = call_path(channel, &path).await.unwrap_err();
+                assert_eq!(err.code(), code, "{i}: {err:?}");
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<()>()
+        .await;
+}
+
+/// Series (sample lines) in a Prometheus text exposition.
+fn series(body: &str) -> Vec<&str> {
+    body.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unique_bogus_paths_count_as_one_unknown_method() {
+    const PATHS: usize = 10_000;
+    let custody = Process::start("custody").await;
+    let addr = custody.service.grpc;
+    let server_id = custody.pki.id("custody");
+
+    // A served method, so its series exist before the flood.
+    let gateway = inproc::channel(custody.pki.tls("gateway"), addr, server_id.clone());
+    CustodyServiceClient::new(gateway.clone())
+        .get_status(GetStatusRequest {})
+        .await
+        .expect("gateway is served");
+    let before = series(&custody.metrics().await).len();
+    let rss_before = custody.rss_kib();
+
+    // A certificate of our CA that custody's allow-list refuses (an agent's).
+    let started = Instant::now();
+    let agent = inproc::channel(custody.pki.tls("agent/desktop-1"), addr, server_id);
+    flood(&agent, "denied", PATHS, Code::PermissionDenied).await;
+    // The allowed caller on paths custody does not serve.
+    flood(&gateway, "unserved", 100, Code::Unimplemented).await;
+    let flood_time = started.elapsed();
+
+    let body = custody.metrics().await;
+    let rss_after = custody.rss_kib();
+    let lines = series(&body);
+    eprintln!(
+        "fabric metrics: {PATHS} bogus paths in {flood_time:?}; series {before} -> {}; \
+         /metrics {} bytes; VmRSS {rss_before} kB -> {rss_after} kB",
+        lines.len(),
+        body.len()
+    );
+
+    assert!(
+        !body.contains("bogus"),
+        "a caller-sent path reached /metrics"
+    );
+    // The refused and the unserved calls are one method each way: (unknown, 7) and
+    // (unknown, 12) requests, one latency histogram for "unknown".
+    let unknown_requests: Vec<&&str> = lines
+        .iter()
+        .filter(|l| {
+            l.starts_with("cms_grpc_server_requests_total{") && l.contains("method=\"unknown\"")
+        })
+        .collect();
+    assert_eq!(unknown_requests.len(), 2, "{unknown_requests:#?}");
+    assert!(
+        unknown_requests
+            .iter()
+            .any(|l| l.contains("code=\"7\"") && l.ends_with(&format!(" {PATHS}"))),
+        "{unknown_requests:#?}"
+    );
+    assert!(
+        lines.len() <= before + 40,
+        "series grew from {before} to {}",
+        lines.len()
+    );
+    assert!(body.len() < 64 * 1024, "/metrics is {} bytes", body.len());
+    // Before the fix the same flood added about 27 MB (and 225 MB of /metrics).
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "VmRSS grew from {rss_before} kB to {rss_after} kB"
+    );
+}
