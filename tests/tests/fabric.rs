@@ -3,6 +3,7 @@
 //!
 //! - Metric labels and span names come from the methods a service serves; any other path is
 //!   one "unknown" value, so unique bogus paths cannot grow memory or /metrics.
+//! - Reflection (v1 and v1alpha) lists only the services a port serves.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -11,6 +12,7 @@ use cms_launcher::layout::{Layout, Peers, Ports};
 use cms_launcher::supervise::{self, Service};
 use cms_proto::custody::v1::GetStatusRequest;
 use cms_proto::custody::v1::custody_service_client::CustodyServiceClient;
+use cms_tests::cluster::Cluster;
 use cms_tests::inproc;
 use cms_tests::pki::{TRUST_DOMAIN, TestPki};
 use futures_util::StreamExt;
@@ -191,4 +193,107 @@ async fn unique_bogus_paths_count_as_one_unknown_method() {
         rss_after < rss_before + 16 * 1024,
         "VmRSS grew from {rss_before} kB to {rss_after} kB"
     );
+}
+
+/// What a reflection client learns from one port: the services it lists, and whether it
+/// describes `symbol`. One function per reflection version (their types differ).
+macro_rules! reflect {
+    ($name:ident, $pb:path) => {
+        async fn $name(channel: cms_kit::client::Channel, symbol: &str) -> (Vec<String>, bool) {
+            use pb::server_reflection_client::ServerReflectionClient;
+            use pb::server_reflection_request::MessageRequest;
+            use pb::server_reflection_response::MessageResponse;
+            use $pb as pb;
+            let requests = [
+                MessageRequest::ListServices(String::new()),
+                MessageRequest::FileContainingSymbol(symbol.to_owned()),
+            ]
+            .map(|r| pb::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(r),
+            });
+            let mut answers = ServerReflectionClient::new(channel)
+                .server_reflection_info(tokio_stream::iter(requests))
+                .await
+                .expect("reflection")
+                .into_inner();
+            let first = answers.message().await.unwrap().unwrap().message_response;
+            let Some(MessageResponse::ListServicesResponse(list)) = first else {
+                panic!("not a service list: {first:?}");
+            };
+            let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+            names.sort();
+            // tonic-reflection ends the stream with NOT_FOUND for a symbol it does not know.
+            let described = match answers.message().await {
+                Ok(Some(answer)) => match answer.message_response {
+                    Some(MessageResponse::FileDescriptorResponse(files)) => {
+                        !files.file_descriptor_proto.is_empty()
+                    }
+                    Some(MessageResponse::ErrorResponse(e)) => {
+                        assert_eq!(e.error_code, Code::NotFound as i32, "{e:?}");
+                        false
+                    }
+                    other => panic!("unexpected answer: {other:?}"),
+                },
+                Err(status) if status.code() == Code::NotFound => false,
+                other => panic!("unexpected answer: {other:?}"),
+            };
+            (names, described)
+        }
+    };
+}
+reflect!(reflect_v1, tonic_reflection::pb::v1);
+reflect!(reflect_v1alpha, tonic_reflection::pb::v1alpha);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_only_the_services_of_each_port_in_v1_and_v1alpha() {
+    let cluster = Cluster::start(|_| String::new()).await;
+    let standard = [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+    let ports: [(&str, &[&str]); 5] = [
+        ("template", &["cms.template.v1.TemplateService"]),
+        ("directory", &["cms.directory.v1.DirectoryService"]),
+        ("custody", &["cms.custody.v1.CustodyService"]),
+        (
+            "gateway",
+            &[
+                "cms.gateway.v1.AdminService",
+                "cms.gateway.v1.AgentLinkService",
+            ],
+        ),
+        ("agent", &["cms.agent.v1.AgentService"]),
+    ];
+    for (name, own) in ports {
+        let mut expected: Vec<String> = own
+            .iter()
+            .chain(&standard)
+            .map(|s| (*s).to_owned())
+            .collect();
+        expected.sort();
+        // Any certificate of our CA may use reflection: an operator's here.
+        let channel = inproc::channel(
+            cluster.pki.tls("operator/admin"),
+            cluster.grpc(name),
+            cluster.pki.id(name),
+        );
+        let (v1, own_described) = reflect_v1(channel.clone(), own[0]).await;
+        assert_eq!(v1, expected, "{name} (v1)");
+        assert!(own_described, "{name} does not describe {}", own[0]);
+        let (v1alpha, _) = reflect_v1alpha(channel.clone(), own[0]).await;
+        assert_eq!(v1alpha, expected, "{name} (v1alpha)");
+        if name == "custody" {
+            // Nor does it describe what another port serves.
+            let (_, foreign) = reflect_v1(channel.clone(), "cms.gateway.v1.AdminService").await;
+            assert!(!foreign, "custody describes the gateway's AdminService");
+            let (_, foreign) = reflect_v1alpha(channel, "cms.gateway.v1.AdminService").await;
+            assert!(
+                !foreign,
+                "custody describes the gateway's AdminService (v1alpha)"
+            );
+        }
+    }
+    cluster.stop().await;
 }
