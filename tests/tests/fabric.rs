@@ -4,14 +4,16 @@
 //! - Metric labels and span names come from the methods a service serves; any other path is
 //!   one "unknown" value, so unique bogus paths cannot grow memory or /metrics.
 //! - Reflection (v1 and v1alpha) lists only the services a port serves.
+//! - Errors carry the standard rich details (google.rpc.Status) a stock client reads.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use cms_launcher::layout::{Layout, Peers, Ports};
 use cms_launcher::supervise::{self, Service};
-use cms_proto::custody::v1::GetStatusRequest;
+use cms_proto::common::v1::ErrorReason;
 use cms_proto::custody::v1::custody_service_client::CustodyServiceClient;
+use cms_proto::custody::v1::{GenerateMasterKeyRequest, GetStatusRequest};
 use cms_tests::cluster::Cluster;
 use cms_tests::inproc;
 use cms_tests::pki::{TRUST_DOMAIN, TestPki};
@@ -296,4 +298,40 @@ async fn reflection_lists_only_the_services_of_each_port_in_v1_and_v1alpha() {
         }
     }
     cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_carries_standard_error_details() {
+    use tonic_types::StatusExt;
+    let custody = Process::start("custody").await;
+    let channel = inproc::channel(
+        custody.pki.tls("gateway"),
+        custody.service.grpc,
+        custody.pki.id("custody"),
+    );
+    // No algorithm: INVALID_ARGUMENT on one field.
+    let err = CustodyServiceClient::new(channel)
+        .generate_master_key(GenerateMasterKeyRequest {
+            reference: "mk".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // What any gRPC client of the richer error model sees.
+    let details = err.check_error_details().expect("a google.rpc.Status");
+    let info = details.error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "INVALID_ARGUMENT", "{info:?}");
+    assert_eq!(info.domain, "cms.custody", "{info:?}");
+    let field = info.metadata.get("field").cloned().unwrap_or_default();
+    assert!(field.contains("algorithm"), "{info:?}");
+    let bad = details.bad_request().expect("BadRequest");
+    assert_eq!(bad.field_violations.len(), 1, "{bad:?}");
+    assert_eq!(bad.field_violations[0].field, field);
+    assert_eq!(bad.field_violations[0].description, err.message());
+    // ... and what CMS clients read, in the same status.
+    let ours = cms_custody::error::detail(&err).expect("ErrorDetail");
+    assert_eq!(ours.reason, ErrorReason::InvalidArgument as i32);
+    assert_eq!(ours.field, field);
+    assert_eq!(ours.message, err.message());
 }

@@ -9,6 +9,7 @@ pub mod authz;
 pub mod client;
 pub mod config;
 pub mod db;
+pub mod error_details;
 pub mod exit;
 pub mod identity;
 pub mod metrics;
