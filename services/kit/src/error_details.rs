@@ -75,6 +75,14 @@ impl Refusal {
         self
     }
 
+    pub fn code(&self) -> Code {
+        self.code
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     /// The status, with its details in the error `domain` (`cms.custody`).
     pub fn into_status(self, domain: &str) -> tonic::Status {
         let reason = self.reason.as_str_name();

@@ -215,7 +215,10 @@ pub async fn serve(
             spec.version,
             api.clone(),
         ))
-        .layer(AllowListLayer::new(spec.access.allow.iter().cloned()))
+        .layer(AllowListLayer::new(
+            &format!("cms.{}", spec.name),
+            spec.access.allow.iter().cloned(),
+        ))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown.wait());
     tracing::info!(
