@@ -3,10 +3,12 @@
 //!
 //! - Metric labels and span names come from the methods a service serves; any other path is
 //!   one "unknown" value, so unique bogus paths cannot grow memory or /metrics.
+//! - So do span names and the rpc.* attributes of exported spans.
 //! - Reflection (v1 and v1alpha) lists only the services a port serves.
 //! - Errors carry the standard rich details (google.rpc.Status) a stock client reads.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cms_launcher::layout::{Layout, Peers, Ports};
@@ -18,6 +20,13 @@ use cms_tests::cluster::Cluster;
 use cms_tests::inproc;
 use cms_tests::pki::{TRUST_DOMAIN, TestPki};
 use futures_util::StreamExt;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use tempfile::TempDir;
 use tonic::Code;
 use tonic::codegen::http::uri::PathAndQuery;
@@ -31,6 +40,11 @@ struct Process {
 
 impl Process {
     async fn start(name: &'static str) -> Self {
+        Self::start_with(name, "").await
+    }
+
+    /// Starts `name` with `extra` appended to its config.
+    async fn start_with(name: &'static str, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pki = TestPki::new(dir.path());
         let layout = Layout::new(dir.path(), TRUST_DOMAIN).unwrap();
@@ -46,7 +60,8 @@ impl Process {
                 &Peers::default(),
                 "",
             )
-            .unwrap();
+            .unwrap()
+            + extra;
         std::fs::write(layout.config_path(name), config).unwrap();
         let service = supervise::start(
             &cms_tests::binary("cms"),
@@ -154,6 +169,12 @@ async fn unique_bogus_paths_count_as_one_unknown_method() {
     // The allowed caller on paths custody does not serve.
     flood(&gateway, "unserved", 100, Code::Unimplemented).await;
     let flood_time = started.elapsed();
+    // A refusal echoes no more than the start of the path it was sent.
+    let padding = "y".repeat(1_000);
+    let err = call_path(agent, &format!("/long.{padding}/M"))
+        .await
+        .unwrap_err();
+    assert!(err.message().len() < 300, "{err:?}");
 
     let body = custody.metrics().await;
     let rss_after = custody.rss_kib();
@@ -181,7 +202,8 @@ async fn unique_bogus_paths_count_as_one_unknown_method() {
     assert!(
         unknown_requests
             .iter()
-            .any(|l| l.contains("code=\"7\"") && l.ends_with(&format!(" {PATHS}"))),
+            // The flood and the one long path.
+            .any(|l| l.contains("code=\"7\"") && l.ends_with(&format!(" {}", PATHS + 1))),
         "{unknown_requests:#?}"
     );
     assert!(
@@ -334,4 +356,84 @@ async fn a_refusal_carries_standard_error_details() {
     assert_eq!(ours.reason, ErrorReason::InvalidArgument as i32);
     assert_eq!(ours.field, field);
     assert_eq!(ours.message, err.message());
+}
+
+/// An OTLP/gRPC trace receiver: the name and the string attribute values of every span.
+#[derive(Clone, Default)]
+struct Receiver(Arc<Mutex<Vec<ReceivedSpan>>>);
+
+/// A span's name and its string attribute values.
+type ReceivedSpan = (String, Vec<String>);
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.0.lock().unwrap();
+        for resource_spans in request.into_inner().resource_spans {
+            for span in resource_spans.scope_spans.into_iter().flat_map(|s| s.spans) {
+                let values = span
+                    .attributes
+                    .iter()
+                    .filter_map(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                        Value::StringValue(v) => Some(v.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                spans.push((span.name, values));
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unserved_paths_make_unknown_spans() {
+    let receiver = Receiver::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(receiver.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let custody = Process::start_with(
+        "custody",
+        &format!("[telemetry]\notlp_endpoint = \"http://{otlp}\"\nexport_delay_ms = 100\n"),
+    )
+    .await;
+    let (addr, server_id) = (custody.service.grpc, custody.pki.id("custody"));
+    let gateway = inproc::channel(custody.pki.tls("gateway"), addr, server_id.clone());
+    let agent = inproc::channel(custody.pki.tls("agent/desktop-1"), addr, server_id);
+    flood(&agent, "denied", 20, Code::PermissionDenied).await;
+    flood(&gateway, "unserved", 20, Code::Unimplemented).await;
+    CustodyServiceClient::new(gateway)
+        .get_status(GetStatusRequest {})
+        .await
+        .expect("gateway is served");
+
+    let served = "/cms.custody.v1.CustodyService/GetStatus";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let spans = receiver.0.lock().unwrap().clone();
+        for (name, values) in &spans {
+            assert!(
+                !name.contains("bogus") && !values.iter().any(|v| v.contains("bogus")),
+                "a caller-sent path reached a span: {name} {values:?}"
+            );
+        }
+        let unknown = spans.iter().filter(|(name, _)| name == "unknown").count();
+        if unknown >= 40 && spans.iter().any(|(name, _)| name == served) {
+            let (_, values) = spans.iter().find(|(name, _)| name == "unknown").unwrap();
+            assert!(values.iter().any(|v| v == "unknown"), "{values:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{unknown} unknown spans; spans seen: {spans:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
