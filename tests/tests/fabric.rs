@@ -16,6 +16,8 @@ use cms_launcher::supervise::{self, Service};
 use cms_proto::common::v1::ErrorReason;
 use cms_proto::custody::v1::custody_service_client::CustodyServiceClient;
 use cms_proto::custody::v1::{GenerateMasterKeyRequest, GetStatusRequest};
+use cms_proto::template::v1::CreateTemplateRequest;
+use cms_proto::template::v1::template_service_client::TemplateServiceClient;
 use cms_tests::cluster::Cluster;
 use cms_tests::inproc;
 use cms_tests::pki::{TRUST_DOMAIN, TestPki};
@@ -436,4 +438,57 @@ async fn unserved_paths_make_unknown_spans() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_refusal_names_every_violated_field_in_bad_request() {
+    use tonic_types::StatusExt;
+    let template = Process::start("template").await;
+    let channel = inproc::channel(
+        template.pki.tls("gateway"),
+        template.service.grpc,
+        template.pki.id("template"),
+    );
+    // Two rules broken at once: both flows forced on, and more answers required than asked.
+    let mut spec = cms_template::sample::minidriver("Contradictory");
+    let policy = spec.unblock_policy.as_mut().unwrap();
+    policy.challenge_response_enforced = true;
+    policy.online_unblock_allowed = true;
+    let questions = policy.user_auth.as_mut().unwrap();
+    questions
+        .security_questions
+        .as_mut()
+        .unwrap()
+        .required_correct = 4;
+    let err = TemplateServiceClient::new(channel)
+        .create_template(CreateTemplateRequest {
+            spec: Some(spec),
+            change_comment: "bad".into(),
+            auth: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let details = err.check_error_details().expect("a google.rpc.Status");
+    let info = details.error_info().expect("ErrorInfo");
+    assert_eq!(
+        (info.reason.as_str(), info.domain.as_str()),
+        ("INVALID_ARGUMENT", "cms.template")
+    );
+    let fields: Vec<&str> = details
+        .bad_request()
+        .expect("BadRequest")
+        .field_violations
+        .iter()
+        .map(|v| v.field.as_str())
+        .collect();
+    assert!(fields.len() >= 2, "{fields:?}");
+    assert!(
+        fields.iter().all(|f| f.starts_with("unblock_policy")),
+        "{fields:?}"
+    );
+    assert_eq!(
+        info.metadata.get("field").map(String::as_str),
+        Some(fields[0])
+    );
 }
