@@ -1,9 +1,7 @@
 //! Custody's errors and their one mapping to `tonic::Status`. Every refusal has its own code
-//! and reason (in the standard rich error details: see `cms_kit::error_details`) so callers
-//! can tell them apart; messages name what is wrong and never carry a key, challenge or
-//! response.
+//! and `cms.common.v1.ErrorDetail` reason so callers can tell them apart; messages name what
+//! is wrong and never carry a key, challenge or response.
 
-use cms_kit::error_details::Refusal;
 use cms_proto::common::v1::{ErrorDetail, ErrorReason};
 use tonic::Code;
 
@@ -149,7 +147,8 @@ impl From<Error> for tonic::Status {
                     Error::CallerRate | Error::Overloaded => 1,
                     _ => 0,
                 };
-                Refusal::new(code, reason, err.to_string())
+                // The standard rich error details, with our ErrorDetail among them.
+                cms_kit::error_details::Refusal::new(code, reason, err.to_string())
                     .field(field)
                     .retry_after_seconds(retry_after_seconds)
                     .into_status(DOMAIN)
