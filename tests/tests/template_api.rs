@@ -205,8 +205,7 @@ async fn validation(backend: Backend) {
         );
     }
     // The structured detail names the first offending field.
-    let detail =
-        <cms_proto::common::v1::ErrorDetail as prost::Message>::decode(err.details()).unwrap();
+    let detail = cms_kit::error_details::detail(&err).unwrap();
     assert!(detail.field.starts_with("unblock_policy"), "{detail:?}");
     // Dry run lists every violation, changes nothing.
     let checked = env

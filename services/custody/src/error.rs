@@ -3,7 +3,6 @@
 //! is wrong and never carry a key, challenge or response.
 
 use cms_proto::common::v1::{ErrorDetail, ErrorReason};
-use prost::Message;
 use tonic::Code;
 
 #[derive(Debug, thiserror::Error)]
@@ -162,18 +161,15 @@ impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
         match err.classify() {
             Some((code, reason, field)) => {
-                let message = err.to_string();
-                let detail = ErrorDetail {
-                    reason: reason as i32,
-                    field: field.to_owned(),
-                    message: message.clone(),
-                    retry_after_seconds: match err {
-                        Error::CallerRate | Error::Overloaded => 1,
-                        _ => 0,
-                    },
-                    attempts_remaining: 0,
+                let retry_after_seconds = match err {
+                    Error::CallerRate | Error::Overloaded => 1,
+                    _ => 0,
                 };
-                tonic::Status::with_details(code, message, detail.encode_to_vec().into())
+                // The standard rich error details, with our ErrorDetail among them.
+                cms_kit::error_details::Refusal::new(code, reason, err.to_string())
+                    .field(field)
+                    .retry_after_seconds(retry_after_seconds)
+                    .into_status(DOMAIN)
             }
             None => {
                 // Internal detail stays in the server log; the caller gets a generic message.
@@ -184,9 +180,12 @@ impl From<Error> for tonic::Status {
     }
 }
 
+/// The error domain of custody's `google.rpc.ErrorInfo`.
+pub const DOMAIN: &str = "cms.custody";
+
 /// The ErrorDetail a custody status carries, for clients and tests.
 pub fn detail(status: &tonic::Status) -> Option<ErrorDetail> {
-    ErrorDetail::decode(status.details()).ok()
+    cms_kit::error_details::detail(status)
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-use cms_proto::common::v1::{ErrorDetail, ErrorReason};
-use prost::Message;
+use cms_kit::error_details::Refusal;
+use cms_proto::common::v1::ErrorReason;
 
 /// Errors of the directory service; mapped to `tonic::Status` in one place.
 ///
@@ -58,15 +58,13 @@ impl Error {
     }
 }
 
+/// The error domain of this service's `google.rpc.ErrorInfo`.
+pub const DOMAIN: &str = "cms.directory";
+
 fn status(code: tonic::Code, reason: ErrorReason, field: &str, message: String) -> tonic::Status {
-    let detail = ErrorDetail {
-        reason: reason as i32,
-        field: field.to_owned(),
-        message: message.clone(),
-        retry_after_seconds: 0,
-        attempts_remaining: 0,
-    };
-    tonic::Status::with_details(code, message, detail.encode_to_vec().into())
+    Refusal::new(code, reason, message)
+        .field(field)
+        .into_status(DOMAIN)
 }
 
 impl From<Error> for tonic::Status {
@@ -116,7 +114,12 @@ impl From<Error> for tonic::Status {
             }
             Error::Unavailable(_) => {
                 tracing::warn!(error = %message, "dependency unavailable");
-                tonic::Status::unavailable("the template service is unavailable")
+                status(
+                    Code::Unavailable,
+                    ErrorReason::Unspecified,
+                    "",
+                    "the template service is unavailable".to_owned(),
+                )
             }
             Error::Tls(_)
             | Error::Db(_)

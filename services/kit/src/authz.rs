@@ -3,6 +3,8 @@
 //! Every request of a service's own API must come from a SPIFFE ID on its list; anything else
 //! gets PERMISSION_DENIED (the connection and the service stay up). Health and reflection stay
 //! open to any peer with a valid certificate of our CA, so probes and tooling work.
+//! Refusals carry the standard error details ([`crate::error_details`]); the path a caller
+//! sent is echoed and logged only up to [`SHOWN_PATH_BYTES`].
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -11,6 +13,10 @@ use futures_util::future::{Either, Ready, ready};
 use http::{Request, Response};
 use serde::Deserialize;
 
+use cms_proto::common::v1::ErrorReason;
+use tonic::Code;
+
+use crate::error_details::Refusal;
 use crate::identity::{PeerIdentity, SpiffeId};
 
 /// The `[access]` section of a service config.
@@ -63,15 +69,30 @@ impl<'de> Deserialize<'de> for IdentityPattern {
 /// gRPC paths every authenticated peer may call.
 const OPEN_PREFIXES: &[&str] = &["/grpc.health.v1.Health/", "/grpc.reflection."];
 
+/// How much of a caller-sent path a refusal echoes or logs.
+pub const SHOWN_PATH_BYTES: usize = 128;
+
+/// At most [`SHOWN_PATH_BYTES`] of `path`, cut at a character boundary.
+fn shown(path: &str) -> &str {
+    let mut end = path.len().min(SHOWN_PATH_BYTES);
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    &path[..end]
+}
+
 #[derive(Clone, Debug)]
 pub struct AllowListLayer {
     allowed: Arc<[IdentityPattern]>,
+    domain: Arc<str>,
 }
 
 impl AllowListLayer {
-    pub fn new(allowed: impl IntoIterator<Item = IdentityPattern>) -> Self {
+    /// `domain` is the error domain of refusals (`cms.custody`).
+    pub fn new(domain: &str, allowed: impl IntoIterator<Item = IdentityPattern>) -> Self {
         Self {
             allowed: allowed.into_iter().collect(),
+            domain: Arc::from(domain),
         }
     }
 }
@@ -83,6 +104,7 @@ impl<S> tower_layer::Layer<S> for AllowListLayer {
         AllowList {
             inner,
             allowed: self.allowed.clone(),
+            domain: self.domain.clone(),
         }
     }
 }
@@ -91,6 +113,7 @@ impl<S> tower_layer::Layer<S> for AllowListLayer {
 pub struct AllowList<S> {
     inner: S,
     allowed: Arc<[IdentityPattern]>,
+    domain: Arc<str>,
 }
 
 /// Whether `peer` may call `path`. Pure, so it is unit-tested without a server.
@@ -98,9 +121,11 @@ pub fn decide(
     allowed: &[IdentityPattern],
     peer: Option<&PeerIdentity>,
     path: &str,
-) -> Result<(), tonic::Status> {
+) -> Result<(), Refusal> {
     let Some(peer) = peer else {
-        return Err(tonic::Status::unauthenticated(
+        return Err(Refusal::new(
+            Code::Unauthenticated,
+            ErrorReason::PermissionDenied,
             "no verified client identity",
         ));
     };
@@ -109,14 +134,20 @@ pub fn decide(
     {
         return Ok(());
     }
-    Err(tonic::Status::permission_denied(format!(
-        "caller {} is not allowed to call {}",
-        peer.spiffe_id,
-        path.trim_start_matches('/')
-            .split('/')
-            .next()
-            .unwrap_or_default()
-    )))
+    Err(Refusal::new(
+        Code::PermissionDenied,
+        ErrorReason::PermissionDenied,
+        format!(
+            "caller {} is not allowed to call {}",
+            peer.spiffe_id,
+            shown(
+                path.trim_start_matches('/')
+                    .split('/')
+                    .next()
+                    .unwrap_or_default()
+            )
+        ),
+    ))
 }
 
 impl<S, B, RB> tower_service::Service<Request<B>> for AllowList<S>
@@ -136,13 +167,13 @@ where
         let peer = req.extensions().get::<PeerIdentity>();
         match decide(&self.allowed, peer, req.uri().path()) {
             Ok(()) => Either::Right(self.inner.call(req)),
-            Err(status) => {
+            Err(refusal) => {
                 tracing::warn!(
                     peer = peer.map(|p| p.spiffe_id.as_str()).unwrap_or("-"),
-                    path = req.uri().path(),
+                    path = shown(req.uri().path()),
                     "request refused by allow-list"
                 );
-                Either::Left(ready(Ok(status.into_http())))
+                Either::Left(ready(Ok(refusal.into_status(&self.domain).into_http())))
             }
         }
     }
@@ -205,6 +236,27 @@ mod tests {
                 .unwrap_err()
                 .code(),
             tonic::Code::Unauthenticated
+        );
+    }
+
+    #[test]
+    fn a_refusal_echoes_only_the_start_of_a_long_path() {
+        let allowed: Vec<IdentityPattern> = vec!["spiffe://cms.local/cms/gateway".parse().unwrap()];
+        // The cut falls inside "é": the echo stops before it.
+        let path = format!("/{}é/M", "s".repeat(SHOWN_PATH_BYTES - 1));
+        let denied = decide(&allowed, Some(&peer("spiffe://cms.local/cms/x")), &path).unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert!(
+            denied
+                .message()
+                .ends_with(&format!(" {}", "s".repeat(SHOWN_PATH_BYTES - 1))),
+            "{}",
+            denied.message()
+        );
+        let status = denied.into_status("cms.test");
+        assert_eq!(
+            crate::error_details::detail(&status).unwrap().reason,
+            ErrorReason::PermissionDenied as i32
         );
     }
 }

@@ -1,4 +1,7 @@
 //! Prometheus metrics of a service, served as text on the plaintext ops port.
+//!
+//! Label values come from closed sets: the method label is a served method or "unknown"
+//! ([`crate::served`]), never a path as a caller sent it.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,15 +12,17 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::served::Method;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    method: String,
+    method: Arc<str>,
     code: i32,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
-    method: String,
+    method: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -78,16 +83,17 @@ impl Metrics {
         }
     }
 
-    pub fn request(&self, method: &str, code: i32, elapsed: Duration) {
+    /// Counts one request of `method` (its path, or "unknown": see [`crate::served`]).
+    pub fn request(&self, method: &Method, code: i32, elapsed: Duration) {
         self.requests
             .get_or_create(&RequestLabels {
-                method: method.to_owned(),
+                method: method.path.clone(),
                 code,
             })
             .inc();
         self.latency
             .get_or_create(&MethodLabels {
-                method: method.to_owned(),
+                method: method.path.clone(),
             })
             .observe(elapsed.as_secs_f64());
     }

@@ -15,6 +15,7 @@ use crate::accept::{self, AcceptLimits};
 use crate::authz::{AccessSettings, AllowListLayer};
 use crate::metrics::Metrics;
 use crate::ops::{self, Readiness};
+use crate::served::{STANDARD_DESCRIPTORS, STANDARD_SERVICES, ServedApi};
 use crate::shutdown::Shutdown;
 use crate::tls::TlsSource;
 use crate::trace::ServerTraceLayer;
@@ -101,9 +102,11 @@ pub struct Serve {
     pub name: &'static str,
     /// Software version, sent back in the `x-cms-version` response header.
     pub version: &'static str,
-    /// Fully qualified gRPC service names reported SERVING by the health service.
+    /// Fully qualified names of the gRPC services `routes` holds: reported SERVING by the
+    /// health service, listed by reflection, and the only methods metrics and spans name.
     pub grpc_services: &'static [&'static str],
-    /// Encoded FileDescriptorSet for reflection.
+    /// Encoded FileDescriptorSet describing `grpc_services` (it may describe more; reflection
+    /// serves only the files those services need).
     pub descriptors: &'static [u8],
     pub settings: ServerSettings,
     pub access: AccessSettings,
@@ -120,6 +123,8 @@ pub enum ServeError {
     Ops(std::io::Error),
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("served API: {0}")]
+    Api(#[from] crate::served::ServedError),
     #[error("server.announce_file: {0}")]
     Announce(std::io::Error),
 }
@@ -146,6 +151,15 @@ pub fn read_announce(path: &std::path::Path) -> Option<(SocketAddr, SocketAddr)>
     Some((grpc?, ops?))
 }
 
+/// The service's own API plus health and reflection (v1 and v1alpha).
+fn served_api(spec: &Serve) -> Result<ServedApi, crate::served::ServedError> {
+    let mut sets = vec![spec.descriptors];
+    sets.extend(STANDARD_DESCRIPTORS);
+    let mut services = spec.grpc_services.to_vec();
+    services.extend(STANDARD_SERVICES);
+    ServedApi::new(&sets, &services)
+}
+
 /// Serves until `shutdown`, then lets in-flight requests finish for at most
 /// `shutdown_grace_ms`.
 pub async fn serve(
@@ -160,11 +174,19 @@ pub async fn serve(
             .set_service_status(*name, ServingStatus::Serving)
             .await;
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(spec.descriptors)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let routes = routes.add_service(health_service).add_service(reflection);
+    let api = served_api(&spec)?;
+    let reflection = || {
+        let builder = tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(api.descriptors());
+        api.services()
+            .iter()
+            .fold(builder, |b, name| b.with_service_name(name))
+    };
+    let routes = routes
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?);
 
     let reloader = spec.tls.spawn_reloader(shutdown.clone());
     let grpc_addr = listeners.grpc.local_addr().ok();
@@ -188,8 +210,15 @@ pub async fn serve(
 
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(spec.settings.max_concurrent_streams)
-        .layer(ServerTraceLayer::new(spec.metrics.clone(), spec.version))
-        .layer(AllowListLayer::new(spec.access.allow.iter().cloned()))
+        .layer(ServerTraceLayer::new(
+            spec.metrics.clone(),
+            spec.version,
+            api.clone(),
+        ))
+        .layer(AllowListLayer::new(
+            &format!("cms.{}", spec.name),
+            spec.access.allow.iter().cloned(),
+        ))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown.wait());
     tracing::info!(

@@ -3,7 +3,9 @@
 //! Clients wrap their channel in [`InjectContext`], which writes `traceparent` from the current
 //! span. Servers wrap their routes in [`ServerTraceLayer`], which opens one span per request as
 //! a child of the caller's context and counts the request in [`Metrics`]. Spans carry the
-//! method, the caller's identity and the gRPC status; never a request or response body.
+//! method, the caller's identity and the gRPC status; never a request or response body. The
+//! span name and method come from the served API ([`ServedApi`]): a path it does not serve is
+//! "unknown", so callers cannot mint span names or metric series.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,6 +19,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::identity::PeerIdentity;
 use crate::metrics::Metrics;
+use crate::served::ServedApi;
 
 struct HeaderInjector<'a>(&'a mut HeaderMap);
 
@@ -86,16 +89,18 @@ where
 pub struct ServerTraceLayer {
     metrics: Metrics,
     version: HeaderValue,
+    api: ServedApi,
 }
 
 /// Response header that tells callers which software version answered.
 pub const VERSION_HEADER: &str = "x-cms-version";
 
 impl ServerTraceLayer {
-    pub fn new(metrics: Metrics, version: &'static str) -> Self {
+    pub fn new(metrics: Metrics, version: &'static str, api: ServedApi) -> Self {
         Self {
             metrics,
             version: HeaderValue::from_static(version),
+            api,
         }
     }
 }
@@ -108,6 +113,7 @@ impl<S> tower_layer::Layer<S> for ServerTraceLayer {
             inner,
             metrics: self.metrics.clone(),
             version: self.version.clone(),
+            api: self.api.clone(),
         }
     }
 }
@@ -117,6 +123,7 @@ pub struct ServerTrace<S> {
     inner: S,
     metrics: Metrics,
     version: HeaderValue,
+    api: ServedApi,
 }
 
 impl<S, B, RB> tower_service::Service<Request<B>> for ServerTrace<S>
@@ -134,11 +141,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let path = req.uri().path().to_owned();
-        let (service, method) = path
-            .trim_start_matches('/')
-            .split_once('/')
-            .unwrap_or(("", &path));
+        let method = self.api.method(req.uri().path()).clone();
         let peer = req
             .extensions()
             .get::<PeerIdentity>()
@@ -146,11 +149,11 @@ where
             .unwrap_or_default();
         let span = tracing::info_span!(
             "grpc.server",
-            otel.name = %path,
+            otel.name = %method.path,
             otel.kind = "server",
             rpc.system = "grpc",
-            rpc.service = %service,
-            rpc.method = %method,
+            rpc.service = %method.service,
+            rpc.method = %method.name,
             peer.identity = %peer,
             rpc.grpc.status_code = tracing::field::Empty,
         );
@@ -183,7 +186,7 @@ where
                     Err(_) => tonic::Code::Unknown as i32,
                 };
                 tracing::Span::current().record("rpc.grpc.status_code", code);
-                metrics.request(&path, code, started.elapsed());
+                metrics.request(&method, code, started.elapsed());
                 result
             }
             .instrument(span),

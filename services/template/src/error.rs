@@ -1,6 +1,6 @@
-use cms_proto::common::v1::{ErrorDetail, ErrorReason};
+use cms_kit::error_details::Refusal;
+use cms_proto::common::v1::ErrorReason;
 use cms_proto::template::v1::{Severity, Violation};
-use prost::Message;
 
 /// Errors of the template service; mapped to `tonic::Status` in one place.
 #[derive(Debug, thiserror::Error)]
@@ -58,15 +58,13 @@ fn summary(violations: &[Violation]) -> String {
         .join("; ")
 }
 
+/// The error domain of this service's `google.rpc.ErrorInfo`.
+pub const DOMAIN: &str = "cms.template";
+
 fn status(code: tonic::Code, reason: ErrorReason, field: &str, message: String) -> tonic::Status {
-    let detail = ErrorDetail {
-        reason: reason as i32,
-        field: field.to_owned(),
-        message: message.clone(),
-        retry_after_seconds: 0,
-        attempts_remaining: 0,
-    };
-    tonic::Status::with_details(code, message, detail.encode_to_vec().into())
+    Refusal::new(code, reason, message)
+        .field(field)
+        .into_status(DOMAIN)
 }
 
 impl From<Error> for tonic::Status {
@@ -81,17 +79,16 @@ impl From<Error> for tonic::Status {
                 message,
             ),
             Error::Policy(violations) => {
-                let field = violations
+                let errors = violations
                     .iter()
-                    .find(|v| v.severity == Severity::Error as i32)
-                    .map(|v| v.field.clone())
-                    .unwrap_or_default();
-                status(
-                    Code::InvalidArgument,
-                    ErrorReason::InvalidArgument,
-                    &field,
-                    message,
-                )
+                    .filter(|v| v.severity == Severity::Error as i32);
+                let field = errors.clone().next().map(|v| v.field.clone());
+                Refusal::new(Code::InvalidArgument, ErrorReason::InvalidArgument, message)
+                    .field(field.unwrap_or_default())
+                    .violations(
+                        errors.map(|v| (v.field.clone(), format!("{} ({})", v.message, v.code))),
+                    )
+                    .into_status(DOMAIN)
             }
             Error::NotFound(_) => status(Code::NotFound, ErrorReason::NotFound, "", message),
             Error::AlreadyExists(_) => {
