@@ -434,14 +434,14 @@ async fn ceremony_steps_startup_exports_and_refused_admin_calls_are_records() {
     let steps: Vec<(&str, &str, &str, i32)> = records
         .iter()
         .filter(|r| {
-            r.event == AuditEvent::MasterKeyImport as i32 && attr(r, "import_id") == begun.import_id
-                || r.event == AuditEvent::MasterKeyImport as i32 && attr(r, "step") == "finish"
+            r.event == AuditEvent::MasterKeyImport as i32
+                && (attr(r, "import_id") == begun.import_id || attr(r, "step") == "finish")
         })
         .map(|r| {
             (
                 attr(r, "step"),
                 attr(r, "component"),
-                attr(r, "kcv"),
+                attr(r, "kcv_outcome"),
                 r.outcome,
             )
         })
@@ -468,6 +468,14 @@ async fn ceremony_steps_startup_exports_and_refused_admin_calls_are_records() {
             finish.master_key_version
         ),
         ("ceremony", begun.version)
+    );
+    assert_eq!(
+        (
+            attr(finish, "algorithm"),
+            attr(finish, "kcv"),
+            attr(finish, "origin")
+        ),
+        ("aes-128", kcv(alg, &key).as_str(), "imported")
     );
     let begin = records.iter().find(|r| attr(r, "step") == "begin").unwrap();
     assert_eq!(begin.context.as_ref().unwrap().request_id, "req-begin");

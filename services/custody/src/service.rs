@@ -476,13 +476,15 @@ impl Custody {
             retired_at: Set(None),
             ..Default::default()
         };
-        let mut audited = Event::new(event, AuditOutcome::Success, &caller.identity);
-        audited.context = context(auth);
-        audited.key_reference = reference.to_owned();
-        audited.key_version = version;
-        if event == AuditEvent::MasterKeyImport {
-            audited = audited.with("step", audit::events::CeremonyStep::Finish.as_str());
-        }
+        let kcv = hex_upper(&stored.kcv);
+        let facts = audit::events::NewKeyFacts {
+            reference,
+            version,
+            algorithm: algorithm.as_str(),
+            kcv: &kcv,
+            origin,
+        };
+        let audited = Event::new_key(event, &caller.identity, context(auth), &facts);
         // The audit record goes first: a key that exists without its record must not.
         self.audit.record(audited, None).await?;
         let row = row.insert(&self.db).await.map_err(|e| match e {
@@ -806,13 +808,12 @@ impl CustodyService for Custody {
             .map_err(seal::SealError::from)
             .map_err(Error::from)?;
         let shares = seal::split(&kek, req.threshold, req.share_count).map_err(Error::from)?;
-        let mut event = Event::new(
-            AuditEvent::SealInit,
-            AuditOutcome::Success,
+        let event = Event::seal_init(
             &caller.identity,
+            context(req.auth),
+            req.threshold,
+            req.share_count,
         );
-        event.context = context(req.auth);
-        event.reason = format!("{} of {} shares", req.threshold, req.share_count);
         self.audit.record(event, None).await.map_err(Error::from)?;
         seal_meta::ActiveModel {
             id: Set(1),
@@ -890,9 +891,7 @@ impl CustodyService for Custody {
                 }
             }
         };
-        let mut event = Event::new(AuditEvent::Unseal, AuditOutcome::Success, &caller.identity);
-        event.context = context(req.auth);
-        event.reason = req.custodian_label.chars().take(64).collect();
+        let event = Event::unsealed(&caller.identity, context(req.auth), &req.custodian_label);
         match outcome {
             None => {
                 let (progress, threshold) = match &self.read().seal {
@@ -934,9 +933,7 @@ impl CustodyService for Custody {
         let Some(meta) = meta else {
             return Err(Error::Uninitialised.into());
         };
-        let mut event = Event::new(AuditEvent::Seal, AuditOutcome::Success, &caller.identity);
-        event.context = context(req.auth);
-        event.reason = req.reason.chars().take(200).collect();
+        let event = Event::sealed(&caller.identity, context(req.auth), &req.reason);
         self.audit.record(event, None).await.map_err(Error::from)?;
         {
             let mut state = self.write();

@@ -58,6 +58,18 @@ pub struct Ceremony<'a> {
     pub version: u32,
 }
 
+/// The public facts of a new master key version.
+#[derive(Clone, Debug)]
+pub struct NewKeyFacts<'a> {
+    pub reference: &'a str,
+    pub version: u32,
+    pub algorithm: &'a str,
+    /// Key check value (public: ListMasterKeys shows it).
+    pub kcv: &'a str,
+    /// "generated" or "imported".
+    pub origin: &'a str,
+}
+
 /// A non-secret fingerprint of an identifier that may be a bearer secret (an online session
 /// id): the first 16 bytes of its SHA-256, in hex. Whoever holds the id can compute it to
 /// find the record; the record does not give the id away.
@@ -144,10 +156,55 @@ impl Event {
     ) -> Self {
         let mut e = Self::ceremony(CeremonyStep::Component, caller, auth, ceremony)
             .with("component", format!("{index} of {expected}"))
-            .with("kcv", kcv.as_str());
+            .with("kcv_outcome", kcv.as_str());
         if kcv != KcvOutcome::Matched {
             e.outcome = AuditOutcome::Refused as i32;
         }
+        e
+    }
+
+    /// A new master key version (generated, rotated in, or imported: then its ceremony's
+    /// finish), with its public facts.
+    pub fn new_key(
+        event: AuditEvent,
+        caller: &str,
+        auth: AuthContext,
+        key: &NewKeyFacts<'_>,
+    ) -> Self {
+        let mut e = Self::by(event, AuditOutcome::Success, caller, auth)
+            .with("algorithm", key.algorithm)
+            .with("kcv", key.kcv)
+            .with("origin", key.origin);
+        if event == AuditEvent::MasterKeyImport {
+            e = e.with("step", CeremonyStep::Finish.as_str());
+        }
+        e.key_reference = key.reference.to_owned();
+        e.key_version = key.version;
+        e
+    }
+
+    /// The key-encryption key was created and split into `shares` shares, `threshold` needed.
+    pub fn seal_init(caller: &str, auth: AuthContext, threshold: u32, shares: u32) -> Self {
+        let mut e = Self::by(AuditEvent::SealInit, AuditOutcome::Success, caller, auth)
+            .with("threshold", threshold.to_string())
+            .with("share_count", shares.to_string());
+        e.reason = format!("{threshold} of {shares} shares");
+        e
+    }
+
+    /// Custody unsealed with the last share, given by `custodian`.
+    pub fn unsealed(caller: &str, auth: AuthContext, custodian: &str) -> Self {
+        let custodian: String = custodian.chars().take(64).collect();
+        let mut e = Self::by(AuditEvent::Unseal, AuditOutcome::Success, caller, auth)
+            .with("custodian", custodian.clone());
+        e.reason = custodian;
+        e
+    }
+
+    /// Custody was sealed on request.
+    pub fn sealed(caller: &str, auth: AuthContext, reason: &str) -> Self {
+        let mut e = Self::by(AuditEvent::Seal, AuditOutcome::Success, caller, auth);
+        e.reason = reason.chars().take(200).collect();
         e
     }
 
