@@ -1338,7 +1338,7 @@ impl CustodyService for Custody {
         let req = request.into_inner();
         let verdict = self
             .audit
-            .verify(req.expected_head.as_ref())
+            .verify_from(req.from_sequence, req.expected_head.as_ref())
             .await
             .map_err(Error::from)?;
         let (first_bad, reason, detail) = match &verdict.first_bad {

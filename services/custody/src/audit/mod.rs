@@ -189,7 +189,7 @@ impl AuditLog {
             recorded_at: None,
             chain_id: CHAIN_ID.into(),
         });
-        let verdict = walk(&db, expected.as_ref()).await?;
+        let verdict = walk(&db, 1, expected.as_ref()).await?;
         if let Some(fault) = &verdict.first_bad {
             let why: Arc<str> = match (&head_file, fault.kind) {
                 (Some(file), Fault::HeadMissing | Fault::HeadMismatch) => {
@@ -318,7 +318,17 @@ impl AuditLog {
 
     /// Walks the whole chain; with `expected`, also checks that head is still in it.
     pub async fn verify(&self, expected: Option<&AuditHead>) -> Result<Verdict, AuditError> {
-        walk(&self.db, expected).await
+        walk(&self.db, 1, expected).await
+    }
+
+    /// Walks the chain from record `from` (linked to the record before it); with `expected`,
+    /// also checks that head is still in the chain.
+    pub async fn verify_from(
+        &self,
+        from: u64,
+        expected: Option<&AuditHead>,
+    ) -> Result<Verdict, AuditError> {
+        walk(&self.db, from, expected).await
     }
 
     /// The records a QueryAudit asks for.
@@ -330,6 +340,7 @@ impl AuditLog {
 /// Walks the whole chain; with `expected`, also checks that head is still in it.
 async fn walk(
     db: &DatabaseConnection,
+    from: u64,
     expected: Option<&AuditHead>,
 ) -> Result<Verdict, AuditError> {
     let mut verdict = Verdict::default();
@@ -337,6 +348,48 @@ async fn walk(
     let mut next_seq: i64 = 1;
     let mut expected_seen = false;
     let bad = |seq: u64, kind: Fault, detail: String| Some(ChainFault { seq, kind, detail });
+    let find = |seq: i64| async move {
+        audit_record::Entity::find_by_id(seq)
+            .one(db)
+            .await
+            .map_err(AuditError::Read)
+    };
+    if from > 1 {
+        // The walk starts linked to the record before `from`, which it takes as it is.
+        let before = i64::try_from(from - 1).unwrap_or(i64::MAX);
+        let Some(row) = find(before).await? else {
+            verdict.first_bad = bad(
+                from - 1,
+                Fault::SequenceGap,
+                format!("record {before} is missing"),
+            );
+            return Ok(verdict);
+        };
+        prev = row.hash;
+        next_seq = before + 1;
+        verdict.head_seq = from - 1;
+        // A head before the walk is looked up on its own.
+        if let Some(head) = expected.filter(|h| h.sequence > 0 && h.sequence < from) {
+            let seq = head.sequence;
+            verdict.first_bad = match find(i64::try_from(seq).unwrap_or(i64::MAX)).await? {
+                Some(row) if row.hash == head.hash => None,
+                Some(_) => bad(
+                    seq,
+                    Fault::HeadMismatch,
+                    format!("record {seq} differs from the exported head"),
+                ),
+                None => bad(
+                    seq,
+                    Fault::HeadMissing,
+                    format!("record {seq} of the exported head is missing"),
+                ),
+            };
+            if verdict.first_bad.is_some() {
+                return Ok(verdict);
+            }
+            expected_seen = true;
+        }
+    }
     loop {
         let rows = audit_record::Entity::find()
             .filter(audit_record::Column::Seq.gte(next_seq))
@@ -1088,6 +1141,33 @@ mod tests {
             ..head
         };
         assert_eq!(code(first_bad(&log, Some(&other)).await), "HEAD_MISMATCH");
+    }
+
+    #[tokio::test]
+    async fn a_walk_from_a_sequence_checks_only_the_rest() {
+        let (log, db) = log_with(6).await;
+        let head = log.head().await.unwrap();
+        exec(&db, "UPDATE audit_record SET reason = 'x' WHERE seq = 2").await;
+        assert_eq!(first_bad(&log, None).await.unwrap().0, 2);
+        let verdict = log.verify_from(4, Some(&head)).await.unwrap();
+        assert!(verdict.first_bad.is_none(), "{verdict:?}");
+        assert_eq!((verdict.checked, verdict.head_seq), (3, 6));
+        // A changed record after the start is found; so is a head from before it.
+        exec(&db, "UPDATE audit_record SET reason = 'y' WHERE seq = 5").await;
+        let fault = log.verify_from(4, None).await.unwrap().first_bad.unwrap();
+        assert_eq!((fault.seq, fault.kind), (5, Fault::HashMismatch));
+        let early = AuditHead {
+            sequence: 1,
+            hash: vec![9; 32],
+            ..head
+        };
+        let fault = log
+            .verify_from(6, Some(&early))
+            .await
+            .unwrap()
+            .first_bad
+            .unwrap();
+        assert_eq!((fault.seq, fault.kind), (1, Fault::HeadMismatch));
     }
 
     #[tokio::test]
