@@ -19,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(UsageInAudit),
             Box::new(NoAuditTimeIndex),
             Box::new(AuditAttributes),
+            Box::new(PukSessionsByCard),
         ]
     }
 
@@ -197,6 +198,33 @@ impl MigrationTrait for AuditAttributes {
                 Table::alter()
                     .table(audit_record::Entity)
                     .add_column(ColumnDef::new(column).text().not_null().default(""))
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// A release looks up the online sessions of its card and version (exposure by a release
+/// that was not rotated): an index instead of a scan of every session ever.
+struct PukSessionsByCard;
+
+impl MigrationName for PukSessionsByCard {
+    fn name(&self) -> &str {
+        "m20261206_000007_puk_sessions_by_card"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for PukSessionsByCard {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_index(
+                Index::create()
+                    .if_not_exists()
+                    .name("puk_session_card")
+                    .table(puk_session::Entity)
+                    .col(puk_session::Column::CardFp)
+                    .col(puk_session::Column::PukVersion)
                     .to_owned(),
             )
             .await
