@@ -46,7 +46,7 @@ use cms_cardcrypto::puk::PUK_LENGTHS;
 use cms_cardcrypto::{Puk, PukError, PukInput};
 use cms_kit::PeerIdentity;
 use cms_proto::custody::v1 as pb;
-use cms_proto::custody::v1::{AuditEvent, AuditOutcome, PukPurpose};
+use cms_proto::custody::v1::{AuditOutcome, PukPurpose};
 use sea_orm::sea_query::{Expr, Func};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set, TryInsertResult};
 use tokio::sync::OwnedSemaphorePermit;
@@ -601,10 +601,10 @@ impl Custody {
         let identity = peer(&request);
         let caller = guards::caller(&self.callers, &request);
         let req = request.into_inner();
-        let mut event = Event::new(AuditEvent::PukRotation, AuditOutcome::Success, &identity);
-        event.context = context(req.auth.clone());
-        event.context.card_id = req.card_id.clone();
-        event.key_reference = req.master_key_reference.clone();
+        let mut auth = context(req.auth.clone());
+        auth.card_id = req.card_id.clone();
+        let mut event = Event::puk_rotation(&identity, auth, &req.master_key_reference)
+            .with("new_puk_version", req.new_puk_version.to_string());
 
         let _one_at_a_time = self.puk_lock.lock().await;
         let (card_fp, old) = match self.check_rotation(caller, &req).await {
@@ -612,9 +612,7 @@ impl Custody {
             Err(e) => return Err(self.refuse_puk(event, e).await),
         };
         event.reason = format!("puk version {old} rotated to {}", req.new_puk_version);
-        event = event
-            .with("puk_version", old.to_string())
-            .with("new_puk_version", req.new_puk_version.to_string());
+        event = event.with("puk_version", old.to_string());
         self.audit.record(event.clone(), None).await?;
         let updated = puk_card::Entity::update_many()
             .col_expr(

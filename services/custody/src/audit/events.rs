@@ -233,6 +233,13 @@ impl Event {
         e
     }
 
+    /// A PIV PUK rotation confirmation (before its outcome is known).
+    pub fn puk_rotation(caller: &str, auth: AuthContext, reference: &str) -> Self {
+        let mut e = Self::by(AuditEvent::PukRotation, AuditOutcome::Success, caller, auth);
+        e.key_reference = reference.to_owned();
+        e
+    }
+
     /// A PIV PUK release (before its outcome is known).
     pub fn puk_release(
         caller: &str,

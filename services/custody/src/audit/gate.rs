@@ -446,3 +446,24 @@ impl CustodyService for Audited {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_failures_are_recorded_without_their_detail() {
+        let (outcome, reason) = refusal(&Status::internal("database: disk I/O error at /var"));
+        assert_eq!(
+            (outcome, reason.as_str()),
+            (AuditOutcome::Failed, "internal error")
+        );
+        let (outcome, reason) = refusal(&Status::permission_denied("no admin scope"));
+        assert_eq!(
+            (outcome, reason.as_str()),
+            (AuditOutcome::Refused, "no admin scope")
+        );
+        let (outcome, _) = refusal(&Status::unavailable("the audit log cannot be written"));
+        assert_eq!(outcome, AuditOutcome::Failed);
+    }
+}
