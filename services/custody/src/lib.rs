@@ -65,6 +65,8 @@ async fn serve_custody(
     store::migration::Migrator::up(&db, None)
         .await
         .map_err(Error::Migrate)?;
+    // The audit head file lives there, also when the database is PostgreSQL.
+    cms_kit::db::prepare_data_dir(&config.data_dir)?;
     let custody = Custody::open(Options {
         db,
         keystore,
