@@ -62,13 +62,17 @@ struct Harness {
 }
 
 async fn custody(keystore: Keystore, per_card_limit: u32) -> Harness {
+    custody_with(keystore, |c| c.guards.per_card_limit = per_card_limit).await
+}
+
+async fn custody_with(keystore: Keystore, tweak: impl FnOnce(&mut cms_custody::Config)) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new(dir.path());
     let mut config: cms_custody::Config = inproc::config(dir.path(), "custody", &Peers::default());
     if let Keystore::Pkcs11(token) = keystore {
         config.keystore = hsm().keystore(token);
     }
-    config.guards.per_card_limit = per_card_limit;
+    tweak(&mut config);
     let reports = IdentityPattern::Exact(pki.id(REPORTS));
     config.access.allow.push(reports.clone());
     config.callers.push(cms_custody::CallerScope {
@@ -322,13 +326,6 @@ async fn life_of_a_puk(keystore: Keystore) {
         "{}",
         err.message()
     );
-    // Another session of the same card is another release.
-    let second = gw
-        .release_piv_puk(online("puk-aes", &card, "session-2", 1))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(second.puk, first.puk);
     let state = gw
         .get_puk_status(status_request("puk-aes", &card))
         .await
@@ -339,6 +336,23 @@ async fn life_of_a_puk(keystore: Keystore) {
     assert_eq!(state.card_id, card);
     assert_eq!((state.puk_version, state.exposed), (1, false));
     assert!(state.exposed_at.is_none() && state.rotated_at.is_none());
+    // Another session of the same card is another release; the version, unrotated, was
+    // handed out twice: it is exposed.
+    let second = gw
+        .release_piv_puk(online("puk-aes", &card, "session-2", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.puk, first.puk);
+    assert!(second.exposed);
+    let state = gw
+        .get_puk_status(status_request("puk-aes", &card))
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!((state.puk_version, state.exposed), (1, true));
 
     // Offline: the current PUK only, and the version is exposed from then on.
     let read_out = gw
@@ -713,6 +727,194 @@ async fn releases_count_against_the_card_limit_with_cryptograms() {
             .flat_map(|r| leaks(r, std::slice::from_ref(&released.puk)))
             .next()
             .is_none()
+    );
+    h.server.stop().await.unwrap();
+}
+
+/// Twenty releases race on one session of one card: one PUK leaves, the audit holds one
+/// success and nineteen refusals, and the refusals took nothing of the card's budget.
+#[tokio::test]
+async fn racing_releases_on_one_session_leave_one_success_and_the_budget() {
+    let _ = hsm();
+    let mut h = custody(Keystore::Soft, 3).await;
+    import(&mut h.gateway, "mk", KeyAlgorithm::Aes128, &hex(MASTER)).await;
+    let card = b"card-race".as_slice();
+    let mut racers = Vec::new();
+    for _ in 0..20 {
+        let mut gw = h.gateway.clone();
+        racers.push(tokio::spawn(async move {
+            gw.release_piv_puk(online("mk", card, "session-race", 1))
+                .await
+        }));
+    }
+    let mut released = 0;
+    for racer in racers {
+        match racer.await.unwrap() {
+            Ok(_) => released += 1,
+            Err(e) => assert_eq!(e.code(), Code::AlreadyExists, "{e:?}"),
+        }
+    }
+    assert_eq!(released, 1);
+    let records = audit(&mut h.gateway).await;
+    assert_eq!(
+        (
+            count(&records, AuditEvent::PukRelease, AuditOutcome::Success),
+            count(&records, AuditEvent::PukRelease, AuditOutcome::Refused)
+        ),
+        (1, 19),
+        "only what happened"
+    );
+    // The budget of 3 had one use: two more releases pass, the third is over the limit.
+    for _ in 0..2 {
+        h.gateway
+            .release_piv_puk(offline("mk", card, 1))
+            .await
+            .unwrap();
+    }
+    let err = h
+        .gateway
+        .release_piv_puk(offline("mk", card, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    h.server.stop().await.unwrap();
+}
+
+/// A version released online and not confirmed rotated within the session's lifetime is
+/// exposed; so is a version handed to a second session.
+#[tokio::test]
+async fn an_online_release_not_rotated_in_time_exposes_the_version() {
+    let _ = hsm();
+    let mut h = custody_with(Keystore::Soft, |c| {
+        c.guards.per_card_limit = 100;
+        c.guards.puk_session_secs = 1;
+    })
+    .await;
+    let gw = &mut h.gateway;
+    import(gw, "mk", KeyAlgorithm::Aes128, &hex(MASTER)).await;
+    let status = async |gw: &mut Client, card: &[u8]| {
+        gw.get_puk_status(status_request("mk", card))
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap()
+    };
+    // Card 1: released in a session that ends without a rotation.
+    let first = gw
+        .release_piv_puk(online("mk", b"card-1", "session-1", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!first.exposed);
+    assert!(
+        !status(gw, b"card-1").await.exposed,
+        "the session may still rotate"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    let lapsed = status(gw, b"card-1").await;
+    assert!(lapsed.exposed && lapsed.exposed_at.is_some(), "{lapsed:?}");
+    let second = gw
+        .release_piv_puk(online("mk", b"card-1", "session-2", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        second.exposed,
+        "version 1 went to session-1 and was never rotated"
+    );
+    // The rotation clears it.
+    let rotated = gw
+        .confirm_puk_rotation(confirm("mk", b"card-1", 2))
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert!(!rotated.exposed);
+
+    // Card 2: a second session within the first one's lifetime gets an exposed version.
+    gw.release_piv_puk(online("mk", b"card-2", "session-3", 1))
+        .await
+        .unwrap();
+    let again = gw
+        .release_piv_puk(online("mk", b"card-2", "session-4", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.exposed);
+    assert!(status(gw, b"card-2").await.exposed);
+    h.server.stop().await.unwrap();
+}
+
+/// Versions leave room for the next; session ids are checked in bytes, without NUL, and an
+/// online release records a fingerprint of its session id.
+#[tokio::test]
+async fn versions_and_session_ids_are_bounded_and_sessions_are_on_the_record() {
+    let _ = hsm();
+    let mut h = custody(Keystore::Soft, 100).await;
+    let gw = &mut h.gateway;
+    import(gw, "mk", KeyAlgorithm::Aes128, &hex(MASTER)).await;
+    let err = gw
+        .release_piv_puk(offline("mk", b"card-max", u32::MAX))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), detail(&err).1.as_str()),
+        (Code::InvalidArgument, "puk_version"),
+        "the last version could never be rotated away"
+    );
+    gw.release_piv_puk(offline("mk", b"card-max", u32::MAX - 1))
+        .await
+        .unwrap();
+    let err = gw
+        .confirm_puk_rotation(confirm("mk", b"card-max", u32::MAX))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    let err = gw
+        .release_piv_puk(online("mk", b"card-s", "session\0-1", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), detail(&err).1.as_str()),
+        (Code::InvalidArgument, "session_id")
+    );
+    let wide = "é".repeat(70); // 70 characters, 140 bytes
+    let err = gw
+        .release_piv_puk(online("mk", b"card-s", &wide, 1))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("bytes"), "{}", err.message());
+
+    let session = "session-on-record";
+    let released = gw
+        .release_piv_puk(online("mk", b"card-s", session, 1))
+        .await
+        .unwrap()
+        .into_inner();
+    let records = audit(gw).await;
+    let record = records
+        .iter()
+        .find(|r| r.sequence == released.audit_sequence)
+        .unwrap();
+    let fingerprint = cms_custody::audit::events::id_fingerprint(session.as_bytes());
+    assert_eq!(
+        record.attributes.get("session_sha256"),
+        Some(&fingerprint),
+        "{record:?}"
+    );
+    assert_eq!(
+        record
+            .attributes
+            .get("next_puk_version")
+            .map(String::as_str),
+        Some("2")
+    );
+    assert!(
+        records.iter().all(|r| !format!("{r:?}").contains(session)),
+        "the session id itself is not in the audit"
     );
     h.server.stop().await.unwrap();
 }

@@ -148,6 +148,10 @@ pub struct GuardSettings {
     /// RESOURCE_EXHAUSTED instead of queueing.
     #[serde(default = "default_max_outstanding")]
     pub max_outstanding: usize,
+    /// Lifetime of an online unblock session: a PUK version released to a session and not
+    /// confirmed rotated within it counts as exposed.
+    #[serde(default = "default_puk_session_secs")]
+    pub puk_session_secs: u64,
     /// Test hook: make the start-up self-test fail (custody then refuses all work).
     #[serde(default)]
     pub fail_self_test: bool,
@@ -162,6 +166,7 @@ impl Default for GuardSettings {
             caller_rate_per_sec: default_caller_rate(),
             caller_burst: default_caller_burst(),
             max_outstanding: default_max_outstanding(),
+            puk_session_secs: default_puk_session_secs(),
             fail_self_test: false,
         }
     }
@@ -178,6 +183,9 @@ fn default_caller_rate() -> f64 {
 }
 fn default_caller_burst() -> u32 {
     400
+}
+fn default_puk_session_secs() -> u64 {
+    900
 }
 fn default_max_outstanding() -> usize {
     1_024

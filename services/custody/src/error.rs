@@ -90,7 +90,9 @@ pub enum Error {
 impl From<crate::audit::AuditError> for Error {
     fn from(e: crate::audit::AuditError) -> Self {
         match e {
-            crate::audit::AuditError::Unavailable(_) | crate::audit::AuditError::Stopped => {
+            crate::audit::AuditError::Unavailable(_)
+            | crate::audit::AuditError::Stopped
+            | crate::audit::AuditError::Broken(_) => {
                 tracing::error!(error = %cms_kit::exit::one_line(&e), "audit write failed");
                 Self::AuditUnavailable
             }

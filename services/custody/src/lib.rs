@@ -37,6 +37,10 @@ use sea_orm_migration::MigratorTrait;
 
 pub const NAME: &str = "custody";
 
+/// The audit chain's head, kept in the data directory beside the database (on PostgreSQL too):
+/// a tail cut off the audit table is caught at start (see `audit::HeadFile`).
+pub const AUDIT_HEAD_FILE: &str = "custody-audit.head";
+
 /// Serves the custody API on `listeners` until `shutdown`.
 ///
 /// Boxed so that the service's async code is compiled once, in this crate: a binary or test
@@ -62,15 +66,19 @@ async fn serve_custody(
     store::migration::Migrator::up(&db, None)
         .await
         .map_err(Error::Migrate)?;
+    // The audit head file lives there, also when the database is PostgreSQL.
+    cms_kit::db::prepare_data_dir(&config.data_dir)?;
     let custody = Custody::open(Options {
         db,
         keystore,
         callers: config.callers,
         guards: config.guards,
         dev_seal_file: config.seal.dev_seal_file,
+        audit_head_file: Some(config.data_dir.join(AUDIT_HEAD_FILE)),
     })
     .await?;
-    let routes = tonic::service::Routes::new(CustodyServiceServer::new(custody));
+    let routes =
+        tonic::service::Routes::new(CustodyServiceServer::new(audit::gate::Audited(custody)));
     let spec = Serve {
         name: NAME,
         version: env!("CARGO_PKG_VERSION"),

@@ -17,13 +17,23 @@
 //! * `ConfirmPukRotation`: the card now has version + 1; exposure is cleared.
 //! * `GetPukStatus`: the state, never a PUK.
 //!
-//! Order, so that no PUK leaves without its audit record and its state: checks and the
-//! derivation first (each refusal is audited), then the audit record, which also claims a use
-//! of the card's budget (the per-card limit that cryptograms count against), then the state
-//! change (session taken, version exposed), and only then the answer. If the state change is
-//! refused (a concurrent release took the session) or fails, a second record says so and no
-//! PUK is returned. A release is a use without a challenge: its use fingerprint is keyed over
-//! the card and fresh randomness, so it counts against the limit and never as a replay.
+//! * Exposure: a version is exposed once it was read out offline, or released online and not
+//!   confirmed rotated within the session's lifetime (`guards.puk_session_secs`), or released
+//!   to a second online session (the first may still hold it).
+//! * Versions are 1 to `u32::MAX - 1`, so that a card's next version is always one.
+//!
+//! Order, so that no PUK leaves without its audit record and its state, and the audit holds
+//! only what happened: releases and rotations go one at a time (`Custody::puk_lock`); each
+//! checks the card's state (session free, version current) and derives the PUKs (each
+//! refusal is audited, without a claim), then writes the audit record, which also claims a
+//! use of the card's budget (the per-card limit that cryptograms count against) and is
+//! refused there when the budget is spent, then changes the state (session taken, version
+//! exposed), and only then answers. A concurrent release of the same session waits, then
+//! finds the session taken: it writes its refusal only. Should the state change fail after
+//! the record (a database error), a second record says so and no PUK is returned. A release
+//! is a use without a challenge: its use fingerprint is keyed over the card and fresh
+//! randomness, so it counts against the limit and never as a replay. An online release
+//! records a fingerprint of its session id (`session_sha256`), not the id.
 //!
 //! Nothing here logs, audits or returns in an error a PUK, its checksum or a derived secret:
 //! PUKs live in [`cms_cardcrypto::Puk`] (zeroizing, `Debug` shows the length only) until
@@ -36,9 +46,9 @@ use cms_cardcrypto::puk::PUK_LENGTHS;
 use cms_cardcrypto::{Puk, PukError, PukInput};
 use cms_kit::PeerIdentity;
 use cms_proto::custody::v1 as pb;
-use cms_proto::custody::v1::{AuditEvent, AuditOutcome, PukPurpose};
+use cms_proto::custody::v1::{AuditOutcome, PukPurpose};
 use sea_orm::sea_query::{Expr, Func};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, Set, TryInsertResult};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set, TryInsertResult};
 use tokio::sync::OwnedSemaphorePermit;
 use tonic::Request;
 
@@ -50,8 +60,11 @@ use crate::service::{Custody, context};
 use crate::store::entities::{puk_card, puk_session};
 use crate::wrap::{Fingerprint, Kek};
 
-/// Longest session id accepted.
+/// Longest session id accepted, in bytes.
 const MAX_SESSION_ID: usize = 128;
+
+/// Highest PUK version a card can have: its next version (version + 1) is still a version.
+const MAX_PUK_VERSION: u32 = u32::MAX - 1;
 
 /// A release request that passed the checks that need no state.
 #[derive(Debug, PartialEq, Eq)]
@@ -79,11 +92,13 @@ fn check_release(req: &pb::ReleasePivPukRequest) -> Result<Checked<'_>, Error> {
         }
     };
     let session = if online {
-        if req.session_id.is_empty() || req.session_id.len() > MAX_SESSION_ID {
+        let bytes = req.session_id.as_bytes();
+        if bytes.is_empty() || bytes.len() > MAX_SESSION_ID || bytes.contains(&0) {
             return Err(Error::Invalid {
                 field: "session_id",
                 message: format!(
-                    "an online release names its session: 1 to {MAX_SESSION_ID} characters"
+                    "an online release names its session: 1 to {MAX_SESSION_ID} bytes of UTF-8, no NUL; got {} bytes",
+                    bytes.len()
                 ),
             });
         }
@@ -103,11 +118,12 @@ fn check_release(req: &pb::ReleasePivPukRequest) -> Result<Checked<'_>, Error> {
             ),
         });
     }
-    if req.puk_version == 0 || (online && req.puk_version == u32::MAX) {
+    if req.puk_version == 0 || req.puk_version > MAX_PUK_VERSION {
         return Err(Error::Invalid {
             field: "puk_version",
-            message: "a PIV card's PUK version starts at 1 (and must leave room for the next)"
-                .into(),
+            message: format!(
+                "a PIV card's PUK version is 1 to {MAX_PUK_VERSION} (its next version must be one too)"
+            ),
         });
     }
     Ok(Checked {
@@ -152,12 +168,15 @@ fn peer<T>(request: &Request<T>) -> String {
         .unwrap_or_else(|| "unidentified".into())
 }
 
-fn status(card_id: &[u8], row: &puk_card::Model) -> pb::PukStatus {
+/// The card's state; `lapsed` is when an online release of its version lapsed unrotated
+/// (the version is exposed from then on, even if no later release wrote it down yet).
+fn status(card_id: &[u8], row: &puk_card::Model, lapsed: Option<i64>) -> pb::PukStatus {
+    let exposed_at = row.exposed_at.filter(|_| row.exposed).or(lapsed);
     pb::PukStatus {
         card_id: card_id.to_vec(),
         puk_version: u32::try_from(row.puk_version).unwrap_or(0),
-        exposed: row.exposed,
-        exposed_at: row.exposed_at.filter(|_| row.exposed).map(audit::timestamp),
+        exposed: exposed_at.is_some() || row.exposed,
+        exposed_at: exposed_at.map(audit::timestamp),
         rotated_at: row.rotated_at.map(audit::timestamp),
     }
 }
@@ -179,8 +198,12 @@ struct Release {
     kek: Arc<Kek>,
     card_fp: Fingerprint,
     version: u32,
-    /// The version was read out offline before (online releases report it).
+    /// The version was read out offline before, or released online before (online releases
+    /// report it).
     exposed: bool,
+    /// Online: this version was released to another session before and not rotated since, so
+    /// it is exposed from this time (that session's end, or now if it is still running).
+    exposed_since: Option<i64>,
     session_fp: Option<Vec<u8>>,
     puk: Puk,
     /// Online only: the PUK of version + 1.
@@ -197,6 +220,32 @@ impl Custody {
             Ok(_) => error,
             Err(e) => e.into(),
         }
+    }
+
+    fn session_lifetime_ms(&self) -> i64 {
+        i64::try_from(self.guards.puk_session_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+    }
+
+    /// When `version` of the card was first released to an online session, if it was.
+    async fn online_release(&self, card_fp: &[u8], version: i64) -> Result<Option<i64>, Error> {
+        Ok(puk_session::Entity::find()
+            .filter(puk_session::Column::CardFp.eq(card_fp.to_vec()))
+            .filter(puk_session::Column::PukVersion.eq(version))
+            .order_by_asc(puk_session::Column::At)
+            .one(&self.db)
+            .await?
+            .map(|s| s.at))
+    }
+
+    /// When `version` of the card became exposed by an online release that was not confirmed
+    /// rotated within its session's lifetime; `None` while it may still be.
+    async fn lapsed_release(&self, card_fp: &[u8], version: i64) -> Result<Option<i64>, Error> {
+        let now = audit::now_ms();
+        Ok(self
+            .online_release(card_fp, version)
+            .await?
+            .map(|at| at.saturating_add(self.session_lifetime_ms()))
+            .filter(|ends| *ends <= now))
     }
 
     async fn puk_record(&self, card_fp: &[u8]) -> Result<Option<puk_card::Model>, Error> {
@@ -284,6 +333,19 @@ impl Custody {
             }
             None => None,
         };
+        // The same version handed to another session before (and not rotated since, or the
+        // card would be at the next version) is exposed: from that session's end, or from now
+        // when that session may still be running.
+        let exposed_since = match checked.session {
+            Some(_) => self
+                .online_release(&card_fp, i64::from(checked.puk_version))
+                .await?
+                .map(|at| {
+                    at.saturating_add(self.session_lifetime_ms())
+                        .min(audit::now_ms())
+                }),
+            None => None,
+        };
         let puk = self.derive(&master, &checked, checked.puk_version).await?;
         let next = match checked.session {
             Some(_) => Some(
@@ -297,7 +359,8 @@ impl Custody {
             kek,
             card_fp,
             version: checked.puk_version,
-            exposed: record.is_some_and(|r| r.exposed),
+            exposed: record.is_some_and(|r| r.exposed) || exposed_since.is_some(),
+            exposed_since,
             session_fp,
             puk,
             next,
@@ -352,6 +415,18 @@ impl Custody {
                 if !matches!(inserted, TryInsertResult::Inserted(_)) {
                     return Err(session_used());
                 }
+                if let Some(since) = release.exposed_since {
+                    let exposed_at: Expr =
+                        Func::coalesce([Expr::col(puk_card::Column::ExposedAt), Expr::val(since)])
+                            .into();
+                    puk_card::Entity::update_many()
+                        .col_expr(puk_card::Column::Exposed, Expr::val(true))
+                        .col_expr(puk_card::Column::ExposedAt, exposed_at)
+                        .filter(puk_card::Column::CardFp.eq(release.card_fp.to_vec()))
+                        .filter(puk_card::Column::PukVersion.eq(version))
+                        .exec(&self.db)
+                        .await?;
+                }
             }
             None => {
                 // Exposed since the first read-out of this version.
@@ -405,12 +480,32 @@ impl Custody {
         let identity = peer(&request);
         let caller = guards::caller(&self.callers, &request);
         let req = request.into_inner();
-        let mut event = Event::new(AuditEvent::PukRelease, AuditOutcome::Success, &identity);
-        event.context = context(req.auth.clone());
-        event.context.card_id = req.card_id.clone();
-        event.key_reference = req.master_key_reference.clone();
-        event.key_version = req.master_key_version;
+        let mut auth = context(req.auth.clone());
+        auth.card_id = req.card_id.clone();
+        let mut event = Event::puk_release(
+            &identity,
+            auth,
+            &req.master_key_reference,
+            req.master_key_version,
+        )
+        .with("puk_version", req.puk_version.to_string());
+        event = match PukPurpose::try_from(req.purpose) {
+            Ok(PukPurpose::OnlineSession) => event.with("purpose", "online session"),
+            Ok(PukPurpose::OfflineHelpdesk) => event.with("purpose", "offline helpdesk"),
+            _ => event,
+        };
+        if !req.session_id.is_empty() {
+            // The session id may be a bearer secret: a fingerprint its holder can look up.
+            event = event.with(
+                "session_sha256",
+                audit::events::id_fingerprint(req.session_id.as_bytes()),
+            );
+        }
 
+        // One release (or rotation) at a time: each decides on the card's state (session
+        // free, version current, budget left) and writes its record before the next looks,
+        // so a loser of a race writes its refusal only, and no claim on the card's budget.
+        let _one_at_a_time = self.puk_lock.lock().await;
         let release = match self.prepare_release(caller, &req).await {
             Ok(release) => release,
             Err(e) => return Err(self.refuse_puk(event, e).await),
@@ -423,6 +518,12 @@ impl Custody {
             ),
             None => format!("offline helpdesk read-out: puk version {version} is now exposed"),
         };
+        if release.next.is_some() {
+            event = event.with("next_puk_version", (version + 1).to_string());
+        }
+        if release.exposed {
+            event = event.with("exposed", "true");
+        }
         let claim = match self.release_claim(&release, &req) {
             Ok(claim) => claim,
             Err(e) => return Err(self.refuse_puk(event, e).await),
@@ -475,6 +576,12 @@ impl Custody {
         check_reference(&req.master_key_reference)?;
         let card_fp = card_fingerprint(&kek, &req.master_key_reference, &req.card_id);
         let row = self.puk_record(&card_fp).await?.ok_or_else(unknown_card)?;
+        if req.new_puk_version > MAX_PUK_VERSION {
+            return Err(Error::Invalid {
+                field: "new_puk_version",
+                message: format!("a PIV card's PUK version is 1 to {MAX_PUK_VERSION}"),
+            });
+        }
         if i64::from(req.new_puk_version) != row.puk_version + 1 {
             return Err(Error::Precondition(format!(
                 "custody has PUK version {} for this card, so a rotation confirms version {}, not {}",
@@ -494,16 +601,18 @@ impl Custody {
         let identity = peer(&request);
         let caller = guards::caller(&self.callers, &request);
         let req = request.into_inner();
-        let mut event = Event::new(AuditEvent::PukRotation, AuditOutcome::Success, &identity);
-        event.context = context(req.auth.clone());
-        event.context.card_id = req.card_id.clone();
-        event.key_reference = req.master_key_reference.clone();
+        let mut auth = context(req.auth.clone());
+        auth.card_id = req.card_id.clone();
+        let mut event = Event::puk_rotation(&identity, auth, &req.master_key_reference)
+            .with("new_puk_version", req.new_puk_version.to_string());
 
+        let _one_at_a_time = self.puk_lock.lock().await;
         let (card_fp, old) = match self.check_rotation(caller, &req).await {
             Ok(checked) => checked,
             Err(e) => return Err(self.refuse_puk(event, e).await),
         };
         event.reason = format!("puk version {old} rotated to {}", req.new_puk_version);
+        event = event.with("puk_version", old.to_string());
         self.audit.record(event.clone(), None).await?;
         let updated = puk_card::Entity::update_many()
             .col_expr(
@@ -532,7 +641,7 @@ impl Custody {
         }
         let row = self.puk_record(&card_fp).await?.ok_or_else(unknown_card)?;
         Ok(pb::ConfirmPukRotationResponse {
-            status: Some(status(&req.card_id, &row)),
+            status: Some(status(&req.card_id, &row, None)),
         })
     }
 
@@ -552,8 +661,9 @@ impl Custody {
         check_reference(&req.master_key_reference)?;
         let card_fp = card_fingerprint(&kek, &req.master_key_reference, &req.card_id);
         let row = self.puk_record(&card_fp).await?.ok_or_else(unknown_card)?;
+        let lapsed = self.lapsed_release(&card_fp, row.puk_version).await?;
         Ok(pb::GetPukStatusResponse {
-            status: Some(status(&req.card_id, &row)),
+            status: Some(status(&req.card_id, &row, lapsed)),
         })
     }
 }
@@ -665,18 +775,41 @@ mod tests {
             ..online()
         };
         assert_eq!(field(check_release(&req)), "puk_version");
-        // Online needs room for the next version; offline does not.
+        // Every version leaves room for the next, offline too: a card custody adopted at
+        // the last version could never be rotated, so never be unexposed again.
+        for purpose in [PukPurpose::OnlineSession, PukPurpose::OfflineHelpdesk] {
+            let req = pb::ReleasePivPukRequest {
+                puk_version: u32::MAX,
+                purpose: purpose as i32,
+                ..online()
+            };
+            assert_eq!(field(check_release(&req)), "puk_version");
+            let req = pb::ReleasePivPukRequest {
+                puk_version: MAX_PUK_VERSION,
+                purpose: purpose as i32,
+                ..online()
+            };
+            check_release(&req).unwrap();
+        }
+        // A session id is measured in bytes, and has no NUL.
         let req = pb::ReleasePivPukRequest {
-            puk_version: u32::MAX,
+            session_id: "é".repeat(MAX_SESSION_ID / 2 + 1),
             ..online()
         };
-        assert_eq!(field(check_release(&req)), "puk_version");
+        let Err(Error::Invalid {
+            field: named,
+            message,
+        }) = check_release(&req)
+        else {
+            panic!("a session id over {MAX_SESSION_ID} bytes passed");
+        };
+        assert_eq!(named, "session_id");
+        assert!(message.contains("bytes"), "{message}");
         let req = pb::ReleasePivPukRequest {
-            puk_version: u32::MAX,
-            purpose: PukPurpose::OfflineHelpdesk as i32,
+            session_id: "s-1\0".into(),
             ..online()
         };
-        check_release(&req).unwrap();
+        assert_eq!(field(check_release(&req)), "session_id");
     }
 
     mod flow {
@@ -709,6 +842,7 @@ mod tests {
                     ..GuardSettings::default()
                 },
                 dev_seal_file: Some(dir.join("seal.key")),
+                audit_head_file: Some(dir.join("audit.head")),
             })
             .await
             .unwrap();

@@ -125,6 +125,9 @@ pub struct Custody {
     pub(crate) guards: GuardSettings,
     pub(crate) limiter: RateLimiter,
     pub(crate) outstanding: Arc<Semaphore>,
+    /// PUK releases and rotations one at a time: each decides on the card's state and writes
+    /// its record before the next looks (see `puk`).
+    pub(crate) puk_lock: tokio::sync::Mutex<()>,
     self_test: Result<(), String>,
     self_test_at: i64,
     state: RwLock<State>,
@@ -137,6 +140,8 @@ pub struct Options {
     pub callers: Vec<CallerScope>,
     pub guards: GuardSettings,
     pub dev_seal_file: Option<std::path::PathBuf>,
+    /// Where the audit chain's head is kept outside the database (see `audit::HeadFile`).
+    pub audit_head_file: Option<std::path::PathBuf>,
 }
 
 fn algorithm_from_proto(value: i32, field: &'static str) -> Result<KeyAlgorithm, Error> {
@@ -256,7 +261,12 @@ impl Custody {
                 .saturating_mul(1000),
         )
         .unwrap_or(i64::MAX);
-        let audit = AuditLog::start(options.db.clone(), retention_ms).await?;
+        let audit = AuditLog::start(
+            options.db.clone(),
+            retention_ms,
+            options.audit_head_file.map(audit::HeadFile::new),
+        )
+        .await?;
         let meta = seal_meta::Entity::find_by_id(1).one(&options.db).await?;
         let seal = match (meta, &options.dev_seal_file) {
             (None, None) => Seal::Uninitialised,
@@ -294,6 +304,7 @@ impl Custody {
         let custody = Self {
             limiter: RateLimiter::new(&options.guards),
             outstanding: Arc::new(Semaphore::new(options.guards.max_outstanding.max(1))),
+            puk_lock: tokio::sync::Mutex::new(()),
             db: options.db,
             audit,
             keystore: options.keystore,
@@ -308,12 +319,18 @@ impl Custody {
             imports: Mutex::new(HashMap::new()),
         };
         custody.reload_keys().await?;
-        let mut started = Event::new(AuditEvent::SelfTest, AuditOutcome::Success, "custody");
-        if let Err(why) = &custody.self_test {
-            started.outcome = AuditOutcome::Failed as i32;
-            started.reason = why.clone();
+        // A chain that does not verify gets nothing appended: custody serves reads only.
+        if custody.audit.broken().is_none() {
+            let self_test = Event::self_test(&custody.self_test, crate::selftest::TESTS);
+            custody.audit.record(self_test, None).await?;
+            let records = custody.audit.head().await?.sequence;
+            let backend = match custody.keystore.backend() {
+                pb::Backend::Pkcs11 => "pkcs11",
+                _ => "soft",
+            };
+            let started = Event::startup(VERSION, backend, &custody.self_test, records);
+            custody.audit.record(started, None).await?;
         }
-        custody.audit.record(started, None).await?;
         Ok(custody)
     }
 
@@ -328,6 +345,9 @@ impl Custody {
     /// The KEK, or why there is none.
     pub(crate) fn kek(&self) -> Result<Arc<Kek>, Error> {
         self.self_test.as_ref().map_err(|_| Error::SelfTestFailed)?;
+        if self.audit.broken().is_some() {
+            return Err(Error::AuditUnavailable);
+        }
         match &self.read().seal {
             Seal::Unsealed { kek } => Ok(kek.clone()),
             Seal::Sealed { .. } => Err(Error::Sealed),
@@ -427,6 +447,20 @@ impl Custody {
             + 1
     }
 
+    /// An import ceremony's key reference, version, components received and expected.
+    pub(crate) fn import_progress(&self, import_id: &str) -> Option<(String, u32, u32, u32)> {
+        let imports = self.imports.lock().unwrap_or_else(|p| p.into_inner());
+        imports
+            .get(import_id)
+            .map(|i| (i.reference.clone(), i.version, i.received, i.expected))
+    }
+
+    /// Drops an import ceremony (its components are zeroized with it).
+    pub(crate) fn forget_import(&self, import_id: &str) {
+        let mut imports = self.imports.lock().unwrap_or_else(|p| p.into_inner());
+        imports.remove(import_id);
+    }
+
     fn info(&self, row: &master_key::Model) -> pb::MasterKeyVersion {
         let current = self.current_version(&row.reference) == u32::try_from(row.version).ok();
         key_info(row, self.keystore.backend(), current)
@@ -470,10 +504,15 @@ impl Custody {
             retired_at: Set(None),
             ..Default::default()
         };
-        let mut audited = Event::new(event, AuditOutcome::Success, &caller.identity);
-        audited.context = context(auth);
-        audited.key_reference = reference.to_owned();
-        audited.key_version = version;
+        let kcv = hex_upper(&stored.kcv);
+        let facts = audit::events::NewKeyFacts {
+            reference,
+            version,
+            algorithm: algorithm.as_str(),
+            kcv: &kcv,
+            origin,
+        };
+        let audited = Event::new_key(event, &caller.identity, context(auth), &facts);
         // The audit record goes first: a key that exists without its record must not.
         self.audit.record(audited, None).await?;
         let row = row.insert(&self.db).await.map_err(|e| match e {
@@ -785,6 +824,11 @@ impl CustodyService for Custody {
         } else {
             pb::SealState::Error
         };
+        // A chain that did not verify at start: custody refuses all work but reads.
+        let (seal_state, detail) = match self.audit.broken() {
+            Some(why) => (pb::SealState::Error, format!("audit: {why}")),
+            None => (seal_state, detail),
+        };
         Ok(Response::new(pb::GetStatusResponse {
             seal_state: seal_state as i32,
             self_test: Some(pb::SelfTestResult {
@@ -821,13 +865,12 @@ impl CustodyService for Custody {
             .map_err(seal::SealError::from)
             .map_err(Error::from)?;
         let shares = seal::split(&kek, req.threshold, req.share_count).map_err(Error::from)?;
-        let mut event = Event::new(
-            AuditEvent::SealInit,
-            AuditOutcome::Success,
+        let event = Event::seal_init(
             &caller.identity,
+            context(req.auth),
+            req.threshold,
+            req.share_count,
         );
-        event.context = context(req.auth);
-        event.reason = format!("{} of {} shares", req.threshold, req.share_count);
         self.audit.record(event, None).await.map_err(Error::from)?;
         seal_meta::ActiveModel {
             id: Set(1),
@@ -905,9 +948,7 @@ impl CustodyService for Custody {
                 }
             }
         };
-        let mut event = Event::new(AuditEvent::Unseal, AuditOutcome::Success, &caller.identity);
-        event.context = context(req.auth);
-        event.reason = req.custodian_label.chars().take(64).collect();
+        let event = Event::unsealed(&caller.identity, context(req.auth), &req.custodian_label);
         match outcome {
             None => {
                 let (progress, threshold) = match &self.read().seal {
@@ -922,12 +963,8 @@ impl CustodyService for Custody {
                     threshold,
                 }))
             }
-            Some(Err(e)) => {
-                event.outcome = AuditOutcome::Refused as i32;
-                event.reason = e.to_string();
-                self.audit.record(event, None).await.map_err(Error::from)?;
-                Err(Error::from(e).into())
-            }
+            // Recorded as a refused administrative call by `audit::gate`.
+            Some(Err(e)) => Err(Error::from(e).into()),
             Some(Ok(kek)) => {
                 self.audit.record(event, None).await.map_err(Error::from)?;
                 self.write().seal = Seal::Unsealed { kek: Arc::new(kek) };
@@ -953,9 +990,7 @@ impl CustodyService for Custody {
         let Some(meta) = meta else {
             return Err(Error::Uninitialised.into());
         };
-        let mut event = Event::new(AuditEvent::Seal, AuditOutcome::Success, &caller.identity);
-        event.context = context(req.auth);
-        event.reason = req.reason.chars().take(200).collect();
+        let event = Event::sealed(&caller.identity, context(req.auth), &req.reason);
         self.audit.record(event, None).await.map_err(Error::from)?;
         {
             let mut state = self.write();
@@ -1341,36 +1376,16 @@ impl CustodyService for Custody {
     ) -> Rpc<pb::QueryAuditResponse> {
         let caller = guards::caller(&self.callers, &request)?;
         caller.require_admin()?;
-        let req = request.into_inner();
-        let size = req
-            .page
-            .as_ref()
-            .map(|p| p.page_size)
-            .filter(|s| *s > 0)
-            .unwrap_or(100)
-            .min(1000);
-        let from = req
-            .page
-            .as_ref()
-            .and_then(|p| p.page_token.parse::<u64>().ok())
-            .unwrap_or(req.from_sequence.max(1));
-        let records = self
-            .audit
-            .read(from, u64::from(size))
-            .await
-            .map_err(Error::from)?;
-        let next = if records.len() == size as usize {
-            records
-                .last()
-                .map(|r| (r.sequence + 1).to_string())
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let query =
+            audit::AuditQuery::from_request(request.get_ref()).map_err(|bad| Error::Invalid {
+                field: bad.field,
+                message: bad.message,
+            })?;
+        let page = self.audit.query(query).await.map_err(Error::from)?;
         Ok(Response::new(pb::QueryAuditResponse {
-            records,
+            records: page.records,
             page: Some(PageResponse {
-                next_page_token: next,
+                next_page_token: page.next_page_token,
                 total_estimate: 0,
             }),
         }))
@@ -1396,15 +1411,23 @@ impl CustodyService for Custody {
         let req = request.into_inner();
         let verdict = self
             .audit
-            .verify(req.expected_head.as_ref())
+            .verify_from(req.from_sequence, req.expected_head.as_ref())
             .await
             .map_err(Error::from)?;
-        let (first_bad, reason) = verdict.first_bad.clone().unwrap_or((0, String::new()));
+        let (first_bad, reason, detail) = match &verdict.first_bad {
+            Some(fault) => (
+                fault.seq,
+                fault.kind.code().to_owned(),
+                fault.detail.clone(),
+            ),
+            None => (0, String::new(), String::new()),
+        };
         Ok(Response::new(pb::VerifyAuditResponse {
             ok: verdict.first_bad.is_none(),
             records_checked: verdict.checked,
             first_bad_sequence: first_bad,
             reason,
+            detail,
             head: Some(pb::AuditHead {
                 sequence: verdict.head_seq,
                 hash: verdict.head_hash,

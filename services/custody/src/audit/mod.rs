@@ -8,7 +8,7 @@
 //! so they hold under any concurrency. If the commit fails nobody gets an answer but an
 //! error: custody fails closed.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -22,8 +22,15 @@ use tokio::sync::{mpsc, oneshot};
 use crate::store::entities::{audit_record, card_use};
 use crate::wrap::{FINGERPRINT_LEN, Fingerprint};
 
+pub mod events;
+pub mod gate;
+mod head_file;
+mod query;
 mod sink;
 mod wal;
+pub use head_file::HeadFile;
+use head_file::{HeadKeeper, KeptHead};
+pub use query::{AuditPage, AuditQuery};
 use sink::Sink;
 
 pub const CHAIN_ID: &str = "cms-custody-audit-v1";
@@ -40,9 +47,14 @@ pub enum AuditError {
     Thread(#[source] std::io::Error),
     #[error("audit log: {0}")]
     Read(#[source] sea_orm::DbErr),
+    /// The chain did not verify at start: nothing is appended to it.
+    #[error("the audit chain does not verify, so nothing is recorded: {0}")]
+    Broken(Arc<str>),
+    #[error("audit head file: {0}")]
+    HeadFile(#[from] head_file::HeadFileError),
 }
 
-/// What happened, with no secret in it.
+/// What happened, with no secret in it. Built by the typed constructors in [`events`].
 #[derive(Clone, Debug, Default)]
 pub struct Event {
     pub event: i32,
@@ -52,6 +64,8 @@ pub struct Event {
     pub key_reference: String,
     pub key_version: u32,
     pub reason: String,
+    /// Event-specific non-secret detail ("component" = "2 of 3").
+    pub attributes: BTreeMap<&'static str, String>,
 }
 
 impl Event {
@@ -62,6 +76,12 @@ impl Event {
             caller: caller.to_owned(),
             ..Default::default()
         }
+    }
+
+    /// Adds one attribute.
+    pub fn with(mut self, key: &'static str, value: impl Into<String>) -> Self {
+        self.attributes.insert(key, value.into());
+        self
     }
 }
 
@@ -98,8 +118,12 @@ struct Job {
 pub struct AuditLog {
     jobs: mpsc::Sender<Job>,
     db: DatabaseConnection,
+    /// Why the chain did not verify at start; then every record is refused.
+    broken: Option<Arc<str>>,
     /// Checkpoints of the SQLite WAL, while any handle to the log is left.
     _checkpoints: Option<Arc<wal::Checkpoints>>,
+    /// Writes the last head to its file when the last handle goes.
+    _flush: Option<Arc<head_file::FlushOnDrop>>,
 }
 
 #[derive(Clone)]
@@ -145,9 +169,51 @@ pub fn now_ms() -> i64 {
 }
 
 impl AuditLog {
-    /// Loads the chain head and the recent card usage, and starts the writer. `retention_ms`
-    /// is the longest window a claim will ask about (per-card limit or replay).
-    pub async fn start(db: DatabaseConnection, retention_ms: i64) -> Result<Self, AuditError> {
+    /// Verifies the chain (against the head kept in `head_file`, when there is one), loads
+    /// its head and the recent card usage, and starts the writer. `retention_ms` is the longest
+    /// window a claim will ask about (per-card limit or replay). A chain that does not verify
+    /// is no error here: the log starts broken ([`AuditLog::broken`]) and refuses to append.
+    pub async fn start(
+        db: DatabaseConnection,
+        retention_ms: i64,
+        head_file: Option<HeadFile>,
+    ) -> Result<Self, AuditError> {
+        let kept = head_file
+            .as_ref()
+            .map(HeadFile::read)
+            .transpose()?
+            .flatten();
+        let expected = kept.as_ref().map(|k| AuditHead {
+            sequence: k.seq,
+            hash: k.hash.clone(),
+            recorded_at: None,
+            chain_id: CHAIN_ID.into(),
+        });
+        let verdict = walk(&db, 1, expected.as_ref()).await?;
+        if let Some(fault) = &verdict.first_bad {
+            let why: Arc<str> = match (&head_file, fault.kind) {
+                (Some(file), Fault::HeadMissing | Fault::HeadMismatch) => {
+                    format!("{} (head kept in {})", fault.detail, file.path().display()).into()
+                }
+                _ => fault.detail.as_str().into(),
+            };
+            tracing::error!(reason = %why, "the audit chain does not verify: custody refuses to serve");
+            let (jobs, _) = mpsc::channel(1);
+            return Ok(Self {
+                jobs,
+                db,
+                broken: Some(why),
+                _checkpoints: None,
+                _flush: None,
+            });
+        }
+        if head_file.is_some() && kept.is_none() && verdict.head_seq > 0 {
+            tracing::warn!(
+                records = verdict.head_seq,
+                "no audit head file beside a non-empty audit log (first start of this version?): it is written from now on"
+            );
+        }
+        let keeper = head_file.map(|file| Arc::new(HeadKeeper::new(file, kept.as_ref())));
         let state = State::load(&db, retention_ms).await?;
         let (jobs, rx) = mpsc::channel(4 * MAX_BATCH);
         // The writer gets a thread and a runtime of its own: as one task among the request
@@ -167,6 +233,7 @@ impl AuditLog {
             .enable_all()
             .build()
             .map_err(AuditError::Thread)?;
+        let writer_keeper = keeper.clone();
         std::thread::Builder::new()
             .name("custody-audit".into())
             .spawn(move || {
@@ -174,7 +241,7 @@ impl AuditLog {
                     match sink.open().await {
                         Ok(()) => {
                             let _ = opened.send(Ok(()));
-                            writer(sink, state, rx).await;
+                            writer(sink, state, rx, writer_keeper).await;
                         }
                         Err(e) => {
                             let _ = opened.send(Err(e));
@@ -194,8 +261,15 @@ impl AuditLog {
         Ok(Self {
             jobs,
             db,
+            broken: None,
             _checkpoints: checkpoints.map(Arc::new),
+            _flush: keeper.map(|k| Arc::new(head_file::FlushOnDrop(k))),
         })
+    }
+
+    /// Why the chain did not verify at start, if it did not.
+    pub fn broken(&self) -> Option<&str> {
+        self.broken.as_deref()
     }
 
     /// Records `event` (and decides `claim`) durably; returns once committed.
@@ -204,6 +278,9 @@ impl AuditLog {
         event: Event,
         claim: Option<UsageClaim>,
     ) -> Result<Written, AuditError> {
+        if let Some(why) = &self.broken {
+            return Err(AuditError::Broken(why.clone()));
+        }
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send(Job {
@@ -239,83 +316,187 @@ impl AuditLog {
         })
     }
 
-    /// Records in sequence order, from `from_seq`, at most `limit`.
-    pub async fn read(&self, from_seq: u64, limit: u64) -> Result<Vec<AuditRecord>, AuditError> {
-        let rows = audit_record::Entity::find()
-            .filter(audit_record::Column::Seq.gte(i64::try_from(from_seq).unwrap_or(i64::MAX)))
-            .order_by_asc(audit_record::Column::Seq)
-            .limit(limit)
-            .all(&self.db)
-            .await
-            .map_err(AuditError::Read)?;
-        Ok(rows.into_iter().map(to_proto).collect())
-    }
-
     /// Walks the whole chain; with `expected`, also checks that head is still in it.
     pub async fn verify(&self, expected: Option<&AuditHead>) -> Result<Verdict, AuditError> {
-        let mut verdict = Verdict::default();
-        let mut prev = GENESIS.to_vec();
-        let mut next_seq: i64 = 1;
-        let mut expected_seen = false;
-        loop {
-            let rows = audit_record::Entity::find()
-                .filter(audit_record::Column::Seq.gte(next_seq))
-                .order_by_asc(audit_record::Column::Seq)
-                .limit(1_000)
-                .all(&self.db)
-                .await
-                .map_err(AuditError::Read)?;
-            if rows.is_empty() {
-                break;
+        walk(&self.db, 1, expected).await
+    }
+
+    /// Walks the chain from record `from` (linked to the record before it); with `expected`,
+    /// also checks that head is still in the chain.
+    pub async fn verify_from(
+        &self,
+        from: u64,
+        expected: Option<&AuditHead>,
+    ) -> Result<Verdict, AuditError> {
+        walk(&self.db, from, expected).await
+    }
+
+    /// The records a QueryAudit asks for.
+    pub async fn query(&self, query: AuditQuery) -> Result<AuditPage, AuditError> {
+        query.run(&self.db).await
+    }
+}
+
+/// Walks the whole chain; with `expected`, also checks that head is still in it.
+async fn walk(
+    db: &DatabaseConnection,
+    from: u64,
+    expected: Option<&AuditHead>,
+) -> Result<Verdict, AuditError> {
+    let mut verdict = Verdict::default();
+    let mut prev = GENESIS.to_vec();
+    let mut next_seq: i64 = 1;
+    let mut expected_seen = false;
+    let bad = |seq: u64, kind: Fault, detail: String| Some(ChainFault { seq, kind, detail });
+    let find = |seq: i64| async move {
+        audit_record::Entity::find_by_id(seq)
+            .one(db)
+            .await
+            .map_err(AuditError::Read)
+    };
+    if from > 1 {
+        // The walk starts linked to the record before `from`, which it takes as it is.
+        let before = i64::try_from(from - 1).unwrap_or(i64::MAX);
+        let Some(row) = find(before).await? else {
+            verdict.first_bad = bad(
+                from - 1,
+                Fault::SequenceGap,
+                format!("record {before} is missing"),
+            );
+            return Ok(verdict);
+        };
+        prev = row.hash;
+        next_seq = before + 1;
+        verdict.head_seq = from - 1;
+        // A head before the walk is looked up on its own.
+        if let Some(head) = expected.filter(|h| h.sequence > 0 && h.sequence < from) {
+            let seq = head.sequence;
+            verdict.first_bad = match find(i64::try_from(seq).unwrap_or(i64::MAX)).await? {
+                Some(row) if row.hash == head.hash => None,
+                Some(_) => bad(
+                    seq,
+                    Fault::HeadMismatch,
+                    format!("record {seq} differs from the exported head"),
+                ),
+                None => bad(
+                    seq,
+                    Fault::HeadMissing,
+                    format!("record {seq} of the exported head is missing"),
+                ),
+            };
+            if verdict.first_bad.is_some() {
+                return Ok(verdict);
             }
-            for row in rows {
-                let seq = u64::try_from(row.seq).unwrap_or(0);
-                let problem = if row.seq != next_seq {
-                    Some(format!("record {next_seq} is missing (next is {seq})"))
-                } else if row.prev_hash != prev {
-                    Some(format!(
-                        "record {seq} does not link to the record before it"
-                    ))
-                } else if record_hash(&row) != row.hash {
-                    Some(format!("record {seq} was changed"))
-                } else {
-                    None
-                };
-                if let Some(reason) = problem {
-                    verdict.first_bad = Some((u64::try_from(next_seq).unwrap_or(0), reason));
+            expected_seen = true;
+        }
+    }
+    loop {
+        let rows = audit_record::Entity::find()
+            .filter(audit_record::Column::Seq.gte(next_seq))
+            .order_by_asc(audit_record::Column::Seq)
+            .limit(1_000)
+            .all(db)
+            .await
+            .map_err(AuditError::Read)?;
+        if rows.is_empty() {
+            break;
+        }
+        for row in rows {
+            let seq = u64::try_from(row.seq).unwrap_or(0);
+            let expected_seq = u64::try_from(next_seq).unwrap_or(0);
+            let problem = if row.seq != next_seq {
+                bad(
+                    expected_seq,
+                    Fault::SequenceGap,
+                    format!("record {next_seq} is missing (next is {seq})"),
+                )
+            } else if row.prev_hash != prev {
+                bad(
+                    seq,
+                    Fault::HashMismatch,
+                    format!("record {seq} does not link to the record before it"),
+                )
+            } else if record_hash(&row) != row.hash {
+                bad(
+                    seq,
+                    Fault::HashMismatch,
+                    format!("record {seq} was changed"),
+                )
+            } else {
+                None
+            };
+            if problem.is_some() {
+                verdict.first_bad = problem;
+                return Ok(verdict);
+            }
+            if let Some(head) = expected
+                && head.sequence == seq
+            {
+                if head.hash != row.hash {
+                    verdict.first_bad = bad(
+                        seq,
+                        Fault::HeadMismatch,
+                        format!("record {seq} differs from the exported head"),
+                    );
                     return Ok(verdict);
                 }
-                if let Some(head) = expected
-                    && head.sequence == seq
-                {
-                    if head.hash != row.hash {
-                        verdict.first_bad =
-                            Some((seq, format!("record {seq} differs from the exported head")));
-                        return Ok(verdict);
-                    }
-                    expected_seen = true;
-                }
-                verdict.checked += 1;
-                verdict.head_seq = seq;
-                prev = row.hash;
-                next_seq += 1;
+                expected_seen = true;
             }
+            verdict.checked += 1;
+            verdict.head_seq = seq;
+            prev = row.hash;
+            next_seq += 1;
         }
-        verdict.head_hash = prev;
-        if let Some(head) = expected
-            && head.sequence > 0
-            && !expected_seen
-        {
-            verdict.first_bad = Some((
-                verdict.head_seq + 1,
-                format!(
-                    "the log ends at record {} but the exported head is record {}: it was truncated",
-                    verdict.head_seq, head.sequence
-                ),
-            ));
-        }
-        Ok(verdict)
     }
+    verdict.head_hash = prev;
+    if let Some(head) = expected
+        && head.sequence > 0
+        && !expected_seen
+    {
+        verdict.first_bad = bad(
+            verdict.head_seq + 1,
+            Fault::HeadMissing,
+            format!(
+                "the log ends at record {} but the exported head is record {}: it was truncated",
+                verdict.head_seq, head.sequence
+            ),
+        );
+    }
+    Ok(verdict)
+}
+
+/// Why a chain does not verify: VerifyAudit's reason codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// A record was changed, or does not link to the one before it.
+    HashMismatch,
+    /// A record is missing.
+    SequenceGap,
+    /// The record at the expected head's sequence is another one.
+    HeadMismatch,
+    /// The chain ends before the expected head: its tail was cut off.
+    HeadMissing,
+}
+
+impl Fault {
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::HashMismatch => "HASH_MISMATCH",
+            Self::SequenceGap => "SEQUENCE_GAP",
+            Self::HeadMismatch => "HEAD_MISMATCH",
+            Self::HeadMissing => "HEAD_MISSING",
+        }
+    }
+}
+
+/// Where and why a chain does not verify.
+#[derive(Clone, Debug)]
+pub struct ChainFault {
+    /// The first sequence number that is bad.
+    pub seq: u64,
+    pub kind: Fault,
+    /// What is wrong, for people.
+    pub detail: String,
 }
 
 /// The result of a chain walk.
@@ -324,7 +505,7 @@ pub struct Verdict {
     pub checked: u64,
     pub head_seq: u64,
     pub head_hash: Vec<u8>,
-    pub first_bad: Option<(u64, String)>,
+    pub first_bad: Option<ChainFault>,
 }
 
 pub fn timestamp(ms: i64) -> prost_types::Timestamp {
@@ -356,7 +537,7 @@ fn to_proto(r: audit_record::Model) -> AuditRecord {
         caller_identity: r.caller,
         previous_hash: r.prev_hash,
         hash: r.hash,
-        attributes: Default::default(),
+        attributes: serde_json::from_str(&r.attributes).unwrap_or_default(),
     }
 }
 
@@ -384,6 +565,10 @@ pub fn record_hash(r: &audit_record::Model) -> Vec<u8> {
     put(r.key_reference.as_bytes());
     put(&r.key_version.to_be_bytes());
     put(r.reason.as_bytes());
+    // Only when there are some: records from before attributes existed keep their hashes.
+    if !r.attributes.is_empty() {
+        put(r.attributes.as_bytes());
+    }
     ctx.finish().as_ref().to_vec()
 }
 
@@ -537,12 +722,38 @@ impl Usage {
     }
 }
 
-async fn writer(mut sink: Sink, state: State, mut rx: mpsc::Receiver<Job>) {
+async fn writer(
+    mut sink: Sink,
+    state: State,
+    mut rx: mpsc::Receiver<Job>,
+    keeper: Option<Arc<HeadKeeper>>,
+) {
     let retention_ms = state.usage.retention_ms;
     let mut state = Some(state);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     // Whatever is waiting, up to MAX_BATCH, is one batch: one transaction, one sync.
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    loop {
+        let received = match keeper.as_ref().filter(|k| k.pending()) {
+            // A committed head waits for its file: written when nothing comes for a while.
+            Some(keeper) => {
+                match tokio::time::timeout(
+                    head_file::WRITE_INTERVAL,
+                    rx.recv_many(&mut batch, MAX_BATCH),
+                )
+                .await
+                {
+                    Ok(received) => received,
+                    Err(_idle) => {
+                        keeper.flush();
+                        continue;
+                    }
+                }
+            }
+            None => rx.recv_many(&mut batch, MAX_BATCH).await,
+        };
+        if received == 0 {
+            break;
+        }
         let mut current = match state.take() {
             Some(current) => current,
             None => {
@@ -564,6 +775,12 @@ async fn writer(mut sink: Sink, state: State, mut rx: mpsc::Receiver<Job>) {
         let staged = stage(&current.head, &current.usage, &mut batch, now);
         match sink.insert(staged.rows).await {
             Ok(()) => {
+                if let Some(keeper) = &keeper {
+                    keeper.committed(KeptHead {
+                        seq: staged.head.seq,
+                        hash: staged.head.hash.clone(),
+                    });
+                }
                 current.head = staged.head;
                 for (card_fp, challenge_fp) in staged.granted {
                     current.usage.add(card_fp, challenge_fp, now);
@@ -572,6 +789,10 @@ async fn writer(mut sink: Sink, state: State, mut rx: mpsc::Receiver<Job>) {
                 state = Some(current);
                 for (reply, written) in staged.replies {
                     let _ = reply.send(Ok(written));
+                }
+                // After the answers: a file write (once a second at most) delays nobody.
+                if let Some(keeper) = &keeper {
+                    keeper.write_if_due();
                 }
             }
             Err(e) => {
@@ -585,6 +806,18 @@ async fn writer(mut sink: Sink, state: State, mut rx: mpsc::Receiver<Job>) {
                 }
             }
         }
+    }
+    if let Some(keeper) = &keeper {
+        keeper.flush();
+    }
+}
+
+/// The attributes as stored: a JSON object with sorted keys, or "" when there are none.
+fn encode_attributes(attributes: &BTreeMap<&'static str, String>) -> String {
+    if attributes.is_empty() {
+        String::new()
+    } else {
+        serde_json::to_string(attributes).unwrap_or_default()
     }
 }
 
@@ -650,6 +883,7 @@ fn stage(head: &Head, usage: &Usage, batch: &mut Vec<Job>, now: i64) -> Staged {
             key_reference,
             key_version,
             mut reason,
+            attributes,
         } = event;
         let mut fingerprints = (None, None);
         match (claim, refusal) {
@@ -693,6 +927,7 @@ fn stage(head: &Head, usage: &Usage, batch: &mut Vec<Job>, now: i64) -> Staged {
             hash: Vec::new(),
             card_fp: fingerprints.0,
             challenge_fp: fingerprints.1,
+            attributes: encode_attributes(&attributes),
         };
         row.hash = record_hash(&row);
         staged.head = Head {
@@ -719,7 +954,7 @@ mod tests {
 
     async fn log_with(records: u64) -> (AuditLog, crate::store::TestDatabase) {
         let db = crate::store::test_database().await;
-        let log = AuditLog::start(db.clone(), 86_400_000).await.unwrap();
+        let log = AuditLog::start(db.clone(), 86_400_000, None).await.unwrap();
         for i in 0..records {
             let mut event = Event::new(
                 AuditEvent::Cryptogram,
@@ -737,7 +972,11 @@ mod tests {
     }
 
     async fn first_bad(log: &AuditLog, head: Option<&AuditHead>) -> Option<(u64, String)> {
-        log.verify(head).await.unwrap().first_bad
+        log.verify(head)
+            .await
+            .unwrap()
+            .first_bad
+            .map(|f| (f.seq, format!("{}: {}", f.kind.code(), f.detail)))
     }
 
     #[tokio::test]
@@ -800,7 +1039,7 @@ mod tests {
         }
         exec(
             &db,
-            "INSERT INTO audit_record SELECT 3, at, event, outcome, caller, actor_kind, actor_id, user_id, card_id, flow, approval_id, request_id, key_reference, key_version, 'forged', prev_hash, hash, card_fp, challenge_fp FROM audit_record WHERE seq = 2",
+            "INSERT INTO audit_record SELECT 3, at, event, outcome, caller, actor_kind, actor_id, user_id, card_id, flow, approval_id, request_id, key_reference, key_version, 'forged', prev_hash, hash, card_fp, challenge_fp, attributes FROM audit_record WHERE seq = 2",
         )
         .await;
         let (seq, _) = first_bad(&log, None).await.unwrap();
@@ -822,7 +1061,7 @@ mod tests {
         let (log, db) = log_with(6).await;
         let head = log.head().await.unwrap();
         exec(&db, "DELETE FROM audit_record WHERE seq > 4").await;
-        let rewritten = AuditLog::start(db.clone(), 86_400_000).await.unwrap();
+        let rewritten = AuditLog::start(db.clone(), 86_400_000, None).await.unwrap();
         for _ in 0..2 {
             rewritten
                 .record(
@@ -836,6 +1075,99 @@ mod tests {
         let (seq, why) = first_bad(&rewritten, Some(&head)).await.unwrap();
         assert_eq!(seq, 6);
         assert!(why.contains("exported head"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn a_cut_tail_is_caught_at_start_by_the_head_file_and_a_lagging_file_is_not() {
+        let db = crate::store::test_database().await;
+        let dir = tempfile::tempdir().unwrap();
+        let file = HeadFile::new(dir.path().join("audit.head"));
+        let start = || AuditLog::start(db.clone(), 86_400_000, Some(file.clone()));
+        let event = || Event::new(AuditEvent::Cryptogram, AuditOutcome::Success, "c");
+        let log = start().await.unwrap();
+        for _ in 0..6 {
+            log.record(event(), None).await.unwrap();
+        }
+        // The last handle goes (shutdown): the head is written.
+        drop(log);
+        assert_eq!(file.read().unwrap().map(|h| h.seq), Some(6));
+
+        // The file lags the database (a crash before its last write): no fault.
+        let log = start().await.unwrap();
+        assert!(log.broken().is_none());
+        log.record(event(), None).await.unwrap();
+        std::mem::forget(log); // as if killed: no write at exit
+        let log = start().await.unwrap();
+        assert!(log.broken().is_none(), "{:?}", log.broken());
+        drop(log);
+
+        // The tail is cut off below the kept head: custody refuses to append.
+        exec(&db, "DELETE FROM audit_record WHERE seq > 4").await;
+        let log = start().await.unwrap();
+        let why = log
+            .broken()
+            .expect("a truncated chain starts broken")
+            .to_owned();
+        assert!(
+            why.contains("truncated") && why.contains("audit.head"),
+            "{why}"
+        );
+        assert!(matches!(
+            log.record(event(), None).await,
+            Err(AuditError::Broken(_))
+        ));
+        assert_eq!(
+            log.head().await.unwrap().sequence,
+            4,
+            "nothing was appended"
+        );
+    }
+
+    #[tokio::test]
+    async fn verify_names_each_fault_by_its_code() {
+        let code = |f: Option<(u64, String)>| f.unwrap().1.split(':').next().unwrap().to_owned();
+        let (log, db) = log_with(6).await;
+        let head = log.head().await.unwrap();
+        exec(&db, "UPDATE audit_record SET reason = 'x' WHERE seq = 5").await;
+        assert_eq!(code(first_bad(&log, None).await), "HASH_MISMATCH");
+        exec(&db, "DELETE FROM audit_record WHERE seq >= 5").await;
+        assert_eq!(code(first_bad(&log, Some(&head)).await), "HEAD_MISSING");
+        exec(&db, "DELETE FROM audit_record WHERE seq = 2").await;
+        assert_eq!(code(first_bad(&log, None).await), "SEQUENCE_GAP");
+        let (log, _db) = log_with(3).await;
+        let other = AuditHead {
+            sequence: 2,
+            hash: vec![7; 32],
+            ..head
+        };
+        assert_eq!(code(first_bad(&log, Some(&other)).await), "HEAD_MISMATCH");
+    }
+
+    #[tokio::test]
+    async fn a_walk_from_a_sequence_checks_only_the_rest() {
+        let (log, db) = log_with(6).await;
+        let head = log.head().await.unwrap();
+        exec(&db, "UPDATE audit_record SET reason = 'x' WHERE seq = 2").await;
+        assert_eq!(first_bad(&log, None).await.unwrap().0, 2);
+        let verdict = log.verify_from(4, Some(&head)).await.unwrap();
+        assert!(verdict.first_bad.is_none(), "{verdict:?}");
+        assert_eq!((verdict.checked, verdict.head_seq), (3, 6));
+        // A changed record after the start is found; so is a head from before it.
+        exec(&db, "UPDATE audit_record SET reason = 'y' WHERE seq = 5").await;
+        let fault = log.verify_from(4, None).await.unwrap().first_bad.unwrap();
+        assert_eq!((fault.seq, fault.kind), (5, Fault::HashMismatch));
+        let early = AuditHead {
+            sequence: 1,
+            hash: vec![9; 32],
+            ..head
+        };
+        let fault = log
+            .verify_from(6, Some(&early))
+            .await
+            .unwrap()
+            .first_bad
+            .unwrap();
+        assert_eq!((fault.seq, fault.kind), (1, Fault::HeadMismatch));
     }
 
     #[tokio::test]
@@ -936,7 +1268,7 @@ mod tests {
         .unwrap();
         drop(log);
 
-        let log = AuditLog::start(db.clone(), 86_400_000).await.unwrap();
+        let log = AuditLog::start(db.clone(), 86_400_000, None).await.unwrap();
         let refused = |refusal| Written::Refused { seq: 0, refusal };
         let outcome = |w: Written| match w {
             Written::Refused { refusal, .. } => refused(refusal),
@@ -994,6 +1326,7 @@ mod tests {
                 hash: vec![0; 32],
                 card_fp: fp(card),
                 challenge_fp: fp(16 * card + challenge),
+                attributes: String::new(),
             }
             .into_active_model()
             .insert(&*db)

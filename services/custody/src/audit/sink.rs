@@ -19,7 +19,7 @@ use sea_orm::{DatabaseConnection, DbBackend, DbErr, RuntimeErr};
 use crate::store::entities::audit_record;
 
 /// `audit_record`'s columns, in the order the rows' values are bound.
-const COLUMNS: [&str; 19] = [
+const COLUMNS: [&str; 20] = [
     "seq",
     "at",
     "event",
@@ -39,6 +39,7 @@ const COLUMNS: [&str; 19] = [
     "hash",
     "card_fp",
     "challenge_fp",
+    "attributes",
 ];
 
 /// Prepared statements kept per PostgreSQL connection: one per batch size seen recently.
@@ -283,6 +284,7 @@ fn insert_rows(
                 r.hash,
                 r.card_fp,
                 r.challenge_fp,
+                r.attributes,
             ])?;
         }
     }
@@ -314,7 +316,8 @@ fn bind(
             .bind(r.prev_hash)
             .bind(r.hash)
             .bind(r.card_fp)
-            .bind(r.challenge_fp);
+            .bind(r.challenge_fp)
+            .bind(r.attributes);
     }
     query
 }

@@ -81,7 +81,7 @@ mod tests {
     async fn the_wal_is_checkpointed_beside_the_writer_and_starts_over() {
         let db = crate::store::test_database().await;
         let file = crate::audit::sink::sqlite_file(&db).await.unwrap();
-        let log = AuditLog::start(db.clone(), 86_400_000).await.unwrap();
+        let log = AuditLog::start(db.clone(), 86_400_000, None).await.unwrap();
         let record = || async {
             log.record(
                 Event::new(AuditEvent::Cryptogram, AuditOutcome::Success, "c"),

@@ -110,6 +110,9 @@ pub mod audit_record {
         /// `card_use` rows written before they moved here.
         pub card_fp: Option<Vec<u8>>,
         pub challenge_fp: Option<Vec<u8>>,
+        /// Event-specific non-secret detail, a JSON object of strings ("" when none; in the
+        /// hash chain when not empty, so records written before it keep their hashes).
+        pub attributes: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

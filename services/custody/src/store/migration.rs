@@ -18,6 +18,8 @@ impl MigratorTrait for Migrator {
             Box::new(PivPuks),
             Box::new(UsageInAudit),
             Box::new(NoAuditTimeIndex),
+            Box::new(AuditAttributes),
+            Box::new(PukSessionsByCard),
         ]
     }
 
@@ -164,6 +166,65 @@ impl MigrationTrait for NoAuditTimeIndex {
                     .if_exists()
                     .name("audit_record_at")
                     .table(audit_record::Entity)
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// Audit records carry their event's attributes (component 2 of 3, its KCV outcome, PUK
+/// versions, a session's fingerprint).
+struct AuditAttributes;
+
+impl MigrationName for AuditAttributes {
+    fn name(&self) -> &str {
+        "m20261206_000006_audit_attributes"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for AuditAttributes {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // A database created by this version got the column from the entity already.
+        let column = audit_record::Column::Attributes;
+        if manager
+            .has_column("audit_record", column.to_string().as_str())
+            .await?
+        {
+            return Ok(());
+        }
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(audit_record::Entity)
+                    .add_column(ColumnDef::new(column).text().not_null().default(""))
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// A release looks up the online sessions of its card and version (exposure by a release
+/// that was not rotated): an index instead of a scan of every session ever.
+struct PukSessionsByCard;
+
+impl MigrationName for PukSessionsByCard {
+    fn name(&self) -> &str {
+        "m20261206_000007_puk_sessions_by_card"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for PukSessionsByCard {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_index(
+                Index::create()
+                    .if_not_exists()
+                    .name("puk_session_card")
+                    .table(puk_session::Entity)
+                    .col(puk_session::Column::CardFp)
+                    .col(puk_session::Column::PukVersion)
                     .to_owned(),
             )
             .await
