@@ -40,8 +40,11 @@ pub struct TlsSettings {
     pub cert: PathBuf,
     /// PEM private key (PKCS#8, SEC1 or PKCS#1) of this workload.
     pub key: PathBuf,
-    /// How often the files are checked for changes, in milliseconds.
-    #[serde(default = "default_reload_ms")]
+    /// How often the files are checked for changes, in milliseconds (at least 1).
+    #[serde(
+        default = "default_reload_ms",
+        deserialize_with = "crate::config::at_least_one"
+    )]
     pub reload_interval_ms: u64,
 }
 
@@ -187,7 +190,8 @@ impl TlsSource {
     /// Checks the files every `reload_interval_ms` until shutdown.
     pub fn spawn_reloader(self: &Arc<Self>, shutdown: Shutdown) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
-        let every = Duration::from_millis(self.settings.reload_interval_ms.max(50));
+        // Config refuses 0; a struct built in code may still carry it (tokio panics on 0).
+        let every = Duration::from_millis(self.settings.reload_interval_ms.max(1));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
