@@ -323,3 +323,34 @@ async fn unfit_replacements_are_refused_and_a_good_one_is_taken() {
         .await
         .expect("served over the new certificate");
 }
+
+#[tokio::test]
+async fn a_replacement_refused_as_not_yet_valid_is_taken_once_valid() {
+    // cert-manager's notBefore is "now" by the issuer's clock: a service whose clock is a
+    // little behind refuses the file at first, and must take it when the time comes without
+    // waiting for the file to change again.
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let service = Template::start(dir.path());
+    let own = pki.tls("template");
+    let mut spec = cms_kit::pki::LeafSpec::new(pki.id("template"), 30);
+    spec.not_before = time::OffsetDateTime::now_utc() + time::Duration::seconds(3);
+    let soon = pki.issue("soon", &spec);
+    let new = read_chain(&soon.cert).remove(0);
+    install(&soon, &own);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served_leaf(&pki, service.grpc).await != new {
+        assert!(
+            Instant::now() < deadline,
+            "not taken once valid: {:?}",
+            service.log_lines()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lines = service.log_lines();
+    let refusals = lines
+        .iter()
+        .filter(|l| l.contains("new TLS certificate refused") && l.contains("not valid yet"))
+        .count();
+    assert_eq!(refusals, 1, "{lines:?}");
+}

@@ -101,7 +101,7 @@ type Stamp = [(Option<SystemTime>, u64); 3];
 pub struct TlsSource {
     settings: TlsSettings,
     current: RwLock<Arc<Loaded>>,
-    /// The files last refused, so a bad replacement is reported once, not at every tick.
+    /// The files last refused, so a bad replacement is reported once, not at every check.
     refused: Mutex<Option<Stamp>>,
 }
 
@@ -157,21 +157,23 @@ impl TlsSource {
     /// Reloads when any file changed. New files replace the ones in use only when they parse,
     /// the key matches, the certificate is valid now, its chain verifies to the (new) trust
     /// bundle under the peer rules, and it names this service; otherwise the old ones stay in
-    /// use and the error is returned once per set of files.
+    /// use. Refused files are tried again at every call (a certificate may become valid, a
+    /// half-written pair complete) but their error is returned once.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
         let old = self.current();
         let now = stamp(&self.settings);
+        if now == old.stamp {
+            return Ok(false);
+        }
+        let outcome = load(&self.settings).and_then(|new| {
+            check_replacement(&self.settings, &new, &old.identity)?;
+            Ok(new)
+        });
         let mut refused = self
             .refused
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if now == old.stamp || *refused == Some(now) {
-            return Ok(false);
-        }
-        match load(&self.settings).and_then(|new| {
-            check_replacement(&self.settings, &new, &old.identity)?;
-            Ok(new)
-        }) {
+        match outcome {
             Ok(new) => {
                 *refused = None;
                 *self
@@ -180,6 +182,7 @@ impl TlsSource {
                     .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(new);
                 Ok(true)
             }
+            Err(_) if *refused == Some(now) => Ok(false),
             Err(e) => {
                 *refused = Some(now);
                 Err(e)
