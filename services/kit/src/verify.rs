@@ -51,7 +51,7 @@ impl Purpose {
 }
 
 /// Why a certificate does not meet the rules. Names the rule, never the certificate's bytes.
-#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, thiserror::Error, PartialEq, Eq)]
 pub enum RuleError {
     #[error("certificate cannot be parsed")]
     Unparsable,
@@ -71,6 +71,14 @@ pub enum RuleError {
     KeyUsage,
     #[error("certificate's SPIFFE ID: {0}")]
     Identity(#[from] IdentityError),
+}
+
+/// The message itself: rustls shows a custom certificate error with `{:?}`
+/// ("invalid peer certificate: Other(OtherError(…))"), and that text reaches logs and callers.
+impl fmt::Debug for RuleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
 }
 
 impl From<webpki::Error> for RuleError {
