@@ -82,7 +82,10 @@ impl TestPki {
     /// A certificate for `workload` issued by a CA:TRUE intermediate under our pathlen:0 root
     /// (sent as leaf + intermediate): `openssl verify` refuses that chain.
     pub fn via_intermediate(&self, stem: &str, workload: &str) -> TlsSettings {
-        let sub = self.ca.intermediate("unconstrained sub-CA").expect("sub-CA");
+        let sub = self
+            .ca
+            .intermediate("unconstrained sub-CA")
+            .expect("sub-CA");
         let issued = sub
             .issue(&LeafSpec::new(self.id(workload), 30))
             .expect("issue");
@@ -128,7 +131,8 @@ impl TestPki {
         let base = format!("{}/", self.id(workload));
         let uri = format!("{base}{}", "a".repeat(bytes - base.len()));
         self.edited(stem, workload, |p| {
-            p.subject_alt_names.retain(|n| !matches!(n, SanType::URI(_)));
+            p.subject_alt_names
+                .retain(|n| !matches!(n, SanType::URI(_)));
             p.subject_alt_names
                 .push(SanType::URI(uri.try_into().expect("IA5 URI")));
         })

@@ -57,7 +57,10 @@ impl Template {
         let stderr = child.stderr.take().unwrap();
         let sink = log.clone();
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
                 sink.lock().unwrap().push(line);
             }
         });
@@ -275,7 +278,11 @@ async fn unfit_replacements_are_refused_and_a_good_one_is_taken() {
         );
     }
     for o in &outcomes {
-        assert!(o.kept_old, "{}: the bad certificate is being served", o.case);
+        assert!(
+            o.kept_old,
+            "{}: the bad certificate is being served",
+            o.case
+        );
         let line = o.line.as_deref().unwrap_or_default();
         assert!(
             line.contains("new TLS certificate refused; still serving with the current one"),

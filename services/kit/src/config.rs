@@ -79,7 +79,13 @@ fn check_toml_syntax(origin: &str, text: &str) -> Result<(), ConfigError> {
         Some(span) => {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
-            let column = before.rsplit('\n').next().unwrap_or_default().chars().count() + 1;
+            let column = before
+                .rsplit('\n')
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .count()
+                + 1;
             format!("{origin}:{line}:{column}: {message}")
         }
         None => format!("{origin}: {message}"),
@@ -129,9 +135,7 @@ impl EnvOverrides {
 /// the field named in serde's message ("unknown field `x`").
 fn key_at_fault(e: &config::ConfigError, text: &str) -> Option<String> {
     let key = match e {
-        config::ConfigError::Type { key, .. } | config::ConfigError::At { key, .. } => {
-            key.clone()
-        }
+        config::ConfigError::Type { key, .. } | config::ConfigError::At { key, .. } => key.clone(),
         config::ConfigError::NotFound(key) => Some(key.clone()),
         _ => None,
     };

@@ -301,7 +301,10 @@ fn load(settings: &TlsSettings) -> Result<Loaded, TlsError> {
 }
 
 /// Whether the private key's public half is the leaf's (false when unknown or unparsable).
-fn key_matches_certificate(chain: &[CertificateDer<'static>], key: &PrivateKeyDer<'static>) -> bool {
+fn key_matches_certificate(
+    chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+) -> bool {
     let Ok(signing_key) = provider().key_provider.load_private_key(key.clone_key()) else {
         return false;
     };

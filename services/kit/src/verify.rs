@@ -133,8 +133,8 @@ impl PeerRules {
         let mut limits = Vec::with_capacity(bundle.len());
         for (index, der) in bundle.iter().enumerate() {
             let which = || format!("certificate {} of the bundle", index + 1);
-            let anchor = webpki::anchor_from_trusted_cert(der)
-                .map_err(|e| format!("{}: {e:?}", which()))?;
+            let anchor =
+                webpki::anchor_from_trusted_cert(der).map_err(|e| format!("{}: {e:?}", which()))?;
             limits.push(AnchorLimit {
                 subject: anchor.subject.as_ref().to_vec(),
                 spki: anchor.subject_public_key_info.as_ref().to_vec(),
