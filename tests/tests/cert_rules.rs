@@ -93,6 +93,52 @@ fn read_pair(
     (chain, key)
 }
 
+#[test]
+fn openssl_refuses_the_intermediate_chain_too() {
+    // The chain the rules refuse is one OpenSSL refuses as well (when it is installed), so
+    // the test chain is what it claims to be.
+    let Ok(version) = std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+    else {
+        eprintln!("openssl not installed: skipped");
+        return;
+    };
+    assert!(version.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let tls = pki.via_intermediate("chain", "operator/admin");
+    let chain = std::fs::read_to_string(&tls.cert).unwrap();
+    let split = chain.find("-----END CERTIFICATE-----").unwrap() + 25;
+    let leaf = dir.path().join("leaf.pem");
+    let untrusted = dir.path().join("untrusted.pem");
+    std::fs::write(&leaf, &chain[..split]).unwrap();
+    std::fs::write(&untrusted, &chain[split..]).unwrap();
+    let verify = |extra: &[&std::path::Path]| {
+        let mut cmd = std::process::Command::new("openssl");
+        cmd.arg("verify").arg("-CAfile").arg(&tls.ca);
+        for path in extra {
+            cmd.arg("-untrusted").arg(path);
+        }
+        cmd.arg(&leaf).output().unwrap()
+    };
+    let out = verify(&[&untrusted]);
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "openssl accepted: {text}");
+    assert!(text.contains("path length"), "{text}");
+    // A leaf of the dev CA itself verifies.
+    let good = pki.tls("operator/admin");
+    let out = std::process::Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(&good.ca)
+        .arg(&good.cert)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
 #[tokio::test]
 async fn every_port_refuses_clients_that_break_a_rule() {
     let cluster = Cluster::start(|_| String::new()).await;
