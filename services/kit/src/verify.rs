@@ -357,3 +357,112 @@ impl ServerCertVerifier for RuledServerVerifier {
         self.inner.supported_verify_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{Ca, Issued, LeafSpec};
+
+    fn der_chain(pem: &str) -> Vec<CertificateDer<'static>> {
+        rustls_pemfile::certs(&mut pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    fn rules_for(ca: &Ca) -> PeerRules {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        PeerRules::new(&der_chain(&ca.cert_pem), provider).unwrap()
+    }
+
+    fn check(rules: &PeerRules, issued: &Issued, purpose: Purpose) -> Result<SpiffeId, RuleError> {
+        let chain = der_chain(&issued.cert_pem);
+        rules.check(&chain[0], &chain[1..], UnixTime::now(), purpose)
+    }
+
+    fn spec() -> LeafSpec {
+        LeafSpec::new("spiffe://cms.test/cms/custody".parse().unwrap(), 1)
+    }
+
+    #[test]
+    fn a_dev_leaf_passes_both_ways_even_with_its_root_in_the_chain() {
+        let ca = Ca::generate("root").unwrap();
+        let rules = rules_for(&ca);
+        let mut issued = ca.issue(&spec()).unwrap();
+        assert_eq!(
+            check(&rules, &issued, Purpose::Client),
+            Ok(spec().spiffe_id)
+        );
+        issued.cert_pem.push_str(&ca.cert_pem);
+        assert_eq!(
+            check(&rules, &issued, Purpose::Server),
+            Ok(spec().spiffe_id)
+        );
+    }
+
+    #[test]
+    fn the_anchors_path_length_is_enforced() {
+        let root = Ca::generate("root").unwrap(); // pathlen:0
+        let sub = root.intermediate("sub").unwrap();
+        let issued = sub.issue(&spec()).unwrap();
+        assert_eq!(
+            check(&rules_for(&root), &issued, Purpose::Client),
+            Err(RuleError::PathLength)
+        );
+        // Trusting the intermediate itself is explicit: its own (absent) limit applies.
+        assert!(check(&rules_for(&sub), &issued, Purpose::Client).is_ok());
+    }
+
+    #[test]
+    fn leaf_rules() {
+        use rcgen::{ExtendedKeyUsagePurpose as Eku, KeyUsagePurpose as Ku};
+        let ca = Ca::generate("root").unwrap();
+        let rules = rules_for(&ca);
+        let no_eku = ca.issue_with(&spec(), |p| p.extended_key_usages.clear());
+        assert_eq!(
+            check(&rules, &no_eku.unwrap(), Purpose::Client),
+            Err(RuleError::MissingEku("clientAuth"))
+        );
+        let client_only = ca
+            .issue_with(&spec(), |p| p.extended_key_usages = vec![Eku::ClientAuth])
+            .unwrap();
+        assert!(check(&rules, &client_only, Purpose::Client).is_ok());
+        assert!(check(&rules, &client_only, Purpose::Server).is_err());
+        let no_ku = ca.issue_with(&spec(), |p| p.key_usages.clear()).unwrap();
+        assert_eq!(
+            check(&rules, &no_ku, Purpose::Client),
+            Err(RuleError::KeyUsage)
+        );
+        let encipher_only = ca
+            .issue_with(&spec(), |p| p.key_usages = vec![Ku::KeyEncipherment])
+            .unwrap();
+        assert_eq!(
+            check(&rules, &encipher_only, Purpose::Server),
+            Err(RuleError::KeyUsage)
+        );
+    }
+
+    #[test]
+    fn time_and_issuer() {
+        let ca = Ca::generate("root").unwrap();
+        let rules = rules_for(&ca);
+        let now = time::OffsetDateTime::now_utc();
+        let mut expired = spec();
+        expired.not_before = now - time::Duration::days(3);
+        expired.not_after = now - time::Duration::days(1);
+        assert_eq!(
+            check(&rules, &ca.issue(&expired).unwrap(), Purpose::Client),
+            Err(RuleError::Expired)
+        );
+        let mut future = spec();
+        future.not_before = now + time::Duration::days(1);
+        assert_eq!(
+            check(&rules, &ca.issue(&future).unwrap(), Purpose::Client),
+            Err(RuleError::NotValidYet)
+        );
+        let other = Ca::generate("other").unwrap();
+        assert_eq!(
+            check(&rules, &other.issue(&spec()).unwrap(), Purpose::Client),
+            Err(RuleError::UnknownIssuer)
+        );
+    }
+}
