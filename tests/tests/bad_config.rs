@@ -32,22 +32,45 @@ fn valid() -> (tempfile::TempDir, Layout, String) {
 fn fails_with(layout: &Layout, text: &str, env: &[(&str, &str)]) -> String {
     let path = layout.config_path("template");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(cms_tests::binary("cms-template"))
+    let mut child = Command::new(cms_tests::binary("cms-template"))
         .arg("--config")
         .arg(&path)
         .envs(env.iter().copied())
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // A config that should be refused but is not starts a server that never exits.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the service started instead of refusing its config: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    // The log may have a line before the error; the error itself is the last line.
-    let last = stderr.lines().last().unwrap_or_default().to_owned();
-    assert!(last.starts_with("cms-template: error: "), "{stderr}");
+    // Exactly one line: no timestamped log line before it, no multi-line report.
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("cms-template: error: "), "{stderr}");
     assert!(
         !stderr.contains("panicked") && !stderr.contains("backtrace"),
         "{stderr}"
     );
-    last
+    stderr
+}
+
+/// `text` with `line` added at the start of section `[section]`.
+fn with_line(text: &str, section: &str, line: &str) -> String {
+    let header = format!("[{section}]\n");
+    assert!(text.contains(&header), "no [{section}] in {text}");
+    text.replacen(&header, &format!("{header}{line}\n"), 1)
 }
 
 #[test]
@@ -95,6 +118,75 @@ fn unknown_key_from_the_environment_is_named() {
         &[("CMS_TEMPLATE__SERVER__LISTN", "127.0.0.1:1")],
     );
     assert!(msg.contains("listn"), "{msg}");
+    assert!(
+        msg.contains("environment variable CMS_TEMPLATE__SERVER__LISTN"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn toml_syntax_error_is_one_line_with_its_position() {
+    let (_dir, layout, text) = valid();
+    // The parser stops at the second value, column 11 of the inserted line.
+    let text = with_line(&text, "server", "timeout = 3 3");
+    let line = text
+        .lines()
+        .position(|l| l == "timeout = 3 3")
+        .expect("inserted line")
+        + 1;
+    let msg = fails_with(&layout, &text, &[]);
+    let path = layout.config_path("template").display().to_string();
+    assert!(msg.contains(&format!("{path}:{line}:11: ")), "{msg}");
+}
+
+#[test]
+fn bad_value_from_the_environment_names_the_variable() {
+    let (_dir, layout, text) = valid();
+    let msg = fails_with(
+        &layout,
+        &text,
+        &[("CMS_TEMPLATE__SERVER__LISTEN", "not-an-address")],
+    );
+    assert!(
+        msg.contains("environment variable CMS_TEMPLATE__SERVER__LISTEN")
+            && msg.contains("server.listen"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn zero_handshake_cap_is_refused_by_name() {
+    let (_dir, layout, text) = valid();
+    let text = with_line(&text, "server", "max_concurrent_handshakes = 0");
+    let msg = fails_with(&layout, &text, &[]);
+    assert!(
+        msg.contains("server.max_concurrent_handshakes") && msg.contains("0 is not allowed"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn zero_reload_interval_is_refused_by_name() {
+    let (_dir, layout, text) = valid();
+    let msg = fails_with(
+        &layout,
+        &with_line(&text, "tls", "reload_interval_ms = 0"),
+        &[],
+    );
+    assert!(
+        msg.contains("tls.reload_interval_ms") && msg.contains("0 is not allowed"),
+        "{msg}"
+    );
+    // The same from the environment names the variable.
+    let msg = fails_with(
+        &layout,
+        &text,
+        &[("CMS_TEMPLATE__TLS__RELOAD_INTERVAL_MS", "0")],
+    );
+    assert!(
+        msg.contains("environment variable CMS_TEMPLATE__TLS__RELOAD_INTERVAL_MS"),
+        "{msg}"
+    );
 }
 
 #[test]

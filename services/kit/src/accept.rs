@@ -97,6 +97,8 @@ pub fn incoming(
     shutdown: Shutdown,
 ) -> ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
+    // Config refuses 0; limits built in code may still carry it, and 0 permits would never
+    // accept again.
     let permits = Arc::new(Semaphore::new(limits.max_concurrent_handshakes.max(1)));
     tokio::spawn(async move {
         loop {

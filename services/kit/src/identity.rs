@@ -9,11 +9,14 @@ use std::str::FromStr;
 
 use rustls_pki_types::CertificateDer;
 
+/// The longest SPIFFE ID accepted, in bytes (the SPIFFE ID standard's limit for URI SANs).
+pub const MAX_SPIFFE_ID_BYTES: usize = 2048;
+
 /// A validated SPIFFE ID.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId(String);
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdentityError {
     #[error("not a SPIFFE ID (must start with spiffe://): {0:?}")]
     Scheme(String),
@@ -21,6 +24,8 @@ pub enum IdentityError {
     TrustDomain(String),
     #[error("SPIFFE ID has an empty, invalid or dot path segment: {0:?}")]
     Path(String),
+    #[error("SPIFFE ID is {0} bytes long, more than the {MAX_SPIFFE_ID_BYTES} allowed")]
+    TooLong(usize),
     #[error("certificate cannot be parsed")]
     Certificate,
     #[error("certificate has no spiffe:// URI SAN")]
@@ -76,6 +81,10 @@ impl FromStr for SpiffeId {
     type Err = IdentityError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // Checked first: the other errors echo the text, which must stay short.
+        if s.len() > MAX_SPIFFE_ID_BYTES {
+            return Err(IdentityError::TooLong(s.len()));
+        }
         let rest = s
             .strip_prefix("spiffe://")
             .ok_or_else(|| IdentityError::Scheme(s.to_owned()))?;
@@ -171,5 +180,17 @@ mod tests {
         ] {
             assert!(bad.parse::<SpiffeId>().is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn length_is_limited_to_2048_bytes() {
+        let prefix = "spiffe://cms.local/";
+        let fits = format!("{prefix}{}", "a".repeat(MAX_SPIFFE_ID_BYTES - prefix.len()));
+        assert!(fits.parse::<SpiffeId>().is_ok());
+        let long = format!("{fits}a");
+        assert_eq!(
+            long.parse::<SpiffeId>(),
+            Err(IdentityError::TooLong(MAX_SPIFFE_ID_BYTES + 1))
+        );
     }
 }

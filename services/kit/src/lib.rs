@@ -23,5 +23,6 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
 pub mod trace;
+pub mod verify;
 
 pub use identity::{PeerIdentity, SpiffeId};

@@ -9,6 +9,9 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
+/// The certificate library, for tests that need a certificate the dev PKI would never issue
+/// (see [`Ca::issue_with`]).
+pub use rcgen;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -83,6 +86,9 @@ pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     pub cert_pem: String,
     pub key_pem: String,
+    /// The certificates between this CA and the root, this CA's first (empty for a root):
+    /// appended to every leaf it issues, as a server sends its chain.
+    chain_pem: String,
 }
 
 impl std::fmt::Debug for Ca {
@@ -111,6 +117,30 @@ impl Ca {
             cert_pem: cert.pem(),
             key_pem,
             issuer: Issuer::new(params, key),
+            chain_pem: String::new(),
+        })
+    }
+
+    /// A CA:TRUE certificate with no path-length constraint of its own, signed by this CA
+    /// (tests: the dev root's pathlen:0 forbids it).
+    pub fn intermediate(&self, common_name: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(365);
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Self {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            chain_pem: format!("{}{}", cert.pem(), self.chain_pem),
+            issuer: Issuer::new(params, key),
         })
     }
 
@@ -122,11 +152,24 @@ impl Ca {
             issuer,
             cert_pem: cert_pem.to_owned(),
             key_pem: key_pem.to_owned(),
+            chain_pem: String::new(),
         })
     }
 
-    /// Issues a leaf usable as both TLS server and client.
+    /// Issues a leaf usable as both TLS server and client: serverAuth and clientAuth extended
+    /// key usages and the digitalSignature key usage, as the peer rules require
+    /// ([`crate::verify`]).
     pub fn issue(&self, spec: &LeafSpec) -> Result<Issued, PkiError> {
+        self.issue_with(spec, |_| {})
+    }
+
+    /// Like [`Ca::issue`], with `edit` applied to the certificate's parameters last: tests
+    /// use it for certificates that break a rule.
+    pub fn issue_with(
+        &self,
+        spec: &LeafSpec,
+        edit: impl FnOnce(&mut CertificateParams),
+    ) -> Result<Issued, PkiError> {
         let key = KeyPair::generate()?;
         let mut dns = vec!["localhost".to_owned()];
         dns.extend(spec.dns.iter().cloned());
@@ -152,9 +195,10 @@ impl Ca {
         params.not_before = spec.not_before;
         params.not_after = spec.not_after;
         params.use_authority_key_identifier_extension = true;
+        edit(&mut params);
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued {
-            cert_pem: cert.pem(),
+            cert_pem: format!("{}{}", cert.pem(), self.chain_pem),
             key_pem: key.serialize_pem(),
         })
     }
@@ -298,6 +342,32 @@ mod tests {
             let certs = crate::tls::parse_certs("tls.cert", &tls.cert, &pem).unwrap();
             let id = SpiffeId::from_certificate(&certs[0]).unwrap();
             assert_eq!(id, pki.spiffe_id(workload).unwrap());
+        }
+    }
+
+    #[test]
+    fn issued_certificates_meet_the_peer_rules_both_ways() {
+        use crate::verify::{PeerRules, Purpose};
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::new(dir.path().join("pki"), "cms.test");
+        pki.init().unwrap();
+        let ca_pem = fs::read(pki.ca_path()).unwrap();
+        let bundle = crate::tls::parse_certs("tls.ca", &pki.ca_path(), &ca_pem).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let rules = PeerRules::new(&bundle, provider).unwrap();
+        let now = rustls_pki_types::UnixTime::now();
+        for workload in SERVICES
+            .iter()
+            .copied()
+            .chain([OPERATOR_CLIENT, AGENT_CLIENT])
+        {
+            let tls = pki.tls_settings(workload);
+            let pem = fs::read(&tls.cert).unwrap();
+            let chain = crate::tls::parse_certs("tls.cert", &tls.cert, &pem).unwrap();
+            for purpose in [Purpose::Client, Purpose::Server] {
+                let id = rules.check(&chain[0], &chain[1..], now, purpose);
+                assert_eq!(id, Ok(pki.spiffe_id(workload).unwrap()), "{workload}");
+            }
         }
     }
 }

@@ -30,7 +30,10 @@ pub struct ServerSettings {
     pub ops_listen: SocketAddr,
     #[serde(default = "default_handshake_timeout_ms")]
     pub handshake_timeout_ms: u64,
-    #[serde(default = "default_max_handshakes")]
+    #[serde(
+        default = "default_max_handshakes",
+        deserialize_with = "crate::config::at_least_one"
+    )]
     pub max_concurrent_handshakes: usize,
     /// How long in-flight requests may take to finish after shutdown starts.
     #[serde(default = "default_grace_ms")]

@@ -58,9 +58,8 @@ where
                 .map_err(|e| StartError::Run(Box::new(e)))
         }
         .await;
-        if let Err(e) = &outcome {
-            tracing::error!(error = %crate::exit::one_line(e), "service stopped with an error");
-        }
+        // No log line for the error: exit::run prints it as the one last line on stderr
+        // (where the log goes too), not twice, and not after a timestamp at start-up.
         telemetry.shutdown().await;
         outcome
     })

@@ -8,17 +8,17 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rustls::crypto::CryptoProvider;
-use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use serde::Deserialize;
 
 use crate::identity::{IdentityError, SpiffeId};
 use crate::shutdown::Shutdown;
+use crate::verify::{PeerRules, Purpose, RuleError};
 
 /// Installs ring as the process-wide rustls provider. Call once from `main`; the only provider
 /// in the dependency graph, so a second call is harmless.
@@ -40,8 +40,11 @@ pub struct TlsSettings {
     pub cert: PathBuf,
     /// PEM private key (PKCS#8, SEC1 or PKCS#1) of this workload.
     pub key: PathBuf,
-    /// How often the files are checked for changes, in milliseconds.
-    #[serde(default = "default_reload_ms")]
+    /// How often the files are checked for changes, in milliseconds (at least 1).
+    #[serde(
+        default = "default_reload_ms",
+        deserialize_with = "crate::config::at_least_one"
+    )]
     pub reload_interval_ms: u64,
 }
 
@@ -68,6 +71,16 @@ pub enum TlsError {
         path: PathBuf,
         source: IdentityError,
     },
+    #[error("tls.cert: {path}: {source}")]
+    Rule { path: PathBuf, source: RuleError },
+    #[error("tls.cert: {path}: its SPIFFE ID is {found}, this service is {expected}")]
+    OtherIdentity {
+        path: PathBuf,
+        found: SpiffeId,
+        expected: SpiffeId,
+    },
+    #[error("tls.key: {key} does not match the certificate in {cert}")]
+    KeyMismatch { key: PathBuf, cert: PathBuf },
     #[error("tls: {0}")]
     Rustls(String),
 }
@@ -76,7 +89,8 @@ pub enum TlsError {
 struct Loaded {
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
-    roots: Arc<RootCertStore>,
+    rules: PeerRules,
+    chain: Vec<CertificateDer<'static>>,
     identity: SpiffeId,
     stamp: Stamp,
 }
@@ -87,6 +101,8 @@ type Stamp = [(Option<SystemTime>, u64); 3];
 pub struct TlsSource {
     settings: TlsSettings,
     current: RwLock<Arc<Loaded>>,
+    /// The files last refused, so a bad replacement is reported once, not at every check.
+    refused: Mutex<Option<Stamp>>,
 }
 
 impl std::fmt::Debug for TlsSource {
@@ -104,6 +120,7 @@ impl TlsSource {
         Ok(Arc::new(Self {
             settings,
             current: RwLock::new(Arc::new(loaded)),
+            refused: Mutex::new(None),
         }))
     }
 
@@ -124,7 +141,12 @@ impl TlsSource {
 
     /// The CA roots currently trusted.
     pub fn roots(&self) -> Arc<RootCertStore> {
-        self.current().roots.clone()
+        self.current().rules.roots()
+    }
+
+    /// The trust bundle and certificate rules currently in force.
+    pub fn rules(&self) -> PeerRules {
+        self.current().rules.clone()
     }
 
     /// This workload's own SPIFFE ID, from its certificate.
@@ -132,24 +154,47 @@ impl TlsSource {
         self.current().identity.clone()
     }
 
-    /// Reloads when any file changed. A bad new file keeps the old material in use.
+    /// Reloads when any file changed. New files replace the ones in use only when they parse,
+    /// the key matches, the certificate is valid now, its chain verifies to the (new) trust
+    /// bundle under the peer rules, and it names this service; otherwise the old ones stay in
+    /// use. Refused files are tried again at every call (a certificate may become valid, a
+    /// half-written pair complete) but their error is returned once.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
         let old = self.current();
-        if stamp(&self.settings) == old.stamp {
+        let now = stamp(&self.settings);
+        if now == old.stamp {
             return Ok(false);
         }
-        let loaded = load(&self.settings)?;
-        *self
-            .current
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(loaded);
-        Ok(true)
+        let outcome = load(&self.settings).and_then(|new| {
+            check_replacement(&self.settings, &new, &old.identity)?;
+            Ok(new)
+        });
+        let mut refused = self
+            .refused
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match outcome {
+            Ok(new) => {
+                *refused = None;
+                *self
+                    .current
+                    .write()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(new);
+                Ok(true)
+            }
+            Err(_) if *refused == Some(now) => Ok(false),
+            Err(e) => {
+                *refused = Some(now);
+                Err(e)
+            }
+        }
     }
 
     /// Checks the files every `reload_interval_ms` until shutdown.
     pub fn spawn_reloader(self: &Arc<Self>, shutdown: Shutdown) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
-        let every = Duration::from_millis(self.settings.reload_interval_ms.max(50));
+        // Config refuses 0; a struct built in code may still carry it (tokio panics on 0).
+        let every = Duration::from_millis(self.settings.reload_interval_ms.max(1));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -164,7 +209,7 @@ impl TlsSource {
                     }
                     Ok(false) => {}
                     Err(e) => {
-                        tracing::warn!(error = %e, "TLS files changed but cannot be used; keeping the previous ones")
+                        tracing::error!(error = %e, identity = %this.identity(), "new TLS certificate refused; still serving with the current one")
                     }
                 }
             }
@@ -217,13 +262,8 @@ fn load(settings: &TlsSettings) -> Result<Loaded, TlsError> {
     let cert_pem = read("tls.cert", &settings.cert)?;
     let key_pem = read("tls.key", &settings.key)?;
 
-    let mut roots = RootCertStore::empty();
-    for ca in parse_certs("tls.ca", &settings.ca, &ca_pem)? {
-        roots
-            .add(ca)
-            .map_err(|e| TlsError::Rustls(format!("tls.ca: {}: {e}", settings.ca.display())))?;
-    }
-    let roots = Arc::new(roots);
+    let rules = PeerRules::new(&parse_certs("tls.ca", &settings.ca, &ca_pem)?, provider())
+        .map_err(|e| TlsError::Rustls(format!("tls.ca: {}: {e}", settings.ca.display())))?;
     let chain = parse_certs("tls.cert", &settings.cert, &cert_pem)?;
     let identity = SpiffeId::from_certificate(&chain[0]).map_err(|source| TlsError::Identity {
         path: settings.cert.clone(),
@@ -241,27 +281,76 @@ fn load(settings: &TlsSettings) -> Result<Loaded, TlsError> {
             what: "PEM private key",
         })?;
 
-    let server = server_config(roots.clone(), chain.clone(), key.clone_key())?;
-    let client = client_config(roots.clone(), chain, key)?;
+    let key_matches = |e: TlsError| match e {
+        TlsError::Rustls(_) if !key_matches_certificate(&chain, &key) => TlsError::KeyMismatch {
+            key: settings.key.clone(),
+            cert: settings.cert.clone(),
+        },
+        other => other,
+    };
+    let server = server_config(&rules, chain.clone(), key.clone_key()).map_err(key_matches)?;
+    let client = client_config(&rules, chain.clone(), key)?;
     Ok(Loaded {
         server: Arc::new(server),
         client: Arc::new(client),
-        roots,
+        rules,
+        chain,
         identity,
         stamp,
     })
 }
 
+/// Whether the private key's public half is the leaf's (false when unknown or unparsable).
+fn key_matches_certificate(
+    chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+) -> bool {
+    let Ok(signing_key) = provider().key_provider.load_private_key(key.clone_key()) else {
+        return false;
+    };
+    rustls::sign::CertifiedKey::new(chain.to_vec(), signing_key)
+        .keys_match()
+        .is_ok()
+}
+
+/// What a replacement must meet beyond loading (which already checked that the key matches):
+/// the rules peers apply to it, in both directions, now; and this service's own identity.
+fn check_replacement(
+    settings: &TlsSettings,
+    new: &Loaded,
+    expected: &SpiffeId,
+) -> Result<(), TlsError> {
+    let (leaf, intermediates) = new.chain.split_first().ok_or_else(|| TlsError::Empty {
+        key: "tls.cert",
+        path: settings.cert.clone(),
+        what: "PEM certificate",
+    })?;
+    let now = UnixTime::now();
+    for purpose in [Purpose::Server, Purpose::Client] {
+        new.rules
+            .check(leaf, intermediates, now, purpose)
+            .map_err(|source| TlsError::Rule {
+                path: settings.cert.clone(),
+                source,
+            })?;
+    }
+    if new.identity != *expected {
+        return Err(TlsError::OtherIdentity {
+            path: settings.cert.clone(),
+            found: new.identity.clone(),
+            expected: expected.clone(),
+        });
+    }
+    Ok(())
+}
+
 fn server_config(
-    roots: Arc<RootCertStore>,
+    rules: &PeerRules,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<ServerConfig, TlsError> {
-    let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-        .build()
-        .map_err(|e| TlsError::Rustls(format!("client verifier: {e}")))?;
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let verifier = rules.client_verifier().map_err(TlsError::Rustls)?;
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Rustls(e.to_string()))?
         .with_client_cert_verifier(verifier)
@@ -272,19 +361,16 @@ fn server_config(
 }
 
 fn client_config(
-    roots: Arc<RootCertStore>,
+    rules: &PeerRules,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<ClientConfig, TlsError> {
-    let provider = provider();
-    let verifier =
-        rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-            .build()
-            .map_err(|e| TlsError::Rustls(format!("server verifier: {e}")))?;
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let verifier = rules.server_verifier().map_err(TlsError::Rustls)?;
+    let mut config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Rustls(e.to_string()))?
-        .with_webpki_verifier(verifier)
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(chain, key)
         .map_err(|e| TlsError::Rustls(format!("tls.cert/tls.key do not match: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec()];

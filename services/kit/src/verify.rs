@@ -1,0 +1,468 @@
+//! The rules every certificate must meet, ours and our peers', on top of what webpki checks.
+//!
+//! webpki verifies the chain, the validity period and, when a leaf lists extended key usages,
+//! that the wanted one is among them. It does not see the trust anchor's path-length
+//! constraint (an anchor keeps only its subject and key), accepts a leaf with no extended key
+//! usage at all and ignores key usage. A private PKI that issues workload identities needs all
+//! three, so [`PeerRules::check`] adds them, and the SPIFFE ID limits, to both directions:
+//! [`PeerRules::client_verifier`] for the certificates clients present to our ports and
+//! [`PeerRules::server_verifier`] for the certificates of the servers we call. The TLS source
+//! runs the same check on its own certificate before a reload replaces the one in use.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
+    SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use crate::identity::{IdentityError, SpiffeId};
+
+/// Which end of a TLS connection a certificate authenticates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// A client of one of our ports: needs the clientAuth extended key usage.
+    Client,
+    /// A server we call: needs the serverAuth extended key usage.
+    Server,
+}
+
+impl Purpose {
+    fn eku_name(self) -> &'static str {
+        match self {
+            Purpose::Client => "clientAuth",
+            Purpose::Server => "serverAuth",
+        }
+    }
+
+    fn webpki_usage(self) -> webpki::KeyUsage {
+        match self {
+            Purpose::Client => webpki::KeyUsage::client_auth(),
+            Purpose::Server => webpki::KeyUsage::server_auth(),
+        }
+    }
+}
+
+/// Why a certificate does not meet the rules. Names the rule, never the certificate's bytes.
+#[derive(Clone, thiserror::Error, PartialEq, Eq)]
+pub enum RuleError {
+    #[error("certificate cannot be parsed")]
+    Unparsable,
+    #[error("certificate expired")]
+    Expired,
+    #[error("certificate is not valid yet")]
+    NotValidYet,
+    #[error("certificate is not issued by a CA of the trust bundle")]
+    UnknownIssuer,
+    #[error("a CA's path-length constraint is exceeded (too many intermediate CAs below it)")]
+    PathLength,
+    #[error("certificate chain does not verify: {0}")]
+    Chain(String),
+    #[error("certificate has no {0} extended key usage")]
+    MissingEku(&'static str),
+    #[error("certificate's key usage does not allow digitalSignature")]
+    KeyUsage,
+    #[error("certificate's SPIFFE ID: {0}")]
+    Identity(#[from] IdentityError),
+}
+
+/// The message itself: rustls shows a custom certificate error with `{:?}`
+/// ("invalid peer certificate: Other(OtherError(…))"), and that text reaches logs and callers.
+impl fmt::Debug for RuleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl From<webpki::Error> for RuleError {
+    fn from(e: webpki::Error) -> Self {
+        use webpki::Error as E;
+        match e {
+            E::CertExpired { .. } => RuleError::Expired,
+            E::CertNotValidYet { .. } => RuleError::NotValidYet,
+            E::UnknownIssuer => RuleError::UnknownIssuer,
+            E::PathLenConstraintViolated => RuleError::PathLength,
+            E::RequiredEkuNotFoundContext(_) | E::EmptyEkuExtension => {
+                RuleError::Chain("a certificate of the chain does not allow this use".into())
+            }
+            E::BadDer | E::BadDerTime => RuleError::Unparsable,
+            other => RuleError::Chain(format!("{other:?}")),
+        }
+    }
+}
+
+/// What a trust anchor allows below it: `None` is no path-length constraint.
+#[derive(Clone)]
+struct AnchorLimit {
+    subject: Vec<u8>,
+    spki: Vec<u8>,
+    max_intermediates: Option<usize>,
+}
+
+/// The trust bundle and the rules, shared by both verifiers and the reload check.
+#[derive(Clone)]
+pub struct PeerRules {
+    roots: Arc<RootCertStore>,
+    limits: Arc<[AnchorLimit]>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl fmt::Debug for PeerRules {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerRules")
+            .field("anchors", &self.roots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeerRules {
+    /// Trusts the CA certificates of `bundle` (PEM order), each with its own path-length
+    /// constraint.
+    pub fn new(
+        bundle: &[CertificateDer<'static>],
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Self, String> {
+        let mut roots = RootCertStore::empty();
+        let mut limits = Vec::with_capacity(bundle.len());
+        for (index, der) in bundle.iter().enumerate() {
+            let which = || format!("certificate {} of the bundle", index + 1);
+            let anchor =
+                webpki::anchor_from_trusted_cert(der).map_err(|e| format!("{}: {e:?}", which()))?;
+            limits.push(AnchorLimit {
+                subject: anchor.subject.as_ref().to_vec(),
+                spki: anchor.subject_public_key_info.as_ref().to_vec(),
+                max_intermediates: path_len_constraint(der)
+                    .map_err(|e| format!("{}: {e}", which()))?,
+            });
+            roots
+                .add(der.clone())
+                .map_err(|e| format!("{}: {e}", which()))?;
+        }
+        Ok(Self {
+            roots: Arc::new(roots),
+            limits: limits.into(),
+            provider,
+        })
+    }
+
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        self.roots.clone()
+    }
+
+    /// Checks a chain (leaf first, as sent in a handshake) at `now` for `purpose` and returns
+    /// the leaf's SPIFFE ID.
+    pub fn check(
+        &self,
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        purpose: Purpose,
+    ) -> Result<SpiffeId, RuleError> {
+        let end_entity = webpki::EndEntityCert::try_from(leaf)?;
+        // Runs for every candidate path webpki builds; a path that breaks an anchor's
+        // constraint is refused and the next candidate, if any, tried.
+        let within_anchor_limit = |path: &webpki::VerifiedPath<'_>| {
+            let anchor = path.anchor();
+            let below = path.intermediate_certificates().count();
+            let limit = self.limits.iter().find(|l| {
+                l.subject == anchor.subject.as_ref()
+                    && l.spki == anchor.subject_public_key_info.as_ref()
+            });
+            match limit.and_then(|l| l.max_intermediates) {
+                Some(max) if below > max => Err(webpki::Error::PathLenConstraintViolated),
+                _ => Ok(()),
+            }
+        };
+        end_entity.verify_for_usage(
+            self.provider.signature_verification_algorithms.all,
+            &self.roots.roots,
+            intermediates,
+            now,
+            purpose.webpki_usage(),
+            None,
+            Some(&within_anchor_limit),
+        )?;
+        check_leaf(leaf, purpose)
+    }
+
+    /// Verifies the certificates clients present: webpki's checks, then [`Self::check`].
+    pub fn client_verifier(&self) -> Result<Arc<dyn ClientCertVerifier>, String> {
+        let inner =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
+                .build()
+                .map_err(|e| format!("client verifier: {e}"))?;
+        Ok(Arc::new(RuledClientVerifier {
+            inner,
+            rules: self.clone(),
+        }))
+    }
+
+    /// Verifies the certificates of servers we call: webpki's checks (chain and server
+    /// name), then [`Self::check`].
+    pub fn server_verifier(&self) -> Result<Arc<dyn ServerCertVerifier>, String> {
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
+                .build()
+                .map_err(|e| format!("server verifier: {e}"))?;
+        Ok(Arc::new(RuledServerVerifier {
+            inner,
+            rules: self.clone(),
+        }))
+    }
+}
+
+/// The pathLenConstraint of a CA certificate, if it has one.
+fn path_len_constraint(der: &CertificateDer<'_>) -> Result<Option<usize>, RuleError> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der.as_ref()).map_err(|_| RuleError::Unparsable)?;
+    let constraints = cert
+        .basic_constraints()
+        .map_err(|_| RuleError::Unparsable)?;
+    Ok(constraints
+        .and_then(|c| c.value.path_len_constraint)
+        .map(|n| n as usize))
+}
+
+/// What webpki leaves to us on the leaf: an extended key usage for `purpose` (present, not
+/// merely "not contradicted"), a key usage that allows signing the handshake, and exactly one
+/// well-formed SPIFFE ID.
+fn check_leaf(leaf: &CertificateDer<'_>, purpose: Purpose) -> Result<SpiffeId, RuleError> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(leaf.as_ref()).map_err(|_| RuleError::Unparsable)?;
+    let eku = cert
+        .extended_key_usage()
+        .map_err(|_| RuleError::Unparsable)?;
+    let has_eku = eku.is_some_and(|e| match purpose {
+        Purpose::Client => e.value.client_auth,
+        Purpose::Server => e.value.server_auth,
+    });
+    if !has_eku {
+        return Err(RuleError::MissingEku(purpose.eku_name()));
+    }
+    let key_usage = cert.key_usage().map_err(|_| RuleError::Unparsable)?;
+    if !key_usage.is_some_and(|k| k.value.digital_signature()) {
+        return Err(RuleError::KeyUsage);
+    }
+    Ok(SpiffeId::from_certificate(leaf)?)
+}
+
+fn refused(e: RuleError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+}
+
+#[derive(Debug)]
+struct RuledClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    rules: PeerRules,
+}
+
+impl ClientCertVerifier for RuledClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        // webpki first: its errors carry the standard TLS alerts (expired, unknown CA).
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        self.rules
+            .check(end_entity, intermediates, now, Purpose::Client)
+            .map_err(refused)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct RuledServerVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    rules: PeerRules,
+}
+
+impl ServerCertVerifier for RuledServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        self.rules
+            .check(end_entity, intermediates, now, Purpose::Server)
+            .map_err(refused)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{Ca, Issued, LeafSpec};
+
+    fn der_chain(pem: &str) -> Vec<CertificateDer<'static>> {
+        rustls_pemfile::certs(&mut pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    fn rules_for(ca: &Ca) -> PeerRules {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        PeerRules::new(&der_chain(&ca.cert_pem), provider).unwrap()
+    }
+
+    fn check(rules: &PeerRules, issued: &Issued, purpose: Purpose) -> Result<SpiffeId, RuleError> {
+        let chain = der_chain(&issued.cert_pem);
+        rules.check(&chain[0], &chain[1..], UnixTime::now(), purpose)
+    }
+
+    fn spec() -> LeafSpec {
+        LeafSpec::new("spiffe://cms.test/cms/custody".parse().unwrap(), 1)
+    }
+
+    #[test]
+    fn a_dev_leaf_passes_both_ways_even_with_its_root_in_the_chain() {
+        let ca = Ca::generate("root").unwrap();
+        let rules = rules_for(&ca);
+        let mut issued = ca.issue(&spec()).unwrap();
+        assert_eq!(
+            check(&rules, &issued, Purpose::Client),
+            Ok(spec().spiffe_id)
+        );
+        issued.cert_pem.push_str(&ca.cert_pem);
+        assert_eq!(
+            check(&rules, &issued, Purpose::Server),
+            Ok(spec().spiffe_id)
+        );
+    }
+
+    #[test]
+    fn the_anchors_path_length_is_enforced() {
+        let root = Ca::generate("root").unwrap(); // pathlen:0
+        let sub = root.intermediate("sub").unwrap();
+        let issued = sub.issue(&spec()).unwrap();
+        assert_eq!(
+            check(&rules_for(&root), &issued, Purpose::Client),
+            Err(RuleError::PathLength)
+        );
+        // Trusting the intermediate itself is explicit: its own (absent) limit applies.
+        assert!(check(&rules_for(&sub), &issued, Purpose::Client).is_ok());
+    }
+
+    #[test]
+    fn leaf_rules() {
+        use rcgen::{ExtendedKeyUsagePurpose as Eku, KeyUsagePurpose as Ku};
+        let ca = Ca::generate("root").unwrap();
+        let rules = rules_for(&ca);
+        let no_eku = ca.issue_with(&spec(), |p| p.extended_key_usages.clear());
+        assert_eq!(
+            check(&rules, &no_eku.unwrap(), Purpose::Client),
+            Err(RuleError::MissingEku("clientAuth"))
+        );
+        let client_only = ca
+            .issue_with(&spec(), |p| p.extended_key_usages = vec![Eku::ClientAuth])
+            .unwrap();
+        assert!(check(&rules, &client_only, Purpose::Client).is_ok());
+        assert!(check(&rules, &client_only, Purpose::Server).is_err());
+        let no_ku = ca.issue_with(&spec(), |p| p.key_usages.clear()).unwrap();
+        assert_eq!(
+            check(&rules, &no_ku, Purpose::Client),
+            Err(RuleError::KeyUsage)
+        );
+        let encipher_only = ca
+            .issue_with(&spec(), |p| p.key_usages = vec![Ku::KeyEncipherment])
+            .unwrap();
+        assert_eq!(
+            check(&rules, &encipher_only, Purpose::Server),
+            Err(RuleError::KeyUsage)
+        );
+    }
+
+    #[test]
+    fn time_and_issuer() {
+        let ca = Ca::generate("root").unwrap();
+        let rules = rules_for(&ca);
+        let now = time::OffsetDateTime::now_utc();
+        let mut expired = spec();
+        expired.not_before = now - time::Duration::days(3);
+        expired.not_after = now - time::Duration::days(1);
+        assert_eq!(
+            check(&rules, &ca.issue(&expired).unwrap(), Purpose::Client),
+            Err(RuleError::Expired)
+        );
+        let mut future = spec();
+        future.not_before = now + time::Duration::days(1);
+        assert_eq!(
+            check(&rules, &ca.issue(&future).unwrap(), Purpose::Client),
+            Err(RuleError::NotValidYet)
+        );
+        let other = Ca::generate("other").unwrap();
+        assert_eq!(
+            check(&rules, &other.issue(&spec()).unwrap(), Purpose::Client),
+            Err(RuleError::UnknownIssuer)
+        );
+    }
+}
