@@ -13,7 +13,7 @@ use cms_kit::client::Channel;
 use cms_kit::pki::LeafSpec;
 use cms_launcher::layout::Peers;
 use cms_proto::common::v1::{
-    AuthContext, DiversificationScheme, Flow, KeyAlgorithm as Alg, PageRequest,
+    ActorKind, AuthContext, DiversificationScheme, Flow, KeyAlgorithm as Alg, PageRequest,
 };
 use cms_proto::custody::v1::custody_service_client::CustodyServiceClient;
 use cms_proto::custody::v1::*;
@@ -75,6 +75,7 @@ fn clients(pki: &TestPki, server: &Running) -> (Client, Client) {
 
 fn auth(actor: &str, user: &str, request: &str) -> Option<AuthContext> {
     Some(AuthContext {
+        actor_kind: ActorKind::Operator as i32,
         actor_id: actor.into(),
         on_behalf_of_user_id: user.into(),
         flow: Flow::OfflineHelpdesk as i32,
