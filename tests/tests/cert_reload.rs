@@ -15,7 +15,8 @@ use cms_launcher::layout::{Layout, Peers, Ports};
 use cms_tests::pki::{TRUST_DOMAIN, TestPki};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::{DigitallySignedStruct, SignatureScheme};
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -144,9 +145,7 @@ async fn served_leaf(pki: &TestPki, addr: SocketAddr) -> CertificateDer<'static>
     let gateway = pki.tls("gateway");
     let chain = read_chain(&gateway.cert);
     let key_pem = std::fs::read(&gateway.key).unwrap();
-    let key = rustls_pemfile::private_key(&mut &key_pem[..])
-        .unwrap()
-        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).unwrap();
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -167,7 +166,7 @@ async fn served_leaf(pki: &TestPki, addr: SocketAddr) -> CertificateDer<'static>
 
 fn read_chain(path: &Path) -> Vec<CertificateDer<'static>> {
     let pem = std::fs::read(path).unwrap();
-    rustls_pemfile::certs(&mut &pem[..])
+    CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
         .unwrap()
 }

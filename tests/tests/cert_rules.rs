@@ -12,7 +12,8 @@ use std::time::Duration;
 use cms_kit::tls::{TlsSettings, TlsSource};
 use cms_tests::cluster::Cluster;
 use cms_tests::pki::TestPki;
-use rustls_pki_types::ServerName;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 /// Bad client certificates (an operator's identity, which every port lets ask for health),
 /// each with the words its refusal names.
@@ -83,13 +84,11 @@ fn read_pair(
     rustls_pki_types::PrivateKeyDer<'static>,
 ) {
     let pem = std::fs::read(&tls.cert).unwrap();
-    let chain = rustls_pemfile::certs(&mut &pem[..])
+    let chain = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
         .unwrap();
     let key_pem = std::fs::read(&tls.key).unwrap();
-    let key = rustls_pemfile::private_key(&mut &key_pem[..])
-        .unwrap()
-        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).unwrap();
     (chain, key)
 }
 

@@ -11,6 +11,7 @@ use cms_proto::custody::v1::GetStatusRequest;
 use cms_proto::custody::v1::custody_service_client::CustodyServiceClient;
 use cms_tests::inproc::{self, Running};
 use cms_tests::pki::TestPki;
+use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::AsyncReadExt;
 use tonic::Code;
@@ -215,10 +216,7 @@ async fn presented_certificate(pki: &TestPki, addr: SocketAddr) -> CertificateDe
 
 fn first_cert(path: &std::path::Path) -> CertificateDer<'static> {
     let pem = std::fs::read(path).unwrap();
-    rustls_pemfile::certs(&mut &pem[..])
-        .next()
-        .unwrap()
-        .unwrap()
+    CertificateDer::from_pem_slice(&pem).unwrap()
 }
 
 #[tokio::test]

@@ -18,6 +18,9 @@ use rcgen::{
 };
 use time::{Duration, OffsetDateTime};
 
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
 use crate::identity::SpiffeId;
 use crate::tls::TlsSettings;
 
@@ -206,10 +209,10 @@ impl Ca {
 
 /// The SPIFFE ID of the first certificate in a PEM file.
 pub fn spiffe_id_of_pem(pem: &[u8]) -> Result<SpiffeId, String> {
-    let cert = rustls_pemfile::certs(&mut &pem[..])
-        .next()
-        .ok_or("no PEM certificate")?
-        .map_err(|e| e.to_string())?;
+    let cert = CertificateDer::from_pem_slice(pem).map_err(|e| match e {
+        rustls_pki_types::pem::Error::NoItemsFound => "no PEM certificate".to_owned(),
+        e => e.to_string(),
+    })?;
     SpiffeId::from_certificate(&cert).map_err(|e| e.to_string())
 }
 

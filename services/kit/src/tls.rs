@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use serde::Deserialize;
 
@@ -59,6 +60,12 @@ pub enum TlsError {
         key: &'static str,
         path: PathBuf,
         source: io::Error,
+    },
+    #[error("{key}: {path} is not valid PEM: {source}")]
+    Pem {
+        key: &'static str,
+        path: PathBuf,
+        source: pem::Error,
     },
     #[error("{key}: {path} holds no {what}")]
     Empty {
@@ -238,9 +245,9 @@ pub(crate) fn parse_certs(
     path: &Path,
     pem: &[u8],
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<_, _>>()
-        .map_err(|source| TlsError::Read {
+        .map_err(|source| TlsError::Pem {
             key,
             path: path.to_owned(),
             source,
@@ -269,17 +276,18 @@ fn load(settings: &TlsSettings) -> Result<Loaded, TlsError> {
         path: settings.cert.clone(),
         source,
     })?;
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
-        .map_err(|source| TlsError::Read {
-            key: "tls.key",
-            path: settings.key.clone(),
-            source,
-        })?
-        .ok_or_else(|| TlsError::Empty {
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|source| match source {
+        pem::Error::NoItemsFound => TlsError::Empty {
             key: "tls.key",
             path: settings.key.clone(),
             what: "PEM private key",
-        })?;
+        },
+        source => TlsError::Pem {
+            key: "tls.key",
+            path: settings.key.clone(),
+            source,
+        },
+    })?;
 
     let key_matches = |e: TlsError| match e {
         TlsError::Rustls(_) if !key_matches_certificate(&chain, &key) => TlsError::KeyMismatch {

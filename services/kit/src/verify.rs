@@ -362,9 +362,10 @@ impl ServerCertVerifier for RuledServerVerifier {
 mod tests {
     use super::*;
     use crate::pki::{Ca, Issued, LeafSpec};
+    use rustls_pki_types::pem::PemObject;
 
     fn der_chain(pem: &str) -> Vec<CertificateDer<'static>> {
-        rustls_pemfile::certs(&mut pem.as_bytes())
+        CertificateDer::pem_slice_iter(pem.as_bytes())
             .collect::<Result<_, _>>()
             .unwrap()
     }
