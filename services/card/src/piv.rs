@@ -159,27 +159,36 @@ fn read_length(input: &[u8]) -> Result<(usize, &[u8]), TlvError> {
     }
 }
 
-/// Splits the first TLV off `input`: `(tag, value, rest)`.
-pub fn read_tlv(input: &[u8]) -> Result<(&[u8], &[u8], &[u8]), TlvError> {
+/// One tag-length-value, borrowed from its input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tlv<'a> {
+    /// The tag bytes.
+    pub tag: &'a [u8],
+    /// The value bytes.
+    pub value: &'a [u8],
+}
+
+/// Splits the first TLV off `input`: the TLV and the rest.
+pub fn read_tlv(input: &[u8]) -> Result<(Tlv<'_>, &[u8]), TlvError> {
     let (tag, rest) = read_tag(input)?;
     let (len, rest) = read_length(rest)?;
     if rest.len() < len {
         return Err(TlvError::Truncated);
     }
     let (value, rest) = rest.split_at(len);
-    Ok((tag, value, rest))
+    Ok((Tlv { tag, value }, rest))
 }
 
 /// Iterates over consecutive TLVs, stopping at the first malformed one (reported as an error).
-pub fn tlvs(mut input: &[u8]) -> impl Iterator<Item = Result<(&[u8], &[u8]), TlvError>> {
+pub fn tlvs(mut input: &[u8]) -> impl Iterator<Item = Result<Tlv<'_>, TlvError>> {
     std::iter::from_fn(move || {
         if input.is_empty() {
             return None;
         }
         match read_tlv(input) {
-            Ok((tag, value, rest)) => {
+            Ok((item, rest)) => {
                 input = rest;
-                Some(Ok((tag, value)))
+                Some(Ok(item))
             }
             Err(e) => {
                 input = &[];
@@ -192,9 +201,9 @@ pub fn tlvs(mut input: &[u8]) -> impl Iterator<Item = Result<(&[u8], &[u8]), Tlv
 /// The value of the first TLV with `tag` among consecutive TLVs.
 pub fn find<'a>(input: &'a [u8], tag: &[u8]) -> Result<Option<&'a [u8]>, TlvError> {
     for item in tlvs(input) {
-        let (t, v) = item?;
-        if t == tag {
-            return Ok(Some(v));
+        let item = item?;
+        if item.tag == tag {
+            return Ok(Some(item.value));
         }
     }
     Ok(None)
@@ -233,9 +242,9 @@ mod tests {
         for len in [0usize, 1, 0x7F, 0x80, 0xFF, 0x100, 0x1234] {
             let value = vec![0xA5; len];
             let encoded = tlv(&[0x5F, 0xC1, 0x02], &value);
-            let (tag, got, rest) = read_tlv(&encoded).expect("reads");
-            assert_eq!(tag, &[0x5F, 0xC1, 0x02]);
-            assert_eq!(got, &value[..]);
+            let (item, rest) = read_tlv(&encoded).expect("reads");
+            assert_eq!(item.tag, &[0x5F, 0xC1, 0x02]);
+            assert_eq!(item.value, &value[..]);
             assert!(rest.is_empty());
         }
     }
