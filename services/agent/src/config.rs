@@ -173,7 +173,12 @@ fn default_challenge_timeout_ms() -> u64 {
     300_000
 }
 fn default_classes() -> Vec<PinClass> {
-    vec![PinClass::Digit, PinClass::Lower, PinClass::Upper, PinClass::Symbol]
+    vec![
+        PinClass::Digit,
+        PinClass::Lower,
+        PinClass::Upper,
+        PinClass::Symbol,
+    ]
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -65,7 +65,10 @@ pub fn bind(settings: &LocalApiSettings, data_dir: &Path) -> Result<LocalSocket,
     match std::fs::symlink_metadata(&path) {
         Ok(meta) if meta.file_type().is_socket() => {
             if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-                return Err(local_err(&path, "another process is serving on this socket"));
+                return Err(local_err(
+                    &path,
+                    "another process is serving on this socket",
+                ));
             }
             std::fs::remove_file(&path).map_err(|e| local_err(&path, e))?;
         }
@@ -175,7 +178,10 @@ mod tests {
         std::fs::write(dir.path().join("agent.sock"), b"keep").unwrap();
         let err = bind(&settings(dir.path(), None), dir.path()).unwrap_err();
         assert!(err.to_string().contains("not a socket"), "{err}");
-        assert_eq!(std::fs::read(dir.path().join("agent.sock")).unwrap(), b"keep");
+        assert_eq!(
+            std::fs::read(dir.path().join("agent.sock")).unwrap(),
+            b"keep"
+        );
     }
 
     #[test]

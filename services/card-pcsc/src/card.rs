@@ -92,7 +92,11 @@ impl CardTransaction for PcscTransaction<'_> {
         loop {
             let (sw1, sw2) = match raw.as_slice() {
                 [.., sw1, sw2] => (*sw1, *sw2),
-                _ => return Err(CardError::Transport("the card sent a response shorter than a status word".into())),
+                _ => {
+                    return Err(CardError::Transport(
+                        "the card sent a response shorter than a status word".into(),
+                    ));
+                }
             };
             match sw1 {
                 0x61 => {

@@ -149,7 +149,8 @@ impl ReaderWatcher {
                 Err(pcsc::Error::Cancelled) => return Ok(()),
                 Err(pcsc::Error::UnknownReader) => {
                     // A reader vanished between listing and waiting: drop unknown ones.
-                    let current: Vec<CString> = self.context.list_readers_owned().unwrap_or_default();
+                    let current: Vec<CString> =
+                        self.context.list_readers_owned().unwrap_or_default();
                     states.retain(|rs| {
                         rs.name() == PNP_NOTIFICATION()
                             || current.iter().any(|n| n.as_c_str() == rs.name())
@@ -188,9 +189,8 @@ impl ReaderWatcher {
                     Some(k) => {
                         // The event counter also catches a removal and re-insertion that
                         // happened between two waits.
-                        let swapped = k.present
-                            && status.card_present
-                            && count.wrapping_sub(k.events) >= 2;
+                        let swapped =
+                            k.present && status.card_present && count.wrapping_sub(k.events) >= 2;
                         if k.present && (!status.card_present || swapped) {
                             events.push(ReaderEvent::CardRemoved {
                                 reader: status.name.clone(),

@@ -50,10 +50,6 @@ impl Pcsc {
         Ok(Pcsc { context })
     }
 
-    pub(crate) fn context(&self) -> &Context {
-        &self.context
-    }
-
     /// Names of the readers present now (none is not an error).
     pub fn reader_names(&self) -> Result<Vec<CString>, CardError> {
         match self.context.list_readers_owned() {
@@ -74,10 +70,7 @@ impl Pcsc {
             .map(|n| ReaderState::new(n, State::UNAWARE))
             .collect();
         // UNAWARE makes pcscd answer at once with the current state of each reader.
-        match self
-            .context
-            .get_status_change(Duration::ZERO, &mut states)
-        {
+        match self.context.get_status_change(Duration::ZERO, &mut states) {
             Ok(()) | Err(pcsc::Error::Timeout) => {}
             Err(e) => return Err(card_error(e)),
         }
