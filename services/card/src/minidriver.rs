@@ -14,7 +14,8 @@
 //!
 //! CHANGE REFERENCE DATA splits its data where the card's current PIN ends (ISO 7816-4 P1 = 00:
 //! the card knows the length of its own reference data). A challenge is valid for the very next
-//! command only; the admin authentication lasts until the card is reset or removed.
+//! command only; an admin authentication allows one RESET RETRY COUNTER and is lost with a reset
+//! or a removal.
 //! The card answers SELECT of the PIV AID with `6A82`, which is how an agent tells the profiles
 //! apart.
 
