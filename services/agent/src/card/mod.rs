@@ -7,6 +7,7 @@ pub mod minidriver;
 pub mod piv;
 pub mod profile;
 pub mod readers;
+pub mod sim;
 
 use cms_card::apdu::{Command, Response};
 use cms_card::backend::{CardError, CardTransaction};
