@@ -79,6 +79,8 @@ struct Session {
     admin_authenticated: bool,
     /// Command chaining (CLA bit 5): header and data received so far.
     chain: Option<(u8, u8, u8, Zeroizing<Vec<u8>>)>,
+    /// Response data that did not fit the last Le, for GET RESPONSE.
+    remaining: Option<Zeroizing<Vec<u8>>>,
 }
 
 /// The references with retry counters.
@@ -175,15 +177,48 @@ impl VirtualCard {
 
     /// Processes one command.
     pub fn process(&mut self, command: &Command) -> Response {
-        // The challenge is valid for this command only, whatever it is.
-        let pending = self.session.pending.take();
-        let response = self
-            .dispatch(command, pending)
-            .unwrap_or_else(Response::status);
+        let remaining = self.session.remaining.take();
+        let response = if command.ins == iso7816::ins::GET_RESPONSE && command.cla == iso7816::CLA {
+            // Transport level (the rest of the previous answer): the challenge lives on.
+            match remaining {
+                Some(data) => self.limit_to_le(data, command.le),
+                None => Response::status(StatusWord::CONDITIONS_NOT_SATISFIED),
+            }
+        } else {
+            // The challenge is valid for this command only, whatever it is.
+            let pending = self.session.pending.take();
+            match self.dispatch(command, pending) {
+                Ok(mut response) if response.is_ok() => {
+                    let data = response.take_data();
+                    self.limit_to_le(data, command.le)
+                }
+                Ok(response) => response,
+                Err(sw) => Response::status(sw),
+            }
+        };
         if let Some(log) = &mut self.log {
             log.command(LogEntry::new(command, response.sw));
         }
         response
+    }
+
+    /// Sends at most Le bytes (256 when Le is absent); the rest waits for GET RESPONSE, announced
+    /// with 61xx, as PIV cards do when a client first asks for a few bytes of an object.
+    fn limit_to_le(&mut self, mut data: Zeroizing<Vec<u8>>, le: Option<usize>) -> Response {
+        let limit = le.unwrap_or(crate::apdu::SHORT_MAX_LE);
+        if data.len() <= limit {
+            return Response {
+                data,
+                sw: StatusWord::OK,
+            };
+        }
+        let rest = Zeroizing::new(data.split_off(limit));
+        let announced = rest.len().min(crate::apdu::SHORT_MAX_LE) as u8; // 256 -> 00
+        self.session.remaining = Some(rest);
+        Response {
+            data,
+            sw: StatusWord::from_bytes(0x61, announced),
+        }
     }
 
     fn dispatch(&mut self, command: &Command, pending: Option<Pending>) -> Answer {

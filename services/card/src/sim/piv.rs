@@ -145,11 +145,6 @@ fn get_data(card: &VirtualCard, command: &Command) -> Answer {
         Some(stored) => stored.clone(),
         None => builtin_object(card, tag).ok_or(StatusWord::NOT_FOUND)?,
     };
-    if command.le.is_some_and(|le| le < object.len()) && command.le != Some(256) {
-        // The objects this card serves fit one short response; only an explicit short Le is
-        // refused.
-        return Err(StatusWord::wrong_le(object.len().min(255) as u8));
-    }
     Ok(Response::ok(object))
 }
 

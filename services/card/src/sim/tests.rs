@@ -546,3 +546,31 @@ fn in_process_reader_voids_a_transaction_when_the_card_is_pulled() {
         state::ADMIN_TRIES
     );
 }
+
+#[test]
+fn long_answers_come_in_le_sized_pieces() {
+    let mut card = piv(KeyAlgorithm::Tdes3Key);
+    let full = send(
+        &mut card,
+        Command::new(0, 0xCB, 0x3F, 0xFF)
+            .with_data(tlv(&[0x5C], pivdef::object::CHUID))
+            .with_le(256),
+    );
+    // OpenSC asks for 8 bytes first to learn the length.
+    let head = send(
+        &mut card,
+        Command::new(0, 0xCB, 0x3F, 0xFF)
+            .with_data(tlv(&[0x5C], pivdef::object::CHUID))
+            .with_le(8),
+    );
+    assert_eq!(&head.data[..], &full.data[..8]);
+    assert_eq!(head.sw.bytes_remaining(), Some(full.data.len() - 8));
+    let rest = send(&mut card, Command::new(0, 0xC0, 0, 0).with_le(256));
+    assert!(rest.is_ok());
+    assert_eq!(&rest.data[..], &full.data[8..]);
+    // Nothing left.
+    assert_eq!(
+        send(&mut card, Command::new(0, 0xC0, 0, 0).with_le(256)).sw,
+        StatusWord::CONDITIONS_NOT_SATISFIED
+    );
+}
