@@ -258,6 +258,7 @@ async fn serve_agent(
         _db: Some(db),
     });
     let metrics = Metrics::new(NAME);
+    let grace = std::time::Duration::from_millis(config.server.shutdown_grace_ms);
     let local_task = socket.map(|socket| {
         let routes = tonic::service::Routes::new(AgentServiceServer::from_arc(agent.clone()));
         tokio::spawn(local::serve(
@@ -265,6 +266,7 @@ async fn serve_agent(
             socket,
             metrics.clone(),
             VERSION,
+            grace,
             shutdown.clone(),
         ))
     });

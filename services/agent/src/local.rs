@@ -96,21 +96,30 @@ pub fn bind(settings: &LocalApiSettings, data_dir: &Path) -> Result<LocalSocket,
     Ok(LocalSocket { listener, path })
 }
 
-/// Serves `routes` on the socket until `shutdown`; removes the socket file afterwards.
+/// Serves `routes` on the socket until `shutdown`, then lets requests finish for at most
+/// `grace` (a WatchReaders stream never finishes by itself); removes the socket file.
 pub async fn serve(
     routes: Routes,
     socket: LocalSocket,
     metrics: Metrics,
     version: &'static str,
+    grace: std::time::Duration,
     shutdown: Shutdown,
 ) -> Result<(), Error> {
     tracing::info!(socket = %socket.path.display(), "local API serving");
     let LocalSocket { listener, path } = socket;
-    let served = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .layer(ServerTraceLayer::new(metrics, version))
         .add_routes(routes)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown.wait())
-        .await;
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown.wait());
+    tokio::pin!(server);
+    let served = tokio::select! {
+        r = &mut server => r,
+        () = shutdown.wait() => match tokio::time::timeout(grace, &mut server).await {
+            Ok(r) => r,
+            Err(_) => Ok(()),
+        },
+    };
     let _ = std::fs::remove_file(&path);
     served.map_err(|e| Error::LocalApi(format!("{}: {e}", path.display())))
 }

@@ -219,3 +219,11 @@ pub fn pin_verifies(reader: &SimReader, pin: &[u8]) -> bool {
 pub fn admin_tries(reader: &SimReader) -> u8 {
     reader.with_card(|c| c.state().admin_tries)
 }
+
+/// EXTERNAL AUTHENTICATE commands that carried a response (the tries probe carries none).
+pub fn responses_sent(reader: &SimReader) -> usize {
+    log(reader)
+        .iter()
+        .filter(|e| e.ins == EXTERNAL_AUTHENTICATE && e.lc > 0)
+        .count()
+}
