@@ -279,8 +279,9 @@ impl Pcscd {
         assert_eq!(
             answer,
             "ok",
-            "pcscd did not see the card in slot {slot} (vpcd port {}): {}\npcscd: {}",
+            "pcscd did not see the card in slot {slot} (vpcd port {}; {}): {}\npcscd: {}",
             self.vpcd_port(slot),
+            card.control("status"),
             card.output(),
             self.log()
         );
@@ -388,9 +389,34 @@ impl CardInReader {
         line.trim_end().to_owned()
     }
 
-    /// Pulls the card out of the reader.
+    /// Pulls the card out of the reader and waits until pcscd has noticed (it polls vpcd, about
+    /// every 400 ms). A client that sends a command in between already gets an error: vpcd's
+    /// connection is closed.
     pub fn remove(&self) {
         assert_eq!(self.control("remove"), "ok");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.pcscd_sees_card() {
+            assert!(
+                Instant::now() < deadline,
+                "pcscd still sees the pulled card"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether pcscd reports a card in this reader (`opensc-tool -l`).
+    pub fn pcscd_sees_card(&self) -> bool {
+        let out = self
+            .client("opensc-tool")
+            .arg("-l")
+            .output()
+            .expect("run opensc-tool -l");
+        let listing = String::from_utf8_lossy(&out.stdout);
+        let reader = self.reader();
+        listing
+            .lines()
+            .find(|line| line.ends_with(&reader))
+            .is_some_and(|line| line.split_whitespace().nth(1) == Some("Yes"))
     }
 
     /// Puts it back and waits until pcscd has seen it.

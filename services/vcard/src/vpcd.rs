@@ -123,12 +123,15 @@ impl Reader {
         }
     }
 
-    fn set_powered(&self, powered: bool) {
+    /// Records power; true the first time on this connection.
+    fn set_powered(&self, powered: bool) -> bool {
         let mut state = self.lock();
         state.powered = powered;
+        let first = powered && !state.probed;
         state.probed |= powered;
         drop(state);
         self.notify();
+        first
     }
 }
 
@@ -220,11 +223,13 @@ fn session(mut stream: TcpStream, card: &mut VirtualCard, reader: &Reader) -> io
             [ctrl::ATR] => send(&mut stream, card.atr())?,
             [ctrl::ON] => {
                 card.event(CardEvent::PowerOn);
-                reader.set_powered(true);
+                if reader.set_powered(true) {
+                    eprintln!("cms-vcard: pcscd powered the card");
+                }
             }
             [ctrl::OFF] => {
                 card.event(CardEvent::PowerOff);
-                reader.set_powered(false);
+                let _ = reader.set_powered(false);
             }
             [ctrl::RESET] => card.event(CardEvent::Reset),
             [_] => {} // unknown control message: ignored, as vsmartcard's vicc does
