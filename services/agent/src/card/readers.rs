@@ -66,6 +66,9 @@ pub enum ChooseError {
     Card(CardError),
 }
 
+/// How long opening a card waits while another connection holds it exclusively.
+const BUSY_WAIT: Duration = Duration::from_secs(2);
+
 /// PC/SC through pcscd. A context is established per call, so the agent starts (and keeps
 /// running) while pcscd is down and works again as soon as it is back.
 #[derive(Debug, Default, Clone, Copy)]
@@ -77,8 +80,19 @@ impl Readers for PcscReaders {
     }
 
     fn open(&self, reader: &str, sharing: Sharing) -> Result<Box<dyn CardBackend>, CardError> {
-        let card = cms_card_pcsc::Pcsc::establish()?.connect(reader, sharing)?;
-        Ok(Box::new(card))
+        let pcsc = cms_card_pcsc::Pcsc::establish()?;
+        // Another application (or our own session that just ended) may hold the card for a
+        // moment: wait a little before saying it is in use.
+        let deadline = std::time::Instant::now() + BUSY_WAIT;
+        loop {
+            match pcsc.connect(reader, sharing) {
+                Ok(card) => return Ok(Box::new(card)),
+                Err(CardError::Busy) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn watch(&self, initial_state: bool, mut sink: EventSink) -> Result<WatchGuard, CardError> {

@@ -212,6 +212,9 @@ fn run(
         }) => {
             let outcome =
                 super::authenticate_and_reset(&mut *tx, &response, new_pin.as_bytes(), "admin key");
+            // Release the card before answering, so the caller's next call finds it free.
+            drop(tx);
+            drop(backend);
             let _ = reply.send(outcome);
         }
         Ok(Command::Cancel) | Err(_) => {}
