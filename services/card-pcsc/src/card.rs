@@ -11,11 +11,23 @@ use crate::error::card_error;
 /// Largest response pcsc-lite passes (extended APDU: 65536 data bytes + SW1 SW2).
 const RECEIVE_BUFFER_LEN: usize = pcsc::MAX_BUFFER_SIZE_EXTENDED;
 
-/// A card opened in a reader.
+/// A card opened in a reader. An exclusive connection resets the card when it ends, so no
+/// authentication state (an admin key authenticated for an unblock) outlives the session; a
+/// shared one leaves the card as it is for the other applications.
 pub struct PcscCard {
-    card: pcsc::Card,
+    card: Option<pcsc::Card>,
     reader: String,
     atr: Vec<u8>,
+    disposition: pcsc::Disposition,
+}
+
+impl Drop for PcscCard {
+    fn drop(&mut self) {
+        if let Some(card) = self.card.take() {
+            // On failure pcsc's own Drop disconnects (with a reset).
+            let _ = card.disconnect(self.disposition);
+        }
+    }
 }
 
 impl std::fmt::Debug for PcscCard {
@@ -27,10 +39,27 @@ impl std::fmt::Debug for PcscCard {
 }
 
 impl PcscCard {
-    pub(crate) fn new(card: pcsc::Card, reader: String) -> Result<Self, CardError> {
+    pub(crate) fn new(
+        card: pcsc::Card,
+        reader: String,
+        sharing: crate::Sharing,
+    ) -> Result<Self, CardError> {
         let status = card.status2_owned().map_err(card_error)?;
         let atr = status.atr().to_vec();
-        Ok(PcscCard { card, reader, atr })
+        let disposition = match sharing {
+            crate::Sharing::Exclusive => pcsc::Disposition::ResetCard,
+            crate::Sharing::Shared => pcsc::Disposition::LeaveCard,
+        };
+        Ok(PcscCard {
+            card: Some(card),
+            reader,
+            atr,
+            disposition,
+        })
+    }
+
+    fn card(&self) -> Result<&pcsc::Card, CardError> {
+        self.card.as_ref().ok_or(CardError::Removed)
     }
 
     /// The reader the card is in.
@@ -45,14 +74,15 @@ impl PcscCard {
 
     /// Whether the card is still the one we connected to (not removed or reset since).
     pub fn check_present(&self) -> Result<(), CardError> {
-        self.card.status2_owned().map(|_| ()).map_err(card_error)
+        self.card()?.status2_owned().map(|_| ()).map_err(card_error)
     }
 }
 
 impl CardBackend for PcscCard {
     fn transaction(&mut self) -> Result<Box<dyn CardTransaction + '_>, CardError> {
         let atr = &self.atr;
-        let transaction = self.card.transaction().map_err(card_error)?;
+        let card = self.card.as_mut().ok_or(CardError::Removed)?;
+        let transaction = card.transaction().map_err(card_error)?;
         Ok(Box::new(PcscTransaction {
             transaction,
             atr,

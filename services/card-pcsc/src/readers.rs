@@ -103,7 +103,7 @@ impl Pcsc {
                     card_error(e)
                 }
             })?;
-        PcscCard::new(card, reader.to_owned())
+        PcscCard::new(card, reader.to_owned(), sharing)
     }
 }
 
