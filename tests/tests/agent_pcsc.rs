@@ -41,6 +41,14 @@ impl Drop for AgentProcess {
     }
 }
 
+/// The `cms-agent` binary beside the test executable, or `$CMS_AGENT_BIN` (a release build for
+/// the benchmark).
+fn agent_binary() -> PathBuf {
+    std::env::var_os("CMS_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cms_tests::binary("cms-agent"))
+}
+
 fn start_agent(pcscd: &Pcscd) -> AgentProcess {
     let dir = tempfile::tempdir().unwrap();
     cms_tests::pki::TestPki::new(dir.path());
@@ -53,7 +61,15 @@ fn start_agent(pcscd: &Pcscd) -> AgentProcess {
         ..Peers::default()
     };
     let text = layout
-        .service_config("agent", Ports { grpc: any, ops: any }, &peers, "")
+        .service_config(
+            "agent",
+            Ports {
+                grpc: any,
+                ops: any,
+            },
+            &peers,
+            "",
+        )
         .unwrap();
     let config: cms_agent::Config = cms_kit::config::from_toml(&text).unwrap();
     let socket = config.local_api.socket_path(&config.data_dir);
@@ -61,7 +77,7 @@ fn start_agent(pcscd: &Pcscd) -> AgentProcess {
     std::fs::write(&file, text).unwrap();
     let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
     let child = pcscd
-        .client(cms_tests::binary("cms-agent"))
+        .client(agent_binary())
         .arg("--config")
         .arg(&file)
         .stdout(log.try_clone().unwrap())
@@ -159,7 +175,12 @@ async fn offline_unblock_at_the_card_3des_and_aes() {
         assert!(info.pin_blocked);
         let (handle, shown) = challenge(&mut api, &reader).await;
         let r = apply(&mut api, &handle, respond(&admin_key, &shown)).await;
-        assert_eq!(outcome(&r), UnblockOutcome::Success, "{alg:?}: {}", r.message);
+        assert_eq!(
+            outcome(&r),
+            UnblockOutcome::Success,
+            "{alg:?}: {}",
+            r.message
+        );
         // The new PIN is the card's PIN now, with its tries restored.
         let after = s.state();
         assert_eq!(&after.pin[..], NEW_PIN.as_bytes());
@@ -180,19 +201,34 @@ async fn wrong_responses_count_down_then_block_the_card() {
         let (handle, shown) = challenge(&mut api, &reader).await;
         let r = apply(&mut api, &handle, wrong(&respond(&admin_key, &shown))).await;
         let left = 5 - attempt;
-        assert_eq!(s.state().admin_tries, left, "the card's counter dropped by one");
+        assert_eq!(
+            s.state().admin_tries,
+            left,
+            "the card's counter dropped by one"
+        );
         if left > 1 {
             assert_eq!(outcome(&r), UnblockOutcome::WrongResponse);
-            assert!(r.message.contains(&format!("{left} tries left")), "{}", r.message);
+            assert!(
+                r.message.contains(&format!("{left} tries left")),
+                "{}",
+                r.message
+            );
         } else if left == 1 {
             assert!(r.message.contains("1 try left"), "{}", r.message);
         } else {
             assert_eq!(outcome(&r), UnblockOutcome::AdminBlocked, "{}", r.message);
-            assert!(r.message.contains("cannot be unblocked any more"), "{}", r.message);
+            assert!(
+                r.message.contains("cannot be unblocked any more"),
+                "{}",
+                r.message
+            );
         }
     }
     let err = api.challenge(&reader).await.unwrap_err();
-    assert!(err.message().contains("cannot be unblocked any more"), "{err}");
+    assert!(
+        err.message().contains("cannot be unblocked any more"),
+        "{err}"
+    );
     assert_eq!(api.card(&reader).await.unwrap().admin_blocked, true);
 }
 
@@ -205,10 +241,22 @@ async fn a_checksum_typo_never_reaches_the_card() {
     let (handle, shown) = challenge(&mut api, &reader).await;
     let good = respond(&admin_key, &shown);
     let mut typo = good.clone();
-    typo.checksum = format!("{:04X}", u16::from_str_radix(&good.checksum, 16).unwrap() ^ 0x0100);
+    typo.checksum = format!(
+        "{:04X}",
+        u16::from_str_radix(&good.checksum, 16).unwrap() ^ 0x0100
+    );
     let r = apply(&mut api, &handle, typo).await;
-    assert_eq!(outcome(&r), UnblockOutcome::ChecksumMismatch, "{}", r.message);
-    assert_eq!(s.responses_sent(), 0, "no EXTERNAL AUTHENTICATE with a response in the APDU log");
+    assert_eq!(
+        outcome(&r),
+        UnblockOutcome::ChecksumMismatch,
+        "{}",
+        r.message
+    );
+    assert_eq!(
+        s.responses_sent(),
+        0,
+        "no EXTERNAL AUTHENTICATE with a response in the APDU log"
+    );
     assert_eq!(s.state().admin_tries, 5);
     // The challenge survived: the card saw nothing since GET CHALLENGE.
     let r = apply(&mut api, &handle, good).await;
@@ -258,13 +306,21 @@ async fn piv_puk_unblock_3des_and_aes() {
         assert_eq!(outcome(&r), UnblockOutcome::ChecksumMismatch);
         assert_eq!(s.state().puk_tries, 5);
         let r = api.unblock_with_puk(request(&puk, sum)).await.unwrap();
-        assert_eq!(outcome(&r), UnblockOutcome::Success, "{alg:?}: {}", r.message);
+        assert_eq!(
+            outcome(&r),
+            UnblockOutcome::Success,
+            "{alg:?}: {}",
+            r.message
+        );
         assert_eq!(&s.state().pin[..], NEW_PIN.as_bytes());
     }
 }
 
 /// An SO token: a minidriver card whose admin key is the SO unblock key shown at initialisation.
-fn so_token(algorithm: cms_cardcrypto::KeyAlgorithm, alg: Alg) -> (CardState, cms_cardcrypto::SoUnblockKey) {
+fn so_token(
+    algorithm: cms_cardcrypto::KeyAlgorithm,
+    alg: Alg,
+) -> (CardState, cms_cardcrypto::SoUnblockKey) {
     use cms_cardcrypto::{KeyAlgorithm, SecretKey, SoUnblockKey};
     let mut seed = 11u8;
     let key = SoUnblockKey::generate(algorithm, &mut |b| {
@@ -290,7 +346,10 @@ fn so_token(algorithm: cms_cardcrypto::KeyAlgorithm, alg: Alg) -> (CardState, cm
 #[tokio::test(flavor = "multi_thread")]
 async fn so_token_unblock_with_every_server_stopped() {
     use cms_cardcrypto::KeyAlgorithm;
-    for (algorithm, alg) in [(KeyAlgorithm::Tdes2Key, Alg::Tdes), (KeyAlgorithm::Aes128, Alg::Aes)] {
+    for (algorithm, alg) in [
+        (KeyAlgorithm::Tdes2Key, Alg::Tdes),
+        (KeyAlgorithm::Aes128, Alg::Aes),
+    ] {
         let (state, key) = so_token(algorithm, alg);
         let s = setup(&state);
         let reader = s.card.reader();
@@ -310,9 +369,52 @@ async fn so_token_unblock_with_every_server_stopped() {
             })
             .await
             .unwrap();
-        assert_eq!(outcome(&r), UnblockOutcome::Success, "{algorithm}: {}", r.message);
+        assert_eq!(
+            outcome(&r),
+            UnblockOutcome::Success,
+            "{algorithm}: {}",
+            r.message
+        );
         assert_eq!(&s.state().pin[..], NEW_PIN.as_bytes());
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reader_and_card_events_through_pcscd() {
+    use cms_proto::agent::v1::ReaderEventKind as Kind;
+    use tokio_stream::StreamExt;
+    let (state, _) = minidriver_state(Alg::Tdes);
+    let s = setup(&state);
+    let reader = s.card.reader();
+    let mut api = s.api().await;
+    let mut events = api.watch(true).await.unwrap();
+    // Events of this test's reader only (other tests use the other slot).
+    let mut next = async || loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("an event within 10 s")
+            .expect("stream open")
+            .expect("event")
+            .event
+            .unwrap();
+        if event.reader == reader {
+            return event;
+        }
+    };
+    assert_eq!(next().await.kind, Kind::ReaderAdded as i32);
+    let inserted = next().await;
+    assert_eq!(inserted.kind, Kind::CardInserted as i32);
+    assert_eq!(
+        inserted.card.unwrap().profile,
+        CardProfile::Minidriver as i32
+    );
+    let card = &s.card;
+    tokio::task::block_in_place(|| card.remove());
+    assert_eq!(next().await.kind, Kind::CardRemoved as i32);
+    assert_eq!(tokio::task::block_in_place(|| card.control("insert")), "ok");
+    let inserted = next().await;
+    assert_eq!(inserted.kind, Kind::CardInserted as i32);
+    assert_eq!(inserted.card.unwrap().card_id, state.card_id);
 }
 
 #[test]
@@ -334,13 +436,19 @@ fn cli_reports_readers_and_a_missing_pcscd_in_one_line() {
     assert_eq!(info["admin_tries_left"], 5);
     // pcscd not running (nothing at the socket): one line that says so.
     let out = std::process::Command::new(cms_tests::binary("cms-agent"))
-        .env(cms_tests::pcsc::SOCKET_ENV, dir.path().join("no-pcscd.comm"))
+        .env(
+            cms_tests::pcsc::SOCKET_ENV,
+            dir.path().join("no-pcscd.comm"),
+        )
         .args(["readers", "--direct"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(err.trim(), "cms-agent: the smart-card service (pcscd) is not running");
+    assert_eq!(
+        err.trim(),
+        "cms-agent: the smart-card service (pcscd) is not running"
+    );
     // A reader that is not there.
     let out = pcscd
         .client(cms_tests::binary("cms-agent"))
@@ -352,12 +460,16 @@ fn cli_reports_readers_and_a_missing_pcscd_in_one_line() {
 }
 
 /// Offline unblock at the card, from the typed response to the PIN reset, through pcscd+vpcd
-/// (target: median <= 20 ms). `cargo test -p cms-tests --test agent_pcsc --release -- --ignored
-/// --nocapture bench`; AGENT_BENCH_ROUNDS sets the rounds (default 200).
+/// (target: median <= 20 ms). `cargo test -p cms-tests --test agent_pcsc -- --ignored
+/// --nocapture bench`, with CMS_AGENT_BIN and CMS_VCARD_BIN naming release builds of the two
+/// processes on the path; AGENT_BENCH_ROUNDS sets the rounds (default 200).
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "benchmark"]
 async fn bench_offline_unblock() {
-    let rounds: usize = std::env::var("AGENT_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(200);
+    let rounds: usize = std::env::var("AGENT_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(200);
     let (state, admin_key) = minidriver_state(Alg::Aes);
     let s = setup(&state);
     let reader = s.card.reader();
@@ -382,4 +494,3 @@ async fn bench_offline_unblock() {
         times[times.len() - 1].as_secs_f64() * 1e3,
     );
 }
-

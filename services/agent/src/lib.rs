@@ -286,11 +286,10 @@ async fn serve_agent(
     if let Some(task) = link_task {
         task.abort();
     }
-    if let Some(task) = local_task {
-        match task.await {
-            Ok(Err(e)) => tracing::warn!(error = %e, "local API"),
-            Ok(Ok(())) | Err(_) => {}
-        }
+    if let Some(task) = local_task
+        && let Ok(Err(e)) = task.await
+    {
+        tracing::warn!(error = %e, "local API");
     }
     served?;
     Ok(())

@@ -189,10 +189,12 @@ fn read_card(
     let mut backend = readers.open(reader, Sharing::Shared)?;
     let mut tx = backend.transaction()?;
     let mut facts = detect(&mut *tx, reader)?;
-    if probe_challenge && facts.profile == Some(Profile::Minidriver) && !facts.admin_blocked() {
-        if let Ok(challenge) = minidriver::get_challenge(&mut *tx) {
-            facts.challenge_length = challenge.len();
-        }
+    if probe_challenge
+        && facts.profile == Some(Profile::Minidriver)
+        && !facts.admin_blocked()
+        && let Ok(challenge) = minidriver::get_challenge(&mut *tx)
+    {
+        facts.challenge_length = challenge.len();
     }
     Ok(facts)
 }

@@ -26,3 +26,43 @@ pub fn card_error(err: pcsc::Error) -> CardError {
 pub fn is_sharing_violation(err: pcsc::Error) -> bool {
     matches!(err, pcsc::Error::SharingViolation)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_three_situations_a_person_can_act_on() {
+        assert_eq!(
+            card_error(pcsc::Error::NoService),
+            CardError::ServiceUnavailable
+        );
+        assert_eq!(
+            card_error(pcsc::Error::ServiceStopped),
+            CardError::ServiceUnavailable
+        );
+        assert_eq!(
+            card_error(pcsc::Error::UnknownReader),
+            CardError::ReaderGone
+        );
+        assert_eq!(
+            card_error(pcsc::Error::ReaderUnavailable),
+            CardError::ReaderGone
+        );
+        assert_eq!(card_error(pcsc::Error::RemovedCard), CardError::Removed);
+        assert_eq!(card_error(pcsc::Error::ResetCard), CardError::Removed);
+        assert_eq!(card_error(pcsc::Error::NoSmartcard), CardError::NoCard);
+        assert!(matches!(
+            card_error(pcsc::Error::InvalidValue),
+            CardError::Transport(_)
+        ));
+        // One line each, for the person at the PC.
+        for e in [
+            CardError::ServiceUnavailable,
+            CardError::ReaderGone,
+            CardError::Removed,
+        ] {
+            assert!(!e.to_string().contains('\n'));
+        }
+    }
+}

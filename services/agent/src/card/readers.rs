@@ -196,3 +196,40 @@ pub fn diff(before: &[ReaderStatus], now: &[ReaderStatus]) -> Vec<ReaderEvent> {
     }
     events
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reader(name: &str, atr: &[u8]) -> ReaderStatus {
+        ReaderStatus {
+            name: name.into(),
+            card_present: !atr.is_empty(),
+            atr: atr.to_vec(),
+            in_use: false,
+        }
+    }
+
+    #[test]
+    fn snapshot_differences_become_events() {
+        let before = [reader("A", &[1]), reader("B", &[])];
+        let now = [reader("A", &[2]), reader("C", &[3])];
+        assert_eq!(
+            diff(&before, &now),
+            vec![
+                ReaderEvent::CardRemoved { reader: "A".into() },
+                ReaderEvent::CardInserted {
+                    reader: "A".into(),
+                    atr: vec![2]
+                },
+                ReaderEvent::ReaderRemoved { reader: "B".into() },
+                ReaderEvent::ReaderAdded { reader: "C".into() },
+                ReaderEvent::CardInserted {
+                    reader: "C".into(),
+                    atr: vec![3]
+                },
+            ]
+        );
+        assert!(diff(&now, &now).is_empty());
+    }
+}
