@@ -217,3 +217,29 @@ impl ServiceConfig for Config {
         &self.telemetry
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_systemd_example_config_is_valid() {
+        let text = include_str!("../../../deploy/systemd/config/agent.toml");
+        let config: Config = cms_kit::config::from_toml(text).expect("example config");
+        assert_eq!(
+            config.local_api.socket_path(&config.data_dir),
+            PathBuf::from("/run/cms-agent/agent.sock")
+        );
+        assert_eq!(config.local_api.mode_bits(), Ok(0o660));
+        // With the commented-out policy enabled, it parses too.
+        let with_policy = text
+            .replace("# [cards.pin_policy]", "[cards.pin_policy]")
+            .replace("# min_length", "min_length")
+            .replace("# max_length", "max_length")
+            .replace("# allowed_classes", "allowed_classes")
+            .replace("# forbid_trivial", "forbid_trivial");
+        let config: Config = cms_kit::config::from_toml(&with_policy).expect("with a policy");
+        let policy = config.cards.pin_policy.expect("policy").to_proto();
+        assert_eq!((policy.min_length, policy.max_length), (6, 8));
+    }
+}
