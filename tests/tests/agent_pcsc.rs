@@ -459,6 +459,62 @@ fn cli_reports_readers_and_a_missing_pcscd_in_one_line() {
     assert_eq!(err.trim(), "cms-agent: the card reader is gone");
 }
 
+#[test]
+fn cli_so_unblock_and_piv_unblock_in_script_mode() {
+    use std::io::Write;
+    let pcscd = Pcscd::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |card: &CardInReader, command: &str, input: String| {
+        let mut child = pcscd
+            .client(cms_tests::binary("cms-agent"))
+            .args([command, "--direct", "--json", "--reader", &card.reader()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8(out.stdout.clone()).unwrap();
+        let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or("{}"))
+            .unwrap_or_else(|e| panic!("{e}: {}", cms_tests::pcsc::text(&out)));
+        (out.status.code(), last)
+    };
+
+    // SO token: the key as shown at initialisation (groups, " - ", checksum), then the PIN.
+    let (state, key) = so_token(cms_cardcrypto::KeyAlgorithm::Aes128, Alg::Aes);
+    let file = dir.path().join("so.toml");
+    state.save(&file).unwrap();
+    let card = pcscd.insert(&file);
+    let mut typo = key.display().to_string();
+    let last = typo.pop().unwrap();
+    typo.push(if last == '0' { '1' } else { '0' });
+    let (code, result) = run(&card, "so-unblock", format!("{typo}\n{NEW_PIN}\n"));
+    assert_eq!((code, result["outcome"].as_str()), (Some(1), Some("checksum_mismatch")), "{result}");
+    assert_eq!(
+        card.apdus().iter().filter(|e| e.ins == EXTERNAL_AUTHENTICATE && e.lc > 0).count(),
+        0
+    );
+    let (code, result) = run(&card, "so-unblock", format!("{}\n{NEW_PIN}\n", key.display().as_str()));
+    assert_eq!((code, result["outcome"].as_str()), (Some(0), Some("success")), "{result}");
+    assert_eq!(&CardState::load(&file).unwrap().pin[..], NEW_PIN.as_bytes());
+    drop(card);
+
+    // PIV: `unblock` sees a PIV card and asks for the PUK and its checksum.
+    let (state, puk) = piv_state(Alg::Tdes);
+    let file = dir.path().join("piv.toml");
+    state.save(&file).unwrap();
+    let card = pcscd.insert(&file);
+    let puk_text = String::from_utf8(puk.clone()).unwrap();
+    let (code, result) = run(
+        &card,
+        "unblock",
+        format!("{puk_text}\n{}\n{NEW_PIN}\n", cms_cardcrypto::checksum(&puk)),
+    );
+    assert_eq!((code, result["outcome"].as_str()), (Some(0), Some("success")), "{result}");
+    assert_eq!(&CardState::load(&file).unwrap().pin[..], NEW_PIN.as_bytes());
+}
+
 /// Offline unblock at the card, from the typed response to the PIN reset, through pcscd+vpcd
 /// (target: median <= 20 ms). `cargo test -p cms-tests --test agent_pcsc -- --ignored
 /// --nocapture bench`, with CMS_AGENT_BIN and CMS_VCARD_BIN naming release builds of the two
