@@ -184,3 +184,82 @@ async fn cli_unblock_in_script_mode() {
     assert_eq!(admin_tries(&card.reader), 5);
     running.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_virtual_card_from_the_config() {
+    use cms_launcher::layout::{Layout, Ports};
+    let dir = tempfile::tempdir().unwrap();
+    cms_tests::pki::TestPki::new(dir.path());
+    let (state, admin_key) = minidriver_state(Alg::Aes);
+    let card_file = dir.path().join("card.toml");
+    state.save(&card_file).unwrap();
+    let layout = Layout::new(dir.path(), cms_tests::pki::TRUST_DOMAIN).unwrap();
+    layout.create_dirs().unwrap();
+    let any = "127.0.0.1:0".parse().unwrap();
+    let peers = Peers {
+        gateway: Some("127.0.0.1:1".parse().unwrap()),
+        ..Peers::default()
+    };
+    let extra = format!(
+        "[cards]\nvirtual_card = {:?}\n",
+        card_file.display().to_string()
+    );
+    let text = layout
+        .service_config(
+            "agent",
+            Ports {
+                grpc: any,
+                ops: any,
+            },
+            &peers,
+            &extra,
+        )
+        .unwrap();
+    let config_file = dir.path().join("agent.toml");
+    std::fs::write(&config_file, &text).unwrap();
+
+    // The service serves it...
+    let config: Config = cms_kit::config::from_toml(&text).unwrap();
+    let socket = config.local_api.socket_path(&config.data_dir);
+    let running = Running::start(config, cms_agent::run).await;
+    let mut api = Api::socket(&socket).await.unwrap();
+    let readers = api.readers().await.unwrap();
+    assert_eq!(readers[0].name, cms_agent::VIRTUAL_READER);
+    let challenge = api.challenge("").await.unwrap();
+    let result = api
+        .apply(ApplyResponseRequest {
+            session_handle: challenge.session_handle,
+            response: Some(respond(&admin_key, challenge.challenge.as_ref().unwrap())),
+            new_pin: NEW_PIN.into(),
+            pin_policy: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        result.outcome,
+        UnblockOutcome::Success as i32,
+        "{}",
+        result.message
+    );
+    drop(api);
+    running.stop().await.unwrap();
+    // ...persistently: the card file holds the new PIN.
+    let after = cms_card::sim::CardState::load(&card_file).unwrap();
+    assert_eq!(&after.pin[..], NEW_PIN.as_bytes());
+
+    // And the commands use it directly with --config.
+    let out = Command::new(cms_tests::binary("cms-agent"))
+        .arg("--config")
+        .arg(&config_file)
+        .args(["card", "--direct", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["profile"], "minidriver");
+    assert_eq!(info["pin_tries_left"], 3);
+}

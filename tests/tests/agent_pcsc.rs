@@ -473,7 +473,12 @@ fn cli_so_unblock_and_piv_unblock_in_script_mode() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
         let out = child.wait_with_output().unwrap();
         let text = String::from_utf8(out.stdout.clone()).unwrap();
         let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or("{}"))
@@ -490,13 +495,28 @@ fn cli_so_unblock_and_piv_unblock_in_script_mode() {
     let last = typo.pop().unwrap();
     typo.push(if last == '0' { '1' } else { '0' });
     let (code, result) = run(&card, "so-unblock", format!("{typo}\n{NEW_PIN}\n"));
-    assert_eq!((code, result["outcome"].as_str()), (Some(1), Some("checksum_mismatch")), "{result}");
     assert_eq!(
-        card.apdus().iter().filter(|e| e.ins == EXTERNAL_AUTHENTICATE && e.lc > 0).count(),
+        (code, result["outcome"].as_str()),
+        (Some(1), Some("checksum_mismatch")),
+        "{result}"
+    );
+    assert_eq!(
+        card.apdus()
+            .iter()
+            .filter(|e| e.ins == EXTERNAL_AUTHENTICATE && e.lc > 0)
+            .count(),
         0
     );
-    let (code, result) = run(&card, "so-unblock", format!("{}\n{NEW_PIN}\n", key.display().as_str()));
-    assert_eq!((code, result["outcome"].as_str()), (Some(0), Some("success")), "{result}");
+    let (code, result) = run(
+        &card,
+        "so-unblock",
+        format!("{}\n{NEW_PIN}\n", key.display().as_str()),
+    );
+    assert_eq!(
+        (code, result["outcome"].as_str()),
+        (Some(0), Some("success")),
+        "{result}"
+    );
     assert_eq!(&CardState::load(&file).unwrap().pin[..], NEW_PIN.as_bytes());
     drop(card);
 
@@ -509,9 +529,16 @@ fn cli_so_unblock_and_piv_unblock_in_script_mode() {
     let (code, result) = run(
         &card,
         "unblock",
-        format!("{puk_text}\n{}\n{NEW_PIN}\n", cms_cardcrypto::checksum(&puk)),
+        format!(
+            "{puk_text}\n{}\n{NEW_PIN}\n",
+            cms_cardcrypto::checksum(&puk)
+        ),
     );
-    assert_eq!((code, result["outcome"].as_str()), (Some(0), Some("success")), "{result}");
+    assert_eq!(
+        (code, result["outcome"].as_str()),
+        (Some(0), Some("success")),
+        "{result}"
+    );
     assert_eq!(&CardState::load(&file).unwrap().pin[..], NEW_PIN.as_bytes());
 }
 

@@ -99,6 +99,10 @@ pub struct CardSettings {
     /// PIN policy applied when a request carries none (offline, no template at hand).
     #[serde(default)]
     pub pin_policy: Option<PinPolicySettings>,
+    /// A `cms-vcard new` card file served from an in-process reader instead of PC/SC
+    /// (development and demos without pcscd). Unset: the PC/SC readers.
+    #[serde(default)]
+    pub virtual_card: Option<PathBuf>,
 }
 
 impl Default for CardSettings {
@@ -106,6 +110,7 @@ impl Default for CardSettings {
         Self {
             challenge_timeout_ms: default_challenge_timeout_ms(),
             pin_policy: None,
+            virtual_card: None,
         }
     }
 }

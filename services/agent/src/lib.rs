@@ -193,13 +193,26 @@ pub fn run(
     listeners: Listeners,
     shutdown: Shutdown,
 ) -> cms_kit::service::ServiceFuture<Error> {
-    Box::pin(serve_agent(
-        config,
-        listeners,
-        shutdown,
-        Arc::new(PcscReaders),
+    Box::pin(async move {
+        let readers = readers_for(&config.cards)?;
+        serve_agent(config, listeners, shutdown, readers).await
+    })
+}
+
+/// The readers `[cards]` asks for: PC/SC, or the in-process virtual card of a card file.
+pub fn readers_for(settings: &CardSettings) -> Result<Arc<dyn Readers>, Error> {
+    let Some(path) = &settings.virtual_card else {
+        return Ok(Arc::new(PcscReaders));
+    };
+    let card = cms_card::sim::VirtualCard::open(path)
+        .map_err(|e| Error::Refused(format!("cards.virtual_card: {e}")))?;
+    Ok(Arc::new(
+        card::sim::SimReaders::default().with(VIRTUAL_READER, cms_card::sim::SimReader::new(card)),
     ))
 }
+
+/// The reader name of `[cards] virtual_card`.
+pub const VIRTUAL_READER: &str = "CMS Virtual Card 00 00";
 
 /// [`run`] with other readers (the in-process virtual card in tests and `cms up`).
 pub fn run_with_readers(

@@ -16,6 +16,6 @@ fn main() -> ExitCode {
                 .or_else(|| std::env::var_os("CMS_AGENT_CONFIG").map(Into::into));
             cms_kit::service::main("agent", config_path.as_deref(), cms_agent::run)
         }
-        Some(command) => cli::run(command),
+        Some(command) => cli::run(command, args.config.as_deref()),
     }
 }

@@ -8,10 +8,8 @@ mod unblock;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use cms_agent::CardSettings;
-use cms_agent::card::readers::PcscReaders;
 use cms_agent::client::Api;
 use tokio_stream::StreamExt;
 
@@ -70,8 +68,20 @@ pub enum Command {
     SoUnblock(unblock::SoUnblockArgs),
 }
 
-/// Runs a command on a small runtime; the exit code says how it went.
-pub fn run(command: Command) -> ExitCode {
+/// Runs a command on a small runtime; the exit code says how it went. With `--config`, direct
+/// mode uses that config's `[cards]` (its PIN policy, or its virtual card).
+pub fn run(command: Command, config: Option<&std::path::Path>) -> ExitCode {
+    let cards = match config {
+        Some(path) => match cms_kit::config::load::<cms_agent::Config>("agent", Some(path)) {
+            Ok(config) => config.cards,
+            Err(e) => {
+                eprintln!("cms-agent: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => CardSettings::default(),
+    };
+    let _ = CARDS.set(cards);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -104,10 +114,15 @@ pub fn run(command: Command) -> ExitCode {
     }
 }
 
+/// `[cards]` of the config given with `--config` (direct mode).
+static CARDS: std::sync::OnceLock<CardSettings> = std::sync::OnceLock::new();
+
 /// The API the flags ask for.
 pub async fn connect(connect: &Connect) -> Result<Api, String> {
     if connect.direct || !connect.socket.exists() {
-        return Ok(Api::direct(Arc::new(PcscReaders), &CardSettings::default()));
+        let settings = CARDS.get_or_init(CardSettings::default);
+        let readers = cms_agent::readers_for(settings).map_err(|e| e.to_string())?;
+        return Ok(Api::direct(readers, settings));
     }
     Api::socket(&connect.socket)
         .await
