@@ -15,7 +15,7 @@ use cms_proto::agent::v1::{
 use cms_proto::common::v1::TypedCode;
 use cms_proto::template::v1::PinPolicy;
 use tokio_stream::Stream;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::card::minidriver;
 use crate::card::profile::{CardFacts, Profile, detect};
@@ -23,6 +23,22 @@ use crate::card::readers::{ReaderEvent, Readers, Sharing, Watch, WatchGuard, cho
 use crate::config::CardSettings;
 use crate::error::Error;
 use crate::unblock::{codes, pin, puk, session::Sessions, so_token};
+
+/// A typed code from a request, wiped when dropped.
+struct SecretCode(TypedCode);
+
+impl From<TypedCode> for SecretCode {
+    fn from(code: TypedCode) -> Self {
+        SecretCode(code)
+    }
+}
+
+impl Drop for SecretCode {
+    fn drop(&mut self) {
+        self.0.hex.zeroize();
+        self.0.checksum.zeroize();
+    }
+}
 
 /// Readers, open challenge sessions and the configured PIN policy.
 pub struct CardService {
@@ -111,21 +127,23 @@ impl CardService {
         })
     }
 
-    pub async fn apply_response(&self, request: ApplyResponseRequest) -> UnblockResult {
+    pub async fn apply_response(&self, mut request: ApplyResponseRequest) -> UnblockResult {
+        // The secrets leave the request at once, into memory that is wiped.
+        let new_pin = Zeroizing::new(std::mem::take(&mut request.new_pin));
+        let typed = request.response.take().map(SecretCode::from);
         let facts = match self.sessions.facts(&request.session_handle) {
             Ok(f) => f,
             Err(r) => return r,
         };
         // Checked before the card sees a byte; on these errors the session stays open.
-        let response = match codes::response(request.response.as_ref(), facts.challenge_length) {
+        let response = match codes::response(typed.as_ref().map(|t| &t.0), facts.challenge_length) {
             Ok(r) => r,
             Err(r) => return r,
         };
         let policy = pin::in_force(request.pin_policy.as_ref(), self.policy.as_ref());
-        if let Err(r) = pin::check(&request.new_pin, policy, Profile::Minidriver) {
+        if let Err(r) = pin::check(&new_pin, policy, Profile::Minidriver) {
             return r;
         }
-        let new_pin = Zeroizing::new(request.new_pin.clone());
         self.sessions
             .apply(&request.session_handle, response, new_pin)
             .await
@@ -142,7 +160,15 @@ impl CardService {
     ) -> Result<UnblockResult, Error> {
         let readers = self.readers.clone();
         let policy = self.policy.clone();
-        blocking(move || puk::unblock(&*readers, &request, policy.as_ref())).await
+        blocking(move || {
+            let mut request = request;
+            let result = puk::unblock(&*readers, &request, policy.as_ref());
+            request.puk.zeroize();
+            request.puk_checksum.zeroize();
+            request.new_pin.zeroize();
+            result
+        })
+        .await
     }
 
     pub async fn unblock_so_token(
@@ -151,7 +177,16 @@ impl CardService {
     ) -> Result<UnblockResult, Error> {
         let readers = self.readers.clone();
         let policy = self.policy.clone();
-        blocking(move || so_token::unblock(&*readers, &request, policy.as_ref())).await
+        blocking(move || {
+            let mut request = request;
+            let result = so_token::unblock(&*readers, &request, policy.as_ref());
+            if let Some(key) = request.so_unblock_key.take() {
+                drop(SecretCode::from(key));
+            }
+            request.new_pin.zeroize();
+            result
+        })
+        .await
     }
 
     /// Reader and card events until the stream is dropped.
