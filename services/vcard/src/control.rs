@@ -17,6 +17,52 @@ use crate::vpcd::Reader;
 /// How long `insert` and `wait-ready` wait for pcscd to see the card.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The control commands.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ControlCommand {
+    /// Pull the card out of the reader.
+    Remove,
+    /// Put it back (waits until pcscd has seen it).
+    Insert,
+    /// Print `inserted=… connected=… powered=… ready=…`.
+    Status,
+    /// Wait until pcscd has seen the card.
+    WaitReady,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ControlArgs {
+    /// The running card's control socket (`cms-vcard run --control`).
+    #[arg(long)]
+    socket: std::path::PathBuf,
+    /// What to do.
+    #[arg(value_enum)]
+    command: ControlCommand,
+}
+
+/// `cms-vcard control`: one command, its answer on stdout; fails unless the answer is `ok`
+/// (or a status line).
+pub fn send(args: &ControlArgs) -> anyhow::Result<()> {
+    let mut stream = UnixStream::connect(&args.socket)
+        .with_context(|| format!("control socket {}", args.socket.display()))?;
+    let line = match args.command {
+        ControlCommand::Remove => "remove",
+        ControlCommand::Insert => "insert",
+        ControlCommand::Status => "status",
+        ControlCommand::WaitReady => "wait-ready",
+    };
+    writeln!(stream, "{line}")?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer)?;
+    let answer = answer.trim_end();
+    println!("{answer}");
+    match args.command {
+        ControlCommand::Status => Ok(()),
+        _ if answer == "ok" => Ok(()),
+        _ => anyhow::bail!("the card answered {answer}"),
+    }
+}
+
 pub fn spawn(path: &Path, reader: Reader) -> anyhow::Result<()> {
     // A stale socket from a killed run would make bind fail.
     let _ = std::fs::remove_file(path);

@@ -7,6 +7,7 @@
 //!   "Virtual PCD 00 00". The card file is rewritten on every change; an optional APDU log
 //!   records command headers and status words; an optional control socket pulls the card out and
 //!   puts it back (`remove`, `insert`, `status`, `wait-ready`).
+//! * `cms-vcard control --socket S remove` sends one such command.
 
 mod control;
 mod new;
@@ -34,6 +35,8 @@ enum Command {
     New(new::NewArgs),
     /// Serves a card file to vpcd.
     Run(RunArgs),
+    /// Sends one command to a running card's control socket and prints the answer.
+    Control(control::ControlArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::New(args) => new::run(&args),
         Command::Run(args) => run(args),
+        Command::Control(args) => control::send(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

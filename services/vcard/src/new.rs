@@ -168,3 +168,112 @@ pub fn run(args: &NewArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: NewArgs,
+    }
+
+    fn new_card(dir: &std::path::Path, args: &[&str]) -> anyhow::Result<CardState> {
+        let out = dir.join("card.toml");
+        let mut argv = vec!["new", "--out", out.to_str().expect("utf-8"), "--force"];
+        argv.extend_from_slice(args);
+        run(&Cli::try_parse_from(argv)?.args)?;
+        Ok(CardState::load(&out)?)
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        cms_cardcrypto::format_groups(bytes).replace(' ', "")
+    }
+
+    /// The admin key is diversified exactly as custody does it (shared/vectors).
+    #[test]
+    fn diversifies_the_admin_key_from_a_master_key() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // gp-emv uses the rightmost 10 bytes of the card id.
+        let card = new_card(
+            dir.path(),
+            &[
+                "--profile",
+                "minidriver",
+                "--card-id",
+                "00000000 00000001 02030405 06070809",
+                "--master-key",
+                "404142434445464748494A4B4C4D4E4F",
+                "--scheme",
+                "gp-emv",
+            ],
+        )
+        .expect("card");
+        assert_eq!(
+            hex(card.admin_key.expose_bytes()),
+            "0EF59FCBF8019B62E62AF6EA20B8BF250EF59FCBF8019B62"
+        );
+        // sp800-108-cmac binds the whole card id and the key version.
+        let card = new_card(
+            dir.path(),
+            &[
+                "--profile",
+                "piv",
+                "--card-id",
+                "6F1D2B3C4D5E6F708192A3B4C5D6E7F8",
+                "--master-key",
+                "000102030405060708090A0B0C0D0E0F101112131415161718191A1B1C1D1E1F",
+                "--scheme",
+                "sp800-108-cmac",
+                "--key-version",
+                "2",
+            ],
+        )
+        .expect("card");
+        assert_eq!(card.admin_key.algorithm(), KeyAlgorithm::Aes256);
+        assert_eq!(
+            hex(card.admin_key.expose_bytes()),
+            "19DE9A9AC9976B4DFC062C7466920EB591000095A02563995372EF5B76B47796"
+        );
+        assert_eq!(card.puk_tries, state::PUK_TRIES);
+    }
+
+    #[test]
+    fn refuses_what_a_card_cannot_hold() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let err = new_card(dir.path(), &["--profile", "minidriver"]).expect_err("no key");
+        assert!(err.to_string().contains("--master-key"), "{err}");
+        let err = new_card(dir.path(), &["--profile", "piv", "--pin", "12"]).expect_err("short");
+        assert!(err.to_string().contains("pin"), "{err}");
+        let err = new_card(
+            dir.path(),
+            &[
+                "--profile",
+                "minidriver",
+                "--admin-key",
+                "0011",
+                "--algorithm",
+                "aes-128",
+            ],
+        )
+        .expect_err("short key");
+        assert!(err.to_string().contains("--admin-key"), "{err:#}");
+        let err = new_card(
+            dir.path(),
+            &[
+                "--profile",
+                "minidriver",
+                "--admin-key",
+                "00112233445566778899AABBCCDDEEFF",
+                "--algorithm",
+                "aes-128",
+                "--puk",
+                "12345678",
+            ],
+        )
+        .expect_err("puk");
+        assert!(err.to_string().contains("PUK"), "{err}");
+    }
+}

@@ -323,6 +323,33 @@ mod tests {
         );
     }
 
+    /// pcscd restarted: vpcd's connection goes away without a removal; the card reconnects and
+    /// its RAM (here: the PIN verification) is gone.
+    #[test]
+    fn reconnects_when_vpcd_goes_away() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("addr").to_string();
+        let reader = Reader::new();
+        let serving = reader.clone();
+        std::thread::spawn(move || {
+            let mut card = piv_card();
+            let _ = serve(&address, &mut card, &serving);
+        });
+        let verify = [
+            0, 0x20, 0, 0x80, 8, b'1', b'2', b'3', b'4', b'5', b'6', 0xFF, 0xFF,
+        ];
+        let (mut vpcd, _) = listener.accept().expect("card connects");
+        vpcd.write_all(&frame(&verify)).expect("write");
+        assert_eq!(read_frame(&mut vpcd), [0x90, 0x00]);
+        vpcd.write_all(&frame(&[0, 0x20, 0, 0x80])).expect("write");
+        assert_eq!(read_frame(&mut vpcd), [0x90, 0x00]);
+        drop(vpcd);
+        let (mut vpcd, _) = listener.accept().expect("card reconnects");
+        vpcd.write_all(&frame(&[0, 0x20, 0, 0x80])).expect("write");
+        assert_eq!(read_frame(&mut vpcd), [0x63, 0xC3], "verification survived");
+        assert!(reader.status().starts_with("inserted=1 connected=1"));
+    }
+
     /// Plays vpcd: ATR, power on, an APDU sent as vpcd sends it (length and payload in two
     /// writes), then a removal through the control path and a reconnection.
     #[test]
