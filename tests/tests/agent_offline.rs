@@ -245,6 +245,8 @@ async fn card_info_of_both_profiles() {
     assert_eq!(info.profile, CardProfile::Minidriver as i32);
     assert_eq!(info.card_id, card.card_id);
     assert_eq!(info.challenge_length, 16);
+    // The product from the ATR's historical bytes, the profile from SELECT.
+    assert_eq!(info.description, "CMS virtual card (minidriver)");
     assert_eq!(info.admin_tries_left, Some(5));
     assert!(info.pin_blocked);
 

@@ -83,6 +83,18 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02X}")).collect()
 }
 
+/// What the ATR's historical bytes say about the product, where we know it.
+fn product_from_atr(atr: &[u8]) -> Option<&'static str> {
+    let contains = |needle: &[u8]| atr.windows(needle.len()).any(|w| w == needle);
+    if contains(b"CMSvcard") {
+        Some("CMS virtual card")
+    } else if contains(b"YubiKey") || contains(b"Yubikey") {
+        Some("YubiKey")
+    } else {
+        None
+    }
+}
+
 /// Detects the profile and reads identifier and counters. Commands sent: SELECT, GET DATA,
 /// VERIFY and EXTERNAL AUTHENTICATE without data (they only report counters: nothing is
 /// burned), and on PIV the YubiKey GET SERIAL / GET VERSION / GET METADATA.
@@ -99,9 +111,10 @@ pub fn detect(tx: &mut dyn CardTransaction, reader: &str) -> Result<CardFacts, C
         facts.serial = serial.map(|s| s.to_string()).unwrap_or_default();
         facts.pin_tries_left = piv::pin_tries(tx)?;
         facts.admin_tries_left = piv::puk_tries(tx)?;
+        let product = product_from_atr(&facts.atr).unwrap_or("PIV card");
         facts.description = match piv::version(tx)? {
-            Some([a, b, c]) => format!("PIV card (YubiKey-compatible {a}.{b}.{c})"),
-            None => "PIV card".into(),
+            Some([a, b, c]) => format!("{product} (PIV, YubiKey-compatible {a}.{b}.{c})"),
+            None => format!("{product} (PIV)"),
         };
         return Ok(facts);
     }
@@ -111,7 +124,8 @@ pub fn detect(tx: &mut dyn CardTransaction, reader: &str) -> Result<CardFacts, C
         facts.card_id = id;
         facts.pin_tries_left = minidriver::pin_tries(tx)?;
         facts.admin_tries_left = minidriver::admin_tries(tx)?;
-        facts.description = "minidriver card".into();
+        let product = product_from_atr(&facts.atr).unwrap_or("smart card");
+        facts.description = format!("{product} (minidriver)");
     }
     Ok(facts)
 }
