@@ -68,13 +68,9 @@ pub fn card(card: &CardInfo, as_json: bool) {
     };
     let tries = |t: Option<u32>| t.map_or("unknown".to_owned(), |t| t.to_string());
     println!("reader:      {}", card.reader);
-    println!(
-        "card:        {} ({})",
-        card.description,
-        profile_name(card.profile)
-    );
+    println!("card:        {}", card.description);
     println!("card id:     {}", hex(&card.card_id));
-    if !card.serial.is_empty() {
+    if !card.serial.is_empty() && card.serial != hex(&card.card_id) {
         println!("serial:      {}", card.serial);
     }
     println!(
