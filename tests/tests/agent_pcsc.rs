@@ -569,7 +569,7 @@ async fn bench_offline_unblock() {
     times.sort();
     let pct = |p: f64| times[((times.len() as f64 - 1.0) * p).round() as usize];
     println!(
-        "offline unblock at the card (ApplyResponse over the agent socket -> EXTERNAL AUTHENTICATE -> RESET RETRY COUNTER -> VERIFY), {} rounds: median {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        "offline unblock at the card (ApplyResponse over the agent socket -> EXTERNAL AUTHENTICATE -> RESET RETRY COUNTER -> VERIFY -> disconnect with card reset), {} rounds: median {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         times.len(),
         pct(0.5).as_secs_f64() * 1e3,
         pct(0.9).as_secs_f64() * 1e3,
