@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod custody;
 pub mod inproc;
 pub mod ldap;
+pub mod pcsc;
 pub mod pki;
 pub mod postgres;
 pub mod softhsm;

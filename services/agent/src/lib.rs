@@ -1,15 +1,27 @@
-//! The card agent beside the readers: a local API for the UI and CLI, and an outbound link to
-//! the gateway through which the gateway can drive a card (online unblock).
+//! The card agent beside the readers: a local API for the desktop app, the CLI and a
+//! logon-screen plugin (on a Unix domain socket, and on loopback TCP with mutual TLS), the
+//! card code over PC/SC, the offline unblock flows, and an outbound link to the gateway through
+//! which the gateway can drive a card (online unblock).
 //!
-//! This is the agent skeleton (config, local API, gateway link); PC/SC, card profiles and the
-//! virtual card land with the agent issue.
+//! Module map: [`card`] (readers, profiles, APDU sequences), [`unblock`] (the flows and the
+//! checks before the card), [`service`] (the card half of the gRPC service), [`local`] (the
+//! Unix socket), `link` (the gateway link), [`client`] (what the CLI uses).
 
+pub mod card;
+pub mod client;
 mod config;
 mod error;
 mod link;
+pub mod local;
+pub mod service;
+pub mod unblock;
 
-pub use config::{Config, LinkSettings};
+pub use config::{
+    CardSettings, Config, LinkSettings, LocalApiSettings, PinClass, PinPolicySettings,
+};
 pub use error::Error;
+
+use std::sync::Arc;
 
 use cms_kit::metrics::Metrics;
 use cms_kit::ops::Readiness;
@@ -18,27 +30,57 @@ use cms_kit::shutdown::Shutdown;
 use cms_kit::tls::TlsSource;
 use cms_proto::agent::v1::agent_service_server::{AgentService, AgentServiceServer};
 use cms_proto::agent::v1::{
-    GetAgentStatusRequest, GetAgentStatusResponse, ListReadersRequest, ListReadersResponse,
+    ApplyResponseRequest, ApplyResponseResponse, CancelChallengeRequest, CancelChallengeResponse,
+    GetAgentStatusRequest, GetAgentStatusResponse, GetCardInfoRequest, GetCardInfoResponse,
+    GetChallengeRequest, GetChallengeResponse, ListReadersRequest, ListReadersResponse,
+    UnblockSoTokenRequest, UnblockSoTokenResponse, UnblockWithPukRequest, UnblockWithPukResponse,
+    WatchReadersRequest, WatchReadersResponse,
 };
+use cms_proto::common::v1::CardProfile;
 use cms_proto::gateway::v1::Hello;
 
+use crate::card::readers::{PcscReaders, Readers};
+use crate::service::CardService;
+
 pub const NAME: &str = "agent";
-const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The AgentService implementation.
 pub struct Agent {
     agent_id: String,
     gateway_address: String,
     link: link::LinkState,
-    _db: sea_orm::DatabaseConnection,
+    cards: CardService,
+    _db: Option<sea_orm::DatabaseConnection>,
 }
+
+impl Agent {
+    /// An agent with no gateway link and no database: the card flows only (the CLI without
+    /// a running agent, tests).
+    pub fn offline(readers: Arc<dyn Readers>, settings: &CardSettings) -> Self {
+        Agent {
+            agent_id: "local".into(),
+            gateway_address: String::new(),
+            link: link::LinkState::default(),
+            cards: CardService::new(readers, settings),
+            _db: None,
+        }
+    }
+
+    /// The card half (also used in-process by the CLI).
+    pub fn cards(&self) -> &CardService {
+        &self.cards
+    }
+}
+
+type Res<T> = Result<tonic::Response<T>, tonic::Status>;
 
 #[tonic::async_trait]
 impl AgentService for Agent {
     async fn get_agent_status(
         &self,
         _request: tonic::Request<GetAgentStatusRequest>,
-    ) -> Result<tonic::Response<GetAgentStatusResponse>, tonic::Status> {
+    ) -> Res<GetAgentStatusResponse> {
         let (connected, since) = self.link.get();
         Ok(tonic::Response::new(GetAgentStatusResponse {
             agent_id: self.agent_id.clone(),
@@ -46,15 +88,86 @@ impl AgentService for Agent {
             gateway_connected: connected,
             gateway_address: self.gateway_address.clone(),
             connection_changed_at: Some(since.into()),
-            supported_profiles: Vec::new(),
+            supported_profiles: vec![CardProfile::Minidriver as i32, CardProfile::Piv as i32],
         }))
     }
 
     async fn list_readers(
         &self,
         _request: tonic::Request<ListReadersRequest>,
-    ) -> Result<tonic::Response<ListReadersResponse>, tonic::Status> {
-        Ok(tonic::Response::new(ListReadersResponse::default()))
+    ) -> Res<ListReadersResponse> {
+        Ok(tonic::Response::new(self.cards.list_readers().await?))
+    }
+
+    async fn watch_readers(
+        &self,
+        request: tonic::Request<WatchReadersRequest>,
+    ) -> Res<
+        std::pin::Pin<
+            Box<
+                dyn tokio_stream::Stream<Item = Result<WatchReadersResponse, tonic::Status>> + Send,
+            >,
+        >,
+    > {
+        let stream = self.cards.watch(request.get_ref().initial_state).await?;
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
+
+    async fn get_card_info(
+        &self,
+        request: tonic::Request<GetCardInfoRequest>,
+    ) -> Res<GetCardInfoResponse> {
+        Ok(tonic::Response::new(
+            self.cards.card_info(request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_challenge(
+        &self,
+        request: tonic::Request<GetChallengeRequest>,
+    ) -> Res<GetChallengeResponse> {
+        Ok(tonic::Response::new(
+            self.cards.get_challenge(request.into_inner()).await?,
+        ))
+    }
+
+    async fn apply_response(
+        &self,
+        request: tonic::Request<ApplyResponseRequest>,
+    ) -> Res<ApplyResponseResponse> {
+        let result = self.cards.apply_response(request.into_inner()).await;
+        Ok(tonic::Response::new(ApplyResponseResponse {
+            result: Some(result),
+        }))
+    }
+
+    async fn cancel_challenge(
+        &self,
+        request: tonic::Request<CancelChallengeRequest>,
+    ) -> Res<CancelChallengeResponse> {
+        Ok(tonic::Response::new(
+            self.cards.cancel_challenge(request.get_ref()),
+        ))
+    }
+
+    async fn unblock_with_puk(
+        &self,
+        request: tonic::Request<UnblockWithPukRequest>,
+    ) -> Res<UnblockWithPukResponse> {
+        let result = self.cards.unblock_with_puk(request.into_inner()).await?;
+        Ok(tonic::Response::new(UnblockWithPukResponse {
+            result: Some(result),
+        }))
+    }
+
+    async fn unblock_so_token(
+        &self,
+        request: tonic::Request<UnblockSoTokenRequest>,
+    ) -> Res<UnblockSoTokenResponse> {
+        let result = self.cards.unblock_so_token(request.into_inner()).await?;
+        Ok(tonic::Response::new(UnblockSoTokenResponse {
+            result: Some(result),
+        }))
     }
 }
 
@@ -70,8 +183,8 @@ fn agent_id(tls: &TlsSource) -> Result<String, Error> {
     }
 }
 
-/// Serves the agent's local API on `listeners` and keeps the gateway link up until
-/// `shutdown`.
+/// Serves the agent's local API on `listeners` and on its Unix socket, and keeps the gateway
+/// link up until `shutdown`. Cards are reached through PC/SC.
 ///
 /// Boxed so that the service's async code is compiled once, in this crate: a binary or test
 /// that awaited the bare future would compile all of it again (minutes per binary).
@@ -80,17 +193,51 @@ pub fn run(
     listeners: Listeners,
     shutdown: Shutdown,
 ) -> cms_kit::service::ServiceFuture<Error> {
-    Box::pin(serve_agent(config, listeners, shutdown))
+    Box::pin(async move {
+        let readers = readers_for(&config.cards)?;
+        serve_agent(config, listeners, shutdown, readers).await
+    })
+}
+
+/// The readers `[cards]` asks for: PC/SC, or the in-process virtual card of a card file.
+pub fn readers_for(settings: &CardSettings) -> Result<Arc<dyn Readers>, Error> {
+    let Some(path) = &settings.virtual_card else {
+        return Ok(Arc::new(PcscReaders));
+    };
+    let card = cms_card::sim::VirtualCard::open(path)
+        .map_err(|e| Error::Refused(format!("cards.virtual_card: {e}")))?;
+    Ok(Arc::new(
+        card::sim::SimReaders::default().with(VIRTUAL_READER, cms_card::sim::SimReader::new(card)),
+    ))
+}
+
+/// The reader name of `[cards] virtual_card`.
+pub const VIRTUAL_READER: &str = "CMS Virtual Card 00 00";
+
+/// [`run`] with other readers (the in-process virtual card in tests and `cms up`).
+pub fn run_with_readers(
+    config: Config,
+    listeners: Listeners,
+    shutdown: Shutdown,
+    readers: Arc<dyn Readers>,
+) -> cms_kit::service::ServiceFuture<Error> {
+    Box::pin(serve_agent(config, listeners, shutdown, readers))
 }
 
 async fn serve_agent(
     config: Config,
     listeners: Listeners,
     shutdown: Shutdown,
+    readers: Arc<dyn Readers>,
 ) -> Result<(), Error> {
     let tls = TlsSource::load(config.tls)?;
     let agent_id = agent_id(&tls)?;
     let db = cms_kit::db::connect(&config.database, &config.data_dir, NAME).await?;
+    let socket = if config.local_api.enabled {
+        Some(local::bind(&config.local_api, &config.data_dir)?)
+    } else {
+        None
+    };
     let state = link::LinkState::default();
     let link_task = match &config.gateway {
         Some(gateway) => {
@@ -112,7 +259,7 @@ async fn serve_agent(
             None
         }
     };
-    let agent = Agent {
+    let agent = Arc::new(Agent {
         agent_id,
         gateway_address: config
             .gateway
@@ -120,9 +267,23 @@ async fn serve_agent(
             .map(|g| g.address.clone())
             .unwrap_or_default(),
         link: state,
-        _db: db,
-    };
-    let routes = tonic::service::Routes::new(AgentServiceServer::new(agent));
+        cards: CardService::new(readers, &config.cards),
+        _db: Some(db),
+    });
+    let metrics = Metrics::new(NAME);
+    let grace = std::time::Duration::from_millis(config.server.shutdown_grace_ms);
+    let local_task = socket.map(|socket| {
+        let routes = tonic::service::Routes::new(AgentServiceServer::from_arc(agent.clone()));
+        tokio::spawn(local::serve(
+            routes,
+            socket,
+            metrics.clone(),
+            VERSION,
+            grace,
+            shutdown.clone(),
+        ))
+    });
+    let routes = tonic::service::Routes::new(AgentServiceServer::from_arc(agent));
     let spec = Serve {
         name: NAME,
         version: VERSION,
@@ -132,11 +293,16 @@ async fn serve_agent(
         access: config.access,
         tls,
         readiness: Readiness::new("starting"),
-        metrics: Metrics::new(NAME),
+        metrics,
     };
     let served = cms_kit::server::serve(spec, routes, listeners, shutdown).await;
     if let Some(task) = link_task {
         task.abort();
+    }
+    if let Some(task) = local_task
+        && let Ok(Err(e)) = task.await
+    {
+        tracing::warn!(error = %e, "local API");
     }
     served?;
     Ok(())
