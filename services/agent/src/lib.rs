@@ -44,6 +44,8 @@ use crate::service::CardService;
 
 pub const NAME: &str = "agent";
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The gRPC services the agent serves, on its mTLS port and on its local socket.
+const SERVICES: &[&str] = &["cms.agent.v1.AgentService"];
 
 /// The AgentService implementation.
 pub struct Agent {
@@ -272,6 +274,9 @@ async fn serve_agent(
     });
     let metrics = Metrics::new(NAME);
     let grace = std::time::Duration::from_millis(config.server.shutdown_grace_ms);
+    // The socket serves the agent's API alone (no health or reflection there).
+    let local_api = cms_kit::served::ServedApi::new(&[cms_proto::FILE_DESCRIPTOR_SET], SERVICES)
+        .map_err(|e| Error::LocalApi(e.to_string()))?;
     let local_task = socket.map(|socket| {
         let routes = tonic::service::Routes::new(AgentServiceServer::from_arc(agent.clone()));
         tokio::spawn(local::serve(
@@ -279,6 +284,7 @@ async fn serve_agent(
             socket,
             metrics.clone(),
             VERSION,
+            local_api,
             grace,
             shutdown.clone(),
         ))
@@ -287,7 +293,7 @@ async fn serve_agent(
     let spec = Serve {
         name: NAME,
         version: VERSION,
-        grpc_services: &["cms.agent.v1.AgentService"],
+        grpc_services: SERVICES,
         descriptors: cms_proto::FILE_DESCRIPTOR_SET,
         settings: config.server,
         access: config.access,

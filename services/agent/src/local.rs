@@ -7,6 +7,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use cms_kit::metrics::Metrics;
+use cms_kit::served::ServedApi;
 use cms_kit::shutdown::Shutdown;
 use cms_kit::trace::ServerTraceLayer;
 use tokio::net::UnixListener;
@@ -103,13 +104,14 @@ pub async fn serve(
     socket: LocalSocket,
     metrics: Metrics,
     version: &'static str,
+    api: ServedApi,
     grace: std::time::Duration,
     shutdown: Shutdown,
 ) -> Result<(), Error> {
     tracing::info!(socket = %socket.path.display(), "local API serving");
     let LocalSocket { listener, path } = socket;
     let server = tonic::transport::Server::builder()
-        .layer(ServerTraceLayer::new(metrics, version))
+        .layer(ServerTraceLayer::new(metrics, version, api))
         .add_routes(routes)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown.wait());
     tokio::pin!(server);

@@ -96,6 +96,16 @@ fn split(mut set: &[u8]) -> Result<Vec<File>, ServedError> {
 }
 
 impl ServedApi {
+    /// `services` (described in `descriptors`) plus the standard health and reflection
+    /// services every port serves.
+    pub fn with_standard(descriptors: &[u8], services: &[&str]) -> Result<Self, ServedError> {
+        let mut sets = vec![descriptors];
+        sets.extend(STANDARD_DESCRIPTORS);
+        let mut names = services.to_vec();
+        names.extend(STANDARD_SERVICES);
+        Self::new(&sets, &names)
+    }
+
     /// The API of `services` (fully qualified names), described in `descriptor_sets`
     /// (encoded `FileDescriptorSet`s; the first file of a name wins).
     pub fn new(descriptor_sets: &[&[u8]], services: &[&str]) -> Result<Self, ServedError> {

@@ -15,7 +15,7 @@ use crate::accept::{self, AcceptLimits};
 use crate::authz::{AccessSettings, AllowListLayer};
 use crate::metrics::Metrics;
 use crate::ops::{self, Readiness};
-use crate::served::{STANDARD_DESCRIPTORS, STANDARD_SERVICES, ServedApi};
+use crate::served::ServedApi;
 use crate::shutdown::Shutdown;
 use crate::tls::TlsSource;
 use crate::trace::ServerTraceLayer;
@@ -156,11 +156,7 @@ pub fn read_announce(path: &std::path::Path) -> Option<(SocketAddr, SocketAddr)>
 
 /// The service's own API plus health and reflection (v1 and v1alpha).
 fn served_api(spec: &Serve) -> Result<ServedApi, crate::served::ServedError> {
-    let mut sets = vec![spec.descriptors];
-    sets.extend(STANDARD_DESCRIPTORS);
-    let mut services = spec.grpc_services.to_vec();
-    services.extend(STANDARD_SERVICES);
-    ServedApi::new(&sets, &services)
+    ServedApi::with_standard(spec.descriptors, spec.grpc_services)
 }
 
 /// Serves until `shutdown`, then lets in-flight requests finish for at most
