@@ -160,26 +160,36 @@ fn yubico_piv_tool_authenticates_with_the_management_key() {
 
 #[test]
 fn opensc_tool_lists_the_reader_and_reads_the_atr() {
-    let piv = piv_card();
-    let minidriver = insert(&[
-        "--profile",
-        "minidriver",
-        "--admin-key",
-        AES_KEY,
-        "--algorithm",
-        "aes-128",
-    ]);
-    let out = ok(run(&piv.card, "opensc-tool", &["-l"]));
-    for setup in [&piv, &minidriver] {
+    let pcscd = Pcscd::shared();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (piv_file, md_file) = (dir.path().join("piv.toml"), dir.path().join("md.toml"));
+    new_card(&piv_file, &["--profile", "piv"]);
+    new_card(
+        &md_file,
+        &[
+            "--profile",
+            "minidriver",
+            "--admin-key",
+            AES_KEY,
+            "--algorithm",
+            "aes-128",
+        ],
+    );
+    // Both cards at once (both slots leased together), so both readers show a card.
+    let mut cards = pcscd.insert_all(&[&piv_file, &md_file]).into_iter();
+    let piv = cards.next().expect("piv");
+    let minidriver = cards.next().expect("minidriver");
+    let out = ok(run(&piv, "opensc-tool", &["-l"]));
+    for card in [&piv, &minidriver] {
         let line = out
             .lines()
-            .find(|line| line.ends_with(&setup.card.reader()))
+            .find(|line| line.ends_with(&card.reader()))
             .unwrap_or_else(|| panic!("reader missing: {out}"));
         assert!(line.contains("Yes"), "no card in {line}");
     }
-    for (setup, atr) in [(&piv, &ATR_PIV[..]), (&minidriver, &ATR_MINIDRIVER[..])] {
-        let reader = setup.card.reader();
-        let out = ok(run(&setup.card, "opensc-tool", &["-r", &reader, "-a"]));
+    for (card, atr) in [(&piv, &ATR_PIV[..]), (&minidriver, &ATR_MINIDRIVER[..])] {
+        let reader = card.reader();
+        let out = ok(run(card, "opensc-tool", &["-r", &reader, "-a"]));
         let expected = atr
             .iter()
             .map(|b| format!("{b:02x}"))
@@ -210,12 +220,15 @@ fn piv_tool_authenticate(card: &CardInReader, algorithm: &str, key: &Path) -> Ou
 #[test]
 fn opensc_piv_tool_authenticates_with_the_management_key_3des_and_aes() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let tdes = piv_card();
-    ok(piv_tool_authenticate(
-        &tdes.card,
-        "03",
-        &key_file(dir.path(), DEFAULT_KEY),
-    ));
+    {
+        let tdes = piv_card();
+        ok(piv_tool_authenticate(
+            &tdes.card,
+            "03",
+            &key_file(dir.path(), DEFAULT_KEY),
+        ));
+    }
+    // One card at a time: a test holding one slot while waiting for another can deadlock.
     let aes = insert(&[
         "--profile",
         "piv",
