@@ -369,3 +369,47 @@ fn a_blocked_card_stays_blocked_when_its_process_restarts() {
         .expect("RESET RETRY COUNTER");
     assert_eq!(last.sw, StatusWord::AUTH_METHOD_BLOCKED);
 }
+
+/// Raw APDUs through OpenSC (`opensc-tool -s`, one connection): the card's answers, in order.
+fn raw_apdus(card: &CardInReader, apdus: &[&str]) -> String {
+    let reader = card.reader();
+    let mut args = vec!["-r", reader.as_str()];
+    for apdu in apdus {
+        args.extend_from_slice(&["-s", apdu]);
+    }
+    ok(run(card, "opensc-tool", &args))
+}
+
+#[test]
+fn minidriver_admin_key_counts_down_and_challenges_die_through_pcscd() {
+    let setup = insert(&[
+        "--profile",
+        "minidriver",
+        "--master-key",
+        "404142434445464748494A4B4C4D4E4F",
+        "--scheme",
+        "gp-emv",
+    ]);
+    let card = &setup.card;
+    let challenge = "00:84:00:00:08";
+    let wrong_response = "00:82:00:01:08:00:00:00:00:00:00:00:00";
+    // A challenge followed by another command is dead: no try spent.
+    let out = raw_apdus(card, &[challenge, "00:CA:01:00:10", wrong_response]);
+    assert!(out.contains("SW1=0x69, SW2=0x85"), "{out}");
+    assert_eq!(state(card).admin_tries, 5);
+    // Wrong responses cost a try each; the fifth blocks the admin key for good.
+    for left in (0..5u8).rev() {
+        let out = raw_apdus(card, &[challenge, wrong_response]);
+        assert!(out.contains(&format!("SW1=0x63, SW2=0xC{left}")), "{out}");
+        assert_eq!(state(card).admin_tries, left);
+    }
+    let out = raw_apdus(card, &[challenge, wrong_response]);
+    assert!(out.contains("SW1=0x69, SW2=0x83"), "{out}");
+    let last = card
+        .apdus()
+        .into_iter()
+        .rev()
+        .find(|e| e.ins == 0x82)
+        .expect("EXTERNAL AUTHENTICATE");
+    assert_eq!(last.sw, StatusWord::AUTH_METHOD_BLOCKED);
+}
