@@ -72,20 +72,33 @@ pub fn require() {
     }
 }
 
+/// Where vpcd port pairs are looked for: below Linux's ephemeral range (32768-60999), so that
+/// no outgoing connection can hold one, and a card connecting while vpcd is not yet listening
+/// cannot end up connected to itself.
+const VPCD_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
 /// Two consecutive free TCP ports (vpcd binds both, on all interfaces).
 ///
 /// vpcd binds them itself, so a port pair is chosen here and released: if another process takes
 /// one in between, the vpcd slot is missing and [`Pcscd::insert`] times out with a message
 /// saying so.
 fn free_port_pair() -> u16 {
-    for _ in 0..50 {
-        let first = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind a free port");
-        let port = first.local_addr().expect("local addr").port();
-        if port < u16::MAX && TcpListener::bind((Ipv4Addr::UNSPECIFIED, port + 1)).is_ok() {
+    let span = (VPCD_PORTS.end - VPCD_PORTS.start) / 2;
+    // Start somewhere different in each process, so concurrent test binaries rarely probe
+    // the same pair.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let start = (std::process::id().wrapping_add(nanos)) % u32::from(span);
+    for offset in 0..u32::from(span) {
+        let port = VPCD_PORTS.start + 2 * ((start + offset) % u32::from(span)) as u16;
+        let first = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port));
+        let second = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port + 1));
+        if first.is_ok() && second.is_ok() {
             return port;
         }
     }
-    panic!("no two consecutive free TCP ports for vpcd");
+    panic!("no two consecutive free TCP ports for vpcd in {VPCD_PORTS:?}");
 }
 
 /// A running pcscd with a vpcd reader.
@@ -213,11 +226,17 @@ impl Pcscd {
         format!("Virtual PCD 00 {slot:02}")
     }
 
-    fn lease_slot(&self) -> usize {
+    /// Leases `count` slots at once: a test that needs two cards must not hold one slot while
+    /// waiting for another (two such tests would wait for each other forever).
+    fn lease_slots(&self, count: usize) -> Vec<usize> {
+        assert!(count <= SLOTS, "vpcd has {SLOTS} slots");
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(free) = slots.iter().position(|used| !used) {
-                slots[free] = true;
+            let free: Vec<usize> = (0..SLOTS).filter(|&i| !slots[i]).take(count).collect();
+            if free.len() == count {
+                for &slot in &free {
+                    slots[slot] = true;
+                }
                 return free;
             }
             slots = self
@@ -235,7 +254,21 @@ impl Pcscd {
     /// Inserts the card of `card_file` into a free slot: starts `cms-vcard run` against vpcd and
     /// waits until pcscd has seen the card. Blocks while both slots are taken.
     pub fn insert(self: &Arc<Self>, card_file: &Path) -> CardInReader {
-        let slot = self.lease_slot();
+        let slot = self.lease_slots(1)[0];
+        self.start_card(slot, card_file)
+    }
+
+    /// Inserts several cards at once, each in its own slot (all slots are leased together).
+    pub fn insert_all(self: &Arc<Self>, card_files: &[&Path]) -> Vec<CardInReader> {
+        let slots = self.lease_slots(card_files.len());
+        slots
+            .into_iter()
+            .zip(card_files)
+            .map(|(slot, file)| self.start_card(slot, file))
+            .collect()
+    }
+
+    fn start_card(self: &Arc<Self>, slot: usize, card_file: &Path) -> CardInReader {
         let dir = tempfile::Builder::new()
             .prefix("cms-vcard-")
             .tempdir()
@@ -253,6 +286,9 @@ impl Pcscd {
             .arg(&apdu_log)
             .arg("--control")
             .arg(&control)
+            // The card stops when this pipe closes, even if the test binary is killed.
+            .arg("--exit-on-stdin-eof")
+            .stdin(Stdio::piped())
             .stdout(output.try_clone().expect("log"))
             .stderr(output)
             .spawn()

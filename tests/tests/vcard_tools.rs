@@ -160,26 +160,36 @@ fn yubico_piv_tool_authenticates_with_the_management_key() {
 
 #[test]
 fn opensc_tool_lists_the_reader_and_reads_the_atr() {
-    let piv = piv_card();
-    let minidriver = insert(&[
-        "--profile",
-        "minidriver",
-        "--admin-key",
-        AES_KEY,
-        "--algorithm",
-        "aes-128",
-    ]);
-    let out = ok(run(&piv.card, "opensc-tool", &["-l"]));
-    for setup in [&piv, &minidriver] {
+    let pcscd = Pcscd::shared();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (piv_file, md_file) = (dir.path().join("piv.toml"), dir.path().join("md.toml"));
+    new_card(&piv_file, &["--profile", "piv"]);
+    new_card(
+        &md_file,
+        &[
+            "--profile",
+            "minidriver",
+            "--admin-key",
+            AES_KEY,
+            "--algorithm",
+            "aes-128",
+        ],
+    );
+    // Both cards at once (both slots leased together), so both readers show a card.
+    let mut cards = pcscd.insert_all(&[&piv_file, &md_file]).into_iter();
+    let piv = cards.next().expect("piv");
+    let minidriver = cards.next().expect("minidriver");
+    let out = ok(run(&piv, "opensc-tool", &["-l"]));
+    for card in [&piv, &minidriver] {
         let line = out
             .lines()
-            .find(|line| line.ends_with(&setup.card.reader()))
+            .find(|line| line.ends_with(&card.reader()))
             .unwrap_or_else(|| panic!("reader missing: {out}"));
         assert!(line.contains("Yes"), "no card in {line}");
     }
-    for (setup, atr) in [(&piv, &ATR_PIV[..]), (&minidriver, &ATR_MINIDRIVER[..])] {
-        let reader = setup.card.reader();
-        let out = ok(run(&setup.card, "opensc-tool", &["-r", &reader, "-a"]));
+    for (card, atr) in [(&piv, &ATR_PIV[..]), (&minidriver, &ATR_MINIDRIVER[..])] {
+        let reader = card.reader();
+        let out = ok(run(card, "opensc-tool", &["-r", &reader, "-a"]));
         let expected = atr
             .iter()
             .map(|b| format!("{b:02x}"))
@@ -210,12 +220,15 @@ fn piv_tool_authenticate(card: &CardInReader, algorithm: &str, key: &Path) -> Ou
 #[test]
 fn opensc_piv_tool_authenticates_with_the_management_key_3des_and_aes() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let tdes = piv_card();
-    ok(piv_tool_authenticate(
-        &tdes.card,
-        "03",
-        &key_file(dir.path(), DEFAULT_KEY),
-    ));
+    {
+        let tdes = piv_card();
+        ok(piv_tool_authenticate(
+            &tdes.card,
+            "03",
+            &key_file(dir.path(), DEFAULT_KEY),
+        ));
+    }
+    // One card at a time: a test holding one slot while waiting for another can deadlock.
     let aes = insert(&[
         "--profile",
         "piv",
@@ -354,5 +367,49 @@ fn a_blocked_card_stays_blocked_when_its_process_restarts() {
         .rev()
         .find(|e| e.ins == 0x2C)
         .expect("RESET RETRY COUNTER");
+    assert_eq!(last.sw, StatusWord::AUTH_METHOD_BLOCKED);
+}
+
+/// Raw APDUs through OpenSC (`opensc-tool -s`, one connection): the card's answers, in order.
+fn raw_apdus(card: &CardInReader, apdus: &[&str]) -> String {
+    let reader = card.reader();
+    let mut args = vec!["-r", reader.as_str()];
+    for apdu in apdus {
+        args.extend_from_slice(&["-s", apdu]);
+    }
+    ok(run(card, "opensc-tool", &args))
+}
+
+#[test]
+fn minidriver_admin_key_counts_down_and_challenges_die_through_pcscd() {
+    let setup = insert(&[
+        "--profile",
+        "minidriver",
+        "--master-key",
+        "404142434445464748494A4B4C4D4E4F",
+        "--scheme",
+        "gp-emv",
+    ]);
+    let card = &setup.card;
+    let challenge = "00:84:00:00:08";
+    let wrong_response = "00:82:00:01:08:00:00:00:00:00:00:00:00";
+    // A challenge followed by another command is dead: no try spent.
+    let out = raw_apdus(card, &[challenge, "00:CA:01:00:10", wrong_response]);
+    assert!(out.contains("SW1=0x69, SW2=0x85"), "{out}");
+    assert_eq!(state(card).admin_tries, 5);
+    // Wrong responses cost a try each; the fifth blocks the admin key for good.
+    for left in (0..5u8).rev() {
+        let out = raw_apdus(card, &[challenge, wrong_response]);
+        assert!(out.contains(&format!("SW1=0x63, SW2=0xC{left}")), "{out}");
+        assert_eq!(state(card).admin_tries, left);
+    }
+    let out = raw_apdus(card, &[challenge, wrong_response]);
+    assert!(out.contains("SW1=0x69, SW2=0x83"), "{out}");
+    let last = card
+        .apdus()
+        .into_iter()
+        .rev()
+        .find(|e| e.ins == 0x82)
+        .expect("EXTERNAL AUTHENTICATE");
     assert_eq!(last.sw, StatusWord::AUTH_METHOD_BLOCKED);
 }

@@ -54,6 +54,10 @@ struct RunArgs {
     /// Listens on this Unix socket for `remove`, `insert`, `status` and `wait-ready`.
     #[arg(long, env = "CMS_VCARD_CONTROL")]
     control: Option<PathBuf>,
+    /// Exits when standard input reaches end of file (a test harness ties the card's life to a
+    /// pipe, so a killed test leaves no card behind).
+    #[arg(long)]
+    exit_on_stdin_eof: bool,
 }
 
 fn main() -> ExitCode {
@@ -79,6 +83,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         let log = cms_card::sim::ApduLog::open(path)
             .with_context(|| format!("APDU log {}", path.display()))?;
         card = card.with_log(log);
+    }
+    if args.exit_on_stdin_eof {
+        std::thread::Builder::new()
+            .name("stdin-watch".into())
+            .spawn(|| {
+                // The state is on disk after every change: exiting here loses nothing.
+                let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+                std::process::exit(0);
+            })
+            .context("stdin watcher")?;
     }
     let reader = vpcd::Reader::new();
     if let Some(path) = &args.control {

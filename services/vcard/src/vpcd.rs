@@ -139,7 +139,7 @@ impl Reader {
 fn connect(address: &str) -> io::Result<TcpStream> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
     for addr in address.to_socket_addrs()? {
-        match TcpStream::connect(addr) {
+        match TcpStream::connect(addr).and_then(refuse_self_connection) {
             Ok(stream) => {
                 stream.set_nodelay(true)?;
                 socket2::SockRef::from(&stream).set_tcp_quickack(true)?;
@@ -149,6 +149,19 @@ fn connect(address: &str) -> io::Result<TcpStream> {
         }
     }
     Err(last)
+}
+
+/// With nothing listening on a loopback port that is also in the ephemeral range, Linux may pick
+/// that very port as the source: TCP "simultaneous open" connects the socket to itself, and the
+/// card would wait forever for vpcd (seen in the tests as a card pcscd never powers).
+fn refuse_self_connection(stream: TcpStream) -> io::Result<TcpStream> {
+    if stream.local_addr()? == stream.peer_addr()? {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            "connected to itself: nothing listens there",
+        ));
+    }
+    Ok(stream)
 }
 
 /// Serves the card forever: connects while the card is inserted, reconnects when vpcd goes
@@ -321,6 +334,30 @@ mod tests {
             per_apdu < Duration::from_millis(10),
             "{per_apdu:?} per APDU: the card delays its ACKs"
         );
+    }
+
+    /// A socket bound to the port it connects to opens to itself (TCP simultaneous open): that
+    /// is not vpcd, and the card must not wait on it.
+    #[test]
+    fn a_connection_to_itself_is_refused() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let address: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket.set_reuse_address(true).expect("reuse");
+        socket.bind(&address.into()).expect("bind");
+        socket.connect(&address.into()).expect("simultaneous open");
+        let stream: TcpStream = socket.into();
+        assert_eq!(
+            stream.local_addr().expect("local"),
+            stream.peer_addr().expect("peer")
+        );
+        let err = refuse_self_connection(stream).expect_err("refused");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
     }
 
     /// pcscd restarted: vpcd's connection goes away without a removal; the card reconnects and

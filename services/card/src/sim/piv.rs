@@ -27,7 +27,7 @@ pub(super) fn handle(
     pending: Option<Pending>,
 ) -> Answer {
     match command.ins {
-        ins::SELECT => select(card, command),
+        ins::SELECT => select(command),
         ins::GET_DATA_BER => get_data(card, command),
         ins::PUT_DATA_BER => put_data(card, command),
         ins::VERIFY => verify(card, command),
@@ -62,12 +62,11 @@ fn key_algorithm(id: u8) -> Option<KeyAlgorithm> {
     }
 }
 
-fn select(card: &mut VirtualCard, command: &Command) -> Answer {
+fn select(command: &Command) -> Answer {
     let aid = &command.data[..];
     if command.p1 != SELECT_BY_NAME || aid.len() < AID_RID_PIX.len() || !AID.starts_with(aid) {
         return Err(StatusWord::NOT_FOUND);
     }
-    let _ = card;
     // Application property template: PIX, allocation authority, supported algorithms.
     let mut body = Vec::new();
     push_tlv(&mut body, &[0x4F], &AID[5..]);
@@ -264,7 +263,7 @@ fn general_authenticate(
         return Err(StatusWord::REFERENCE_NOT_FOUND);
     }
     let key_algorithm = card.admin_key().algorithm();
-    if key_algorithm_id_matches(key_algorithm, command.p1).is_err() {
+    if algorithm_id(key_algorithm) != command.p1 {
         return Err(StatusWord::WRONG_P1P2);
     }
     card.ensure_usable(Reference::Admin)?;
@@ -330,14 +329,6 @@ fn general_authenticate(
             Ok(Response::status(StatusWord::OK))
         }
         _ => Err(StatusWord::WRONG_DATA),
-    }
-}
-
-fn key_algorithm_id_matches(key: KeyAlgorithm, p1: u8) -> Result<(), StatusWord> {
-    if algorithm_id(key) == p1 {
-        Ok(())
-    } else {
-        Err(StatusWord::WRONG_P1P2)
     }
 }
 

@@ -236,9 +236,7 @@ impl CardState {
         })?);
         let file: CardFile = toml::from_str(&text).map_err(|e| StateError::Invalid {
             path: path.to_owned(),
-            // toml's message quotes the offending line, which may be a secret: keep only the
-            // structural part.
-            reason: e.message().to_owned(),
+            reason: toml_reason(&e, &text),
         })?;
         CardState::from_file(&file, path)
     }
@@ -280,6 +278,23 @@ impl CardState {
             .and_then(|d| d.sync_all())
             .map_err(io)?;
         Ok(())
+    }
+}
+
+/// What is wrong with a card file, without its content: toml's full error quotes the offending
+/// line, and its message may quote a value ("invalid type: string \"…\""), either of which may
+/// be a PIN or a key. A message with a quote is replaced by the line number.
+fn toml_reason(error: &toml::de::Error, text: &str) -> String {
+    let message = error.message();
+    if !message.contains('"') && !message.contains('\'') {
+        return message.to_owned();
+    }
+    match error.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("invalid value on line {line}")
+        }
+        None => "not a valid card file".to_owned(),
     }
 }
 
@@ -336,6 +351,15 @@ mod tests {
         let err = CardState::load(&path).expect_err("refused").to_string();
         assert!(err.contains("admin_key"), "{err}");
         assert!(!err.contains("0102"), "{err}");
+        // A value of the wrong type: toml would quote it.
+        fs::write(
+            &path,
+            text.replace("pin_tries_left = 3", "pin_tries_left = \"s3cr3t\""),
+        )
+        .expect("writes");
+        let err = CardState::load(&path).expect_err("refused").to_string();
+        assert!(!err.contains("s3cr3t"), "{err}");
+        assert!(err.contains("line"), "{err}");
         state.pin = Zeroizing::new(b"12".to_vec());
         state.save(&path).expect("saves");
         let err = CardState::load(&path).expect_err("refused").to_string();

@@ -355,7 +355,6 @@ fn piv_management_key_authenticates_both_ways_with_3des_and_aes() {
 #[test]
 fn piv_management_key_blocks_after_five_failures_and_challenges_die() {
     let mut card = piv(KeyAlgorithm::Tdes3Key);
-    let right = card.state.admin_key.clone();
     // The witness dies with any other command.
     ga(&mut card, 0x03, vec![auth::WITNESS, 0]);
     send(&mut card, Command::new(0, 0xFD, 0, 0));
@@ -374,7 +373,6 @@ fn piv_management_key_blocks_after_five_failures_and_challenges_die() {
         ga(&mut card, 0x03, vec![auth::WITNESS, 0]).sw,
         StatusWord::AUTH_METHOD_BLOCKED
     );
-    let _ = right;
 }
 
 fn padded(a: &[u8], b: &[u8]) -> Vec<u8> {
