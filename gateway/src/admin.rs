@@ -367,7 +367,11 @@ impl AdminService for Admin {
         &self,
         r: Request<gw::CreateOperatorRequest>,
     ) -> Result<Response<gw::CreateOperatorResponse>, Status> {
-        pass!(self, r, Action::ManageOperators, directory.create_operator)
+        let answer = pass!(self, r, Action::ManageOperators, directory.create_operator);
+        if answer.is_ok() {
+            self.operators.invalidate().await;
+        }
+        answer
     }
 
     async fn get_operator(
@@ -388,7 +392,11 @@ impl AdminService for Admin {
         &self,
         r: Request<gw::UpdateOperatorRequest>,
     ) -> Result<Response<gw::UpdateOperatorResponse>, Status> {
-        pass!(self, r, Action::ManageOperators, directory.update_operator)
+        let answer = pass!(self, r, Action::ManageOperators, directory.update_operator);
+        if answer.is_ok() {
+            self.operators.invalidate().await;
+        }
+        answer
     }
 
     async fn create_user(

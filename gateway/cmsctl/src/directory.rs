@@ -71,7 +71,7 @@ pub struct OperatorChange {
     template_ids: Vec<String>,
     /// Bind the operator to this certificate (PEM) by its public key's SHA-256.
     #[arg(long)]
-    cert: Option<PathBuf>,
+    bind_cert: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -223,7 +223,7 @@ impl OperatorChange {
             });
             paths.push("scope");
         }
-        if let Some(cert) = &self.cert {
+        if let Some(cert) = &self.bind_cert {
             op.certificates = vec![CertificateBinding {
                 binding: Some(certificate_binding::Binding::SpkiSha256(spki_sha256(cert)?)),
                 label: cert
