@@ -112,6 +112,10 @@ pub enum UsersCmd {
         /// The first line is data, not a header.
         #[arg(long)]
         no_header: bool,
+        /// Let the file change users an LDAP sync owns (refused otherwise: the next sync
+        /// would undo it).
+        #[arg(long)]
+        overwrite_ldap_users: bool,
         #[arg(long, default_value = ",")]
         delimiter: String,
     },
@@ -518,6 +522,7 @@ pub async fn users(cli: &Cli, command: &UsersCmd) -> Result<bool, Error> {
             disable_missing,
             dry_run,
             no_header,
+            overwrite_ldap_users,
             delimiter,
         } => {
             let csv = std::fs::read(file)
@@ -531,6 +536,7 @@ pub async fn users(cli: &Cli, command: &UsersCmd) -> Result<bool, Error> {
                         dry_run: *dry_run,
                         has_header: !*no_header,
                         delimiter: delimiter.clone(),
+                        overwrite_ldap_users: *overwrite_ldap_users,
                     },
                 )),
             };
