@@ -377,6 +377,48 @@ mod tests {
         }
     }
 
+    fn call(deadline: Option<Duration>) -> Call {
+        Call {
+            rpc: "test",
+            action: Action::ViewStatus,
+            operator: "tina".into(),
+            request_id: "rid-1".into(),
+            deadline,
+            auth: AuthContext::default(),
+        }
+    }
+
+    #[test]
+    fn the_callers_deadline_and_identity_go_to_the_backend() {
+        let mut incoming = Request::new(());
+        incoming
+            .metadata_mut()
+            .insert("grpc-timeout", MetadataValue::from_static("250m"));
+        assert_eq!(deadline_of(&incoming), Some(Duration::from_millis(250)));
+        let out = call(Some(Duration::from_millis(250))).outgoing(());
+        assert_eq!(
+            out.metadata()
+                .get("grpc-timeout")
+                .and_then(|v| v.to_str().ok()),
+            Some("250000u")
+        );
+        assert_eq!(out.metadata().get(REQUEST_ID).unwrap(), "rid-1");
+        assert_eq!(out.metadata().get(ON_BEHALF_OF).unwrap(), "tina");
+    }
+
+    #[tokio::test]
+    async fn a_backend_slower_than_the_deadline_is_cut_off() {
+        let slow = async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok(Response::new(()))
+        };
+        let err = call(Some(Duration::from_millis(20)))
+            .run(slow)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
+    }
+
     #[test]
     fn request_ids_are_kept_only_when_sane() {
         let mut r = Request::new(());

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use cms_kit::pki::LeafSpec;
+use cms_proto::gateway::v1 as gw;
+use cms_proto::gateway::v1::admin_service_client::AdminServiceClient;
 use cms_tests::cluster::Cluster;
 use cms_tests::ldap::{ROOT_DN, SUFFIX, Slapd};
 
@@ -538,11 +540,71 @@ async fn a_system_is_set_up_from_nothing_through_cmsctl() {
     );
     assert_eq!(str_of(&retired, "state"), "TEMPLATE_STATE_RETIRED");
 
+    // The backend saw the operator: the template's history names tina.
+    let versions = json(
+        &cluster,
+        &templates_admin,
+        &["templates", "versions", &t1_id],
+    );
+    assert_eq!(
+        str_of(&versions["versions"][0], "created_by"),
+        "tina",
+        "{versions}"
+    );
+
+    // A request id given by the caller is forwarded, echoed and logged; a refusal is logged
+    // too.
+    let mut client = AdminServiceClient::new(cms_tests::inproc::channel(
+        cluster.pki.issue(
+            "operator-tina-raw",
+            &LeafSpec::new(cluster.pki.id("operator/tina"), 30),
+        ),
+        cluster.grpc("gateway"),
+        cluster.pki.id("gateway"),
+    ));
+    let mut request = tonic::Request::new(gw::ListTemplatesRequest::default());
+    request
+        .metadata_mut()
+        .insert("x-request-id", "frontdoor-req-42".parse().unwrap());
+    let answer = client.list_templates(request).await.unwrap();
+    assert_eq!(
+        answer
+            .metadata()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("frontdoor-req-42")
+    );
+    let mut request = tonic::Request::new(gw::ListOperatorsRequest::default());
+    request
+        .metadata_mut()
+        .insert("x-request-id", "frontdoor-req-43".parse().unwrap());
+    let refused = client.list_operators(request).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+
     // The gateway's decision log names who did what, never the content.
     let log = std::fs::read_to_string(cluster.layout.log_path("gateway")).unwrap_or_default();
+    let decisions: Vec<&str> = log.lines().filter(|l| l.contains("admin call")).collect();
     assert!(
-        log.contains("admin call") && log.contains("create_template") && log.contains("tina"),
-        "gateway log lacks decisions"
+        decisions
+            .iter()
+            .any(|l| l.contains("create_template") && l.contains("tina")),
+        "{decisions:#?}"
+    );
+    assert!(
+        decisions
+            .iter()
+            .any(|l| l.contains("list_templates") && l.contains("frontdoor-req-42")),
+        "{decisions:#?}"
+    );
+    assert!(
+        decisions.iter().any(|l| l.contains("refused")
+            && l.contains("list_operators")
+            && l.contains("frontdoor-req-43")),
+        "{decisions:#?}"
+    );
+    assert!(
+        !log.contains("Employee minidriver card"),
+        "template content in the gateway log"
     );
     cluster.stop().await;
 }
