@@ -540,6 +540,66 @@ async fn a_system_is_set_up_from_nothing_through_cmsctl() {
     );
     assert_eq!(str_of(&retired, "state"), "TEMPLATE_STATE_RETIRED");
 
+    // One bad input for each of the remaining commands: each a one-line error.
+    let unknown_id = "00000000-0000-4000-8000-000000000000";
+    let missing = |err: &str| err.contains("not found") || err.contains("invalid argument");
+    for args in [
+        &["operators", "show", unknown_id][..],
+        &["operators", "update", unknown_id, "--role", "helpdesk"],
+        &["templates", "versions", unknown_id],
+        &["templates", "retire", unknown_id],
+    ] {
+        let who = if args[0] == "operators" {
+            &admin
+        } else {
+            &templates_admin
+        };
+        let err = fails(&cluster, who, args);
+        assert!(missing(&err), "cmsctl {args:?}: {err}");
+    }
+    let err = fails(&cluster, &admin, &["operators", "update", &dirk_id]);
+    assert!(err.contains("nothing to change"), "{err}");
+    let err = fails(&cluster, &admin, &["operators", "list", "--role", "x\ny"]);
+    assert!(err.trim_end().lines().count() == 1, "{err}");
+    let err = fails(
+        &cluster,
+        &templates_admin,
+        &[
+            "templates",
+            "update",
+            &t1_id,
+            "--file",
+            bad.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        err.contains("(PIN_TRIES)") && err.contains("nothing was stored"),
+        "{err}"
+    );
+    let err = fails(
+        &cluster,
+        &templates_admin,
+        &["templates", "list", "--name", &"n".repeat(5000)],
+    );
+    assert!(err.trim_end().lines().count() == 1, "{err}");
+    for args in [
+        &["users", "disable", unknown_id][..],
+        &["users", "update", unknown_id, "--email", "x@example.org"],
+    ] {
+        let err = fails(&cluster, &directory_admin, args);
+        assert!(missing(&err), "cmsctl {args:?}: {err}");
+    }
+    let err = fails(&cluster, &directory_admin, &["users", "update", &alice_id]);
+    assert!(err.contains("nothing to change"), "{err}");
+    let empty = work.join("empty.csv");
+    std::fs::write(&empty, "").unwrap();
+    let err = fails(
+        &cluster,
+        &directory_admin,
+        &["users", "import", empty.to_str().unwrap()],
+    );
+    assert!(err.contains("the file is empty"), "{err}");
+
     // The backend saw the operator: the template's history names tina.
     let versions = json(
         &cluster,
