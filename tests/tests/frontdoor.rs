@@ -243,6 +243,30 @@ async fn a_system_is_set_up_from_nothing_through_cmsctl() {
         );
     }
 
+    // --json on the custody commands too; none for the ones that show secrets.
+    let keys = json(&cluster, &admin, &["keys", "list"]);
+    assert_eq!(keys["keys"].as_array().map(Vec::len), Some(3), "{keys}");
+    let custody = json(&cluster, &admin, &["custody", "status"]);
+    assert_eq!(
+        str_of(&custody, "seal_state"),
+        "SEAL_STATE_UNSEALED",
+        "{custody}"
+    );
+    let err = fails(
+        &cluster,
+        &admin,
+        &[
+            "--json",
+            "custody",
+            "init",
+            "--threshold",
+            "1",
+            "--shares",
+            "1",
+        ],
+    );
+    assert!(err.contains("has no --json"), "{err}");
+
     // Templates from the sample files, by the template administrator.
     let minidriver = examples().join("minidriver.toml");
     let piv = examples().join("piv.toml");

@@ -286,6 +286,11 @@ async fn status(cli: &Cli) -> Result<bool, Error> {
         .await
         .map_err(|status| session.rpc_error(status))?
         .into_inner();
+    if cli.json {
+        messages::print_json(&response, "cms.gateway.v1.GetSystemStatusResponse")?;
+        let all_serving = response.overall_state == ServingState::Serving as i32;
+        return Ok(all_serving && !response.agents.is_empty());
+    }
     let (tls_identity, upstream_address) = (session.identity.clone(), session.address.clone());
 
     println!("as {tls_identity} via gateway {upstream_address}");
