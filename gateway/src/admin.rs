@@ -540,8 +540,8 @@ impl AdminService for Admin {
             forward::transcode(r.get_ref())?;
         forward::BackendRequest::set_auth(&mut message, call.auth());
         let mut client = self.directory.clone();
-        let response = call.run(client.sync_ldap(call.outgoing(message))).await?;
-        let events: SyncLdapStream = Box::pin(forward::server_stream(response.into_inner()));
+        let response = call.start(client.sync_ldap(call.outgoing(message))).await?;
+        let events: SyncLdapStream = Box::pin(forward::server_stream(call, response.into_inner()));
         Ok(Response::new(events))
     }
 }

@@ -114,6 +114,7 @@ pub fn transcode<A: Message, B: Message + Default>(from: &A) -> Result<B, Status
 }
 
 /// Who asks, for which call, under which request id and until when.
+#[derive(Clone)]
 pub struct Call {
     pub rpc: &'static str,
     pub action: Action,
@@ -178,6 +179,17 @@ impl Call {
         &self,
         call: impl Future<Output = Result<Response<R>, Status>>,
     ) -> Result<Response<R>, Status> {
+        let outcome = self.start(call).await;
+        self.record(outcome.as_ref().err());
+        outcome
+    }
+
+    /// As `run`, but records only a failure: a streamed answer is recorded when it ends
+    /// (`server_stream`).
+    pub async fn start<R>(
+        &self,
+        call: impl Future<Output = Result<Response<R>, Status>>,
+    ) -> Result<Response<R>, Status> {
         let outcome = match self.deadline {
             Some(deadline) => tokio::time::timeout(deadline, call)
                 .await
@@ -189,7 +201,9 @@ impl Call {
                 }),
             None => call.await,
         };
-        self.record(outcome.as_ref().err());
+        if let Err(status) = &outcome {
+            self.record(Some(status));
+        }
         outcome.map(|mut response| {
             if let Ok(v) = MetadataValue::try_from(self.request_id.as_str()) {
                 response.metadata_mut().insert(REQUEST_ID, v);
@@ -310,15 +324,39 @@ where
 /// Why an upload broke, with the backend stream's sender kept alive until it is handled.
 pub type Broken<B> = oneshot::Receiver<(Status, mpsc::Sender<B>)>;
 
-/// A server stream re-encoded message by message.
+/// A server stream re-encoded message by message; its end (or the error that ended it) is
+/// recorded in the decision log.
 pub fn server_stream<R, GR>(
+    call: Call,
     incoming: Streaming<R>,
 ) -> impl Stream<Item = Result<GR, Status>> + Send + 'static
 where
     R: Message + Default + 'static,
     GR: Message + Default + 'static,
 {
-    incoming.map(|item| item.and_then(|m| transcode(&m)))
+    let mut call = Some(call);
+    incoming
+        .map(|item| item.and_then(|m| transcode(&m)))
+        .map(Some)
+        .chain(futures_util::stream::once(std::future::ready(None)))
+        .filter_map(move |item| {
+            let out = match item {
+                Some(Err(status)) => {
+                    if let Some(call) = call.take() {
+                        call.record(Some(&status));
+                    }
+                    Some(Err(status))
+                }
+                Some(ok) => Some(ok),
+                None => {
+                    if let Some(call) = call.take() {
+                        call.record(None);
+                    }
+                    None
+                }
+            };
+            std::future::ready(out)
+        })
 }
 
 /// The caller's request id when it sent a usable one (visible ASCII, at most 64 bytes),

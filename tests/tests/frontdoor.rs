@@ -686,6 +686,14 @@ async fn a_system_is_set_up_from_nothing_through_cmsctl() {
             && l.contains("frontdoor-req-43")),
         "{decisions:#?}"
     );
+    // A streamed sync is recorded when it ends, with its result.
+    assert!(
+        decisions.iter().any(|l| l.contains("sync_ldap")
+            && l.contains("dirk")
+            && l.contains("result=\"ok\"")
+            || l.contains("sync_ldap") && l.contains("dirk") && l.contains("result=ok")),
+        "{decisions:#?}"
+    );
     assert!(
         !log.contains("Employee minidriver card"),
         "template content in the gateway log"
