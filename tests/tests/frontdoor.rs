@@ -646,7 +646,10 @@ async fn a_system_is_set_up_from_nothing_through_cmsctl() {
         cluster.grpc("gateway"),
         cluster.pki.id("gateway"),
     ));
-    let mut request = tonic::Request::new(gw::ListTemplatesRequest::default());
+    let mut request = tonic::Request::new(gw::ListTemplatesRequest {
+        include_retired: true,
+        ..Default::default()
+    });
     request
         .metadata_mut()
         .insert("x-request-id", "frontdoor-req-42".parse().unwrap());
@@ -658,6 +661,23 @@ async fn a_system_is_set_up_from_nothing_through_cmsctl() {
             .and_then(|v| v.to_str().ok()),
         Some("frontdoor-req-42")
     );
+    // The sample files say what the template service's own samples say.
+    let stored: Vec<_> = answer
+        .into_inner()
+        .templates
+        .into_iter()
+        .filter_map(|t| t.spec)
+        .collect();
+    for expected in [
+        cms_template::sample::minidriver("Employee minidriver card"),
+        cms_template::sample::piv("Administrator PIV token"),
+    ] {
+        assert!(
+            stored.contains(&expected),
+            "no stored template equals the sample {:?}",
+            expected.name
+        );
+    }
     let mut request = tonic::Request::new(gw::ListOperatorsRequest::default());
     request
         .metadata_mut()
