@@ -2,9 +2,9 @@
 //! to custody, so the gateway checks a spec's key references against custody's key list
 //! before it forwards a create, an update or a validation.
 
-use cms_proto::common::v1::{ErrorDetail, ErrorReason, PageRequest};
-use cms_proto::custody::v1::{ListMasterKeysRequest, MasterKeyVersion};
-use cms_proto::template::v1::{Severity, TemplateSpec, Violation};
+use cms_proto::common::v1::{ErrorDetail, ErrorReason, KeyAlgorithm, PageRequest};
+use cms_proto::custody::v1::{ListMasterKeysRequest, MasterKeyState, MasterKeyVersion};
+use cms_proto::template::v1::{AdminKeyConfig, Severity, TemplateSpec, Violation};
 use prost::Message;
 use tonic::Status;
 
@@ -31,6 +31,7 @@ pub async fn check(
             admin_key.master_key_version,
             &versions,
         ));
+        found.extend(algorithm_fits(admin_key, &versions));
     }
     if let Some(puk) = &spec.puk
         && !puk.master_key_reference.is_empty()
@@ -75,6 +76,40 @@ fn judge(
         ));
     }
     None
+}
+
+/// The admin key's algorithm must be the master key's: the card key is derived with it.
+fn algorithm_fits(admin_key: &AdminKeyConfig, versions: &[MasterKeyVersion]) -> Option<Violation> {
+    let used = if admin_key.master_key_version == 0 {
+        versions
+            .iter()
+            .find(|k| k.state == MasterKeyState::Current as i32)
+            .or_else(|| versions.iter().max_by_key(|k| k.version))
+    } else {
+        versions
+            .iter()
+            .find(|k| k.version == admin_key.master_key_version)
+    }?;
+    if admin_key.algorithm == 0 || used.algorithm == admin_key.algorithm {
+        return None;
+    }
+    let name = |a: i32| {
+        KeyAlgorithm::try_from(a)
+            .map(|a| a.as_str_name())
+            .unwrap_or("?")
+    };
+    Some(Violation {
+        field: "admin_key.algorithm".into(),
+        code: "MASTER_KEY_ALGORITHM_MISMATCH".into(),
+        message: format!(
+            "admin_key.algorithm is {} but version {} of master key {:?} is {}",
+            name(admin_key.algorithm),
+            used.version,
+            used.reference,
+            name(used.algorithm)
+        ),
+        severity: Severity::Error as i32,
+    })
 }
 
 /// Custody's active versions of `reference`.
@@ -168,5 +203,26 @@ mod tests {
         assert!(v.message.contains("it has 1, 2"), "{}", v.message);
         assert!(judge("admin_key", "mk", 2, &[key(1), key(2)]).is_none());
         assert!(judge("admin_key", "mk", 0, &[key(1)]).is_none());
+    }
+
+    #[test]
+    fn the_admin_key_algorithm_must_be_the_master_keys() {
+        let mut current = key(2);
+        current.algorithm = KeyAlgorithm::Aes128 as i32;
+        current.state = MasterKeyState::Current as i32;
+        let mut old = key(1);
+        old.algorithm = KeyAlgorithm::Tdes3key as i32;
+        let versions = [old, current];
+        let config = |algorithm: KeyAlgorithm, version| AdminKeyConfig {
+            algorithm: algorithm as i32,
+            master_key_reference: "mk".into(),
+            master_key_version: version,
+            ..Default::default()
+        };
+        let v = algorithm_fits(&config(KeyAlgorithm::Tdes3key, 0), &versions).unwrap();
+        assert_eq!(v.code, "MASTER_KEY_ALGORITHM_MISMATCH");
+        assert!(v.message.contains("AES_128"), "{}", v.message);
+        assert!(algorithm_fits(&config(KeyAlgorithm::Tdes3key, 1), &versions).is_none());
+        assert!(algorithm_fits(&config(KeyAlgorithm::Aes128, 0), &versions).is_none());
     }
 }
