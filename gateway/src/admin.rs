@@ -94,6 +94,11 @@ impl Admin {
     }
 }
 
+/// Whether an update with `mask` writes the roles (no mask: every field).
+fn writes_roles(mask: Option<&prost_types::FieldMask>) -> bool {
+    mask.is_none_or(|m| m.paths.is_empty() || m.paths.iter().any(|p| p == "roles"))
+}
+
 /// A unary pass-through: authorise for `$action`, then forward to `$client.$method`.
 macro_rules! pass {
     ($self:ident, $request:ident, $action:expr, $client:ident . $method:ident) => {{
@@ -367,8 +372,26 @@ impl AdminService for Admin {
         &self,
         r: Request<gw::CreateOperatorRequest>,
     ) -> Result<Response<gw::CreateOperatorResponse>, Status> {
-        let answer = pass!(self, r, Action::ManageOperators, directory.create_operator);
+        let call = self
+            .begin("create_operator", Action::ManageOperators, &r)
+            .await?;
+        if true
+            && let Some(op) = &r.get_ref().operator
+            && let Err(message) = crate::roles::check_role_names(&op.roles)
+        {
+            let refusal = Status::invalid_argument(message);
+            call.record(Some(&refusal));
+            return Err(refusal);
+        }
+        let mut client = self.directory.clone();
+        let answer = forward::unary(
+            &call,
+            r,
+            move |r| async move { client.create_operator(r).await },
+        )
+        .await;
         if answer.is_ok() {
+            // The gateway's cached accounts are stale now: read them again on the next call.
             self.operators.invalidate().await;
         }
         answer
@@ -392,8 +415,26 @@ impl AdminService for Admin {
         &self,
         r: Request<gw::UpdateOperatorRequest>,
     ) -> Result<Response<gw::UpdateOperatorResponse>, Status> {
-        let answer = pass!(self, r, Action::ManageOperators, directory.update_operator);
+        let call = self
+            .begin("update_operator", Action::ManageOperators, &r)
+            .await?;
+        if writes_roles(r.get_ref().update_mask.as_ref())
+            && let Some(op) = &r.get_ref().operator
+            && let Err(message) = crate::roles::check_role_names(&op.roles)
+        {
+            let refusal = Status::invalid_argument(message);
+            call.record(Some(&refusal));
+            return Err(refusal);
+        }
+        let mut client = self.directory.clone();
+        let answer = forward::unary(
+            &call,
+            r,
+            move |r| async move { client.update_operator(r).await },
+        )
+        .await;
         if answer.is_ok() {
+            // The gateway's cached accounts are stale now: read them again on the next call.
             self.operators.invalidate().await;
         }
         answer

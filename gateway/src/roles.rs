@@ -54,6 +54,21 @@ impl Role {
     }
 }
 
+/// Refuses role names the gateway does not know: such a role would grant nothing, so a typo
+/// ("Admin") would create an operator who silently cannot act.
+pub fn check_role_names(names: &[String]) -> Result<(), String> {
+    match names.iter().find(|n| Role::parse(n).is_none()) {
+        None => Ok(()),
+        Some(unknown) => {
+            let known: Vec<&str> = Role::ALL.iter().map(|r| r.as_str()).collect();
+            Err(format!(
+                "operator.roles: {unknown:?} is not a role; use {}",
+                known.join(", ")
+            ))
+        }
+    }
+}
+
 /// What an AdminService call does, as far as roles are concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -260,6 +275,14 @@ mod tests {
             &["template-admin", "helpdesk"],
             Action::ManageDirectory
         ));
+    }
+
+    #[test]
+    fn unknown_role_names_are_refused_when_written() {
+        assert!(check_role_names(&["admin".into(), "directory-admin".into()]).is_ok());
+        let err = check_role_names(&["helpdesk".into(), "Admin".into()]).unwrap_err();
+        assert!(err.contains("\"Admin\" is not a role"), "{err}");
+        assert!(err.contains("template-admin"), "{err}");
     }
 
     #[test]

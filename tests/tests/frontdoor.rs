@@ -205,6 +205,20 @@ async fn a_system_is_set_up_from_nothing_through_cmsctl() {
         ],
     );
     assert!(err.contains("already exists"), "{err}");
+    // A role name the gateway does not know would grant nothing: refused.
+    let err = fails(
+        &cluster,
+        &admin,
+        &[
+            "operators",
+            "create",
+            "--username",
+            "tom",
+            "--role",
+            "Admin",
+        ],
+    );
+    assert!(err.contains("\"Admin\" is not a role"), "{err}");
     // A template administrator may not create operators.
     let err = fails(
         &cluster,
