@@ -1,5 +1,6 @@
-//! AdminService: system administration by operators: the system status and custody's
-//! administration. Every call is authorised against the caller's operator account first.
+//! AdminService: system administration by operators: the system status, and templates,
+//! operators, users, cards and custody passed through to their backends. Every call is
+//! authorised against the caller's operator account first, and forwarded by `forward`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,17 +10,31 @@ use cms_proto::common::v1::ServingState;
 use cms_proto::gateway::v1 as gw;
 use cms_proto::gateway::v1::admin_service_server::AdminService;
 use cms_proto::gateway::v1::{GetSystemStatusRequest, GetSystemStatusResponse, ServiceStatus};
-use tonic::{Request, Response, Status};
+use futures_util::Stream;
+use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::agents::Registry;
 use crate::backends::Backends;
-use crate::custody_admin::{self as custody, CustodyClient};
+use crate::forward::{self, Call};
+use crate::key_references;
 use crate::operators::OperatorAccounts;
 use crate::roles::Action;
 
+pub type CustodyClient =
+    cms_proto::custody::v1::custody_service_client::CustodyServiceClient<cms_kit::client::Channel>;
+pub type TemplateClient = cms_proto::template::v1::template_service_client::TemplateServiceClient<
+    cms_kit::client::Channel,
+>;
+pub type DirectoryClient =
+    cms_proto::directory::v1::directory_service_client::DirectoryServiceClient<
+        cms_kit::client::Channel,
+    >;
+
 pub struct Admin {
     pub custody: CustodyClient,
+    pub template: TemplateClient,
+    pub directory: DirectoryClient,
     pub operators: OperatorAccounts,
     pub backends: Backends,
     pub agents: Registry,
@@ -29,6 +44,74 @@ pub struct Admin {
 }
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+type SyncLdapStream =
+    std::pin::Pin<Box<dyn Stream<Item = Result<gw::SyncLdapResponse, Status>> + Send + 'static>>;
+
+impl Admin {
+    /// Authorises `request` for `action`, or records the refusal in the decision log.
+    async fn begin<T>(
+        &self,
+        rpc: &'static str,
+        action: Action,
+        request: &Request<T>,
+    ) -> Result<Call, Status> {
+        match self.operators.authorize(request, action).await {
+            Ok(who) => Ok(Call::new(rpc, action, &who, request)),
+            Err(err) => {
+                let status = Status::from(err);
+                forward::record_refusal(rpc, action, request, &status);
+                Err(status)
+            }
+        }
+    }
+
+    /// As `begin`, for a request head that the caller does not need back.
+    async fn begin_owned(
+        &self,
+        rpc: &'static str,
+        action: Action,
+        head: Request<()>,
+    ) -> Result<Call, Status> {
+        self.begin(rpc, action, &head).await
+    }
+
+    /// Refuses a spec naming master keys custody does not have (recorded as a decision).
+    async fn check_keys(
+        &self,
+        call: &Call,
+        spec: Option<&cms_proto::template::v1::TemplateSpec>,
+    ) -> Result<(), Status> {
+        let Some(spec) = spec else { return Ok(()) };
+        let violations = key_references::check(&self.custody, call, spec).await;
+        let refusal = match violations {
+            Ok(v) if v.is_empty() => return Ok(()),
+            Ok(v) => key_references::refusal(&v),
+            Err(status) => status,
+        };
+        call.record(Some(&refusal));
+        Err(refusal)
+    }
+}
+
+/// Whether an update with `mask` writes the roles (no mask: every field).
+fn writes_roles(mask: Option<&prost_types::FieldMask>) -> bool {
+    mask.is_none_or(|m| m.paths.is_empty() || m.paths.iter().any(|p| p == "roles"))
+}
+
+/// A unary pass-through: authorise for `$action`, then forward to `$client.$method`.
+macro_rules! pass {
+    ($self:ident, $request:ident, $action:expr, $client:ident . $method:ident) => {{
+        let call = $self.begin(stringify!($method), $action, &$request).await?;
+        let mut client = $self.$client.clone();
+        forward::unary(
+            &call,
+            $request,
+            move |r| async move { client.$method(r).await },
+        )
+        .await
+    }};
+}
 
 #[tonic::async_trait]
 impl AdminService for Admin {
@@ -96,174 +179,410 @@ impl AdminService for Admin {
         &self,
         r: Request<gw::GetCustodyStatusRequest>,
     ) -> Result<Response<gw::GetCustodyStatusResponse>, Status> {
-        let who = self.operators.authorize(&r, Action::ViewStatus).await?;
-        custody::status(self.custody.clone(), who, r).await
+        pass!(self, r, Action::ViewStatus, custody.get_status)
     }
 
     async fn init_custody(
         &self,
         r: Request<gw::InitCustodyRequest>,
     ) -> Result<Response<gw::InitCustodyResponse>, Status> {
-        let who = self
-            .operators
-            .authorize(&r, Action::AdministerCustody)
+        // The one response that is not a twin: custody's numbers its kcv 3, where the
+        // gateway's answer (which leaves the kcv out) has seal_state.
+        let call = self
+            .begin("init_seal", Action::AdministerCustody, &r)
             .await?;
-        custody::init(self.custody.clone(), who, r).await
+        let mut message: cms_proto::custody::v1::InitSealRequest = forward::transcode(r.get_ref())?;
+        forward::BackendRequest::set_auth(&mut message, call.auth());
+        let mut client = self.custody.clone();
+        let answer = call
+            .run(client.init_seal(call.outgoing(message)))
+            .await?
+            .into_inner();
+        Ok(Response::new(gw::InitCustodyResponse {
+            shares: answer.shares,
+            threshold: answer.threshold,
+            seal_state: answer.seal_state,
+        }))
     }
 
     async fn unseal(
         &self,
         r: Request<gw::UnsealRequest>,
     ) -> Result<Response<gw::UnsealResponse>, Status> {
-        let who = self
-            .operators
-            .authorize(&r, Action::AdministerCustody)
-            .await?;
-        custody::unseal(self.custody.clone(), who, r).await
+        pass!(self, r, Action::AdministerCustody, custody.unseal)
     }
 
     async fn seal(
         &self,
         r: Request<gw::SealRequest>,
     ) -> Result<Response<gw::SealResponse>, Status> {
-        let who = self
-            .operators
-            .authorize(&r, Action::AdministerCustody)
-            .await?;
-        custody::seal(self.custody.clone(), who, r).await
+        pass!(self, r, Action::AdministerCustody, custody.seal)
     }
 
     async fn list_master_keys(
         &self,
         r: Request<gw::ListMasterKeysRequest>,
     ) -> Result<Response<gw::ListMasterKeysResponse>, Status> {
-        let who = self
-            .operators
-            .authorize(&r, Action::ReadKeyMetadata)
-            .await?;
-        custody::list_keys(self.custody.clone(), who, r).await
+        pass!(self, r, Action::ReadKeyMetadata, custody.list_master_keys)
     }
 
     async fn generate_master_key(
         &self,
         r: Request<gw::GenerateMasterKeyRequest>,
     ) -> Result<Response<gw::GenerateMasterKeyResponse>, Status> {
-        let who = self
-            .operators
-            .authorize(&r, Action::AdministerCustody)
-            .await?;
-        custody::generate_key(self.custody.clone(), who, r).await
+        pass!(
+            self,
+            r,
+            Action::AdministerCustody,
+            custody.generate_master_key
+        )
     }
 
     async fn rotate_master_key(
         &self,
         r: Request<gw::RotateMasterKeyRequest>,
     ) -> Result<Response<gw::RotateMasterKeyResponse>, Status> {
-        let who = self
-            .operators
-            .authorize(&r, Action::AdministerCustody)
-            .await?;
-        custody::rotate_key(self.custody.clone(), who, r).await
+        pass!(
+            self,
+            r,
+            Action::AdministerCustody,
+            custody.rotate_master_key
+        )
     }
 
     async fn retire_master_key_version(
         &self,
         r: Request<gw::RetireMasterKeyVersionRequest>,
     ) -> Result<Response<gw::RetireMasterKeyVersionResponse>, Status> {
-        let who = self
-            .operators
-            .authorize(&r, Action::AdministerCustody)
-            .await?;
-        custody::retire_key(self.custody.clone(), who, r).await
+        pass!(
+            self,
+            r,
+            Action::AdministerCustody,
+            custody.retire_master_key_version
+        )
     }
 
     async fn begin_key_import(
         &self,
         r: Request<gw::BeginKeyImportRequest>,
     ) -> Result<Response<gw::BeginKeyImportResponse>, Status> {
-        let who = self
-            .operators
-            .authorize(&r, Action::AdministerCustody)
-            .await?;
-        custody::begin_import(self.custody.clone(), who, r).await
+        pass!(self, r, Action::AdministerCustody, custody.begin_key_import)
     }
 
     async fn add_key_component(
         &self,
         r: Request<gw::AddKeyComponentRequest>,
     ) -> Result<Response<gw::AddKeyComponentResponse>, Status> {
-        let who = self
-            .operators
-            .authorize(&r, Action::AdministerCustody)
-            .await?;
-        custody::add_component(self.custody.clone(), who, r).await
+        pass!(
+            self,
+            r,
+            Action::AdministerCustody,
+            custody.add_key_component
+        )
     }
 
     async fn finish_key_import(
         &self,
         r: Request<gw::FinishKeyImportRequest>,
     ) -> Result<Response<gw::FinishKeyImportResponse>, Status> {
-        let who = self
-            .operators
-            .authorize(&r, Action::AdministerCustody)
-            .await?;
-        custody::finish_import(self.custody.clone(), who, r).await
+        pass!(
+            self,
+            r,
+            Action::AdministerCustody,
+            custody.finish_key_import
+        )
     }
 
     async fn abort_key_import(
         &self,
         r: Request<gw::AbortKeyImportRequest>,
     ) -> Result<Response<gw::AbortKeyImportResponse>, Status> {
-        let who = self
-            .operators
-            .authorize(&r, Action::AdministerCustody)
-            .await?;
-        custody::abort_import(self.custody.clone(), who, r).await
+        pass!(self, r, Action::AdministerCustody, custody.abort_key_import)
     }
 
     async fn query_audit(
         &self,
         r: Request<gw::QueryAuditRequest>,
     ) -> Result<Response<gw::QueryAuditResponse>, Status> {
-        let who = self.operators.authorize(&r, Action::ReadAudit).await?;
-        custody::query_audit(self.custody.clone(), who, r).await
+        pass!(self, r, Action::ReadAudit, custody.query_audit)
     }
 
     async fn export_audit_head(
         &self,
         r: Request<gw::ExportAuditHeadRequest>,
     ) -> Result<Response<gw::ExportAuditHeadResponse>, Status> {
-        let who = self.operators.authorize(&r, Action::ReadAudit).await?;
-        custody::export_head(self.custody.clone(), who, r).await
+        pass!(self, r, Action::ReadAudit, custody.export_audit_head)
     }
 
     async fn verify_audit(
         &self,
         r: Request<gw::VerifyAuditRequest>,
     ) -> Result<Response<gw::VerifyAuditResponse>, Status> {
-        let who = self.operators.authorize(&r, Action::ReadAudit).await?;
-        custody::verify_audit(self.custody.clone(), who, r).await
+        pass!(self, r, Action::ReadAudit, custody.verify_audit)
     }
 
     async fn init_so_token(
         &self,
         r: Request<gw::InitSoTokenRequest>,
     ) -> Result<Response<gw::InitSoTokenResponse>, Status> {
-        let who = self
-            .operators
-            .authorize(&r, Action::AdministerCustody)
-            .await?;
-        custody::init_so_token(self.custody.clone(), who, r).await
+        pass!(self, r, Action::AdministerCustody, custody.init_so_token)
     }
 
     async fn get_so_token_info(
         &self,
         r: Request<gw::GetSoTokenInfoRequest>,
     ) -> Result<Response<gw::GetSoTokenInfoResponse>, Status> {
-        let who = self
-            .operators
-            .authorize(&r, Action::ReadKeyMetadata)
+        pass!(self, r, Action::ReadKeyMetadata, custody.get_so_token_info)
+    }
+
+    async fn get_template(
+        &self,
+        r: Request<gw::GetTemplateRequest>,
+    ) -> Result<Response<gw::GetTemplateResponse>, Status> {
+        pass!(self, r, Action::ReadTemplates, template.get_template)
+    }
+
+    async fn list_templates(
+        &self,
+        r: Request<gw::ListTemplatesRequest>,
+    ) -> Result<Response<gw::ListTemplatesResponse>, Status> {
+        pass!(self, r, Action::ReadTemplates, template.list_templates)
+    }
+
+    async fn list_template_versions(
+        &self,
+        r: Request<gw::ListTemplateVersionsRequest>,
+    ) -> Result<Response<gw::ListTemplateVersionsResponse>, Status> {
+        pass!(
+            self,
+            r,
+            Action::ReadTemplates,
+            template.list_template_versions
+        )
+    }
+
+    async fn retire_template(
+        &self,
+        r: Request<gw::RetireTemplateRequest>,
+    ) -> Result<Response<gw::RetireTemplateResponse>, Status> {
+        pass!(self, r, Action::ManageTemplates, template.retire_template)
+    }
+
+    async fn create_operator(
+        &self,
+        r: Request<gw::CreateOperatorRequest>,
+    ) -> Result<Response<gw::CreateOperatorResponse>, Status> {
+        let call = self
+            .begin("create_operator", Action::ManageOperators, &r)
             .await?;
-        custody::so_token_info(self.custody.clone(), who, r).await
+        if true
+            && let Some(op) = &r.get_ref().operator
+            && let Err(message) = crate::roles::check_role_names(&op.roles)
+        {
+            let refusal = Status::invalid_argument(message);
+            call.record(Some(&refusal));
+            return Err(refusal);
+        }
+        let mut client = self.directory.clone();
+        let answer = forward::unary(
+            &call,
+            r,
+            move |r| async move { client.create_operator(r).await },
+        )
+        .await;
+        if answer.is_ok() {
+            // The gateway's cached accounts are stale now: read them again on the next call.
+            self.operators.invalidate().await;
+        }
+        answer
+    }
+
+    async fn get_operator(
+        &self,
+        r: Request<gw::GetOperatorRequest>,
+    ) -> Result<Response<gw::GetOperatorResponse>, Status> {
+        pass!(self, r, Action::ReadOperators, directory.get_operator)
+    }
+
+    async fn list_operators(
+        &self,
+        r: Request<gw::ListOperatorsRequest>,
+    ) -> Result<Response<gw::ListOperatorsResponse>, Status> {
+        pass!(self, r, Action::ReadOperators, directory.list_operators)
+    }
+
+    async fn update_operator(
+        &self,
+        r: Request<gw::UpdateOperatorRequest>,
+    ) -> Result<Response<gw::UpdateOperatorResponse>, Status> {
+        let call = self
+            .begin("update_operator", Action::ManageOperators, &r)
+            .await?;
+        if writes_roles(r.get_ref().update_mask.as_ref())
+            && let Some(op) = &r.get_ref().operator
+            && let Err(message) = crate::roles::check_role_names(&op.roles)
+        {
+            let refusal = Status::invalid_argument(message);
+            call.record(Some(&refusal));
+            return Err(refusal);
+        }
+        let mut client = self.directory.clone();
+        let answer = forward::unary(
+            &call,
+            r,
+            move |r| async move { client.update_operator(r).await },
+        )
+        .await;
+        if answer.is_ok() {
+            // The gateway's cached accounts are stale now: read them again on the next call.
+            self.operators.invalidate().await;
+        }
+        answer
+    }
+
+    async fn create_user(
+        &self,
+        r: Request<gw::CreateUserRequest>,
+    ) -> Result<Response<gw::CreateUserResponse>, Status> {
+        pass!(self, r, Action::ManageDirectory, directory.create_user)
+    }
+
+    async fn update_user(
+        &self,
+        r: Request<gw::UpdateUserRequest>,
+    ) -> Result<Response<gw::UpdateUserResponse>, Status> {
+        pass!(self, r, Action::ManageDirectory, directory.update_user)
+    }
+
+    async fn disable_user(
+        &self,
+        r: Request<gw::DisableUserRequest>,
+    ) -> Result<Response<gw::DisableUserResponse>, Status> {
+        pass!(self, r, Action::ManageDirectory, directory.disable_user)
+    }
+
+    async fn register_credential(
+        &self,
+        r: Request<gw::RegisterCredentialRequest>,
+    ) -> Result<Response<gw::RegisterCredentialResponse>, Status> {
+        pass!(
+            self,
+            r,
+            Action::ManageDirectory,
+            directory.register_credential
+        )
+    }
+
+    async fn update_credential_status(
+        &self,
+        r: Request<gw::UpdateCredentialStatusRequest>,
+    ) -> Result<Response<gw::UpdateCredentialStatusResponse>, Status> {
+        pass!(
+            self,
+            r,
+            Action::ManageDirectory,
+            directory.update_credential_status
+        )
+    }
+
+    async fn create_template(
+        &self,
+        r: Request<gw::CreateTemplateRequest>,
+    ) -> Result<Response<gw::CreateTemplateResponse>, Status> {
+        let call = self
+            .begin("create_template", Action::ManageTemplates, &r)
+            .await?;
+        self.check_keys(&call, r.get_ref().spec.as_ref()).await?;
+        let mut client = self.template.clone();
+        forward::unary(
+            &call,
+            r,
+            move |r| async move { client.create_template(r).await },
+        )
+        .await
+    }
+
+    async fn update_template(
+        &self,
+        r: Request<gw::UpdateTemplateRequest>,
+    ) -> Result<Response<gw::UpdateTemplateResponse>, Status> {
+        let call = self
+            .begin("update_template", Action::ManageTemplates, &r)
+            .await?;
+        self.check_keys(&call, r.get_ref().spec.as_ref()).await?;
+        let mut client = self.template.clone();
+        forward::unary(
+            &call,
+            r,
+            move |r| async move { client.update_template(r).await },
+        )
+        .await
+    }
+
+    async fn validate_policy(
+        &self,
+        r: Request<gw::ValidatePolicyRequest>,
+    ) -> Result<Response<gw::ValidatePolicyResponse>, Status> {
+        let call = self
+            .begin("validate_policy", Action::ReadTemplates, &r)
+            .await?;
+        let key_violations = match r.get_ref().spec.as_ref() {
+            Some(spec) => key_references::check(&self.custody, &call, spec).await?,
+            None => Vec::new(),
+        };
+        let mut client = self.template.clone();
+        let mut response: Response<gw::ValidatePolicyResponse> = forward::unary(
+            &call,
+            r,
+            move |r| async move { client.validate_policy(r).await },
+        )
+        .await?;
+        let answer = response.get_mut();
+        if !key_violations.is_empty() {
+            answer.valid = false;
+            answer.violations.extend(key_violations);
+        }
+        Ok(response)
+    }
+
+    async fn import_users(
+        &self,
+        r: Request<Streaming<gw::ImportUsersRequest>>,
+    ) -> Result<Response<gw::ImportUsersResponse>, Status> {
+        // The upload stream is not Sync: authorise on the request's head alone.
+        let (metadata, extensions, upload) = r.into_parts();
+        let head = Request::from_parts(metadata, extensions, ());
+        let call = self
+            .begin_owned("import_users", Action::ManageDirectory, head)
+            .await?;
+        let (upload, broken) = forward::client_stream::<
+            _,
+            cms_proto::directory::v1::ImportUsersRequest,
+        >(&call, upload);
+        let mut client = self.directory.clone();
+        let import = call.run(client.import_users(call.outgoing(upload)));
+        let response = tokio::select! {
+            response = import => response?,
+            Ok((status, _open)) = broken => {
+                // Dropping the backend call resets its stream: nothing is imported.
+                call.record(Some(&status));
+                return Err(Status::cancelled(format!("the CSV upload broke off: {}", status.message())));
+            }
+        };
+        Ok(Response::new(forward::transcode(response.get_ref())?))
+    }
+
+    async fn sync_ldap(
+        &self,
+        r: Request<gw::SyncLdapRequest>,
+    ) -> Result<Response<SyncLdapStream>, Status> {
+        let call = self.begin("sync_ldap", Action::ManageDirectory, &r).await?;
+        let mut message: cms_proto::directory::v1::SyncLdapRequest =
+            forward::transcode(r.get_ref())?;
+        forward::BackendRequest::set_auth(&mut message, call.auth());
+        let mut client = self.directory.clone();
+        let response = call.start(client.sync_ldap(call.outgoing(message))).await?;
+        let events: SyncLdapStream = Box::pin(forward::server_stream(call, response.into_inner()));
+        Ok(Response::new(events))
     }
 }

@@ -7,8 +7,9 @@ mod agents;
 mod backends;
 pub mod caller;
 mod config;
-mod custody_admin;
 mod error;
+mod forward;
+mod key_references;
 mod operators;
 mod roles;
 
@@ -55,7 +56,9 @@ async fn serve_gateway(
         .map(|a| a.to_string())
         .unwrap_or_default();
     let admin = admin::Admin {
-        custody: custody_admin::CustodyClient::new(backends.custody.channel.clone()),
+        custody: admin::CustodyClient::new(backends.custody.channel.clone()),
+        template: admin::TemplateClient::new(backends.template.channel.clone()),
+        directory: admin::DirectoryClient::new(backends.directory.channel.clone()),
         operators: operators::OperatorAccounts::new(backends.directory.channel.clone(), cache_ttl),
         backends,
         agents: registry.clone(),

@@ -87,6 +87,12 @@ impl OperatorAccounts {
         }
     }
 
+    /// Forgets the cached accounts, after the gateway itself changed one: the next call reads
+    /// them again, so a new or changed operator takes effect at once.
+    pub async fn invalidate(&self) {
+        self.cache.lock().await.snapshot = None;
+    }
+
     /// The accounts, fetched again when older than the TTL. One caller fetches while the
     /// others wait for its result.
     async fn current(&self, action: Action) -> Result<Arc<Snapshot>, Error> {

@@ -11,16 +11,19 @@ pub enum Role {
     TemplateAdmin,
     KeyCustodian,
     Auditor,
+    /// Users, imports, LDAP sync and cards in the directory.
+    DirectoryAdmin,
     Admin,
 }
 
 impl Role {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Helpdesk,
         Self::Approver,
         Self::TemplateAdmin,
         Self::KeyCustodian,
         Self::Auditor,
+        Self::DirectoryAdmin,
         Self::Admin,
     ];
 
@@ -32,6 +35,7 @@ impl Role {
             "template-admin" => Self::TemplateAdmin,
             "key-custodian" => Self::KeyCustodian,
             "auditor" => Self::Auditor,
+            "directory-admin" => Self::DirectoryAdmin,
             "admin" => Self::Admin,
             _ => return None,
         })
@@ -44,7 +48,23 @@ impl Role {
             Self::TemplateAdmin => "template-admin",
             Self::KeyCustodian => "key-custodian",
             Self::Auditor => "auditor",
+            Self::DirectoryAdmin => "directory-admin",
             Self::Admin => "admin",
+        }
+    }
+}
+
+/// Refuses role names the gateway does not know: such a role would grant nothing, so a typo
+/// ("Admin") would create an operator who silently cannot act.
+pub fn check_role_names(names: &[String]) -> Result<(), String> {
+    match names.iter().find(|n| Role::parse(n).is_none()) {
+        None => Ok(()),
+        Some(unknown) => {
+            let known: Vec<&str> = Role::ALL.iter().map(|r| r.as_str()).collect();
+            Err(format!(
+                "operator.roles: {unknown:?} is not a role; use {}",
+                known.join(", ")
+            ))
         }
     }
 }
@@ -60,6 +80,16 @@ pub enum Action {
     ReadKeyMetadata,
     /// Custody's audit records, head and chain verification.
     ReadAudit,
+    /// Read templates and validate specs.
+    ReadTemplates,
+    /// Create, update and retire templates.
+    ManageTemplates,
+    /// Read operator accounts.
+    ReadOperators,
+    /// Create and update operator accounts (roles, scopes, certificate bindings).
+    ManageOperators,
+    /// Users (create, update, disable, CSV import, LDAP sync) and cards.
+    ManageDirectory,
 }
 
 impl Action {
@@ -70,6 +100,11 @@ impl Action {
             Self::AdministerCustody => &[Role::KeyCustodian, Role::Admin],
             Self::ReadKeyMetadata => &[Role::KeyCustodian, Role::Admin, Role::Auditor],
             Self::ReadAudit => &[Role::Admin, Role::Auditor],
+            Self::ReadTemplates => &[Role::TemplateAdmin, Role::Admin, Role::Auditor],
+            Self::ManageTemplates => &[Role::TemplateAdmin],
+            Self::ReadOperators => &[Role::Admin, Role::Auditor],
+            Self::ManageOperators => &[Role::Admin],
+            Self::ManageDirectory => &[Role::Admin, Role::DirectoryAdmin],
         }
     }
 
@@ -79,6 +114,11 @@ impl Action {
             Self::AdministerCustody => "administer key custody",
             Self::ReadKeyMetadata => "read key metadata",
             Self::ReadAudit => "read the custody audit",
+            Self::ReadTemplates => "read card templates",
+            Self::ManageTemplates => "change card templates",
+            Self::ReadOperators => "read operator accounts",
+            Self::ManageOperators => "change operator accounts",
+            Self::ManageDirectory => "change users or cards",
         }
     }
 
@@ -216,6 +256,33 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn templates_operators_and_directory_have_their_roles() {
+        let allowed = |roles: &[&str], act| decide("o", Some(&account(true, roles)), act).is_ok();
+        assert!(allowed(&["template-admin"], Action::ManageTemplates));
+        assert!(!allowed(&["admin"], Action::ManageTemplates));
+        assert!(allowed(&["auditor"], Action::ReadTemplates));
+        assert!(!allowed(&["helpdesk"], Action::ReadTemplates));
+        assert!(allowed(&["admin"], Action::ManageOperators));
+        assert!(!allowed(&["directory-admin"], Action::ManageOperators));
+        assert!(!allowed(&["auditor"], Action::ManageOperators));
+        assert!(allowed(&["auditor"], Action::ReadOperators));
+        assert!(allowed(&["admin"], Action::ManageDirectory));
+        assert!(allowed(&["directory-admin"], Action::ManageDirectory));
+        assert!(!allowed(
+            &["template-admin", "helpdesk"],
+            Action::ManageDirectory
+        ));
+    }
+
+    #[test]
+    fn unknown_role_names_are_refused_when_written() {
+        assert!(check_role_names(&["admin".into(), "directory-admin".into()]).is_ok());
+        let err = check_role_names(&["helpdesk".into(), "Admin".into()]).unwrap_err();
+        assert!(err.contains("\"Admin\" is not a role"), "{err}");
+        assert!(err.contains("template-admin"), "{err}");
     }
 
     #[test]

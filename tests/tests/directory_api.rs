@@ -1141,6 +1141,7 @@ async fn import_csv(backend: Backend) {
         dry_run: false,
         has_header: true,
         delimiter: String::new(),
+        overwrite_ldap_users: false,
     };
     let csv = "username,display_name,email,phone,org_unit,external_id\n\
                ada,Ada Lovelace,ada@example.com,+441234567890,R&D,E1\n\

@@ -30,11 +30,27 @@ async fn start(
         filter: "(objectClass=inetOrgPerson)".into(),
         timeout_ms: 5_000,
         attributes: Default::default(),
+        strict: false,
     };
     config.ldap.insert(
         "default".into(),
-        source(cms_tests::ldap::ROOT_DN, password_file),
+        source(cms_tests::ldap::ROOT_DN, password_file.clone()),
     );
+    let mut strict = source(cms_tests::ldap::ROOT_DN, password_file.clone());
+    strict.strict = true;
+    config.ldap.insert("strict".into(), strict);
+    let mut marked = source(cms_tests::ldap::ROOT_DN, password_file.clone());
+    marked.attributes.disabled = Some(cms_directory::DisabledMarker {
+        attribute: "employeeType".into(),
+        values: vec!["terminated".into()],
+        bit_mask: 0,
+    });
+    config.ldap.insert("marked".into(), marked);
+    // Nothing listens on port 1.
+    let mut unreachable = source(cms_tests::ldap::ROOT_DN, password_file.clone());
+    unreachable.url = "ldap://127.0.0.1:1".into();
+    unreachable.timeout_ms = 2_000;
+    config.ldap.insert("unreachable".into(), unreachable);
     let wrong = dir.path().join("wrong-password");
     std::fs::write(&wrong, "not the password\n").unwrap();
     config.ldap.insert(
@@ -73,6 +89,34 @@ async fn sync(
         }
     }
     Ok((progress, report.expect("a final report")))
+}
+
+/// Imports `csv` (with a header), updating existing users.
+async fn import_csv(
+    client: &mut DirectoryServiceClient<Channel>,
+    csv: &str,
+    overwrite_ldap_users: bool,
+) -> Result<ImportReport, tonic::Status> {
+    use cms_proto::directory::v1::{ImportUsersOptions, ImportUsersRequest, import_users_request};
+    let messages = vec![
+        ImportUsersRequest {
+            payload: Some(import_users_request::Payload::Options(ImportUsersOptions {
+                update_existing: true,
+                has_header: true,
+                overwrite_ldap_users,
+                ..Default::default()
+            })),
+            auth: None,
+        },
+        ImportUsersRequest {
+            payload: Some(import_users_request::Payload::CsvChunk(
+                csv.as_bytes().to_vec(),
+            )),
+            auth: None,
+        },
+    ];
+    let answer = client.import_users(tokio_stream::iter(messages)).await?;
+    Ok(answer.into_inner().report.unwrap_or_default())
 }
 
 async fn search(client: &mut DirectoryServiceClient<Channel>, query: &str) -> Vec<User> {
@@ -192,7 +236,50 @@ async fn ldap_sync(backend: Backend) {
         UserStatus::Disabled as i32
     );
 
-    // Refused syncs change nothing: a bad entry, a wrong password, an unknown source.
+    // A user who comes back to LDAP is enabled again, and counted as updated.
+    slapd.add(&Slapd::person_ldif(
+        "zoe",
+        "Zoë Ångström",
+        "Ångström",
+        "zoe@example.org",
+        None,
+    ));
+    let (_, report) = sync(&mut client, "", true).await.unwrap();
+    assert_eq!(
+        (
+            report.created,
+            report.updated,
+            report.disabled,
+            report.unchanged
+        ),
+        (0, 1, 0, 151),
+        "{report:?}"
+    );
+    assert_eq!(
+        search(&mut client, "angstrom").await[0].status,
+        UserStatus::Active as i32
+    );
+
+    // An attribute marks a user disabled (and its removal enables the user again).
+    slapd.modify(&format!("dn: uid=bulk000,ou=people,{SUFFIX}\nchangetype: modify\nadd: employeeType\nemployeeType: Terminated\n"));
+    let (_, report) = sync(&mut client, "marked", false).await.unwrap();
+    assert_eq!((report.updated, report.unchanged), (1, 151), "{report:?}");
+    assert_eq!(
+        search(&mut client, "bulk000").await[0].status,
+        UserStatus::Disabled as i32
+    );
+    slapd.modify(&format!(
+        "dn: uid=bulk000,ou=people,{SUFFIX}\nchangetype: modify\ndelete: employeeType\n"
+    ));
+    let (_, report) = sync(&mut client, "marked", false).await.unwrap();
+    assert_eq!(report.updated, 1, "{report:?}");
+    assert_eq!(
+        search(&mut client, "bulk000").await[0].status,
+        UserStatus::Active as i32
+    );
+
+    // One bad entry is reported and skipped; the others are applied, and nobody is disabled
+    // as missing (the bad entry may be someone still there).
     slapd.add(&Slapd::person_ldif(
         "broken",
         "Broken Mail",
@@ -201,7 +288,9 @@ async fn ldap_sync(backend: Backend) {
         None,
     ));
     slapd.modify(&format!("dn: uid=adal,ou=Finance,ou=people,{SUFFIX}\nchangetype: modify\nreplace: cn\ncn: Ada King\n"));
-    let err = sync(&mut client, "", true).await.unwrap_err();
+    slapd.delete(&format!("uid=bulk001,ou=people,{SUFFIX}"));
+    // With strict, the whole sync is refused and nothing changes.
+    let err = sync(&mut client, "strict", true).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(
         err.message().contains("uid=broken") && err.message().contains("email"),
@@ -209,9 +298,46 @@ async fn ldap_sync(backend: Backend) {
         err.message()
     );
     assert_eq!(
-        search(&mut client, "lovelace").await.len(),
-        1,
+        search(&mut client, "Ada King").await.len(),
+        0,
         "nothing applied"
+    );
+    let (_, report) = sync(&mut client, "", true).await.unwrap();
+    assert_eq!((report.updated, report.disabled), (1, 0), "{report:?}");
+    assert_eq!(report.errors.len(), 2, "{report:?}");
+    assert!(
+        report.errors[0].message.contains("uid=broken") && report.errors[0].column == "email",
+        "{report:?}"
+    );
+    assert!(
+        report.errors[1]
+            .message
+            .contains("disable_missing was not applied")
+    );
+    assert_eq!(search(&mut client, "Ada King").await.len(), 1);
+    assert_eq!(
+        search(&mut client, "bulk001").await[0].status,
+        UserStatus::Active as i32
+    );
+
+    // A CSV import does not silently take over a user that LDAP owns.
+    let csv = "username,display_name,email\nadal,Ada CSV,ada.king@example.org\n";
+    let err = import_csv(&mut client, csv, false).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("line 2") && err.message().contains("synchronised from LDAP"),
+        "{}",
+        err.message()
+    );
+    let report = import_csv(&mut client, csv, true).await.unwrap();
+    assert_eq!(report.updated, 1, "{report:?}");
+
+    // An unreachable server is said to be unreachable.
+    let err = sync(&mut client, "unreachable", false).await.unwrap_err();
+    assert!(
+        err.message().contains("could not connect"),
+        "{}",
+        err.message()
     );
     let err = sync(&mut client, "wrong-password", false)
         .await

@@ -120,7 +120,13 @@ async fn versioning(backend: Backend) {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("card_profile"), "{}", err.message());
 
+    // The same content again is no new version: the answer is version 2.
+    let same = update(&mut env, &t1.id, 2, spec.clone()).await.unwrap();
+    assert_eq!(same.version, 2);
+    assert_eq!(same.change_comment, "edit of v1");
+
     // Two concurrent editors of version 2: exactly one wins.
+    spec.pin_policy.as_mut().unwrap().min_length = 7;
     let mut a = env.client.clone();
     let mut b = env.client.clone();
     let req = |comment: &str| UpdateTemplateRequest {

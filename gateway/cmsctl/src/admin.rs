@@ -9,6 +9,7 @@ use cms_proto::custody::v1::{AuditHead, SealState, Share};
 use cms_proto::gateway::v1 as gw;
 use zeroize::Zeroizing;
 
+use crate::messages::print_json;
 use crate::{Cli, Error, connect};
 
 #[derive(Subcommand)]
@@ -168,6 +169,10 @@ pub async fn custody(cli: &Cli, command: &CustodyCmd) -> Result<bool, Error> {
                 .map_err(|e| s.rpc_error(e))?
                 .into_inner();
             let passed = r.self_test.as_ref().is_some_and(|t| t.passed);
+            if cli.json {
+                print_json(&r, "cms.gateway.v1.GetCustodyStatusResponse")?;
+                return Ok(passed && r.seal_state == SealState::Unsealed as i32);
+            }
             println!("seal state:   {}", seal_name(r.seal_state));
             if r.unseal_threshold > 0 {
                 println!(
@@ -189,6 +194,7 @@ pub async fn custody(cli: &Cli, command: &CustodyCmd) -> Result<bool, Error> {
             Ok(passed && r.seal_state == SealState::Unsealed as i32)
         }
         CustodyCmd::Init { threshold, shares } => {
+            no_json(cli, "custody init")?;
             let r = s
                 .admin
                 .init_custody(gw::InitCustodyRequest {
@@ -228,23 +234,34 @@ pub async fn custody(cli: &Cli, command: &CustodyCmd) -> Result<bool, Error> {
                 .await
                 .map_err(|e| s.rpc_error(e))?
                 .into_inner();
-            if r.seal_state == SealState::Unsealed as i32 {
+            if cli.json {
+                print_json(&r, "cms.gateway.v1.UnsealResponse")?;
+            } else if r.seal_state == SealState::Unsealed as i32 {
                 println!("custody is unsealed");
             } else {
                 println!("share accepted: {} of {} given", r.progress, r.threshold);
             }
             Ok(true)
         }
-        CustodyCmd::SoInit(args) => crate::so_token::init(&mut s, args).await,
-        CustodyCmd::SoInfo { label } => crate::so_token::info(&mut s, label).await,
+        CustodyCmd::SoInit(args) => {
+            no_json(cli, "custody so-init")?;
+            crate::so_token::init(&mut s, args).await
+        }
+        CustodyCmd::SoInfo { label } => crate::so_token::info(&mut s, label, cli.json).await,
         CustodyCmd::Seal { reason } => {
-            s.admin
+            let r = s
+                .admin
                 .seal(gw::SealRequest {
                     reason: reason.clone(),
                 })
                 .await
-                .map_err(|e| s.rpc_error(e))?;
-            println!("custody is sealed");
+                .map_err(|e| s.rpc_error(e))?
+                .into_inner();
+            if cli.json {
+                print_json(&r, "cms.gateway.v1.SealResponse")?;
+            } else {
+                println!("custody is sealed");
+            }
             Ok(true)
         }
     }
@@ -304,6 +321,30 @@ fn print_key(key: &cms_proto::custody::v1::MasterKeyVersion) {
     );
 }
 
+/// Key versions as lines, or with --json as a JSON list of cms.custody.v1.MasterKeyVersion.
+fn show_keys(cli: &Cli, keys: &[cms_proto::custody::v1::MasterKeyVersion]) -> Result<(), Error> {
+    if cli.json {
+        let list = gw::ListMasterKeysResponse {
+            keys: keys.to_vec(),
+            page: None,
+        };
+        print_json(&list, "cms.gateway.v1.ListMasterKeysResponse")
+    } else {
+        keys.iter().for_each(print_key);
+        Ok(())
+    }
+}
+
+/// Commands that show secrets one at a time do not print them as one JSON document.
+fn no_json(cli: &Cli, command: &str) -> Result<(), Error> {
+    if cli.json {
+        return Err(Error::Setup(format!(
+            "{command} shows secrets one at a time, for one person each; it has no --json"
+        )));
+    }
+    Ok(())
+}
+
 pub async fn keys(cli: &Cli, command: &KeysCmd) -> Result<bool, Error> {
     let mut s = connect(cli)?;
     match command {
@@ -321,7 +362,7 @@ pub async fn keys(cli: &Cli, command: &KeysCmd) -> Result<bool, Error> {
                 .await
                 .map_err(|e| s.rpc_error(e))?
                 .into_inner();
-            r.keys.iter().for_each(print_key);
+            show_keys(cli, &r.keys)?;
         }
         KeysCmd::Generate {
             reference,
@@ -338,7 +379,7 @@ pub async fn keys(cli: &Cli, command: &KeysCmd) -> Result<bool, Error> {
                 .await
                 .map_err(|e| s.rpc_error(e))?
                 .into_inner();
-            r.key.iter().for_each(print_key);
+            show_keys(cli, r.key.as_slice())?;
         }
         KeysCmd::Rotate { reference } => {
             let r = s
@@ -350,7 +391,7 @@ pub async fn keys(cli: &Cli, command: &KeysCmd) -> Result<bool, Error> {
                 .await
                 .map_err(|e| s.rpc_error(e))?
                 .into_inner();
-            r.key.iter().for_each(print_key);
+            show_keys(cli, r.key.as_slice())?;
         }
         KeysCmd::Retire {
             reference,
@@ -367,7 +408,7 @@ pub async fn keys(cli: &Cli, command: &KeysCmd) -> Result<bool, Error> {
                 .await
                 .map_err(|e| s.rpc_error(e))?
                 .into_inner();
-            r.key.iter().for_each(print_key);
+            show_keys(cli, r.key.as_slice())?;
         }
         KeysCmd::Import {
             reference,
@@ -399,7 +440,7 @@ pub async fn keys(cli: &Cli, command: &KeysCmd) -> Result<bool, Error> {
                     .await;
             }
             let r = outcome?;
-            r.key.iter().for_each(print_key);
+            show_keys(cli, r.key.as_slice())?;
         }
     }
     Ok(true)
@@ -496,8 +537,10 @@ pub async fn audit(cli: &Cli, command: &AuditCmd) -> Result<bool, Error> {
                 .await
                 .map_err(|e| s.rpc_error(e))?
                 .into_inner();
-            if r.ok {
-                let head = r.head.unwrap_or_default();
+            if cli.json {
+                print_json(&r, "cms.gateway.v1.VerifyAuditResponse")?;
+            } else if r.ok {
+                let head = r.head.clone().unwrap_or_default();
                 println!(
                     "audit chain OK: {} records, head #{} {}",
                     r.records_checked,

@@ -43,6 +43,9 @@ pub(crate) struct Cli {
     /// Operator private key. Default: <data-dir>/pki/operator-admin.key.
     #[arg(long, env = "CMSCTL_KEY", global = true)]
     key: Option<PathBuf>,
+    /// Print answers as JSON (proto3 JSON mapping, proto field names).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -67,10 +70,38 @@ enum Cmd {
         #[command(subcommand)]
         command: admin::AuditCmd,
     },
+    /// Card templates from policy files: create, list, show, versions, update, retire, validate.
+    Templates {
+        #[command(subcommand)]
+        command: templates::TemplatesCmd,
+    },
+    /// Operator accounts: create, show, list, update (roles, scope, certificate).
+    Operators {
+        #[command(subcommand)]
+        command: directory::OperatorsCmd,
+    },
+    /// Users: create, update, disable, import from CSV.
+    Users {
+        #[command(subcommand)]
+        command: directory::UsersCmd,
+    },
+    /// LDAP synchronisation of users.
+    Ldap {
+        #[command(subcommand)]
+        command: directory::LdapCmd,
+    },
+    /// Cards: register, change status.
+    Cards {
+        #[command(subcommand)]
+        command: directory::CardsCmd,
+    },
 }
 
 mod admin;
+mod directory;
+mod messages;
 mod so_token;
+mod templates;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Error {
@@ -144,6 +175,11 @@ fn main() -> ExitCode {
                 Cmd::Custody { command } => admin::custody(&cli, command).await?,
                 Cmd::Keys { command } => admin::keys(&cli, command).await?,
                 Cmd::Audit { command } => admin::audit(&cli, command).await?,
+                Cmd::Templates { command } => templates::run(&cli, command).await?,
+                Cmd::Operators { command } => directory::operators(&cli, command).await?,
+                Cmd::Users { command } => directory::users(&cli, command).await?,
+                Cmd::Ldap { command } => directory::ldap(&cli, command).await?,
+                Cmd::Cards { command } => directory::cards(&cli, command).await?,
             };
             if !ok {
                 *code = ExitCode::from(1);
@@ -250,6 +286,11 @@ async fn status(cli: &Cli) -> Result<bool, Error> {
         .await
         .map_err(|status| session.rpc_error(status))?
         .into_inner();
+    if cli.json {
+        messages::print_json(&response, "cms.gateway.v1.GetSystemStatusResponse")?;
+        let all_serving = response.overall_state == ServingState::Serving as i32;
+        return Ok(all_serving && !response.agents.is_empty());
+    }
     let (tls_identity, upstream_address) = (session.identity.clone(), session.address.clone());
 
     println!("as {tls_identity} via gateway {upstream_address}");

@@ -89,7 +89,7 @@ pub async fn init(s: &mut Session, args: &SoInitArgs) -> Result<bool, Error> {
     Ok(true)
 }
 
-pub async fn info(s: &mut Session, label: &str) -> Result<bool, Error> {
+pub async fn info(s: &mut Session, label: &str, json: bool) -> Result<bool, Error> {
     let r = s
         .admin
         .get_so_token_info(gw::GetSoTokenInfoRequest {
@@ -98,7 +98,11 @@ pub async fn info(s: &mut Session, label: &str) -> Result<bool, Error> {
         .await
         .map_err(|e| s.rpc_error(e))?
         .into_inner();
-    print_info(&r.info.unwrap_or_default());
+    if json {
+        crate::messages::print_json(&r, "cms.gateway.v1.GetSoTokenInfoResponse")?;
+    } else {
+        print_info(&r.info.unwrap_or_default());
+    }
     Ok(true)
 }
 

@@ -599,6 +599,7 @@ async fn import_rate(n: usize) -> (f64, Duration) {
                 update_existing: true,
                 disable_missing: false,
                 dry_run: false,
+                overwrite_ldap_users: false,
             },
             &mut |_| {},
         )

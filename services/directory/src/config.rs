@@ -140,6 +140,10 @@ pub struct LdapSource {
     pub timeout_ms: u64,
     #[serde(default)]
     pub attributes: LdapAttributes,
+    /// Refuse the whole sync when one entry is bad; otherwise bad entries are reported and
+    /// skipped, and the others applied.
+    #[serde(default)]
+    pub strict: bool,
 }
 
 fn default_ldap_filter() -> String {
@@ -165,6 +169,23 @@ pub struct LdapAttributes {
     pub org_unit: String,
     #[serde(default = "a_uuid")]
     pub external_id: String,
+    /// An attribute that marks a user disabled; unset: LDAP disables nobody (but a user
+    /// missing from LDAP is disabled with disable_missing).
+    #[serde(default)]
+    pub disabled: Option<DisabledMarker>,
+}
+
+/// When an LDAP entry's user is disabled: `attribute` has one of `values` (case-insensitive,
+/// e.g. employeeType = "terminated"), or, with `bit_mask`, is a number with one of those bits
+/// set (Active Directory: userAccountControl, bit_mask = 2).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisabledMarker {
+    pub attribute: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub bit_mask: u64,
 }
 
 fn a_uid() -> String {
@@ -195,6 +216,7 @@ impl Default for LdapAttributes {
             phone: a_phone(),
             org_unit: a_ou(),
             external_id: a_uuid(),
+            disabled: None,
         }
     }
 }

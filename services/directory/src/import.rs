@@ -36,6 +36,8 @@ pub struct Record {
     /// 1-based line (CSV) or entry index (LDAP).
     pub line: u64,
     pub fields: UserFields,
+    /// The source marks this user disabled (an LDAP attribute); CSV records never are.
+    pub disabled: bool,
 }
 
 /// What to do with existing and missing users.
@@ -44,6 +46,9 @@ pub struct Options {
     pub update_existing: bool,
     pub disable_missing: bool,
     pub dry_run: bool,
+    /// A CSV import may change users that an LDAP sync owns (otherwise such a line is
+    /// refused: the next sync would undo it).
+    pub overwrite_ldap_users: bool,
 }
 
 /// A progress event of an import or sync.
@@ -84,6 +89,11 @@ pub fn parse_csv(
             ),
         )]);
     }
+    // In CSV, quotes come in pairs (open and close, or "" inside a quoted field): an odd
+    // count means a quoted field runs to the end of the file.
+    let unbalanced_quotes = bytes.iter().filter(|b| **b == b'"').count() % 2 == 1;
+    let mut last_start = 0u64;
+    let mut header_only = false;
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
@@ -111,7 +121,9 @@ pub fn parse_csv(
             .position()
             .map(|p| p.line())
             .unwrap_or(index as u64 + 1);
+        last_start = line;
         if index == 0 && has_header {
+            header_only = true;
             columns.clear();
             let mut names = HashSet::new();
             for (i, name) in record.iter().enumerate() {
@@ -213,15 +225,63 @@ pub fn parse_csv(
                     ));
                     continue;
                 }
-                records.push(Record { line, fields });
+                records.push(Record {
+                    line,
+                    fields,
+                    disabled: false,
+                });
             }
             Err((column, message)) => errors.push(error(line, &column, message)),
         }
+    }
+    if unbalanced_quotes && last_start > 0 {
+        // Whatever was said about the swallowed lines is a consequence, not the cause.
+        errors.retain(|e| e.line < last_start);
+        records.retain(|r| r.line < last_start);
+        errors.push(error(
+            last_start,
+            "",
+            format!("unterminated quote: a quoted field that starts on line {last_start} is never closed"),
+        ));
+    }
+    if errors.is_empty() && records.is_empty() {
+        errors.push(error(
+            1,
+            "",
+            if header_only {
+                "the file has a header but no users"
+            } else {
+                "the file is empty: no users to import"
+            },
+        ));
     }
     if errors.is_empty() {
         Ok(records)
     } else {
         Err(errors)
+    }
+}
+
+/// The status an import sets on the existing user `m` for record `r`, when it changes: LDAP
+/// owns its users' status (a user back in LDAP, or no longer marked disabled there, is enabled
+/// again; one marked disabled there is disabled). A CSV import never changes a status, and a
+/// locked user stays locked (a lockout is the directory's own).
+fn source_status(source: UserSource, m: &user::Model, r: &Record) -> Option<UserStatus> {
+    if source != UserSource::Ldap || m.source != UserSource::Ldap as i32 {
+        return None;
+    }
+    let wanted = if r.disabled {
+        UserStatus::Disabled
+    } else {
+        UserStatus::Active
+    };
+    let current = UserStatus::try_from(m.status).unwrap_or(UserStatus::Unspecified);
+    match (current, wanted) {
+        (UserStatus::Disabled, UserStatus::Active) => Some(UserStatus::Active),
+        (UserStatus::Active | UserStatus::Locked, UserStatus::Disabled) => {
+            Some(UserStatus::Disabled)
+        }
+        _ => None,
     }
 }
 
@@ -326,6 +386,8 @@ impl Directory {
 
         let mut creates = Vec::new();
         let mut updates: Vec<(&user::Model, UserFields)> = Vec::new();
+        // Users whose status the source sets: (num, new status).
+        let mut statuses: Vec<(i64, UserStatus)> = Vec::new();
         let mut unchanged = 0u64;
         let mut matched: HashSet<i64> = HashSet::new();
         let mut errors = Vec::new();
@@ -351,8 +413,31 @@ impl Directory {
                         continue;
                     }
                     matched.insert(m.num);
-                    if options.update_existing && UserFields::of(m) != r.fields {
+                    let changed = UserFields::of(m) != r.fields;
+                    if source == UserSource::Csv
+                        && m.source == UserSource::Ldap as i32
+                        && options.update_existing
+                        && changed
+                        && !options.overwrite_ldap_users
+                    {
+                        errors.push(error(
+                            r.line,
+                            "username",
+                            format!(
+                                "user {:?} is synchronised from LDAP: the next sync would undo this change (allow it with overwrite_ldap_users)",
+                                m.username
+                            ),
+                        ));
+                        continue;
+                    }
+                    let status = source_status(source, m, r);
+                    if let Some(status) = status {
+                        statuses.push((m.num, status));
+                    }
+                    if options.update_existing && changed {
                         updates.push((m, r.fields.clone()));
+                    } else if status.is_some() {
+                        // Counted as updated: its status changed.
                     } else {
                         unchanged += 1;
                     }
@@ -375,9 +460,13 @@ impl Directory {
         } else {
             Vec::new()
         };
+        let status_only = statuses
+            .iter()
+            .filter(|(num, _)| !updates.iter().any(|(m, _)| m.num == *num))
+            .count() as u64;
         let mut report = ImportReport {
             created: creates.len() as u64,
-            updated: updates.len() as u64,
+            updated: updates.len() as u64 + status_only,
             disabled: to_disable.len() as u64,
             unchanged,
             errors: Vec::new(),
@@ -471,6 +560,26 @@ impl Directory {
             }
             search_index::apply(&txn, changes).await?;
         }
+        for (status, nums) in [UserStatus::Active, UserStatus::Disabled].map(|status| {
+            let nums: Vec<i64> = statuses
+                .iter()
+                .filter(|(_, s)| *s == status)
+                .map(|(n, _)| *n)
+                .collect();
+            (status, nums)
+        }) {
+            for chunk in nums.chunks(500) {
+                user::Entity::update_many()
+                    .set(user::ActiveModel {
+                        status: Set(status as i32),
+                        updated_at: Set(now),
+                        ..Default::default()
+                    })
+                    .filter(user::Column::Num.is_in(chunk.to_vec()))
+                    .exec(&txn)
+                    .await?;
+            }
+        }
         for chunk in to_disable.chunks(500) {
             user::Entity::update_many()
                 .set(user::ActiveModel {
@@ -540,5 +649,29 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok[0].fields.display_name, "O'Brien, \"Bob\"");
+    }
+
+    #[test]
+    fn an_empty_file_is_an_error() {
+        for (csv, header, words) in [
+            (&b""[..], true, "empty"),
+            (b"\n\n", false, "empty"),
+            (b"username,email\n", true, "header but no users"),
+        ] {
+            let errors = parse_csv(csv, header, b',').unwrap_err();
+            assert!(errors[0].message.contains(words), "{errors:?}");
+        }
+    }
+
+    #[test]
+    fn an_unterminated_quote_is_named() {
+        let csv = "username,display_name\nann,Ann\nbob,\"Bob\nca,Carl\ndan,Dan\n";
+        let errors = parse_csv(csv.as_bytes(), true, b',').unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].line, 3);
+        assert!(
+            errors[0].message.contains("unterminated quote"),
+            "{errors:?}"
+        );
     }
 }

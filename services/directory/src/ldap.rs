@@ -7,7 +7,7 @@ use cms_proto::directory::v1::{ImportError, ImportReport, UserSource};
 use ldap3::adapters::{Adapter, EntriesOnly, PagedResults};
 use ldap3::{LdapConnAsync, LdapConnSettings, Scope, SearchEntry};
 
-use crate::config::LdapSource;
+use crate::config::{DisabledMarker, LdapSource};
 use crate::import::{self, Options, Progress, Record};
 use crate::users::UserFields;
 use crate::{Directory, Error};
@@ -47,12 +47,41 @@ fn ldap_error(source: &str, what: &str, e: impl std::fmt::Display) -> Error {
     Error::Ldap(format!("LDAP source {source:?}: {what}: {e}"))
 }
 
+/// A failure before any answer came: the server was not reached (refused, unreachable, no
+/// answer in time, or not an LDAP server), said as such rather than as the protocol error
+/// ldap3 reports ("premature end of search stream").
+fn connect_error(source: &str, url: &str, e: impl std::fmt::Display) -> Error {
+    Error::Ldap(format!(
+        "LDAP source {source:?}: could not connect to {url}: {e}"
+    ))
+}
+
+/// Whether `entry` is marked disabled by `marker`.
+fn marked_disabled(entry: &SearchEntry, marker: &DisabledMarker) -> bool {
+    let Some(value) = first(entry, &marker.attribute) else {
+        return false;
+    };
+    let value = value.trim();
+    if marker.bit_mask != 0 {
+        return value
+            .parse::<i64>()
+            .is_ok_and(|n| (n as u64) & marker.bit_mask != 0);
+    }
+    marker.values.iter().any(|v| v.eq_ignore_ascii_case(value))
+}
+
+/// The users read from LDAP, and the entries that were skipped, with why.
+pub struct Read {
+    pub records: Vec<Record>,
+    pub skipped: Vec<ImportError>,
+}
+
 /// Reads and maps every entry of `source`; `progress` sees the entries read so far.
 pub async fn read(
     name: &str,
     source: &LdapSource,
     progress: &mut (dyn FnMut(Progress) + Send),
-) -> Result<Vec<Record>, Error> {
+) -> Result<Read, Error> {
     progress(Progress {
         phase: "connecting",
         read: 0,
@@ -63,7 +92,7 @@ pub async fn read(
     let settings = LdapConnSettings::new().set_conn_timeout(timeout);
     let (conn, mut ldap) = LdapConnAsync::with_settings(settings, &source.url)
         .await
-        .map_err(|e| ldap_error(name, "cannot connect", e))?;
+        .map_err(|e| connect_error(name, &source.url, e))?;
     let driver = tokio::spawn(async move {
         if let Err(e) = conn.drive().await {
             tracing::warn!(error = %e, "LDAP connection ended with an error");
@@ -82,14 +111,18 @@ pub async fn read(
                 ),
                 None => zeroize::Zeroizing::new(String::new()),
             };
-            ldap.with_timeout(timeout)
-                .simple_bind(dn, &password)
-                .await
-                .and_then(|r| r.success())
-                .map_err(|e| ldap_error(name, &format!("bind as {dn:?} failed"), e))?;
+            let bound = ldap.with_timeout(timeout).simple_bind(dn, &password).await;
+            match bound {
+                // No answer at all: the connection was not made.
+                Err(e) => return Err(connect_error(name, &source.url, e)),
+                Ok(r) => {
+                    r.success()
+                        .map_err(|e| ldap_error(name, &format!("bind as {dn:?} failed"), e))?;
+                }
+            }
         }
         let a = &source.attributes;
-        let attrs = vec![
+        let mut attrs = vec![
             a.username.clone(),
             a.display_name.clone(),
             a.email.clone(),
@@ -97,6 +130,9 @@ pub async fn read(
             a.org_unit.clone(),
             a.external_id.clone(),
         ];
+        if let Some(marker) = &a.disabled {
+            attrs.push(marker.attribute.clone());
+        }
         let adapters: Vec<Box<dyn Adapter<_, _>>> = vec![
             Box::new(EntriesOnly::new()),
             Box::new(PagedResults::new(PAGE)),
@@ -111,7 +147,14 @@ pub async fn read(
                 attrs,
             )
             .await
-            .map_err(|e| ldap_error(name, "search failed", e))?;
+            .map_err(|e| {
+                if source.bind_dn.is_none() {
+                    // Anonymous: the search is the first request sent.
+                    connect_error(name, &source.url, e)
+                } else {
+                    ldap_error(name, "search failed", e)
+                }
+            })?;
         let mut records = Vec::new();
         let mut errors: Vec<ImportError> = Vec::new();
         let mut index = 0u64;
@@ -143,10 +186,15 @@ pub async fn read(
                 org_unit,
                 external_id: get(&a.external_id),
             };
+            let disabled = a
+                .disabled
+                .as_ref()
+                .is_some_and(|m| marked_disabled(&entry, m));
             match fields.validated("") {
                 Ok(fields) => records.push(Record {
                     line: index,
                     fields,
+                    disabled,
                 }),
                 Err((column, message)) => errors.push(ImportError {
                     line: index,
@@ -175,26 +223,36 @@ pub async fn read(
             total: index,
         });
         let _ = ldap.unbind().await;
-        let mut seen = std::collections::HashMap::new();
+        // A username on two entries: which is the person is unknown, so both are skipped.
+        let mut lines: std::collections::HashMap<String, Vec<u64>> = Default::default();
         for r in &records {
-            if let Some(first) = seen.insert(crate::normalize::fold(&r.fields.username), r.line) {
+            lines
+                .entry(crate::normalize::fold(&r.fields.username))
+                .or_default()
+                .push(r.line);
+        }
+        records.retain(|r| {
+            let on = &lines[&crate::normalize::fold(&r.fields.username)];
+            if on.len() > 1 {
                 errors.push(ImportError {
                     line: r.line,
                     column: a.username.clone(),
                     message: format!(
-                        "duplicate username {:?} (first at entry {first})",
-                        r.fields.username
+                        "username {:?} is on entries {}; skipped",
+                        r.fields.username,
+                        on.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
                     ),
                 });
+                false
+            } else {
+                true
             }
-        }
-        if errors.is_empty() {
-            Ok(records)
-        } else {
-            Err(Error::Import(
-                import::describe(&errors, 20).replace("line ", "entry "),
-            ))
-        }
+        });
+        errors.sort_by_key(|e| e.line);
+        Ok(Read {
+            records,
+            skipped: errors,
+        })
     }
     .await;
     driver.abort();
@@ -220,18 +278,44 @@ impl Directory {
                 ),
             )
         })?;
-        let records = read(name, source, progress).await?;
-        self.apply_import(
-            records,
-            UserSource::Ldap,
-            Options {
-                update_existing: true,
-                disable_missing,
-                dry_run,
-            },
-            progress,
-        )
-        .await
+        let Read { records, skipped } = read(name, source, progress).await?;
+        if source.strict && !skipped.is_empty() {
+            return Err(Error::Import(
+                import::describe(&skipped, 20).replace("line ", "entry "),
+            ));
+        }
+        // A skipped entry may be a user who still exists: disabling the "missing" ones would
+        // disable them.
+        let skip_disabling = disable_missing && !skipped.is_empty();
+        let mut report = self
+            .apply_import(
+                records,
+                UserSource::Ldap,
+                Options {
+                    update_existing: true,
+                    disable_missing: disable_missing && !skip_disabling,
+                    dry_run,
+                    overwrite_ldap_users: false,
+                },
+                progress,
+            )
+            .await?;
+        if !skipped.is_empty() {
+            tracing::warn!(
+                source = name,
+                skipped = skipped.len(),
+                "LDAP entries skipped"
+            );
+            report.errors = skipped;
+            if skip_disabling {
+                report.errors.push(ImportError {
+                    line: 0,
+                    column: String::new(),
+                    message: "disable_missing was not applied: a skipped entry may be a user who is still there".into(),
+                });
+            }
+        }
+        Ok(report)
     }
 }
 

@@ -25,7 +25,9 @@ mod util;
 
 use std::sync::Arc;
 
-pub use config::{Config, LdapAttributes, LdapSource, SecretsSettings, SelfServiceSettings};
+pub use config::{
+    Config, DisabledMarker, LdapAttributes, LdapSource, SecretsSettings, SelfServiceSettings,
+};
 pub use error::Error;
 
 use cms_kit::client::Channel;
@@ -495,6 +497,7 @@ impl Directory {
                 update_existing: options.update_existing,
                 disable_missing: options.disable_missing,
                 dry_run: options.dry_run,
+                overwrite_ldap_users: options.overwrite_ldap_users,
             },
             &mut |p| progress(p, received),
         )

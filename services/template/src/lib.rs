@@ -287,6 +287,14 @@ impl Templates {
                 ),
             ));
         }
+        // The same content again is not a change: answer the current version, add none.
+        if current.latest_version == i64::from(expected) {
+            let latest = self.version(&current, 0).await?;
+            if latest.spec.as_ref() == Some(&spec) {
+                tracing::info!(template = %id, version = expected, "template update changes nothing");
+                return Ok(latest);
+            }
+        }
         let next = i64::from(expected) + 1;
         let now = now_micros();
         let txn = self.db.begin().await?;

@@ -20,6 +20,8 @@ pub const MAX_LIST: usize = 64;
 /// Longest PIN a card takes (minidriver); PIV allows 8.
 pub const MAX_PIN_LENGTH: u32 = 127;
 pub const PIV_PIN_MIN: u32 = 6;
+/// Most PIN tries a card's retry counter holds (a 4-bit counter on PIV and minidriver cards).
+pub const MAX_PIN_TRIES: u32 = 15;
 pub const PIV_PIN_MAX: u32 = 8;
 
 #[derive(Default)]
@@ -43,7 +45,21 @@ impl Findings {
         });
     }
 
-    /// A text field: not too long, no control characters; `required` refuses empty.
+    /// A one-line text field (name, role, reference, question): as `text`, and no line
+    /// break or tab, which would forge or break the lines it is shown in.
+    fn line(&mut self, field: &str, value: &str, max: usize, required: bool) {
+        self.text(field, value, max, required);
+        if value.contains(['\n', '\r', '\t']) {
+            self.error(
+                field,
+                "NOT_ONE_LINE",
+                format!("{field} contains a line break or tab; it must be one line"),
+            );
+        }
+    }
+
+    /// A text field: not too long, no control characters but line breaks and tabs;
+    /// `required` refuses empty.
     fn text(&mut self, field: &str, value: &str, max: usize, required: bool) {
         if required && value.trim().is_empty() {
             self.error(field, "REQUIRED", format!("{field} is required"));
@@ -81,7 +97,7 @@ impl Findings {
         }
         let mut seen = BTreeSet::new();
         for (i, v) in values.iter().enumerate() {
-            self.text(&format!("{field}[{i}]"), v, MAX_SHORT_CHARS, true);
+            self.line(&format!("{field}[{i}]"), v, MAX_SHORT_CHARS, true);
             if !seen.insert(v.as_str()) {
                 self.warning(
                     &format!("{field}[{i}]"),
@@ -97,9 +113,23 @@ fn seconds(d: Option<&prost_types::Duration>) -> Option<i64> {
     d.map(|d| d.seconds)
 }
 
+/// Set and longer than zero.
+fn positive(d: Option<&prost_types::Duration>) -> bool {
+    d.is_some_and(|d| d.seconds > 0 || (d.seconds == 0 && d.nanos > 0))
+}
+
 fn duration(f: &mut Findings, field: &str, d: Option<&prost_types::Duration>, max_secs: i64) {
     if let Some(d) = d {
-        if d.seconds < 0 || d.nanos < 0 {
+        if !(-999_999_999..=999_999_999).contains(&d.nanos) {
+            f.error(
+                field,
+                "INVALID_DURATION",
+                format!(
+                    "{field}.nanos is {}; it must be within -999999999 to 999999999",
+                    d.nanos
+                ),
+            );
+        } else if d.seconds < 0 || d.nanos < 0 {
             f.error(field, "NEGATIVE_DURATION", format!("{field} is negative"));
         } else if d.seconds > max_secs {
             f.error(
@@ -114,10 +144,36 @@ fn duration(f: &mut Findings, field: &str, d: Option<&prost_types::Duration>, ma
     }
 }
 
+/// An enum field: `None` (and a violation) when it is unset ("is required") or a number
+/// this version does not know ("unknown"), which are different mistakes.
+fn known<E: TryFrom<i32> + Copy + PartialEq>(
+    f: &mut Findings,
+    field: &str,
+    value: i32,
+    unspecified: E,
+    required: &str,
+) -> Option<E> {
+    match E::try_from(value) {
+        Ok(v) if v == unspecified => {
+            f.error(field, "REQUIRED", required);
+            None
+        }
+        Ok(v) => Some(v),
+        Err(_) => {
+            f.error(
+                field,
+                "UNKNOWN",
+                format!("{field} is {value}, which is not a known value"),
+            );
+            None
+        }
+    }
+}
+
 /// Every violation of `spec`. The spec is acceptable when none has severity ERROR.
 pub fn validate(spec: &TemplateSpec) -> Vec<Violation> {
     let mut f = Findings::default();
-    f.text("name", &spec.name, MAX_NAME_CHARS, true);
+    f.line("name", &spec.name, MAX_NAME_CHARS, true);
     f.text("description", &spec.description, MAX_TEXT_CHARS, false);
     if spec.labels.len() > MAX_LIST {
         f.error(
@@ -130,18 +186,18 @@ pub fn validate(spec: &TemplateSpec) -> Vec<Violation> {
         );
     }
     for (k, v) in &spec.labels {
-        f.text("labels.key", k, MAX_SHORT_CHARS, true);
-        f.text(&format!("labels[{k}]"), v, MAX_SHORT_CHARS, false);
+        f.line("labels.key", k, MAX_SHORT_CHARS, true);
+        f.line(&format!("labels[{k}]"), v, MAX_SHORT_CHARS, false);
     }
 
-    let profile = CardProfile::try_from(spec.card_profile).unwrap_or(CardProfile::Unspecified);
-    if profile == CardProfile::Unspecified {
-        f.error(
-            "card_profile",
-            "REQUIRED",
-            "card_profile must be CARD_PROFILE_MINIDRIVER or CARD_PROFILE_PIV",
-        );
-    }
+    let profile = known(
+        &mut f,
+        "card_profile",
+        spec.card_profile,
+        CardProfile::Unspecified,
+        "card_profile is required: CARD_PROFILE_MINIDRIVER or CARD_PROFILE_PIV",
+    )
+    .unwrap_or(CardProfile::Unspecified);
     admin_key(&mut f, spec);
     puk(&mut f, spec, profile);
     match &spec.unblock_policy {
@@ -160,23 +216,22 @@ fn admin_key(f: &mut Findings, spec: &TemplateSpec) {
         f.error("admin_key", "REQUIRED", "admin_key is required");
         return;
     };
-    let algorithm = KeyAlgorithm::try_from(key.algorithm).unwrap_or(KeyAlgorithm::Unspecified);
-    let scheme = DiversificationScheme::try_from(key.diversification_scheme)
-        .unwrap_or(DiversificationScheme::Unspecified);
-    if algorithm == KeyAlgorithm::Unspecified {
-        f.error(
-            "admin_key.algorithm",
-            "REQUIRED",
-            "admin_key.algorithm is required (3DES or AES-128/192/256)",
-        );
-    }
-    if scheme == DiversificationScheme::Unspecified {
-        f.error(
-            "admin_key.diversification_scheme",
-            "REQUIRED",
-            "admin_key.diversification_scheme is required",
-        );
-    }
+    let algorithm = known(
+        f,
+        "admin_key.algorithm",
+        key.algorithm,
+        KeyAlgorithm::Unspecified,
+        "admin_key.algorithm is required (3DES or AES-128/192/256)",
+    )
+    .unwrap_or(KeyAlgorithm::Unspecified);
+    let scheme = known(
+        f,
+        "admin_key.diversification_scheme",
+        key.diversification_scheme,
+        DiversificationScheme::Unspecified,
+        "admin_key.diversification_scheme is required",
+    )
+    .unwrap_or(DiversificationScheme::Unspecified);
     let des = matches!(algorithm, KeyAlgorithm::Tdes2key | KeyAlgorithm::Tdes3key);
     let aes = matches!(
         algorithm,
@@ -203,7 +258,7 @@ fn admin_key(f: &mut Findings, spec: &TemplateSpec) {
         ),
         _ => {}
     }
-    f.text(
+    f.line(
         "admin_key.master_key_reference",
         &key.master_key_reference,
         MAX_SHORT_CHARS,
@@ -219,7 +274,7 @@ fn puk(f: &mut Findings, spec: &TemplateSpec, profile: CardProfile) {
             "puk is required for card_profile CARD_PROFILE_PIV (the PIN is reset with a derived PUK)",
         ),
         (Some(puk), CardProfile::Piv) => {
-            f.text("puk.master_key_reference", &puk.master_key_reference, MAX_SHORT_CHARS, true);
+            f.line("puk.master_key_reference", &puk.master_key_reference, MAX_SHORT_CHARS, true);
             if puk.length != 0 && !(6..=8).contains(&puk.length) {
                 f.error(
                     "puk.length",
@@ -311,6 +366,13 @@ fn unblock(f: &mut Findings, p: &UnblockPolicy, profile: CardProfile) {
             "unblock_policy.self_service_enabled with unblock_policy.challenge_response_enforced needs unblock_policy.offline_self_service_allowed: online self-service is refused",
         );
     }
+    if p.self_service_enabled && !positive(p.self_service_session_ttl.as_ref()) {
+        f.error(
+            &format!("{U}.self_service_session_ttl"),
+            "REQUIRED",
+            "unblock_policy.self_service_enabled needs a positive unblock_policy.self_service_session_ttl: sessions would never expire",
+        );
+    }
     duration(
         f,
         &format!("{U}.self_service_session_ttl"),
@@ -348,12 +410,33 @@ fn unblock(f: &mut Findings, p: &UnblockPolicy, profile: CardProfile) {
             "unblock_policy.operator_policy.dual_control is on but unblock_policy.operator_policy.approver_roles is empty",
         );
     }
-    if ops.dual_control && seconds(ops.approval_ttl.as_ref()).unwrap_or(0) <= 0 {
+    if ops.dual_control
+        && !ops.approver_roles.is_empty()
+        && ops
+            .approver_roles
+            .iter()
+            .all(|r| ops.unblock_roles.contains(r))
+    {
         f.error(
-            &format!("{op}.approval_ttl"),
-            "REQUIRED",
-            "unblock_policy.operator_policy.dual_control needs a positive unblock_policy.operator_policy.approval_ttl",
+            &format!("{op}.approver_roles"),
+            "APPROVER_IS_UNBLOCKER",
+            "unblock_policy.operator_policy.dual_control is on but every approver role may also unblock: two operators of the same role would control each other; name a separate approver role",
         );
+    }
+    if ops.dual_control {
+        match ops.approval_ttl.as_ref() {
+            Some(ttl) if ttl.seconds == 0 && ttl.nanos > 0 => f.error(
+                &format!("{op}.approval_ttl"),
+                "TOO_SHORT",
+                "unblock_policy.operator_policy.approval_ttl is under a second: no approval could be used in time",
+            ),
+            ttl if !positive(ttl) => f.error(
+                &format!("{op}.approval_ttl"),
+                "REQUIRED",
+                "unblock_policy.operator_policy.dual_control needs a positive unblock_policy.operator_policy.approval_ttl",
+            ),
+            _ => {}
+        }
     }
     duration(
         f,
@@ -375,14 +458,16 @@ fn unblock(f: &mut Findings, p: &UnblockPolicy, profile: CardProfile) {
     let mut scopes = BTreeSet::new();
     for (i, limit) in p.rate_limits.iter().enumerate() {
         let field = format!("{U}.rate_limits[{i}]");
-        let scope = RateLimitScope::try_from(limit.scope).unwrap_or(RateLimitScope::Unspecified);
-        if scope == RateLimitScope::Unspecified {
-            f.error(
-                &format!("{field}.scope"),
-                "REQUIRED",
-                format!("{field}.scope is required"),
-            );
-        } else if !scopes.insert(limit.scope) {
+        let scope = known(
+            f,
+            &format!("{field}.scope"),
+            limit.scope,
+            RateLimitScope::Unspecified,
+            &format!("{field}.scope is required"),
+        );
+        if let Some(scope) = scope
+            && !scopes.insert(limit.scope)
+        {
             f.error(
                 &format!("{field}.scope"),
                 "DUPLICATE_RATE_LIMIT",
@@ -440,27 +525,24 @@ fn user_auth(f: &mut Findings, p: &UnblockPolicy, ops: &cms_proto::template::v1:
             "unblock_policy.user_auth is ignored while unblock_policy.self_service_enabled is off",
         );
     }
-    if !req.groups.is_empty()
-        && Combinator::try_from(req.combinator).unwrap_or(Combinator::Unspecified)
-            == Combinator::Unspecified
-    {
-        f.error(
+    if !req.groups.is_empty() {
+        known(
+            f,
             &format!("{A}.requirement.combinator"),
-            "REQUIRED",
+            req.combinator,
+            Combinator::Unspecified,
             "unblock_policy.user_auth.requirement.combinator is required (ALL_OF or ANY_OF)",
         );
     }
     for (i, group) in req.groups.iter().enumerate() {
         let field = format!("{A}.requirement.groups[{i}]");
-        if Combinator::try_from(group.combinator).unwrap_or(Combinator::Unspecified)
-            == Combinator::Unspecified
-        {
-            f.error(
-                &format!("{field}.combinator"),
-                "REQUIRED",
-                format!("{field}.combinator is required (ALL_OF or ANY_OF)"),
-            );
-        }
+        known(
+            f,
+            &format!("{field}.combinator"),
+            group.combinator,
+            Combinator::Unspecified,
+            &format!("{field}.combinator is required (ALL_OF or ANY_OF)"),
+        );
         if group.methods.is_empty() {
             f.error(
                 &format!("{field}.methods"),
@@ -471,11 +553,17 @@ fn user_auth(f: &mut Findings, p: &UnblockPolicy, ops: &cms_proto::template::v1:
         let mut seen = BTreeSet::new();
         for (j, m) in group.methods.iter().enumerate() {
             let method = AuthMethod::try_from(*m).unwrap_or(AuthMethod::Unspecified);
-            if method == AuthMethod::Unspecified {
+            if *m == AuthMethod::Unspecified as i32 {
                 f.error(
                     &format!("{field}.methods[{j}]"),
-                    "UNKNOWN_METHOD",
-                    format!("{field}.methods[{j}] is not a known method"),
+                    "REQUIRED",
+                    format!("{field}.methods[{j}] is unset: name a method"),
+                );
+            } else if method == AuthMethod::Unspecified {
+                f.error(
+                    &format!("{field}.methods[{j}]"),
+                    "UNKNOWN",
+                    format!("{field}.methods[{j}] is {m}, which is not a known method"),
                 );
             } else if !seen.insert(*m) {
                 f.warning(
@@ -552,8 +640,15 @@ fn user_auth(f: &mut Findings, p: &UnblockPolicy, ops: &cms_proto::template::v1:
                         format!("{field}.min_answer_length below 3 allows trivial answers"),
                     );
                 }
+                let mut asked_before = BTreeSet::new();
                 for (i, text) in q.suggested_questions.iter().enumerate() {
-                    f.text(&format!("{field}.suggested_questions[{i}]"), text, 500, true);
+                    let entry = format!("{field}.suggested_questions[{i}]");
+                    f.line(&entry, text, 500, true);
+                    // The same question twice would let one answer count twice.
+                    let key = text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
+                    if !asked_before.insert(key) {
+                        f.error(&entry, "DUPLICATE", format!("{entry} repeats an earlier question: {text:?}"));
+                    }
                 }
                 if q.suggested_questions.len() > MAX_LIST {
                     f.error(&format!("{field}.suggested_questions"), "TOO_MANY", "too many suggested questions");
@@ -570,13 +665,13 @@ fn user_auth(f: &mut Findings, p: &UnblockPolicy, ops: &cms_proto::template::v1:
                 "AUTH_METHOD_TOTP is required but unblock_policy.user_auth.totp is not set",
             ),
             Some(t) => {
-                if TotpAlgorithm::try_from(t.algorithm).is_err() {
-                    f.error(
-                        &format!("{field}.algorithm"),
-                        "UNKNOWN",
-                        format!("{field}.algorithm is not known"),
-                    );
-                }
+                known(
+                    f,
+                    &format!("{field}.algorithm"),
+                    t.algorithm,
+                    TotpAlgorithm::Unspecified,
+                    &format!("{field}.algorithm is required (SHA1, SHA256 or SHA512)"),
+                );
                 if t.digits != 6 && t.digits != 8 {
                     f.error(
                         &format!("{field}.digits"),
@@ -607,7 +702,7 @@ fn user_auth(f: &mut Findings, p: &UnblockPolicy, ops: &cms_proto::template::v1:
                         ),
                     );
                 }
-                f.text(
+                f.line(
                     &format!("{field}.issuer"),
                     &t.issuer,
                     MAX_SHORT_CHARS,
@@ -730,16 +825,13 @@ fn pin_policy(f: &mut Findings, p: &PinPolicy, profile: CardProfile) {
         .chain(&p.required_classes)
         .enumerate()
     {
-        if matches!(
-            CharacterClass::try_from(*c),
-            Err(_) | Ok(CharacterClass::Unspecified)
-        ) {
-            f.error(
-                &format!("{P}.classes[{i}]"),
-                "UNKNOWN_CLASS",
-                format!("{P} names an unknown character class ({c})"),
-            );
-        }
+        known(
+            f,
+            &format!("{P}.classes[{i}]"),
+            *c,
+            CharacterClass::Unspecified,
+            &format!("{P}.classes[{i}] is unset: name a character class"),
+        );
     }
     for c in &p.required_classes {
         if !p.allowed_classes.contains(c) {
@@ -772,12 +864,21 @@ fn pin_policy(f: &mut Findings, p: &PinPolicy, profile: CardProfile) {
             "pin_policy.max_sequence_length 1 forbids any two neighbouring digits such as \"12\"",
         );
     }
-    if p.pin_tries == 0 || p.pin_tries > 15 {
+    if p.pin_tries == 0 || p.pin_tries > MAX_PIN_TRIES {
+        f.error(
+            &format!("{P}.pin_tries"),
+            "PIN_TRIES",
+            format!(
+                "{P}.pin_tries is {}; cards take 1 to {MAX_PIN_TRIES} (PIV and minidriver counters hold at most 15)",
+                p.pin_tries
+            ),
+        );
+    } else if p.pin_tries < 3 {
         f.warning(
             &format!("{P}.pin_tries"),
             "PIN_TRIES",
             format!(
-                "{P}.pin_tries is {}; cards usually allow 3 to 15",
+                "{P}.pin_tries is {}; a typing slip would block the card",
                 p.pin_tries
             ),
         );
@@ -878,5 +979,173 @@ mod tests {
         let c = codes(&spec);
         assert!(c.contains(&("puk".into(), "REQUIRED".into())), "{c:?}");
         assert!(c.iter().any(|(_, code)| code == "PIV_PIN_LENGTH"), "{c:?}");
+    }
+
+    /// The rules a tester found missing (issue 13): each refused with its field and code.
+    fn refused(spec: &TemplateSpec, field: &str, code: &str) {
+        let c = codes(spec);
+        assert!(
+            c.contains(&(field.to_owned(), code.to_owned())),
+            "expected {field} {code}, got {c:?}"
+        );
+    }
+
+    fn policy(spec: &mut TemplateSpec) -> &mut UnblockPolicy {
+        spec.unblock_policy.as_mut().unwrap()
+    }
+
+    #[test]
+    fn totp_without_an_algorithm_is_refused() {
+        let mut spec = sample::minidriver("x");
+        let totp = policy(&mut spec)
+            .user_auth
+            .as_mut()
+            .unwrap()
+            .totp
+            .as_mut()
+            .unwrap();
+        totp.algorithm = TotpAlgorithm::Unspecified as i32;
+        refused(&spec, "unblock_policy.user_auth.totp.algorithm", "REQUIRED");
+    }
+
+    #[test]
+    fn self_service_needs_a_session_ttl() {
+        for ttl in [None, Some(prost_types::Duration::default())] {
+            let mut spec = sample::minidriver("x");
+            policy(&mut spec).self_service_session_ttl = ttl;
+            refused(&spec, "unblock_policy.self_service_session_ttl", "REQUIRED");
+        }
+    }
+
+    #[test]
+    fn duration_nanos_must_be_in_range() {
+        let mut spec = sample::minidriver("x");
+        policy(&mut spec).self_service_session_ttl = Some(prost_types::Duration {
+            seconds: 600,
+            nanos: 1_000_000_000,
+        });
+        refused(
+            &spec,
+            "unblock_policy.self_service_session_ttl",
+            "INVALID_DURATION",
+        );
+    }
+
+    #[test]
+    fn single_line_fields_refuse_line_breaks_and_tabs() {
+        let mut spec = sample::minidriver("two\nlines");
+        refused(&spec, "name", "NOT_ONE_LINE");
+        spec.name = "tab\there".into();
+        refused(&spec, "name", "NOT_ONE_LINE");
+        spec.name = "ok".into();
+        policy(&mut spec)
+            .operator_policy
+            .as_mut()
+            .unwrap()
+            .unblock_roles = vec!["help\ndesk".into()];
+        refused(
+            &spec,
+            "unblock_policy.operator_policy.unblock_roles[0]",
+            "NOT_ONE_LINE",
+        );
+        // A description may have several lines.
+        let mut spec = sample::minidriver("ok");
+        spec.description = "line one\nline two".into();
+        assert_eq!(codes(&spec), vec![]);
+    }
+
+    #[test]
+    fn pin_tries_must_be_what_a_card_holds() {
+        for tries in [0, 16, 255] {
+            let mut spec = sample::minidriver("x");
+            spec.pin_policy.as_mut().unwrap().pin_tries = tries;
+            refused(&spec, "pin_policy.pin_tries", "PIN_TRIES");
+        }
+        let mut spec = sample::minidriver("x");
+        spec.pin_policy.as_mut().unwrap().pin_tries = 15;
+        assert_eq!(codes(&spec), vec![]);
+    }
+
+    #[test]
+    fn dual_control_needs_an_approver_role_that_does_not_unblock() {
+        let mut spec = sample::minidriver("x");
+        let ops = policy(&mut spec).operator_policy.as_mut().unwrap();
+        ops.dual_control = true;
+        ops.approver_roles = vec!["helpdesk".into()];
+        refused(
+            &spec,
+            "unblock_policy.operator_policy.approver_roles",
+            "APPROVER_IS_UNBLOCKER",
+        );
+        let ops = policy(&mut spec).operator_policy.as_mut().unwrap();
+        ops.approver_roles = vec!["helpdesk".into(), "approver".into()];
+        assert_eq!(codes(&spec), vec![]);
+    }
+
+    #[test]
+    fn suggested_questions_must_differ() {
+        let mut spec = sample::minidriver("x");
+        let q = policy(&mut spec)
+            .user_auth
+            .as_mut()
+            .unwrap()
+            .security_questions
+            .as_mut()
+            .unwrap();
+        q.suggested_questions.push("first  PET's name?".into());
+        refused(
+            &spec,
+            "unblock_policy.user_auth.security_questions.suggested_questions[3]",
+            "DUPLICATE",
+        );
+    }
+
+    #[test]
+    fn unknown_enum_values_are_unknown_not_missing() {
+        let mut spec = sample::minidriver("x");
+        spec.card_profile = 99;
+        spec.admin_key.as_mut().unwrap().algorithm = 42;
+        policy(&mut spec).rate_limits[0].scope = 77;
+        spec.pin_policy.as_mut().unwrap().allowed_classes.push(9);
+        refused(&spec, "card_profile", "UNKNOWN");
+        refused(&spec, "admin_key.algorithm", "UNKNOWN");
+        refused(&spec, "unblock_policy.rate_limits[0].scope", "UNKNOWN");
+        refused(&spec, "pin_policy.classes[3]", "UNKNOWN");
+        let c = codes(&spec);
+        assert!(!c.iter().any(|(_, code)| code == "REQUIRED"), "{c:?}");
+        let mut spec = sample::minidriver("x");
+        let totp = policy(&mut spec)
+            .user_auth
+            .as_mut()
+            .unwrap()
+            .totp
+            .as_mut()
+            .unwrap();
+        totp.algorithm = 12;
+        refused(&spec, "unblock_policy.user_auth.totp.algorithm", "UNKNOWN");
+    }
+
+    #[test]
+    fn an_approval_ttl_under_a_second_is_too_short() {
+        let mut spec = sample::minidriver("x");
+        let ops = policy(&mut spec).operator_policy.as_mut().unwrap();
+        ops.dual_control = true;
+        ops.approval_ttl = Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 500_000_000,
+        });
+        refused(
+            &spec,
+            "unblock_policy.operator_policy.approval_ttl",
+            "TOO_SHORT",
+        );
+        let c = codes(&spec);
+        assert!(
+            !c.contains(&(
+                "unblock_policy.operator_policy.approval_ttl".into(),
+                "REQUIRED".into()
+            )),
+            "{c:?}"
+        );
     }
 }
