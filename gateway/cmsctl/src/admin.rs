@@ -549,8 +549,8 @@ pub async fn audit(cli: &Cli, command: &AuditCmd) -> Result<bool, Error> {
                 );
             } else {
                 println!(
-                    "audit chain BROKEN at record {}: {}",
-                    r.first_bad_sequence, r.reason
+                    "audit chain BROKEN at record {}: {} ({})",
+                    r.first_bad_sequence, r.reason, r.detail
                 );
             }
             Ok(r.ok)
