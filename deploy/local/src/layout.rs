@@ -8,12 +8,12 @@
 //! <data>/run/<s>.addr    addresses a running service bound (written by the service)
 //! ```
 
-use std::fmt::Write;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use cms_kit::pki::DevPki;
+use toml::{Table, Value};
 
 /// Start order: the gateway needs the backends, the agent needs the gateway.
 pub const START_ORDER: [&str; 5] = ["template", "directory", "custody", "gateway", "agent"];
@@ -50,6 +50,8 @@ pub enum LayoutError {
     MissingPeer(&'static str, &'static str),
     #[error(transparent)]
     Pki(#[from] cms_kit::pki::PkiError),
+    #[error("service config: {0}")]
+    Toml(String),
 }
 
 impl Layout {
@@ -114,24 +116,26 @@ impl Layout {
         let pki = self.pki();
         let tls = pki.tls_settings(service);
         let td = &self.trust_domain;
-        let mut out = String::new();
-        let q = |p: &Path| toml_str(&p.display().to_string());
+        let path = |p: &Path| Value::from(p.display().to_string());
+        let mut config = Table::new();
         if service != "gateway" {
-            let _ = writeln!(out, "data_dir = {}\n", q(&self.service_dir(service)));
+            config.insert("data_dir".into(), path(&self.service_dir(service)));
         }
-        let _ = writeln!(
-            out,
-            "[server]\nlisten = \"{}\"\nops_listen = \"{}\"\nannounce_file = {}\n",
-            ports.grpc,
-            ports.ops,
-            q(&self.announce_path(service))
+        config.insert(
+            "server".into(),
+            table([
+                ("listen", Value::from(ports.grpc.to_string())),
+                ("ops_listen", Value::from(ports.ops.to_string())),
+                ("announce_file", path(&self.announce_path(service))),
+            ]),
         );
-        let _ = writeln!(
-            out,
-            "[tls]\nca = {}\ncert = {}\nkey = {}\n",
-            q(&tls.ca),
-            q(&tls.cert),
-            q(&tls.key)
+        config.insert(
+            "tls".into(),
+            table([
+                ("ca", path(&tls.ca)),
+                ("cert", path(&tls.cert)),
+                ("key", path(&tls.key)),
+            ]),
         );
         let allow: Vec<String> = match service {
             "gateway" => vec![
@@ -143,59 +147,59 @@ impl Layout {
             "agent" => vec![format!("spiffe://{td}/cms/operator/*")],
             _ => vec![format!("spiffe://{td}/cms/gateway")],
         };
-        let allow: Vec<String> = allow.iter().map(|a| toml_str(a)).collect();
-        let _ = writeln!(out, "[access]\nallow = [{}]\n", allow.join(", "));
-        let upstream =
-            |out: &mut String, section: &str, name: &'static str, addr: Option<SocketAddr>| {
-                let addr = addr.ok_or(LayoutError::MissingPeer(service, name))?;
-                let _ = writeln!(
-                    out,
-                    "[{section}]\naddress = \"{addr}\"\nidentity = \"spiffe://{td}/cms/{name}\"\n"
-                );
-                Ok::<(), LayoutError>(())
-            };
+        config.insert("access".into(), table([("allow", Value::from(allow))]));
+        let upstream = |name: &'static str, addr: Option<SocketAddr>| {
+            let addr = addr.ok_or(LayoutError::MissingPeer(service, name))?;
+            Ok::<Value, LayoutError>(table([
+                ("address", Value::from(addr.to_string())),
+                ("identity", Value::from(format!("spiffe://{td}/cms/{name}"))),
+            ]))
+        };
         if service == "custody" {
             // Dev only: the key-encryption key in a file, so `cms up` starts unsealed.
-            let _ = writeln!(
-                out,
-                "[seal]\ndev_seal_file = {}\n",
-                q(&self.service_dir(service).join("dev-seal.key"))
+            config.insert(
+                "seal".into(),
+                table([(
+                    "dev_seal_file",
+                    path(&self.service_dir(service).join("dev-seal.key")),
+                )]),
             );
-            let _ = writeln!(
-                out,
-                "[[callers]]\nidentity = \"spiffe://{td}/cms/gateway\"\nkey_references = [\"*\"]\nadmin = true\nrelease_puk = true\n"
+            config.insert(
+                "callers".into(),
+                Value::Array(vec![table([
+                    ("identity", Value::from(format!("spiffe://{td}/cms/gateway"))),
+                    ("key_references", Value::from(vec!["*"])),
+                    ("admin", Value::from(true)),
+                    ("release_puk", Value::from(true)),
+                ])]),
             );
         }
         match service {
             "gateway" => {
-                upstream(&mut out, "backends.template", "template", peers.template)?;
-                upstream(&mut out, "backends.directory", "directory", peers.directory)?;
-                upstream(&mut out, "backends.custody", "custody", peers.custody)?;
+                config.insert(
+                    "backends".into(),
+                    table([
+                        ("template", upstream("template", peers.template)?),
+                        ("directory", upstream("directory", peers.directory)?),
+                        ("custody", upstream("custody", peers.custody)?),
+                    ]),
+                );
             }
-            "agent" => upstream(&mut out, "gateway", "gateway", peers.gateway)?,
+            "agent" => {
+                config.insert("gateway".into(), upstream("gateway", peers.gateway)?);
+            }
             _ => {}
         }
+        let mut out = toml::to_string(&config).map_err(|e| LayoutError::Toml(e.to_string()))?;
+        out.push('\n');
         out.push_str(extra);
         Ok(out)
     }
 }
 
-/// A TOML basic string.
-fn toml_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => {
-                let _ = write!(out, "\\u{:04X}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+/// A TOML table of `entries`.
+fn table<const N: usize>(entries: [(&str, Value); N]) -> Value {
+    Value::Table(entries.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
 }
 
 #[cfg(test)]
