@@ -44,9 +44,11 @@ cargo fetch --locked --quiet
 # cargo-deny reads an advisory database only as a git checkout under its db-path (deny.toml),
 # in a folder named after the database's URL. Lay the snapshot out there, as one commit.
 db="target/advisory-dbs/advisory-db-3157b0e258782691"
+[ -d "$db" ] && chmod -R u+w "$db"
 rm -rf "$db"
 mkdir -p "$db"
 cp -R "$advisories"/. "$db"/
+chmod -R u+w "$db" # the snapshot may come without write bits
 git -C "$db" init --quiet
 git -C "$db" add --all
 git -C "$db" -c user.name=ci -c user.email=ci@localhost commit --quiet --message snapshot
