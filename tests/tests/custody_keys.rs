@@ -675,6 +675,10 @@ async fn there_is_one_system_owner_token_per_installation() {
         .count();
     assert_eq!(refused, 2);
     let records = made;
+    let attribute = |k: &str| records[0].attributes.get(k).map(String::as_str);
+    assert_eq!(attribute("algorithm"), Some("aes-128"));
+    assert_eq!(attribute("share_count"), Some("3"));
+    assert_eq!(attribute("threshold"), Some("2"));
     let said = format!("{:?}", records[0]);
     assert!(
         said.contains("aes-128") && said.contains("3 shares") && said.contains("2 needed"),

@@ -1484,16 +1484,16 @@ impl CustodyService for Custody {
             Vec::new()
         };
         let kcv = hex_upper(&key.kcv());
-        let mut event = Event::new(
-            AuditEvent::SoTokenInit,
-            AuditOutcome::Success,
-            &caller.identity,
-        );
         let mut auth = context(req.auth);
         auth.card_id = req.card_id.clone();
-        event.context = auth;
-        event.key_reference = label.clone();
-        event.reason = so_token_summary(algorithm, req.share_count, req.share_threshold);
+        let event = Event::so_token_init(
+            &caller.identity,
+            auth,
+            &label,
+            algorithm.as_str(),
+            req.share_count,
+            req.share_threshold,
+        );
         self.audit.record(event, None).await.map_err(Error::from)?;
         let row = so_token::ActiveModel {
             // A fixed id: a racing second initialisation fails on the primary key.
@@ -1563,17 +1563,6 @@ fn so_token_exists(label: &str) -> Error {
 }
 
 /// What the SO token's audit record says about it (no secret): algorithm and shares.
-fn so_token_summary(algorithm: KeyAlgorithm, share_count: u32, threshold: u32) -> String {
-    if share_count == 0 {
-        format!("{} unblock key, not split into shares", algorithm.as_str())
-    } else {
-        format!(
-            "{} unblock key, {share_count} shares, {threshold} needed",
-            algorithm.as_str()
-        )
-    }
-}
-
 fn so_info(row: &so_token::Model) -> pb::SoTokenInfo {
     pb::SoTokenInfo {
         label: row.label.clone(),

@@ -192,6 +192,29 @@ impl Event {
         e
     }
 
+    /// The System Owner token `label` was initialised: its unblock key's algorithm and how it
+    /// was handed out (`share_count` shares, `threshold` needed; 0 shares: shown whole).
+    pub fn so_token_init(
+        caller: &str,
+        auth: AuthContext,
+        label: &str,
+        algorithm: &str,
+        share_count: u32,
+        threshold: u32,
+    ) -> Self {
+        let mut e = Self::by(AuditEvent::SoTokenInit, AuditOutcome::Success, caller, auth)
+            .with("algorithm", algorithm)
+            .with("share_count", share_count.to_string())
+            .with("threshold", threshold.to_string());
+        e.key_reference = label.to_owned();
+        e.reason = if share_count == 0 {
+            format!("{algorithm} unblock key, not split into shares")
+        } else {
+            format!("{algorithm} unblock key, {share_count} shares, {threshold} needed")
+        };
+        e
+    }
+
     /// Custody unsealed with the last share, given by `custodian`.
     pub fn unsealed(caller: &str, auth: AuthContext, custodian: &str) -> Self {
         let custodian: String = custodian.chars().take(64).collect();
