@@ -167,7 +167,10 @@ impl Layout {
             config.insert(
                 "callers".into(),
                 Value::Array(vec![table([
-                    ("identity", Value::from(format!("spiffe://{td}/cms/gateway"))),
+                    (
+                        "identity",
+                        Value::from(format!("spiffe://{td}/cms/gateway")),
+                    ),
                     ("key_references", Value::from(vec!["*"])),
                     ("admin", Value::from(true)),
                     ("release_puk", Value::from(true)),
@@ -199,7 +202,12 @@ impl Layout {
 
 /// A TOML table of `entries`.
 fn table<const N: usize>(entries: [(&str, Value); N]) -> Value {
-    Value::Table(entries.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+    Value::Table(
+        entries
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+    )
 }
 
 #[cfg(test)]

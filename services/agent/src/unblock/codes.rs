@@ -21,9 +21,10 @@ pub fn code_error(what: &str, err: &CodeError) -> UnblockResult {
             UnblockOutcome::ChecksumMismatch,
             ErrorReason::CodeChecksumMismatch,
         ),
-        CodeError::ChecksumMissing { .. } => {
-            (UnblockOutcome::InvalidCode, ErrorReason::CodeChecksumMissing)
-        }
+        CodeError::ChecksumMissing { .. } => (
+            UnblockOutcome::InvalidCode,
+            ErrorReason::CodeChecksumMissing,
+        ),
         CodeError::NotHex { .. } => (UnblockOutcome::InvalidCode, ErrorReason::CodeNotHex),
         CodeError::Empty | CodeError::WrongLength { .. } | CodeError::OddDigits { .. } => {
             (UnblockOutcome::InvalidCode, ErrorReason::CodeWrongLength)
