@@ -134,6 +134,7 @@ pub struct Custody {
     imports: Mutex<HashMap<String, Import>>,
 }
 
+#[derive(Clone)]
 pub struct Options {
     pub db: DatabaseConnection,
     pub keystore: Arc<dyn Keystore>,

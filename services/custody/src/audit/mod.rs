@@ -32,6 +32,7 @@ pub use head_file::HeadFile;
 use head_file::{HeadKeeper, KeptHead};
 pub use query::{AuditPage, AuditQuery};
 use sink::Sink;
+pub(crate) use sink::sqlite_file;
 
 pub const CHAIN_ID: &str = "cms-custody-audit-v1";
 const GENESIS: [u8; 32] = [0; 32];

@@ -193,7 +193,7 @@ fn postgres_sql(cache: &mut HashMap<usize, Arc<str>>, rows: usize) -> Arc<str> {
 
 /// The file of the pool's SQLite database, as SQLite names it. An in-memory database is
 /// refused: it would not keep the audit log past the process.
-pub(super) async fn sqlite_file(pool: &DatabaseConnection) -> Result<PathBuf, DbErr> {
+pub(crate) async fn sqlite_file(pool: &DatabaseConnection) -> Result<PathBuf, DbErr> {
     use sea_orm::ConnectionTrait;
     let main = pool
         .query_all_raw(sea_orm::Statement::from_string(
