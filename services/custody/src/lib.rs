@@ -69,6 +69,13 @@ async fn serve_custody(
     // known-answer tests on the token); nothing is being served yet.
     let keystore = keystore::open(&config.keystore)?;
     let db = cms_kit::db::connect(&config.database, &config.data_dir, NAME).await?;
+    // One instance per SQLite file, checked before anything touches it (see `lease`).
+    let _file_lock = match db.get_database_backend() {
+        sea_orm::DbBackend::Sqlite => {
+            Some(lease::FileLock::acquire(&audit::sqlite_file(&db).await?)?)
+        }
+        _ => None,
+    };
     store::migration::Migrator::up(&db, None)
         .await
         .map_err(Error::Migrate)?;
@@ -84,7 +91,7 @@ async fn serve_custody(
     };
     let readiness = Readiness::new("starting");
     // One serving instance per database (see `lease`).
-    let (replica, follower, _file_lock) = match db.get_database_backend() {
+    let (replica, follower) = match db.get_database_backend() {
         sea_orm::DbBackend::Postgres => {
             readiness.hold(replica::STANDBY);
             let replica = Arc::new(Replica::standby(options.callers.clone()));
@@ -94,14 +101,12 @@ async fn serve_custody(
                 options,
                 readiness.clone(),
             ));
-            (replica, Some(follower), None)
+            (replica, Some(follower))
         }
-        _ => {
-            let file = audit::sqlite_file(&db).await?;
-            let lock = lease::FileLock::acquire(&file)?;
-            let custody = Custody::open(options).await?;
-            (Arc::new(Replica::active(custody)), None, Some(lock))
-        }
+        _ => (
+            Arc::new(Replica::active(Custody::open(options).await?)),
+            None,
+        ),
     };
     let routes = tonic::service::Routes::new(CustodyServiceServer::from_arc(replica));
     let spec = Serve {

@@ -1,0 +1,441 @@
+//! Custody replicas on one database.
+//!
+//! PostgreSQL: two custody processes run active/standby. The second one started is a standby:
+//! not ready, and it refuses cryptograms with UNAVAILABLE and a retry hint. A master key version
+//! is retired on the active one while the standby is already up; then the active one is
+//! SIGKILLed, several times over, under a load of cryptograms: each time the standby takes over
+//! within 5 s, and the first one to take over refuses the retired version. Afterwards the chain
+//! verifies, no sequence number or request is recorded twice, and every acknowledged cryptogram
+//! has its record.
+//!
+//! SQLite: a second custody on the same database file refuses to start, naming the lock file.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cms_kit::client::Channel;
+use cms_launcher::layout::{Layout, Peers, Ports};
+use cms_launcher::supervise::{self, SuperviseError};
+use cms_proto::common::v1::{ActorKind, AuthContext, DiversificationScheme, KeyAlgorithm};
+use cms_proto::custody::v1::custody_service_client::CustodyServiceClient;
+use cms_proto::custody::v1::*;
+use cms_tests::inproc;
+use cms_tests::pki::{TRUST_DOMAIN, TestPki};
+use cms_tests::postgres::Postgres;
+use tokio::process::{Child, Command};
+use tonic::Code;
+
+const FAILOVERS: usize = 4;
+const WORKERS: usize = 4;
+const FAILOVER_TARGET: Duration = Duration::from_secs(5);
+
+type Client = CustodyServiceClient<Channel>;
+
+/// One custody process and where it listens.
+struct Instance {
+    layout: Layout,
+    process: Child,
+    grpc: SocketAddr,
+    ops: SocketAddr,
+}
+
+/// Starts `cms serve custody` with `layout`'s config and waits until it has announced its
+/// addresses (a standby never becomes ready, so readiness is checked by the caller).
+async fn spawn(layout: &Layout) -> Instance {
+    let announce = layout.announce_path("custody");
+    let _ = std::fs::remove_file(&announce);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(layout.log_path("custody"))
+        .unwrap();
+    let mut process = Command::new(cms_tests::binary("cms"))
+        .arg("serve")
+        .arg("custody")
+        .arg("--config")
+        .arg(layout.config_path("custody"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = process.try_wait().unwrap() {
+            panic!(
+                "custody exited ({status}):\n{}",
+                supervise::tail(&layout.log_path("custody"), 20)
+            );
+        }
+        if let Some((grpc, ops)) = cms_kit::server::read_announce(&announce) {
+            return Instance {
+                layout: layout.clone(),
+                process,
+                grpc,
+                ops,
+            };
+        }
+        assert!(Instant::now() < deadline, "custody did not announce itself");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn readyz(instance: &Instance) -> (u16, String) {
+    cms_kit::ops::http_get(instance.ops, "/readyz")
+        .await
+        .unwrap_or((0, String::new()))
+}
+
+/// Waits until `instance` is ready; how long that took.
+async fn ready_within(instance: &Instance, limit: Duration) -> Duration {
+    let started = Instant::now();
+    while readyz(instance).await.0 != 200 {
+        assert!(
+            started.elapsed() < limit,
+            "not ready within {limit:?}: {:?}\n{}",
+            readyz(instance).await,
+            supervise::tail(&instance.layout.log_path("custody"), 20)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    started.elapsed()
+}
+
+/// Makes the next start of `layout`'s custody listen where `instance` does now, so that its
+/// clients reach it again.
+fn pin(instance: &Instance) {
+    let path = instance.layout.config_path("custody");
+    let config = std::fs::read_to_string(&path).unwrap();
+    let pinned = config.replacen(
+        "\nlisten = \"127.0.0.1:0\"",
+        &format!("\nlisten = \"{}\"", instance.grpc),
+        1,
+    );
+    std::fs::write(path, pinned).unwrap();
+}
+
+fn auth(request_id: &str) -> Option<AuthContext> {
+    Some(AuthContext {
+        actor_kind: ActorKind::Service as i32,
+        request_id: request_id.into(),
+        ..Default::default()
+    })
+}
+
+fn cryptogram(request_id: &str, version: u32, n: u32) -> ComputeCryptogramRequest {
+    let mut challenge = [0u8; 16];
+    challenge[..4].copy_from_slice(&n.to_be_bytes());
+    challenge[4..8].copy_from_slice(&version.to_be_bytes());
+    ComputeCryptogramRequest {
+        card_id: request_id.as_bytes().to_vec(),
+        challenge: challenge.to_vec(),
+        master_key_reference: "mk".into(),
+        master_key_version: version,
+        scheme: DiversificationScheme::Sp800108Cmac as i32,
+        admin_key_algorithm: KeyAlgorithm::Aes128 as i32,
+        auth: auth(request_id),
+        challenge_code: None,
+    }
+}
+
+/// Every cryptogram record: request id -> (sequence, outcome); asserts none is recorded twice
+/// and no sequence number appears twice.
+async fn cryptogram_records(client: &mut Client) -> HashMap<String, (u64, i32)> {
+    let mut recorded = HashMap::new();
+    let mut sequences = std::collections::HashSet::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .query_audit(QueryAuditRequest {
+                page: Some(cms_proto::common::v1::PageRequest {
+                    page_size: 1000,
+                    page_token: token.clone(),
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for r in page.records {
+            assert!(
+                sequences.insert(r.sequence),
+                "sequence {} twice",
+                r.sequence
+            );
+            let ctx = r.context.unwrap_or_default();
+            if r.event == AuditEvent::Cryptogram as i32 && !ctx.request_id.is_empty() {
+                let previous = recorded.insert(ctx.request_id.clone(), (r.sequence, r.outcome));
+                assert!(previous.is_none(), "{} recorded twice", ctx.request_id);
+            }
+        }
+        token = page.page.unwrap_or_default().next_page_token;
+        if token.is_empty() {
+            return recorded;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standby_takes_over_with_the_database_key_state_and_chain() {
+    let pg = Postgres::shared();
+    let url = pg.create_database();
+    let dir = tempfile::tempdir().unwrap();
+    let first = Layout::new(&dir.path().join("a"), TRUST_DOMAIN).unwrap();
+    let second = Layout::new(&dir.path().join("b"), TRUST_DOMAIN).unwrap();
+    // Both use the first one's PKI (and its dev seal file: the same key-encryption key).
+    let pki = TestPki::new(&first.data_dir);
+    first.create_dirs().unwrap();
+    second.create_dirs().unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let extra = format!(
+        "[guards]\ncaller_rate_per_sec = 100000.0\ncaller_burst = 100000\n\n[database]\nurl = {url:?}\n"
+    );
+    let config = first
+        .service_config(
+            "custody",
+            Ports {
+                grpc: any,
+                ops: any,
+            },
+            &Peers::default(),
+            &extra,
+        )
+        .unwrap();
+    let quoted = |p: std::path::PathBuf| format!("{:?}", p.display().to_string());
+    let second_config = config
+        .replace(
+            &format!("data_dir = {}", quoted(first.service_dir("custody"))),
+            &format!("data_dir = {}", quoted(second.service_dir("custody"))),
+        )
+        .replace(
+            &quoted(first.announce_path("custody")),
+            &quoted(second.announce_path("custody")),
+        );
+    assert_ne!(second_config.matches("/b/").count(), 0, "{second_config}");
+    std::fs::write(first.config_path("custody"), &config).unwrap();
+    std::fs::write(second.config_path("custody"), &second_config).unwrap();
+
+    let a = spawn(&first).await;
+    ready_within(&a, Duration::from_secs(30)).await;
+    pin(&a);
+    let connect = |instance: &Instance| {
+        CustodyServiceClient::new(inproc::channel(
+            pki.tls("gateway"),
+            instance.grpc,
+            pki.id("custody"),
+        ))
+    };
+    let mut client_a = connect(&a);
+    client_a
+        .generate_master_key(GenerateMasterKeyRequest {
+            reference: "mk".into(),
+            algorithm: KeyAlgorithm::Aes128 as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    client_a
+        .compute_cryptogram(cryptogram("before-standby", 1, 0))
+        .await
+        .unwrap();
+
+    // The second one stands by: not ready, refusing with a retry hint, status still answered.
+    let b = spawn(&second).await;
+    pin(&b);
+    let mut client_b = connect(&b);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (code, body) = readyz(&b).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("standby"), "{body}");
+    let refused = client_b
+        .compute_cryptogram(cryptogram("to-standby", 1, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let detail = cms_custody::error::detail(&refused).expect("error detail");
+    assert!(detail.retry_after_seconds >= 1, "{detail:?}");
+    let status = client_b
+        .get_status(GetStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.detail.contains("standby"), "{status:?}");
+    assert_eq!(readyz(&a).await.0, 200);
+
+    // Key state changes on the active one while the standby is up.
+    let rotated = client_a
+        .rotate_master_key(RotateMasterKeyRequest {
+            reference: "mk".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    assert_eq!(rotated.version, 2);
+    client_a
+        .retire_master_key_version(RetireMasterKeyVersionRequest {
+            reference: "mk".into(),
+            version: 1,
+            reason: "compromised".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let retired = client_a
+        .compute_cryptogram(cryptogram("retired-on-a", 1, 2))
+        .await
+        .unwrap_err();
+    assert_eq!(retired.code(), Code::FailedPrecondition, "{retired:?}");
+
+    let clients = [client_a.clone(), client_b.clone()];
+    let mut instances = [a, b];
+    let mut active = 0;
+    let answered: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let mut failovers = Vec::new();
+    for round in 0..FAILOVERS {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut workers = Vec::new();
+        for worker in 0..WORKERS {
+            let clients = clients.clone();
+            let answered = answered.clone();
+            let stop = stop.clone();
+            workers.push(tokio::spawn(async move {
+                let mut n = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let request_id = format!("r{round}-w{worker}-{n}");
+                    // Whichever answers: the other is dead or standing by.
+                    let mut client = clients[n as usize % 2].clone();
+                    match client
+                        .compute_cryptogram(cryptogram(&request_id, 2, n))
+                        .await
+                    {
+                        Ok(r) => {
+                            let seq = r.into_inner().audit_sequence;
+                            assert!(answered.lock().unwrap().insert(request_id, seq).is_none());
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let killed = &mut instances[active];
+        killed.process.start_kill().unwrap();
+        killed.process.wait().await.unwrap();
+        let standby = 1 - active;
+        let took = ready_within(&instances[standby], Duration::from_secs(20)).await;
+        failovers.push(took);
+        if round == 0 {
+            // The version retired before the failover stays retired after it.
+            let mut client = clients[standby].clone();
+            let refused = client
+                .compute_cryptogram(cryptogram("retired-after-failover", 1, 3))
+                .await
+                .unwrap_err();
+            assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+            assert!(refused.message().contains("retired"), "{refused:?}");
+        }
+        // The killed one comes back, as a standby.
+        let layout = instances[active].layout.clone();
+        instances[active] = spawn(&layout).await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(readyz(&instances[active]).await.0, 503);
+        active = standby;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, Ordering::Relaxed);
+        for w in workers {
+            w.await.unwrap();
+        }
+    }
+
+    let mut client = clients[active].clone();
+    let recorded = cryptogram_records(&mut client).await;
+    let answered = answered.lock().unwrap().clone();
+    assert!(
+        answered.len() > FAILOVERS * 10,
+        "too little load: {}",
+        answered.len()
+    );
+    for (request_id, seq) in &answered {
+        let (recorded_seq, outcome) = recorded
+            .get(request_id)
+            .unwrap_or_else(|| panic!("acknowledged {request_id} has no audit record"));
+        assert_eq!(recorded_seq, seq, "{request_id}");
+        assert_eq!(*outcome, AuditOutcome::Success as i32);
+    }
+    let verdict = client
+        .verify_audit(VerifyAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verdict.ok, "{verdict:?}");
+    let slowest = failovers.iter().max().copied().unwrap_or_default();
+    let mut sorted = failovers.clone();
+    sorted.sort();
+    println!(
+        "failovers (SIGKILL of the active to the standby ready): {failovers:?}; p50 {:?}, max {slowest:?}; {} acknowledged cryptograms, {} audit records",
+        sorted[sorted.len() / 2],
+        answered.len(),
+        verdict.records_checked
+    );
+    assert!(slowest < FAILOVER_TARGET, "slowest failover {slowest:?}");
+}
+
+#[tokio::test]
+async fn a_second_custody_on_one_sqlite_file_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Layout::new(&dir.path().join("a"), TRUST_DOMAIN).unwrap();
+    let second = Layout::new(&dir.path().join("b"), TRUST_DOMAIN).unwrap();
+    TestPki::new(&first.data_dir);
+    first.create_dirs().unwrap();
+    second.create_dirs().unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let config = first
+        .service_config(
+            "custody",
+            Ports {
+                grpc: any,
+                ops: any,
+            },
+            &Peers::default(),
+            "",
+        )
+        .unwrap();
+    std::fs::write(first.config_path("custody"), &config).unwrap();
+    // The same data directory (and so the same database file), announced elsewhere.
+    let quoted = |p: std::path::PathBuf| format!("{:?}", p.display().to_string());
+    let second_config = config.replace(
+        &quoted(first.announce_path("custody")),
+        &quoted(second.announce_path("custody")),
+    );
+    std::fs::write(second.config_path("custody"), &second_config).unwrap();
+    let exe = cms_tests::binary("cms");
+    let running = supervise::start(&exe, &first, "custody", Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let refused = supervise::start(&exe, &second, "custody", Duration::from_secs(30))
+        .await
+        .unwrap_err();
+    let SuperviseError::Died { tail, status, .. } = refused else {
+        panic!("the second custody did not exit: {refused}");
+    };
+    assert!(!status.success());
+    let lock_file = first.service_dir("custody").join("custody.sqlite3.lock");
+    assert!(
+        tail.contains(&lock_file.display().to_string()) && tail.contains("another custody"),
+        "{tail}"
+    );
+    // The first one serves on.
+    assert!(matches!(
+        cms_kit::ops::http_get(running.ops, "/readyz").await,
+        Ok((200, _))
+    ));
+}
