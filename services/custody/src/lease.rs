@@ -98,7 +98,11 @@ impl PgLease {
             Some(conn) => conn,
             None => {
                 let mut conn = timed(PgConnection::connect_with(&self.options)).await?;
-                timed(sqlx::query(IDLE_SESSION_TIMEOUT).execute(&mut conn)).await?;
+                // PostgreSQL before 14 has no such setting: the lease then lasts until the
+                // server notices the connection is gone (TCP keepalive), which is slower.
+                if let Err(e) = timed(sqlx::query(IDLE_SESSION_TIMEOUT).execute(&mut conn)).await {
+                    tracing::warn!(error = %e, "idle_session_timeout not set on the custody lease session");
+                }
                 self.conn.insert(conn)
             }
         };
