@@ -180,14 +180,29 @@ async fn cryptogram_records(client: &mut Client) -> HashMap<String, (u64, i32)> 
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_standby_takes_over_with_the_database_key_state_and_chain() {
-    let pg = Postgres::shared();
+/// Two custody layouts on one new PostgreSQL database, sharing the first one's PKI (and its
+/// dev seal file: the same key-encryption key).
+struct Pair {
+    _dir: tempfile::TempDir,
+    pki: TestPki,
+    first: Layout,
+    second: Layout,
+    /// The database's name.
+    database: String,
+}
+
+fn pair(pg: &Postgres) -> Pair {
     let url = pg.create_database();
+    // postgres://cms@localhost/<database>?host=<socket dir>
+    let database = url
+        .split('?')
+        .next()
+        .and_then(|base| base.rsplit('/').next())
+        .unwrap()
+        .to_owned();
     let dir = tempfile::tempdir().unwrap();
     let first = Layout::new(&dir.path().join("a"), TRUST_DOMAIN).unwrap();
     let second = Layout::new(&dir.path().join("b"), TRUST_DOMAIN).unwrap();
-    // Both use the first one's PKI (and its dev seal file: the same key-encryption key).
     let pki = TestPki::new(&first.data_dir);
     first.create_dirs().unwrap();
     second.create_dirs().unwrap();
@@ -219,18 +234,33 @@ async fn the_standby_takes_over_with_the_database_key_state_and_chain() {
     assert_ne!(second_config.matches("/b/").count(), 0, "{second_config}");
     std::fs::write(first.config_path("custody"), &config).unwrap();
     std::fs::write(second.config_path("custody"), &second_config).unwrap();
+    Pair {
+        _dir: dir,
+        pki,
+        first,
+        second,
+        database,
+    }
+}
 
-    let a = spawn(&first).await;
+fn connect(pki: &TestPki, instance: &Instance) -> Client {
+    CustodyServiceClient::new(inproc::channel(
+        pki.tls("gateway"),
+        instance.grpc,
+        pki.id("custody"),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standby_takes_over_with_the_database_key_state_and_chain() {
+    let pg = Postgres::shared();
+    let Pair {
+        pki, first, second, ..
+    } = &pair(&pg);
+    let a = spawn(first).await;
     ready_within(&a, Duration::from_secs(30)).await;
     pin(&a);
-    let connect = |instance: &Instance| {
-        CustodyServiceClient::new(inproc::channel(
-            pki.tls("gateway"),
-            instance.grpc,
-            pki.id("custody"),
-        ))
-    };
-    let mut client_a = connect(&a);
+    let mut client_a = connect(pki, &a);
     client_a
         .generate_master_key(GenerateMasterKeyRequest {
             reference: "mk".into(),
@@ -245,9 +275,9 @@ async fn the_standby_takes_over_with_the_database_key_state_and_chain() {
         .unwrap();
 
     // The second one stands by: not ready, refusing with a retry hint, status still answered.
-    let b = spawn(&second).await;
+    let b = spawn(second).await;
     pin(&b);
-    let mut client_b = connect(&b);
+    let mut client_b = connect(pki, &b);
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let (code, body) = readyz(&b).await;
     assert_eq!(code, 503, "{body}");
@@ -387,6 +417,90 @@ async fn the_standby_takes_over_with_the_database_key_state_and_chain() {
         verdict.records_checked
     );
     assert!(slowest < FAILOVER_TARGET, "slowest failover {slowest:?}");
+}
+
+/// The active instance's lease session is ended from the database side (as when its network
+/// or database connection breaks) while the process lives on: it stops answering and stands
+/// by; one instance serves again within 5 s and the chain goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_active_instance_that_loses_its_lease_session_stands_by() {
+    let pg = Postgres::shared();
+    let Pair {
+        pki,
+        first,
+        second,
+        database,
+        ..
+    } = &pair(&pg);
+    let a = spawn(first).await;
+    ready_within(&a, Duration::from_secs(30)).await;
+    let mut client_a = connect(pki, &a);
+    client_a
+        .generate_master_key(GenerateMasterKeyRequest {
+            reference: "mk".into(),
+            algorithm: KeyAlgorithm::Aes128 as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let b = spawn(second).await;
+    let client_b = connect(pki, &b);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(readyz(&b).await.0, 503);
+
+    let ended = pg.psql(
+        database,
+        "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_locks WHERE locktype = 'advisory' \
+         AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    );
+    assert_eq!(ended.trim(), "1", "one lease session");
+    let cut = Instant::now();
+    // The session is gone (the termination waited for it): the very next cryptogram on the
+    // first one is refused, whether or not it has noticed yet, since its audit appends are
+    // fenced by the lease session. Then it notices and stands by.
+    let refused = client_a
+        .compute_cryptogram(cryptogram("after-cut", 1, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let stood_down = cut.elapsed();
+    while !std::fs::read_to_string(first.log_path("custody"))
+        .unwrap()
+        .contains("custody lease lost")
+    {
+        assert!(
+            cut.elapsed() < Duration::from_secs(3),
+            "the first instance did not notice its lease was lost"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // One of them serves again, and the chain goes on.
+    let deadline = Instant::now() + FAILOVER_TARGET;
+    let mut serving = loop {
+        let ready = [readyz(&a).await.0 == 200, readyz(&b).await.0 == 200];
+        match ready {
+            [true, true] => panic!("both instances are ready"),
+            [true, false] => break client_a.clone(),
+            [false, true] => break client_b.clone(),
+            [false, false] => {}
+        }
+        assert!(Instant::now() < deadline, "nobody took the lease");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let took = cut.elapsed();
+    serving
+        .compute_cryptogram(cryptogram("after-takeover", 1, 2))
+        .await
+        .unwrap();
+    let verdict = serving
+        .verify_audit(VerifyAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verdict.ok, "{verdict:?}");
+    println!(
+        "lease session ended: first instance refusing after {stood_down:?}, one serving again after {took:?}"
+    );
 }
 
 #[tokio::test]

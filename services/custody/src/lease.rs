@@ -78,7 +78,31 @@ pub struct PgLease {
     key: i64,
     /// The lease session: open while this instance holds the lease or tries to take it.
     conn: Option<PgConnection>,
-    held: bool,
+    /// The lease session's server process, while the lease is held.
+    held: Option<i32>,
+}
+
+/// What the audit writer checks in the statement that appends each batch: that the lease
+/// session it was opened under still holds the lease. An instance that lost its lease (and has
+/// not noticed yet) then appends nothing, while a standby may already be writing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fence {
+    backend_pid: i32,
+    key: i64,
+}
+
+impl Fence {
+    /// An SQL condition, true while the lease is held. Only integers are put in it.
+    pub fn sql_condition(&self) -> String {
+        // pg_locks shows a bigint advisory key as its high and low 32 bits, objsubid 1.
+        let key = u64::from_ne_bytes(self.key.to_ne_bytes());
+        format!(
+            "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = {} AND classid = {} AND objid = {} AND objsubid = 1)",
+            self.backend_pid,
+            key >> 32,
+            key & 0xFFFF_FFFF
+        )
+    }
 }
 
 impl PgLease {
@@ -88,8 +112,16 @@ impl PgLease {
             options: db.get_postgres_connection_pool().connect_options(),
             key: cms_kit::db::advisory_lock_key(LEASE_NAME),
             conn: None,
-            held: false,
+            held: None,
         }
+    }
+
+    /// The fence of the lease held now, for the audit writer.
+    pub fn fence(&self) -> Option<Fence> {
+        self.held.map(|backend_pid| Fence {
+            backend_pid,
+            key: self.key,
+        })
     }
 
     /// Takes the lease if nobody holds it; `Ok(false)` when another instance does.
@@ -107,14 +139,14 @@ impl PgLease {
             }
         };
         let taken = timed(
-            sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
+            sqlx::query_as::<_, (bool, i32)>("SELECT pg_try_advisory_lock($1), pg_backend_pid()")
                 .bind(self.key)
                 .fetch_one(conn),
         )
         .await;
         match taken {
-            Ok(taken) => {
-                self.held = taken;
+            Ok((taken, backend_pid)) => {
+                self.held = taken.then_some(backend_pid);
                 Ok(taken)
             }
             Err(e) => {
@@ -128,7 +160,7 @@ impl PgLease {
     /// lock ends only with an explicit unlock (never done) or with its session, so a session
     /// that answers still holds it. A failure drops the session, and the lease with it.
     pub async fn still_held(&mut self) -> bool {
-        let Some(conn) = self.conn.as_mut().filter(|_| self.held) else {
+        let Some(conn) = self.conn.as_mut().filter(|_| self.held.is_some()) else {
             return false;
         };
         let alive = timed(sqlx::query("SELECT 1").execute(conn)).await.is_ok();
@@ -141,7 +173,7 @@ impl PgLease {
     /// Drops the lease session (PostgreSQL releases the lock when it notices).
     pub fn give_up(&mut self) {
         self.conn = None;
-        self.held = false;
+        self.held = None;
     }
 }
 
@@ -159,6 +191,18 @@ async fn timed<T>(query: impl Future<Output = Result<T, sqlx::Error>>) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fence_names_the_key_as_pg_locks_shows_it() {
+        let fence = Fence {
+            backend_pid: 4242,
+            key: -2,
+        };
+        assert_eq!(
+            fence.sql_condition(),
+            "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = 4242 AND classid = 4294967295 AND objid = 4294967294 AND objsubid = 1)"
+        );
+    }
 
     #[test]
     fn a_second_lock_on_one_database_is_refused_and_names_the_file() {

@@ -843,6 +843,7 @@ mod tests {
                 },
                 dev_seal_file: Some(dir.join("seal.key")),
                 audit_head_file: Some(dir.join("audit.head")),
+                fence: None,
             })
             .await
             .unwrap();

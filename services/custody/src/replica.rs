@@ -108,7 +108,11 @@ pub async fn follow_lease(
             Role::Standby => match lease.try_take().await {
                 Ok(true) => {
                     let started = Instant::now();
-                    match Custody::open(options.clone()).await {
+                    let fenced = Options {
+                        fence: lease.fence(),
+                        ..options.clone()
+                    };
+                    match Custody::open(fenced).await {
                         Ok(custody) => {
                             replica.activate(custody);
                             readiness.release();

@@ -143,6 +143,8 @@ pub struct Options {
     pub dev_seal_file: Option<std::path::PathBuf>,
     /// Where the audit chain's head is kept outside the database (see `audit::HeadFile`).
     pub audit_head_file: Option<std::path::PathBuf>,
+    /// The PostgreSQL lease this instance serves under: the audit appends only while it holds.
+    pub fence: Option<crate::lease::Fence>,
 }
 
 fn algorithm_from_proto(value: i32, field: &'static str) -> Result<KeyAlgorithm, Error> {
@@ -262,10 +264,11 @@ impl Custody {
                 .saturating_mul(1000),
         )
         .unwrap_or(i64::MAX);
-        let audit = AuditLog::start(
+        let audit = AuditLog::start_fenced(
             options.db.clone(),
             retention_ms,
             options.audit_head_file.map(audit::HeadFile::new),
+            options.fence,
         )
         .await?;
         let meta = seal_meta::Entity::find_by_id(1).one(&options.db).await?;
