@@ -503,6 +503,68 @@ async fn an_active_instance_that_loses_its_lease_session_stands_by() {
     );
 }
 
+/// Custody unsealed by custodian shares whose lease session ends (a database restart, a broken
+/// connection) takes its lease again and serves unsealed: a database blip does not call the
+/// custodians back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_taken_again_keeps_custody_unsealed() {
+    let pg = Postgres::shared();
+    let Pair {
+        pki,
+        first,
+        database,
+        ..
+    } = &pair(&pg);
+    // No dev seal file: the key-encryption key comes from custodian shares.
+    let path = first.config_path("custody");
+    let config = std::fs::read_to_string(&path).unwrap();
+    let start = config.find("[seal]").unwrap();
+    let end = start + config[start..].find("\n\n").unwrap();
+    std::fs::write(&path, format!("{}{}", &config[..start], &config[end..])).unwrap();
+    let a = spawn(first).await;
+    ready_within(&a, Duration::from_secs(30)).await;
+    let mut client = connect(pki, &a);
+    client
+        .init_seal(InitSealRequest {
+            threshold: 2,
+            share_count: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    client
+        .generate_master_key(GenerateMasterKeyRequest {
+            reference: "mk".into(),
+            algorithm: KeyAlgorithm::Aes128 as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    client
+        .compute_cryptogram(cryptogram("before-cut", 1, 1))
+        .await
+        .unwrap();
+    pg.psql(
+        database,
+        "SELECT pg_terminate_backend(pid, 5000) FROM pg_locks WHERE locktype = 'advisory' \
+         AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    );
+    let cut = Instant::now();
+    let taken_again = |log: &str| log.matches("custody lease taken").count() >= 2;
+    while !taken_again(&std::fs::read_to_string(first.log_path("custody")).unwrap()) {
+        assert!(
+            cut.elapsed() < FAILOVER_TARGET,
+            "the lease was not taken again"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    ready_within(&a, FAILOVER_TARGET).await;
+    client
+        .compute_cryptogram(cryptogram("after-cut", 1, 2))
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_second_custody_on_one_sqlite_file_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();

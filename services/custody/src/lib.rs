@@ -89,6 +89,7 @@ async fn serve_custody(
         dev_seal_file: config.seal.dev_seal_file,
         audit_head_file: Some(config.data_dir.join(AUDIT_HEAD_FILE)),
         fence: None,
+        unsealed: None,
     };
     let readiness = Readiness::new("starting");
     // One serving instance per database (see `lease`).

@@ -844,6 +844,7 @@ mod tests {
                 dev_seal_file: Some(dir.join("seal.key")),
                 audit_head_file: Some(dir.join("audit.head")),
                 fence: None,
+                unsealed: None,
             })
             .await
             .unwrap();

@@ -25,6 +25,7 @@ use crate::error::Error;
 use crate::guards;
 use crate::lease::{POLL, PgLease};
 use crate::service::{Custody, Options};
+use crate::wrap::Kek;
 
 type Rpc<T> = Result<Response<T>, Status>;
 
@@ -75,11 +76,14 @@ impl Replica {
     }
 
     /// Drops the `Custody`: new calls are refused at once; the last call in progress drops it.
-    fn stand_by(&self) {
-        self.active
+    /// Returns its key-encryption key if it was unsealed.
+    fn stand_by(&self) -> Option<Arc<Kek>> {
+        let was = self
+            .active
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .take();
+        was.and_then(|audited| audited.0.unsealed_kek())
     }
 
     fn serving(&self) -> Result<Arc<Audited>, Status> {
@@ -103,6 +107,8 @@ pub async fn follow_lease(
 ) {
     // Failures are logged when they start, not at every poll.
     let mut failing = false;
+    // Unsealed by custodian shares while this process last served: kept for its next turn.
+    let mut unsealed = None;
     loop {
         match replica.role() {
             Role::Standby => match lease.try_take().await {
@@ -110,6 +116,7 @@ pub async fn follow_lease(
                     let started = Instant::now();
                     let fenced = Options {
                         fence: lease.fence(),
+                        unsealed: unsealed.clone(),
                         ..options.clone()
                     };
                     match Custody::open(fenced).await {
@@ -142,7 +149,7 @@ pub async fn follow_lease(
             },
             Role::Active => {
                 if !lease.still_held().await {
-                    replica.stand_by();
+                    unsealed = replica.stand_by();
                     readiness.hold(STANDBY);
                     tracing::error!(
                         "custody lease lost (its database session ended): refusing all calls, standing by"

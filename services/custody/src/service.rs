@@ -145,6 +145,9 @@ pub struct Options {
     pub audit_head_file: Option<std::path::PathBuf>,
     /// The PostgreSQL lease this instance serves under: the audit appends only while it holds.
     pub fence: Option<crate::lease::Fence>,
+    /// The key-encryption key this process held when it last served (unsealed by custodian
+    /// shares), so that a lease lost and taken again does not seal custody.
+    pub unsealed: Option<Arc<Kek>>,
 }
 
 fn algorithm_from_proto(value: i32, field: &'static str) -> Result<KeyAlgorithm, Error> {
@@ -299,10 +302,14 @@ impl Custody {
                 }
                 Seal::Unsealed { kek: Arc::new(kek) }
             }
-            (Some(meta), _) => Seal::Sealed {
-                threshold: u32::try_from(meta.threshold).unwrap_or(1),
-                check: meta.kek_check,
-                shares: Vec::new(),
+            // Unsealed in this process before (a lease lost and taken again): stays so.
+            (Some(meta), _) => match options.unsealed {
+                Some(kek) if kek.check_value() == meta.kek_check => Seal::Unsealed { kek },
+                _ => Seal::Sealed {
+                    threshold: u32::try_from(meta.threshold).unwrap_or(1),
+                    check: meta.kek_check,
+                    shares: Vec::new(),
+                },
             },
         };
         let custody = Self {
@@ -336,6 +343,14 @@ impl Custody {
             custody.audit.record(started, None).await?;
         }
         Ok(custody)
+    }
+
+    /// The key-encryption key while unsealed.
+    pub(crate) fn unsealed_kek(&self) -> Option<Arc<Kek>> {
+        match &self.read().seal {
+            Seal::Unsealed { kek } => Some(kek.clone()),
+            _ => None,
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
