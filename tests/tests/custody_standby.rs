@@ -180,8 +180,8 @@ async fn cryptogram_records(client: &mut Client) -> HashMap<String, (u64, i32)> 
     }
 }
 
-/// Two custody layouts on one new PostgreSQL database, sharing the first one's PKI (and its
-/// dev seal file: the same key-encryption key).
+/// Two custody layouts on one new PostgreSQL database, with one PKI (copied from the first
+/// layout to the second).
 struct Pair {
     _dir: tempfile::TempDir,
     pki: TestPki,
@@ -189,6 +189,35 @@ struct Pair {
     second: Layout,
     /// The database's name.
     database: String,
+}
+
+/// Two layouts under a new temp dir, the second with a copy of the first one's PKI.
+fn layouts() -> (tempfile::TempDir, TestPki, Layout, Layout) {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Layout::new(&dir.path().join("a"), TRUST_DOMAIN).unwrap();
+    let second = Layout::new(&dir.path().join("b"), TRUST_DOMAIN).unwrap();
+    let pki = TestPki::new(&first.data_dir);
+    first.create_dirs().unwrap();
+    second.create_dirs().unwrap();
+    let copy = second.data_dir.join("pki");
+    std::fs::create_dir_all(&copy).unwrap();
+    for entry in std::fs::read_dir(first.data_dir.join("pki")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+    }
+    (dir, pki, first, second)
+}
+
+fn write_config(layout: &Layout, extra: &str) {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let ports = Ports {
+        grpc: any,
+        ops: any,
+    };
+    let config = layout
+        .service_config("custody", ports, &Peers::default(), extra)
+        .unwrap();
+    std::fs::write(layout.config_path("custody"), config).unwrap();
 }
 
 fn pair(pg: &Postgres) -> Pair {
@@ -200,40 +229,12 @@ fn pair(pg: &Postgres) -> Pair {
         .and_then(|base| base.rsplit('/').next())
         .unwrap()
         .to_owned();
-    let dir = tempfile::tempdir().unwrap();
-    let first = Layout::new(&dir.path().join("a"), TRUST_DOMAIN).unwrap();
-    let second = Layout::new(&dir.path().join("b"), TRUST_DOMAIN).unwrap();
-    let pki = TestPki::new(&first.data_dir);
-    first.create_dirs().unwrap();
-    second.create_dirs().unwrap();
-    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let (dir, pki, first, second) = layouts();
     let extra = format!(
         "[guards]\ncaller_rate_per_sec = 100000.0\ncaller_burst = 100000\n\n[database]\nurl = {url:?}\n"
     );
-    let config = first
-        .service_config(
-            "custody",
-            Ports {
-                grpc: any,
-                ops: any,
-            },
-            &Peers::default(),
-            &extra,
-        )
-        .unwrap();
-    let quoted = |p: std::path::PathBuf| format!("{:?}", p.display().to_string());
-    let second_config = config
-        .replace(
-            &format!("data_dir = {}", quoted(first.service_dir("custody"))),
-            &format!("data_dir = {}", quoted(second.service_dir("custody"))),
-        )
-        .replace(
-            &quoted(first.announce_path("custody")),
-            &quoted(second.announce_path("custody")),
-        );
-    assert_ne!(second_config.matches("/b/").count(), 0, "{second_config}");
-    std::fs::write(first.config_path("custody"), &config).unwrap();
-    std::fs::write(second.config_path("custody"), &second_config).unwrap();
+    write_config(&first, &extra);
+    write_config(&second, &extra);
     Pair {
         _dir: dir,
         pki,
@@ -241,6 +242,14 @@ fn pair(pg: &Postgres) -> Pair {
         second,
         database,
     }
+}
+
+/// Gives the second layout the dev seal file the first one's custody made at its first start
+/// (the one key-encryption key of the database).
+fn share_seal(first: &Layout, second: &Layout) {
+    let file = |layout: &Layout| layout.service_dir("custody").join("dev-seal.key");
+    std::fs::create_dir_all(second.service_dir("custody")).unwrap();
+    std::fs::copy(file(first), file(second)).unwrap();
 }
 
 fn connect(pki: &TestPki, instance: &Instance) -> Client {
@@ -275,6 +284,7 @@ async fn the_standby_takes_over_with_the_database_key_state_and_chain() {
         .unwrap();
 
     // The second one stands by: not ready, refusing with a retry hint, status still answered.
+    share_seal(first, second);
     let b = spawn(second).await;
     pin(&b);
     let mut client_b = connect(pki, &b);
@@ -443,6 +453,7 @@ async fn an_active_instance_that_loses_its_lease_session_stands_by() {
         })
         .await
         .unwrap();
+    share_seal(first, second);
     let b = spawn(second).await;
     let client_b = connect(pki, &b);
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -509,21 +520,25 @@ async fn an_active_instance_that_loses_its_lease_session_stands_by() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_taken_again_keeps_custody_unsealed() {
     let pg = Postgres::shared();
-    let Pair {
-        pki,
-        first,
-        database,
-        ..
-    } = &pair(&pg);
+    let url = pg.create_database();
+    let database = url
+        .split('?')
+        .next()
+        .and_then(|base| base.rsplit('/').next())
+        .unwrap()
+        .to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let mut config: cms_custody::Config = inproc::config(dir.path(), "custody", &Peers::default());
+    config.database.url = Some(url.clone());
     // No dev seal file: the key-encryption key comes from custodian shares.
-    let path = first.config_path("custody");
-    let config = std::fs::read_to_string(&path).unwrap();
-    let start = config.find("[seal]").unwrap();
-    let end = start + config[start..].find("\n\n").unwrap();
-    std::fs::write(&path, format!("{}{}", &config[..start], &config[end..])).unwrap();
-    let a = spawn(first).await;
-    ready_within(&a, Duration::from_secs(30)).await;
-    let mut client = connect(pki, &a);
+    config.seal.dev_seal_file = None;
+    let server = inproc::Running::start(config, cms_custody::run).await;
+    let mut client: Client = CustodyServiceClient::new(inproc::channel(
+        pki.tls("gateway"),
+        server.grpc,
+        pki.id("custody"),
+    ));
     client
         .init_seal(InitSealRequest {
             threshold: 2,
@@ -545,54 +560,43 @@ async fn a_lease_taken_again_keeps_custody_unsealed() {
         .await
         .unwrap();
     pg.psql(
-        database,
+        &database,
         "SELECT pg_terminate_backend(pid, 5000) FROM pg_locks WHERE locktype = 'advisory' \
          AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
     );
     let cut = Instant::now();
-    let taken_again = |log: &str| log.matches("custody lease taken").count() >= 2;
-    while !taken_again(&std::fs::read_to_string(first.log_path("custody")).unwrap()) {
-        assert!(
-            cut.elapsed() < FAILOVER_TARGET,
-            "the lease was not taken again"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    ready_within(&a, FAILOVER_TARGET).await;
-    client
-        .compute_cryptogram(cryptogram("after-cut", 1, 2))
+    // Refused while the lease is gone (the audit append is fenced), then served again.
+    let refused = client
+        .compute_cryptogram(cryptogram("at-cut", 1, 2))
         .await
-        .unwrap();
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let mut n = 2;
+    loop {
+        n += 1;
+        match client
+            .compute_cryptogram(cryptogram(&format!("after-cut-{n}"), 1, n))
+            .await
+        {
+            Ok(_) => break,
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert!(cut.elapsed() < FAILOVER_TARGET, "not serving again");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn a_second_custody_on_one_sqlite_file_refuses_to_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let first = Layout::new(&dir.path().join("a"), TRUST_DOMAIN).unwrap();
-    let second = Layout::new(&dir.path().join("b"), TRUST_DOMAIN).unwrap();
-    TestPki::new(&first.data_dir);
-    first.create_dirs().unwrap();
-    second.create_dirs().unwrap();
-    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let config = first
-        .service_config(
-            "custody",
-            Ports {
-                grpc: any,
-                ops: any,
-            },
-            &Peers::default(),
-            "",
-        )
-        .unwrap();
-    std::fs::write(first.config_path("custody"), &config).unwrap();
-    // The same data directory (and so the same database file), announced elsewhere.
-    let quoted = |p: std::path::PathBuf| format!("{:?}", p.display().to_string());
-    let second_config = config.replace(
-        &quoted(first.announce_path("custody")),
-        &quoted(second.announce_path("custody")),
-    );
-    std::fs::write(second.config_path("custody"), &second_config).unwrap();
+    let (_dir, _pki, first, second) = layouts();
+    write_config(&first, "");
+    // The second one's database is the first one's file.
+    let file = first.service_dir("custody").join("custody.sqlite3");
+    let url = format!("sqlite://{}?mode=rwc", file.display());
+    write_config(&second, &format!("[database]\nurl = {url:?}\n"));
     let exe = cms_tests::binary("cms");
     let running = supervise::start(&exe, &first, "custody", Duration::from_secs(30))
         .await
