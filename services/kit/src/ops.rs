@@ -121,3 +121,20 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result
         .unwrap_or_default();
     Ok((code, body))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hold_keeps_the_service_not_ready_whatever_the_server_says() {
+        let readiness = Readiness::new("starting");
+        readiness.hold("standby");
+        readiness.set_ready();
+        assert_eq!(readiness.reason().as_deref(), Some("standby"));
+        readiness.release();
+        assert_eq!(readiness.reason(), None);
+        readiness.set_not_ready("shutting down");
+        assert_eq!(readiness.reason().as_deref(), Some("shutting down"));
+    }
+}
