@@ -18,8 +18,21 @@ pub enum Error {
     Migrate(#[source] sea_orm::DbErr),
     #[error(transparent)]
     Seal(#[from] crate::seal::SealError),
+    #[error(
+        "another custody instance is using this database: {path} is locked by it (one custody per SQLite database; run several only on PostgreSQL)"
+    )]
+    DatabaseInUse { path: String },
+    #[error("lock file {path}: {source}")]
+    LockFile {
+        path: String,
+        source: std::io::Error,
+    },
 
     // Refusals.
+    #[error(
+        "this custody instance is a standby: another instance holds the lease and serves; retry (a standby takes over within seconds when the active one goes)"
+    )]
+    Standby,
     #[error("custody is sealed: unseal it with the custodians' shares")]
     Sealed,
     #[error("custody has no key-encryption key yet: run `cmsctl custody init`")]
@@ -133,6 +146,7 @@ impl Error {
             Self::CallerRate => (Code::ResourceExhausted, R::RateLimited, ""),
             Self::Overloaded => (Code::ResourceExhausted, R::Overloaded, ""),
             Self::AuditUnavailable => (Code::Unavailable, R::AuditUnavailable, ""),
+            Self::Standby => (Code::Unavailable, R::Unspecified, ""),
             Self::Seal(e) => match e {
                 crate::seal::SealError::Share(_, code) => (
                     Code::InvalidArgument,
@@ -164,7 +178,7 @@ impl From<Error> for tonic::Status {
         match err.classify() {
             Some((code, reason, field)) => {
                 let retry_after_seconds = match err {
-                    Error::CallerRate | Error::Overloaded => 1,
+                    Error::CallerRate | Error::Overloaded | Error::Standby => 1,
                     _ => 0,
                 };
                 // The standard rich error details, with our ErrorDetail among them.

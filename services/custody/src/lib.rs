@@ -6,7 +6,8 @@
 //! [`audit`] (the hash-chained, group-committed audit log that also enforces per-card limits
 //! and replay refusal), [`guards`] (caller scopes, rate limits, load shedding),
 //! [`selftest`] (known-answer tests at start), [`service`] (the gRPC API), `puk` (PIV PUK
-//! release, rotation and state, behind three of its RPCs).
+//! release, rotation and state, behind three of its RPCs), [`lease`] and `replica` (one
+//! serving instance per database: a locked SQLite file, or active/standby on PostgreSQL).
 
 pub mod audit;
 mod config;
@@ -14,7 +15,9 @@ pub mod error;
 pub mod guards;
 mod keyrules;
 pub mod keystore;
+pub mod lease;
 mod puk;
+mod replica;
 pub mod seal;
 pub mod selftest;
 mod service;
@@ -34,6 +37,9 @@ use cms_kit::shutdown::Shutdown;
 use cms_kit::tls::TlsSource;
 use cms_proto::custody::v1::custody_service_server::CustodyServiceServer;
 use sea_orm_migration::MigratorTrait;
+use std::sync::Arc;
+
+use replica::Replica;
 
 pub const NAME: &str = "custody";
 
@@ -63,22 +69,48 @@ async fn serve_custody(
     // known-answer tests on the token); nothing is being served yet.
     let keystore = keystore::open(&config.keystore)?;
     let db = cms_kit::db::connect(&config.database, &config.data_dir, NAME).await?;
+    // One instance per SQLite file, checked before anything touches it (see `lease`).
+    let _file_lock = match db.get_database_backend() {
+        sea_orm::DbBackend::Sqlite => {
+            Some(lease::FileLock::acquire(&audit::sqlite_file(&db).await?)?)
+        }
+        _ => None,
+    };
     store::migration::Migrator::up(&db, None)
         .await
         .map_err(Error::Migrate)?;
     // The audit head file lives there, also when the database is PostgreSQL.
     cms_kit::db::prepare_data_dir(&config.data_dir)?;
-    let custody = Custody::open(Options {
-        db,
+    let options = Options {
+        db: db.clone(),
         keystore,
         callers: config.callers,
         guards: config.guards,
         dev_seal_file: config.seal.dev_seal_file,
         audit_head_file: Some(config.data_dir.join(AUDIT_HEAD_FILE)),
-    })
-    .await?;
-    let routes =
-        tonic::service::Routes::new(CustodyServiceServer::new(audit::gate::Audited(custody)));
+        fence: None,
+        unsealed: None,
+    };
+    let readiness = Readiness::new("starting");
+    // One serving instance per database (see `lease`).
+    let (replica, follower) = match db.get_database_backend() {
+        sea_orm::DbBackend::Postgres => {
+            readiness.hold(replica::STANDBY);
+            let replica = Arc::new(Replica::standby(options.callers.clone()));
+            let follower = tokio::spawn(replica::follow_lease(
+                lease::PgLease::new(&db),
+                replica.clone(),
+                options,
+                readiness.clone(),
+            ));
+            (replica, Some(follower))
+        }
+        _ => (
+            Arc::new(Replica::active(Custody::open(options).await?)),
+            None,
+        ),
+    };
+    let routes = tonic::service::Routes::new(CustodyServiceServer::from_arc(replica));
     let spec = Serve {
         name: NAME,
         version: env!("CARGO_PKG_VERSION"),
@@ -87,9 +119,15 @@ async fn serve_custody(
         settings: config.server,
         access: config.access,
         tls,
-        readiness: Readiness::new("starting"),
+        readiness,
         metrics: Metrics::new(NAME),
     };
-    cms_kit::server::serve(spec, routes, listeners, shutdown).await?;
+    let served = cms_kit::server::serve(spec, routes, listeners, shutdown).await;
+    // Ends the lease session, so that a standby takes over now rather than when it times out.
+    if let Some(follower) = follower {
+        follower.abort();
+        let _ = follower.await;
+    }
+    served?;
     Ok(())
 }

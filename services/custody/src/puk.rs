@@ -843,6 +843,8 @@ mod tests {
                 },
                 dev_seal_file: Some(dir.join("seal.key")),
                 audit_head_file: Some(dir.join("audit.head")),
+                fence: None,
+                unsealed: None,
             })
             .await
             .unwrap();

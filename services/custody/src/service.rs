@@ -134,6 +134,7 @@ pub struct Custody {
     imports: Mutex<HashMap<String, Import>>,
 }
 
+#[derive(Clone)]
 pub struct Options {
     pub db: DatabaseConnection,
     pub keystore: Arc<dyn Keystore>,
@@ -142,6 +143,11 @@ pub struct Options {
     pub dev_seal_file: Option<std::path::PathBuf>,
     /// Where the audit chain's head is kept outside the database (see `audit::HeadFile`).
     pub audit_head_file: Option<std::path::PathBuf>,
+    /// The PostgreSQL lease this instance serves under: the audit appends only while it holds.
+    pub fence: Option<crate::lease::Fence>,
+    /// The key-encryption key this process held when it last served (unsealed by custodian
+    /// shares), so that a lease lost and taken again does not seal custody.
+    pub unsealed: Option<Arc<Kek>>,
 }
 
 fn algorithm_from_proto(value: i32, field: &'static str) -> Result<KeyAlgorithm, Error> {
@@ -261,10 +267,11 @@ impl Custody {
                 .saturating_mul(1000),
         )
         .unwrap_or(i64::MAX);
-        let audit = AuditLog::start(
+        let audit = AuditLog::start_fenced(
             options.db.clone(),
             retention_ms,
             options.audit_head_file.map(audit::HeadFile::new),
+            options.fence,
         )
         .await?;
         let meta = seal_meta::Entity::find_by_id(1).one(&options.db).await?;
@@ -295,10 +302,14 @@ impl Custody {
                 }
                 Seal::Unsealed { kek: Arc::new(kek) }
             }
-            (Some(meta), _) => Seal::Sealed {
-                threshold: u32::try_from(meta.threshold).unwrap_or(1),
-                check: meta.kek_check,
-                shares: Vec::new(),
+            // Unsealed in this process before (a lease lost and taken again): stays so.
+            (Some(meta), _) => match options.unsealed {
+                Some(kek) if kek.check_value() == meta.kek_check => Seal::Unsealed { kek },
+                _ => Seal::Sealed {
+                    threshold: u32::try_from(meta.threshold).unwrap_or(1),
+                    check: meta.kek_check,
+                    shares: Vec::new(),
+                },
             },
         };
         let custody = Self {
@@ -332,6 +343,14 @@ impl Custody {
             custody.audit.record(started, None).await?;
         }
         Ok(custody)
+    }
+
+    /// The key-encryption key while unsealed.
+    pub(crate) fn unsealed_kek(&self) -> Option<Arc<Kek>> {
+        match &self.read().seal {
+            Seal::Unsealed { kek } => Some(kek.clone()),
+            _ => None,
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {

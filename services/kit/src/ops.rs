@@ -13,13 +13,30 @@ use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
 /// Whether the service can take traffic now, and if not, why (shown on `/readyz`).
+///
+/// Besides the server's own state (starting, serving, shutting down), the service may hold
+/// it not ready for a reason of its own ([`Readiness::hold`]): a standby replica is up but
+/// must get no traffic.
 #[derive(Clone, Debug)]
-pub struct Readiness(Arc<RwLock<Option<String>>>);
+pub struct Readiness(Arc<RwLock<Option<String>>>, Arc<RwLock<Option<String>>>);
 
 impl Readiness {
     /// Starts not ready, with the reason given.
     pub fn new(reason: &str) -> Self {
-        Self(Arc::new(RwLock::new(Some(reason.to_owned()))))
+        Self(
+            Arc::new(RwLock::new(Some(reason.to_owned()))),
+            Arc::new(RwLock::new(None)),
+        )
+    }
+
+    /// Not ready for `reason` until [`Readiness::release`], whatever the server's state.
+    pub fn hold(&self, reason: &str) {
+        *self.1.write().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_owned());
+    }
+
+    /// Ends a [`Readiness::hold`].
+    pub fn release(&self) {
+        *self.1.write().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     pub fn set_ready(&self) {
@@ -32,7 +49,8 @@ impl Readiness {
 
     /// `None` when ready, else the reason.
     pub fn reason(&self) -> Option<String> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+        let held = self.1.read().unwrap_or_else(|p| p.into_inner()).clone();
+        held.or_else(|| self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
     }
 }
 
@@ -102,4 +120,21 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     Ok((code, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hold_keeps_the_service_not_ready_whatever_the_server_says() {
+        let readiness = Readiness::new("starting");
+        readiness.hold("standby");
+        readiness.set_ready();
+        assert_eq!(readiness.reason().as_deref(), Some("standby"));
+        readiness.release();
+        assert_eq!(readiness.reason(), None);
+        readiness.set_not_ready("shutting down");
+        assert_eq!(readiness.reason().as_deref(), Some("shutting down"));
+    }
 }

@@ -32,6 +32,7 @@ pub use head_file::HeadFile;
 use head_file::{HeadKeeper, KeptHead};
 pub use query::{AuditPage, AuditQuery};
 use sink::Sink;
+pub(crate) use sink::sqlite_file;
 
 pub const CHAIN_ID: &str = "cms-custody-audit-v1";
 const GENESIS: [u8; 32] = [0; 32];
@@ -178,6 +179,17 @@ impl AuditLog {
         retention_ms: i64,
         head_file: Option<HeadFile>,
     ) -> Result<Self, AuditError> {
+        Self::start_fenced(db, retention_ms, head_file, None).await
+    }
+
+    /// [`AuditLog::start`], appending only while the lease of `fence` is held (PostgreSQL
+    /// replicas, see `crate::lease`).
+    pub async fn start_fenced(
+        db: DatabaseConnection,
+        retention_ms: i64,
+        head_file: Option<HeadFile>,
+        fence: Option<crate::lease::Fence>,
+    ) -> Result<Self, AuditError> {
         let kept = head_file
             .as_ref()
             .map(HeadFile::read)
@@ -227,7 +239,7 @@ impl AuditLog {
             ),
             _ => None,
         };
-        let mut sink = Sink::new(db.clone(), sqlite_file.clone());
+        let mut sink = Sink::new(db.clone(), sqlite_file.clone(), fence);
         let (opened, ready) = oneshot::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

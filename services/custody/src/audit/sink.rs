@@ -16,6 +16,7 @@ use sea_orm::sqlx::postgres::PgConnection;
 use sea_orm::sqlx::{self, AssertSqlSafe, Connection};
 use sea_orm::{DatabaseConnection, DbBackend, DbErr, RuntimeErr};
 
+use crate::lease::Fence;
 use crate::store::entities::audit_record;
 
 /// `audit_record`'s columns, in the order the rows' values are bound.
@@ -75,15 +76,22 @@ pub(super) struct Sink {
     conn: Option<Conn>,
     /// PostgreSQL INSERT text by number of rows.
     sql: HashMap<usize, Arc<str>>,
+    /// On PostgreSQL with replicas: rows are appended only while this lease is held.
+    fence: Option<Fence>,
 }
 
 impl Sink {
-    pub(super) fn new(pool: DatabaseConnection, sqlite_file: Option<PathBuf>) -> Self {
+    pub(super) fn new(
+        pool: DatabaseConnection,
+        sqlite_file: Option<PathBuf>,
+        fence: Option<Fence>,
+    ) -> Self {
         Self {
             pool,
             sqlite_file,
             conn: None,
             sql: HashMap::new(),
+            fence,
         }
     }
 
@@ -150,12 +158,21 @@ impl Sink {
         let result = match self.conn.as_mut() {
             Some(Conn::Sqlite(writer)) => writer.insert(&rows),
             Some(Conn::Postgres(conn)) => {
-                let sql = postgres_sql(&mut self.sql, rows.len());
+                let count = rows.len();
+                let sql = postgres_sql(&mut self.sql, count, self.fence.as_ref());
                 bind(sqlx::query(AssertSqlSafe(sql)), rows)
                     .execute(conn)
                     .await
-                    .map(drop)
                     .map_err(|e| DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e))))
+                    .and_then(|done| {
+                        if done.rows_affected() == count as u64 {
+                            Ok(())
+                        } else {
+                            Err(DbErr::Custom(
+                                "the custody lease is no longer held: nothing recorded".into(),
+                            ))
+                        }
+                    })
             }
             None => unreachable!("opened above"),
         };
@@ -168,12 +185,20 @@ impl Sink {
 }
 
 /// `INSERT INTO audit_record (…) VALUES ($1, …), (…)` for `rows` rows, from `cache` (built
-/// once per size).
-fn postgres_sql(cache: &mut HashMap<usize, Arc<str>>, rows: usize) -> Arc<str> {
+/// once per size); with a `fence`, `INSERT … SELECT * FROM (VALUES …) WHERE <lease held>`.
+fn postgres_sql(
+    cache: &mut HashMap<usize, Arc<str>>,
+    rows: usize,
+    fence: Option<&Fence>,
+) -> Arc<str> {
     cache
         .entry(rows)
         .or_insert_with(|| {
-            let mut sql = format!("INSERT INTO audit_record ({}) VALUES ", COLUMNS.join(", "));
+            let columns = COLUMNS.join(", ");
+            let mut sql = match fence {
+                Some(_) => format!("INSERT INTO audit_record ({columns}) SELECT * FROM (VALUES "),
+                None => format!("INSERT INTO audit_record ({columns}) VALUES "),
+            };
             let mut n = 0;
             for row in 0..rows {
                 sql.push_str(if row == 0 { "(" } else { ", (" });
@@ -186,6 +211,13 @@ fn postgres_sql(cache: &mut HashMap<usize, Arc<str>>, rows: usize) -> Arc<str> {
                 }
                 sql.push(')');
             }
+            if let Some(fence) = fence {
+                let _ = write!(
+                    sql,
+                    ") AS batch ({columns}) WHERE {}",
+                    fence.sql_condition()
+                );
+            }
             sql.into()
         })
         .clone()
@@ -193,7 +225,7 @@ fn postgres_sql(cache: &mut HashMap<usize, Arc<str>>, rows: usize) -> Arc<str> {
 
 /// The file of the pool's SQLite database, as SQLite names it. An in-memory database is
 /// refused: it would not keep the audit log past the process.
-pub(super) async fn sqlite_file(pool: &DatabaseConnection) -> Result<PathBuf, DbErr> {
+pub(crate) async fn sqlite_file(pool: &DatabaseConnection) -> Result<PathBuf, DbErr> {
     use sea_orm::ConnectionTrait;
     let main = pool
         .query_all_raw(sea_orm::Statement::from_string(

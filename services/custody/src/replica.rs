@@ -1,0 +1,217 @@
+//! Active/standby replicas of custody on one PostgreSQL database.
+//!
+//! Every replica serves the API, but only the one holding the lease ([`crate::lease`]) has a
+//! [`Custody`]: it alone writes the audit chain and answers. A standby is up (database,
+//! keystore, TLS ready) but reports not ready on `/readyz` and answers every call except
+//! GetStatus with UNAVAILABLE and a retry hint, so a Kubernetes Service sends it nothing.
+//!
+//! When a standby takes the lease it opens its `Custody` then, from the database: chain head,
+//! recent card usage and master key state (imports, rotations, retirements) are read as the
+//! previous active instance left them; nothing is answered from state older than the lease.
+//! An active instance that loses its lease drops its `Custody` at once (fail closed) and
+//! becomes a standby.
+
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use cms_kit::ops::Readiness;
+use cms_proto::custody::v1 as pb;
+use cms_proto::custody::v1::custody_service_server::CustodyService;
+use tonic::{Request, Response, Status};
+
+use crate::audit::gate::Audited;
+use crate::config::CallerScope;
+use crate::error::Error;
+use crate::guards;
+use crate::lease::{POLL, PgLease};
+use crate::service::{Custody, Options};
+use crate::wrap::Kek;
+
+type Rpc<T> = Result<Response<T>, Status>;
+
+/// Why a standby is not ready, on `/readyz`.
+pub const STANDBY: &str = "standby: another custody instance holds the lease";
+
+/// Whether this replica serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Active,
+    Standby,
+}
+
+/// The custody API of one replica: handed on to its `Custody` while active, refused while
+/// standing by.
+pub struct Replica {
+    active: RwLock<Option<Arc<Audited>>>,
+    callers: Vec<CallerScope>,
+}
+
+impl Replica {
+    /// A replica that serves `custody` from the start (the only one on its database).
+    pub fn active(custody: Custody) -> Self {
+        let callers = custody.callers.clone();
+        Self {
+            active: RwLock::new(Some(Arc::new(Audited(custody)))),
+            callers,
+        }
+    }
+
+    /// A replica that waits for the lease.
+    pub fn standby(callers: Vec<CallerScope>) -> Self {
+        Self {
+            active: RwLock::new(None),
+            callers,
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        match *self.active.read().unwrap_or_else(|p| p.into_inner()) {
+            Some(_) => Role::Active,
+            None => Role::Standby,
+        }
+    }
+
+    fn activate(&self, custody: Custody) {
+        *self.active.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Audited(custody)));
+    }
+
+    /// Drops the `Custody`: new calls are refused at once; the last call in progress drops it.
+    /// Returns its key-encryption key if it was unsealed.
+    fn stand_by(&self) -> Option<Arc<Kek>> {
+        let was = self
+            .active
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        was.and_then(|audited| audited.0.unsealed_kek())
+    }
+
+    fn serving(&self) -> Result<Arc<Audited>, Status> {
+        self.active
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| Error::Standby.into())
+    }
+}
+
+/// Keeps `replica` in step with the PostgreSQL lease, for as long as it runs: a standby
+/// tries to take the lease every [`POLL`] and, once it has it, opens custody from the
+/// database and serves; the active replica checks the lease as often and stands by the
+/// moment it is lost. Cancelling this drops the lease session, which releases the lease.
+pub async fn follow_lease(
+    mut lease: PgLease,
+    replica: Arc<Replica>,
+    options: Options,
+    readiness: Readiness,
+) {
+    // Failures are logged when they start, not at every poll.
+    let mut failing = false;
+    // Unsealed by custodian shares while this process last served: kept for its next turn.
+    let mut unsealed = None;
+    loop {
+        match replica.role() {
+            Role::Standby => match lease.try_take().await {
+                Ok(true) => {
+                    let started = Instant::now();
+                    let fenced = Options {
+                        fence: lease.fence(),
+                        unsealed: unsealed.clone(),
+                        ..options.clone()
+                    };
+                    match Custody::open(fenced).await {
+                        Ok(custody) => {
+                            replica.activate(custody);
+                            readiness.release();
+                            failing = false;
+                            tracing::info!(
+                                open_ms = started.elapsed().as_millis() as u64,
+                                "custody lease taken: this instance is active"
+                            );
+                        }
+                        Err(e) => {
+                            // Nobody serves with state that could not be read: let another try.
+                            lease.give_up();
+                            if !failing {
+                                tracing::error!(error = %cms_kit::exit::one_line(&e), "custody lease taken but custody cannot open; lease given up");
+                            }
+                            failing = true;
+                        }
+                    }
+                }
+                Ok(false) => failing = false,
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "custody lease cannot be tried: database unreachable");
+                    }
+                    failing = true;
+                }
+            },
+            Role::Active => {
+                if !lease.still_held().await {
+                    unsealed = replica.stand_by();
+                    readiness.hold(STANDBY);
+                    tracing::error!(
+                        "custody lease lost (its database session ended): refusing all calls, standing by"
+                    );
+                }
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Implements the API by handing each call to the active custody, or refusing it.
+macro_rules! replicated {
+    ($($method:ident($request:ident) -> $response:ident;)*) => {
+        #[tonic::async_trait]
+        impl CustodyService for Replica {
+            async fn get_status(
+                &self,
+                request: Request<pb::GetStatusRequest>,
+            ) -> Rpc<pb::GetStatusResponse> {
+                let serving = self.active.read().unwrap_or_else(|p| p.into_inner()).clone();
+                match serving {
+                    Some(custody) => custody.get_status(request).await,
+                    None => {
+                        guards::caller(&self.callers, &request)?;
+                        Ok(Response::new(pb::GetStatusResponse {
+                            detail: STANDBY.into(),
+                            version: env!("CARGO_PKG_VERSION").into(),
+                            ..Default::default()
+                        }))
+                    }
+                }
+            }
+
+            $(
+                async fn $method(&self, request: Request<pb::$request>) -> Rpc<pb::$response> {
+                    self.serving()?.$method(request).await
+                }
+            )*
+        }
+    };
+}
+
+replicated! {
+    list_master_keys(ListMasterKeysRequest) -> ListMasterKeysResponse;
+    compute_cryptogram(ComputeCryptogramRequest) -> ComputeCryptogramResponse;
+    release_piv_puk(ReleasePivPukRequest) -> ReleasePivPukResponse;
+    confirm_puk_rotation(ConfirmPukRotationRequest) -> ConfirmPukRotationResponse;
+    get_puk_status(GetPukStatusRequest) -> GetPukStatusResponse;
+    get_so_token_info(GetSoTokenInfoRequest) -> GetSoTokenInfoResponse;
+    init_seal(InitSealRequest) -> InitSealResponse;
+    unseal(UnsealRequest) -> UnsealResponse;
+    seal(SealRequest) -> SealResponse;
+    generate_master_key(GenerateMasterKeyRequest) -> GenerateMasterKeyResponse;
+    begin_key_import(BeginKeyImportRequest) -> BeginKeyImportResponse;
+    add_key_component(AddKeyComponentRequest) -> AddKeyComponentResponse;
+    finish_key_import(FinishKeyImportRequest) -> FinishKeyImportResponse;
+    abort_key_import(AbortKeyImportRequest) -> AbortKeyImportResponse;
+    rotate_master_key(RotateMasterKeyRequest) -> RotateMasterKeyResponse;
+    retire_master_key_version(RetireMasterKeyVersionRequest) -> RetireMasterKeyVersionResponse;
+    init_so_token(InitSoTokenRequest) -> InitSoTokenResponse;
+    query_audit(QueryAuditRequest) -> QueryAuditResponse;
+    verify_audit(VerifyAuditRequest) -> VerifyAuditResponse;
+    export_audit_head(ExportAuditHeadRequest) -> ExportAuditHeadResponse;
+}
