@@ -22,7 +22,7 @@ requirements=(
 stamp="$venv/.cms-requirements"
 
 if [ ! -d "$advisories" ]; then
-    echo "supply-chain: the advisory snapshot $advisories does not exist" >&2
+    echo "supply-chain: the advisory snapshot $advisories does not exist (set CMS_ADVISORY_DB to a copy of the RustSec advisory-db)" >&2
     exit 1
 fi
 
