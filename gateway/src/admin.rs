@@ -99,6 +99,16 @@ fn writes_roles(mask: Option<&prost_types::FieldMask>) -> bool {
     mask.is_none_or(|m| m.paths.is_empty() || m.paths.iter().any(|p| p == "roles"))
 }
 
+/// Refuses (and records) role names the gateway does not know: a typo such as "Admin" would
+/// otherwise make an operator who can do nothing.
+fn refuse_unknown_roles(call: &Call, roles: &[String]) -> Result<(), Status> {
+    crate::roles::check_role_names(roles).map_err(|message| {
+        let refusal = Status::invalid_argument(message);
+        call.record(Some(&refusal));
+        refusal
+    })
+}
+
 /// A unary pass-through: authorise for `$action`, then forward to `$client.$method`.
 macro_rules! pass {
     ($self:ident, $request:ident, $action:expr, $client:ident . $method:ident) => {{
@@ -375,13 +385,8 @@ impl AdminService for Admin {
         let call = self
             .begin("create_operator", Action::ManageOperators, &r)
             .await?;
-        if true
-            && let Some(op) = &r.get_ref().operator
-            && let Err(message) = crate::roles::check_role_names(&op.roles)
-        {
-            let refusal = Status::invalid_argument(message);
-            call.record(Some(&refusal));
-            return Err(refusal);
+        if let Some(op) = &r.get_ref().operator {
+            refuse_unknown_roles(&call, &op.roles)?;
         }
         let mut client = self.directory.clone();
         let answer = forward::unary(
@@ -420,11 +425,8 @@ impl AdminService for Admin {
             .await?;
         if writes_roles(r.get_ref().update_mask.as_ref())
             && let Some(op) = &r.get_ref().operator
-            && let Err(message) = crate::roles::check_role_names(&op.roles)
         {
-            let refusal = Status::invalid_argument(message);
-            call.record(Some(&refusal));
-            return Err(refusal);
+            refuse_unknown_roles(&call, &op.roles)?;
         }
         let mut client = self.directory.clone();
         let answer = forward::unary(
