@@ -582,10 +582,13 @@ pub async fn serials_of<C: ConnectionTrait>(db: &C, user_id: &str) -> Result<Vec
         .collect())
 }
 
-/// Status and org-unit filters of a search, as SQL conditions on `u`.
+/// Status and org-unit filters of a search, as SQL conditions on `u` (and the external ids a
+/// later tier leaves out, found by the first already).
+#[derive(Clone)]
 struct Filters {
     statuses: Vec<UserStatus>,
     org_units: Vec<String>,
+    not_external: Vec<String>,
 }
 
 impl Filters {
@@ -610,6 +613,7 @@ impl Filters {
         Ok(Self {
             statuses,
             org_units: req.org_units.clone(),
+            not_external: Vec::new(),
         })
     }
 
@@ -648,7 +652,75 @@ impl Filters {
             }
             sql.push(")");
         }
+        if !self.not_external.is_empty() {
+            sql.push(" AND u.external_id NOT IN (");
+            push_list(sql, &self.not_external);
+            sql.push(")");
+        }
     }
+}
+
+/// `values` as SQL parameters separated by commas.
+fn push_list(sql: &mut Sql, values: &[String]) {
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            sql.push(", ");
+        }
+        sql.bind(v.clone());
+    }
+}
+
+/// The keyset condition of a page that starts after `after` (display key, username key, id).
+fn push_after(sql: &mut Sql, after: Option<&[String; 3]>) {
+    if let Some([display, username, id]) = after {
+        sql.push(" AND (u.display_key, u.username_key, u.id) > (")
+            .bind(display.clone())
+            .push(", ")
+            .bind(username.clone())
+            .push(", ")
+            .bind(id.clone())
+            .push(")");
+    }
+}
+
+/// The external ids a query names exactly: as typed (trimmed), in upper and in lower case
+/// ("e6663737" finds "E6663737"); none for an empty query or one longer than any id.
+fn external_ids(query: &str) -> Vec<String> {
+    let raw = query.trim();
+    if raw.is_empty() || raw.len() > MAX_EXTERNAL_ID {
+        return Vec::new();
+    }
+    let mut ids = vec![raw.to_owned(), raw.to_uppercase(), raw.to_lowercase()];
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// The users whose external id is one of `ids` (see [`external_ids`]), in page order after
+/// `after`, at most `need`: an exact lookup in the external id's index.
+async fn external_id_matches<C: ConnectionTrait>(
+    db: &C,
+    ids: &[String],
+    filters: &Filters,
+    after: Option<&[String; 3]>,
+    need: usize,
+) -> Result<Vec<user::Model>, Error> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut sql = Sql::new(db.get_database_backend());
+    sql.push("SELECT u.* FROM users u WHERE u.external_id IN (");
+    push_list(&mut sql, ids);
+    sql.push(")");
+    filters.push(&mut sql, now_micros());
+    push_after(&mut sql, after);
+    sql.push(" ORDER BY u.display_key, u.username_key, u.id LIMIT ")
+        .bind(i64::try_from(need).unwrap_or(i64::MAX));
+    db.query_all_raw(sql.statement())
+        .await?
+        .iter()
+        .map(|row| user::Model::from_query_result(row, "").map_err(Error::from))
+        .collect()
 }
 
 /// Chunks of the rarest list a search reads in its first window of ranks; a further window
@@ -763,15 +835,7 @@ async fn search_tier<C: ConnectionTrait>(
     let conditions = |sql: &mut Sql| {
         push_text(sql, q, tier);
         filters.push(sql, now);
-        if let Some([display, username, id]) = after {
-            sql.push(" AND (u.display_key, u.username_key, u.id) > (")
-                .bind(display.clone())
-                .push(", ")
-                .bind(username.clone())
-                .push(", ")
-                .bind(id.clone())
-                .push(")");
-        }
+        push_after(sql, after);
     };
     let rows = |rows: Vec<sea_orm::QueryResult>| -> Result<Vec<user::Model>, Error> {
         rows.iter()
@@ -1137,7 +1201,7 @@ impl Directory {
         req: &SearchUsersRequest,
     ) -> Result<SearchUsersResponse, Error> {
         check_text("query", &req.query, MAX_QUERY, false)?;
-        let q = normalize::fold(&req.query);
+        let q = normalize::query(&normalize::fold(&req.query));
         let q_serial = normalize::serial(&req.query);
         let limit = util::page_size(req.page.as_ref());
         let filters = Filters::of(req)?;
@@ -1163,17 +1227,47 @@ impl Directory {
         let mut view = IndexView::read(&txn, &q).await?;
         let first_tier = after.as_ref().map(|(t, _)| *t).unwrap_or(0);
         let last_tier = if q.is_empty() { 0 } else { 1 };
+        // An exact external id comes with the word starts (tier 0), and not again after.
+        let external = if q.is_empty() {
+            Vec::new()
+        } else {
+            external_ids(&req.query)
+        };
+        let later = Filters {
+            not_external: external.clone(),
+            ..filters.clone()
+        };
         let mut page: Vec<(user::Model, u8)> = Vec::new();
         for tier in first_tier..=last_tier {
             let need = limit + 1 - page.len();
             let keyset = after.as_ref().filter(|(t, _)| *t == tier).map(|(_, k)| k);
-            let rows = search_tier(&txn, &mut view, &q, tier, &filters, keyset, need).await?;
+            let filters = if tier == 0 { &filters } else { &later };
+            let mut rows = search_tier(&txn, &mut view, &q, tier, filters, keyset, need).await?;
+            if tier == 0 && !external.is_empty() {
+                rows.extend(external_id_matches(&txn, &external, filters, keyset, need).await?);
+                rows.sort_by(|a, b| {
+                    (&a.display_key, &a.username_key, &a.id).cmp(&(
+                        &b.display_key,
+                        &b.username_key,
+                        &b.id,
+                    ))
+                });
+                rows.dedup_by(|a, b| a.id == b.id);
+                rows.truncate(need);
+            }
             page.extend(rows.into_iter().map(|m| (m, tier)));
             if page.len() > limit {
                 break;
             }
         }
         let more = page.len() > limit;
+        let total_estimate = if token.is_empty() && !more {
+            page.len() as u64
+        } else {
+            estimate(&txn, &view, &q)
+                .await?
+                .max(page.len() as u64 + u64::from(more))
+        };
         page.truncate(limit);
         let next = match (more, page.last()) {
             (true, Some((m, tier))) => {
@@ -1185,12 +1279,12 @@ impl Directory {
             page.into_iter().map(|(m, t)| (m, i32::from(t))).collect();
 
         // The credentials of the users on this page, for counts and serial matches.
-        let ids: Vec<String> = page.iter().map(|(m, _)| m.id.clone()).collect();
-        let creds = if ids.is_empty() {
+        let user_ids: Vec<String> = page.iter().map(|(m, _)| m.id.clone()).collect();
+        let creds = if user_ids.is_empty() {
             Vec::new()
         } else {
             credential::Entity::find()
-                .filter(credential::Column::UserId.is_in(ids))
+                .filter(credential::Column::UserId.is_in(user_ids))
                 .order_by_desc(credential::Column::IssuedAt)
                 .all(&txn)
                 .await?
@@ -1204,14 +1298,18 @@ impl Directory {
                 let mut matched_fields = Vec::new();
                 let mut matched_credentials = Vec::new();
                 if !q.is_empty() {
-                    if normalize::fold(&m.username).contains(&q) {
+                    let has = |folded: &str| normalize::without_marks(folded).contains(&q);
+                    if has(&normalize::fold(&m.username)) {
                         matched_fields.push(MatchField::Username as i32);
                     }
-                    if m.display_key.contains(&q) {
+                    if has(&m.display_key) {
                         matched_fields.push(MatchField::DisplayName as i32);
                     }
-                    if normalize::fold(&m.email).contains(&q) {
+                    if has(&normalize::fold(&m.email)) {
                         matched_fields.push(MatchField::Email as i32);
+                    }
+                    if external.contains(&m.external_id) {
+                        matched_fields.push(MatchField::ExternalId as i32);
                     }
                     for c in &own {
                         if (!q_serial.is_empty() && c.serial_key.contains(&q_serial))
@@ -1237,8 +1335,40 @@ impl Directory {
             results,
             page: Some(PageResponse {
                 next_page_token: next,
-                total_estimate: 0,
+                total_estimate,
             }),
         })
     }
+}
+
+/// About how many users a search for folded query `q` finds (filters and external ids not
+/// counted): at most as many as have the rarest of the grams every substring match has;
+/// without such grams (empty and short queries), the number of users.
+async fn estimate<C: ConnectionTrait>(db: &C, view: &IndexView, q: &str) -> Result<u64, Error> {
+    let grams = if q.is_empty() {
+        Vec::new()
+    } else {
+        search_index::query_grams(q, 1)
+    };
+    let rarest = grams
+        .iter()
+        .map(|g| view.counts.get(g).copied().unwrap_or(0))
+        .min();
+    let count = match rarest {
+        Some(n) => n,
+        None => {
+            // Row numbers are never reused and users are never deleted: the last is the count.
+            let row = db
+                .query_one_raw(sea_orm::Statement::from_string(
+                    db.get_database_backend(),
+                    "SELECT coalesce(max(num), 0) AS n FROM users",
+                ))
+                .await?;
+            match row {
+                Some(row) => row.try_get::<i64>("", "n")?,
+                None => 0,
+            }
+        }
+    };
+    Ok(u64::try_from(count).unwrap_or(0))
 }

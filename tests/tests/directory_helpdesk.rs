@@ -1,0 +1,297 @@
+//! What a helpdesk searches by and does all day, over real mTLS on SQLite and a throwaway
+//! PostgreSQL: external ids (employee numbers) found exactly, apostrophes searched as nothing,
+//! an estimate of the matches, and card registrations from many clients at once.
+
+use cms_kit::client::Channel;
+use cms_launcher::layout::Peers;
+use cms_proto::common::v1::{CardProfile, PageRequest};
+use cms_proto::directory::v1::directory_service_client::DirectoryServiceClient;
+use cms_proto::directory::v1::*;
+use cms_tests::inproc::{self, Running};
+use cms_tests::pki::TestPki;
+use cms_tests::postgres::{Backend, Postgres};
+
+struct Env {
+    _dir: tempfile::TempDir,
+    directory: Running,
+    client: DirectoryServiceClient<Channel>,
+}
+
+/// The directory alone (no template service: template ids are checked for form only).
+async fn start(backend: &Backend) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let mut config: cms_directory::Config =
+        inproc::config(dir.path(), "directory", &Peers::default());
+    config.database = backend.database();
+    config.template = None;
+    let directory = Running::start(config, cms_directory::run).await;
+    let client = DirectoryServiceClient::new(inproc::channel(
+        pki.tls("gateway"),
+        directory.grpc,
+        pki.id("directory"),
+    ));
+    Env {
+        _dir: dir,
+        directory,
+        client,
+    }
+}
+
+impl Env {
+    async fn stop(self) {
+        self.directory.stop().await.unwrap();
+    }
+
+    async fn user(&mut self, username: &str, display: &str, external_id: &str) -> User {
+        self.client
+            .create_user(CreateUserRequest {
+                user: Some(User {
+                    username: username.into(),
+                    display_name: display.into(),
+                    external_id: external_id.into(),
+                    ..Default::default()
+                }),
+                auth: None,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("create {username}: {e:?}"))
+            .into_inner()
+            .user
+            .unwrap()
+    }
+
+    async fn search_page(&mut self, query: &str, page_size: u32) -> SearchUsersResponse {
+        self.client
+            .search_users(SearchUsersRequest {
+                query: query.into(),
+                page: Some(PageRequest {
+                    page_size,
+                    page_token: String::new(),
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn search(&mut self, query: &str) -> Vec<UserSearchResult> {
+        self.search_page(query, 50).await.results
+    }
+}
+
+fn names(results: &[UserSearchResult]) -> Vec<String> {
+    results
+        .iter()
+        .map(|r| r.user.as_ref().unwrap().username.clone())
+        .collect()
+}
+
+fn card(user_id: &str, card_id: Vec<u8>, serial: String) -> RegisterCredentialRequest {
+    RegisterCredentialRequest {
+        credential: Some(Credential {
+            user_id: user_id.into(),
+            card_id,
+            serial,
+            atr: vec![0x3b, 0x8f],
+            profile: CardProfile::Minidriver as i32,
+            template_id: "0190a5b2-0000-7000-8000-000000000001".into(),
+            template_version: 1,
+            master_key_version: 1,
+            ..Default::default()
+        }),
+        auth: None,
+    }
+}
+
+async fn external_ids_are_found_exactly(backend: Backend) {
+    let mut env = start(&backend).await;
+    env.user("amiller", "Ann Miller", "E6663737").await;
+    env.user("bkhan", "Bilal Khan", "HR-03513901").await;
+    // Its username has the id of amiller inside: a substring match, after the exact one.
+    env.user("zz-xe6663737", "Zed Other", "E1").await;
+    // Its username has its own id: found once, with the exact matches.
+    env.user("hr-03513901", "Cleo Same", "HR-03513901").await;
+
+    let r = env.search("E6663737").await;
+    assert_eq!(names(&r), ["amiller", "zz-xe6663737"]);
+    assert!(r[0].prefix_match && !r[1].prefix_match);
+    assert_eq!(r[0].matched_fields, [MatchField::ExternalId as i32]);
+    assert_eq!(names(&env.search("e6663737").await), names(&r));
+    assert_eq!(names(&env.search(" E6663737 ").await), names(&r));
+    let r = env.search("HR-03513901").await;
+    assert_eq!(names(&r), ["bkhan", "hr-03513901"]);
+    assert!(r.iter().all(|x| x.prefix_match));
+    assert!(
+        r[1].matched_fields
+            .contains(&(MatchField::ExternalId as i32))
+    );
+    assert!(r[1].matched_fields.contains(&(MatchField::Username as i32)));
+    // Exactly: a part of an id is no match (only zz-xe6663737's username has it).
+    assert_eq!(names(&env.search("6663737").await), ["zz-xe6663737"]);
+    assert_eq!(names(&env.search("HR-0351").await), ["hr-03513901"]);
+    // Paged one at a time: each user once, in order.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let resp = env
+            .client
+            .search_users(SearchUsersRequest {
+                query: "hr-03513901".into(),
+                page: Some(PageRequest {
+                    page_size: 1,
+                    page_token: token,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        seen.extend(names(&resp.results));
+        token = resp.page.unwrap().next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(seen, ["bkhan", "hr-03513901"]);
+    env.stop().await;
+}
+
+async fn apostrophes_count_as_nothing(backend: Backend) {
+    let mut env = start(&backend).await;
+    env.user("sobrien", "Seán O'Brien", "").await;
+    env.user("darcy1", "Dana D’Arcy", "").await;
+    env.user("obrienne", "Obrienne Test", "").await;
+    for q in ["obrien", "O'Brien", "o’brien", "OBRIEN"] {
+        let r = env.search(q).await;
+        assert_eq!(names(&r), ["obrienne", "sobrien"], "{q}");
+        assert!(r.iter().all(|x| x.prefix_match), "{q}");
+        assert!(
+            r[1].matched_fields
+                .contains(&(MatchField::DisplayName as i32)),
+            "{q}"
+        );
+    }
+    for q in ["darcy", "d'arcy", "D’Arcy", "arcy"] {
+        assert_eq!(names(&env.search(q).await), ["darcy1"], "{q}");
+    }
+    // Word starts after the apostrophe stay.
+    let r = env.search("brien").await;
+    assert_eq!(names(&r), ["sobrien", "obrienne"]);
+    assert!(r[0].prefix_match && !r[1].prefix_match);
+    // A query of nothing but an apostrophe searches for it.
+    assert_eq!(names(&env.search("'").await), ["sobrien"]);
+    env.stop().await;
+}
+
+async fn searches_estimate_their_matches(backend: Backend) {
+    let mut env = start(&backend).await;
+    for i in 0..30 {
+        env.user(&format!("pager{i:02}"), &format!("Pager {i:02}"), "")
+            .await;
+    }
+    env.user("other", "Someone Else", "").await;
+    let first = env.search_page("pager", 10).await;
+    assert_eq!(first.results.len(), 10);
+    assert_eq!(first.page.unwrap().total_estimate, 30);
+    // A last page counts exactly; an absent text finds none.
+    assert_eq!(
+        env.search_page("someone", 10)
+            .await
+            .page
+            .unwrap()
+            .total_estimate,
+        1
+    );
+    assert_eq!(
+        env.search_page("qqqq", 10)
+            .await
+            .page
+            .unwrap()
+            .total_estimate,
+        0
+    );
+    // Everyone, paged.
+    assert_eq!(
+        env.search_page("", 10).await.page.unwrap().total_estimate,
+        31
+    );
+    env.stop().await;
+}
+
+/// 16 clients register cards at once (a few with serials alike, some for the same users):
+/// none fails, and each card is found by its serial.
+async fn concurrent_registrations_never_fail(backend: Backend) {
+    let mut env = start(&backend).await;
+    let mut users = Vec::new();
+    for i in 0..8 {
+        users.push(
+            env.user(&format!("holder{i}"), &format!("Holder {i}"), "")
+                .await
+                .id,
+        );
+    }
+    let tasks = (0..16).map(|t| {
+        let mut client = env.client.clone();
+        let users = users.clone();
+        tokio::spawn(async move {
+            for i in 0..40u32 {
+                let user = &users[(t + i as usize) % users.len()];
+                let serial = format!("SC-{t:02}-{i:04}");
+                let card_id = format!("card-{t}-{i}").into_bytes();
+                if let Err(e) = client
+                    .register_credential(card(user, card_id, serial))
+                    .await
+                {
+                    panic!("task {t} card {i}: {:?} {}", e.code(), e.message());
+                }
+            }
+        })
+    });
+    for task in futures_util::future::join_all(tasks).await {
+        task.unwrap();
+    }
+    for q in ["SC-00-0000", "sc150039", "SC-07-0021"] {
+        let r = env.search(q).await;
+        assert_eq!(r.len(), 1, "{q}");
+        assert_eq!(r[0].matched_credentials.len(), 1, "{q}");
+    }
+    let all: usize = env
+        .search("sc-")
+        .await
+        .iter()
+        .map(|r| r.credential_count as usize)
+        .sum();
+    assert_eq!(all, 16 * 40);
+    // The same card twice is refused as such, not as an internal error.
+    let again = env
+        .client
+        .register_credential(card(&users[0], b"card-0-0".to_vec(), "SC-X".into()))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::AlreadyExists);
+    env.stop().await;
+}
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(Backend::Sqlite).await })*
+        }
+        mod postgres {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(Backend::Postgres(Postgres::shared())).await })*
+        }
+    };
+}
+
+on_both_backends!(
+    external_ids_are_found_exactly,
+    apostrophes_count_as_nothing,
+    searches_estimate_their_matches,
+    concurrent_registrations_never_fail,
+);
