@@ -14,6 +14,7 @@ use cms_tests::postgres::{Backend, Postgres};
 struct Env {
     _dir: tempfile::TempDir,
     directory: Running,
+    config: cms_directory::Config,
     client: DirectoryServiceClient<Channel>,
 }
 
@@ -25,7 +26,7 @@ async fn start(backend: &Backend) -> Env {
         inproc::config(dir.path(), "directory", &Peers::default());
     config.database = backend.database();
     config.template = None;
-    let directory = Running::start(config, cms_directory::run).await;
+    let directory = Running::start(config.clone(), cms_directory::run).await;
     let client = DirectoryServiceClient::new(inproc::channel(
         pki.tls("gateway"),
         directory.grpc,
@@ -34,6 +35,7 @@ async fn start(backend: &Backend) -> Env {
     Env {
         _dir: dir,
         directory,
+        config,
         client,
     }
 }
@@ -274,6 +276,52 @@ async fn concurrent_registrations_never_fail(backend: Backend) {
     env.stop().await;
 }
 
+/// Another writer holds the database's write lock (SQLite) or the search index's lock
+/// (PostgreSQL) longer than a registration may wait: the registration is refused as
+/// UNAVAILABLE with a retry hint, not as an internal error, and succeeds once the lock is gone.
+async fn a_registration_that_cannot_proceed_is_unavailable(backend: Backend) {
+    use prost::Message;
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let mut env = start(&backend).await;
+    let user = env.user("holder", "Holder", "").await.id;
+    let db = cms_directory::open_database(&env.config).await.unwrap();
+    let blocker = if db.get_database_backend() == sea_orm::DbBackend::Postgres {
+        let txn = db.begin().await.unwrap();
+        let key = cms_kit::db::advisory_lock_key("cms-directory/search-index");
+        txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({key})"))
+            .await
+            .unwrap();
+        txn
+    } else {
+        db.begin_with_options(sea_orm::TransactionOptions {
+            sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    };
+    let started = std::time::Instant::now();
+    let refused = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        env.client
+            .register_credential(card(&user, b"blocked".to_vec(), "SC-B".into())),
+    )
+    .await
+    .expect("an answer while the lock is held")
+    .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let detail = cms_proto::common::v1::ErrorDetail::decode(refused.details()).unwrap();
+    assert!(detail.retry_after_seconds > 0, "{detail:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    blocker.rollback().await.unwrap();
+    // Nothing was written: the same card registers now.
+    env.client
+        .register_credential(card(&user, b"blocked".to_vec(), "SC-B".into()))
+        .await
+        .unwrap();
+    env.stop().await;
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -294,4 +342,5 @@ on_both_backends!(
     apostrophes_count_as_nothing,
     searches_estimate_their_matches,
     concurrent_registrations_never_fail,
+    a_registration_that_cannot_proceed_is_unavailable,
 );

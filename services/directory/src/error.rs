@@ -39,6 +39,9 @@ pub enum Error {
     Import(String),
     #[error("template service unavailable: {0}")]
     Unavailable(String),
+    /// A write that could not proceed in time (the database or a queue busy): retry it.
+    #[error("{0}")]
+    Busy(String),
     /// An LDAP source could not be read (connection, bind, search).
     #[error("{0}")]
     Ldap(String),
@@ -59,14 +62,37 @@ impl Error {
 }
 
 fn status(code: tonic::Code, reason: ErrorReason, field: &str, message: String) -> tonic::Status {
+    status_retry(code, reason, field, message, 0)
+}
+
+fn status_retry(
+    code: tonic::Code,
+    reason: ErrorReason,
+    field: &str,
+    message: String,
+    retry_after_seconds: u32,
+) -> tonic::Status {
     let detail = ErrorDetail {
         reason: reason as i32,
         field: field.to_owned(),
         message: message.clone(),
-        retry_after_seconds: 0,
+        retry_after_seconds,
         attempts_remaining: 0,
     };
     tonic::Status::with_details(code, message, detail.encode_to_vec().into())
+}
+
+/// UNAVAILABLE with a hint to retry after a second, for a write that could not proceed in
+/// time.
+fn busy(message: String) -> tonic::Status {
+    tracing::warn!(error = %message, "write refused as busy");
+    status_retry(
+        tonic::Code::Unavailable,
+        ErrorReason::Unspecified,
+        "",
+        message,
+        1,
+    )
 }
 
 impl From<Error> for tonic::Status {
@@ -113,6 +139,10 @@ impl From<Error> for tonic::Status {
                     "source",
                     message,
                 )
+            }
+            Error::Busy(_) => busy(message),
+            Error::Storage(e) if crate::util::busy(e) => {
+                busy("the database is busy; try again shortly".into())
             }
             Error::Unavailable(_) => {
                 tracing::warn!(error = %message, "dependency unavailable");

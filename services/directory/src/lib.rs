@@ -7,6 +7,7 @@
 //! Secrets never leave in clear: security answers are argon2id hashes, TOTP secrets are sealed
 //! with AES-256-GCM under a key from config ([`secrets`]).
 
+mod card_writer;
 mod config;
 mod credentials;
 mod enrol;
@@ -54,6 +55,8 @@ pub struct Directory {
     import: config::ImportSettings,
     ldap: std::collections::BTreeMap<String, LdapSource>,
     templates: Option<TemplateServiceClient<Channel>>,
+    /// Started on first use (it needs the runtime); shared by the clones.
+    card_writer: Arc<std::sync::OnceLock<card_writer::CardWriter>>,
 }
 
 impl Directory {
@@ -71,7 +74,14 @@ impl Directory {
             import: config::ImportSettings::default(),
             ldap: Default::default(),
             templates: None,
+            card_writer: Default::default(),
         }
+    }
+
+    /// The writer of card registrations (see [`card_writer`]).
+    pub(crate) fn card_writer(&self) -> &card_writer::CardWriter {
+        self.card_writer
+            .get_or_init(|| card_writer::CardWriter::start(self.db.clone()))
     }
 
     pub fn db(&self) -> &DatabaseConnection {

@@ -413,10 +413,12 @@ fn pg(db: &impl ConnectionTrait) -> bool {
 
 /// Begins a transaction that changes users' search documents or sort ranks: on SQLite one
 /// that takes the write lock at once (two that first read, then write, would deadlock), on
-/// PostgreSQL one holding the index's advisory lock, so that such writers take turns.
+/// PostgreSQL one holding the index's advisory lock, so that such writers take turns. Either
+/// waits for the lock as long as SQLite's busy timeout, then fails as busy.
 pub async fn write_txn(db: &DatabaseConnection) -> Result<DatabaseTransaction, Error> {
     if pg(db) {
         let txn = db.begin().await?;
+        txn.execute_unprepared(LOCK_TIMEOUT).await?;
         let key = cms_kit::db::advisory_lock_key("cms-directory/search-index");
         let mut sql = Sql::new(DbBackend::Postgres);
         sql.push("SELECT pg_advisory_xact_lock(")
@@ -433,6 +435,9 @@ pub async fn write_txn(db: &DatabaseConnection) -> Result<DatabaseTransaction, E
             .await?)
     }
 }
+
+/// How long a PostgreSQL writer waits for a lock (SQLite's busy timeout: `cms_kit::db`).
+const LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '5s'";
 
 /// Begins a transaction for a search: its statements see one snapshot.
 pub async fn read_txn(db: &DatabaseConnection) -> Result<DatabaseTransaction, Error> {
@@ -511,6 +516,18 @@ impl Changes {
             start = end;
         }
         self.adds.extend(grams.into_iter().zip(lists));
+    }
+
+    /// Takes in the changes of `other` too.
+    pub fn merge(&mut self, other: Changes) {
+        for (mine, theirs) in [
+            (&mut self.adds, other.adds),
+            (&mut self.removes, other.removes),
+        ] {
+            for (g, ranks) in theirs {
+                mine.entry(g).or_default().extend(ranks);
+            }
+        }
     }
 
     pub fn remove(&mut self, rank: i64, grams: &[Gram]) {

@@ -1170,15 +1170,16 @@ impl Directory {
     }
 
     /// Recomputes a user's search document after its credentials changed.
+    /// The posting list changes are left in `changes`, to apply with others.
     pub(crate) async fn refresh_search<C: ConnectionTrait>(
         db: &C,
         m: &user::Model,
+        changes: &mut Changes,
     ) -> Result<(), Error> {
         let serials = serials_of(db, &m.id).await?;
         let mut am = user::ActiveModel::default();
         UserFields::of(m).apply(&mut am, &serials);
-        let mut changes = Changes::default();
-        reindex(db, m, &am, &mut changes).await?;
+        reindex(db, m, &am, changes).await?;
         let am = user::ActiveModel {
             search_doc: am.search_doc,
             prefix_doc: am.prefix_doc,
@@ -1189,7 +1190,7 @@ impl Directory {
             .filter(user::Column::Num.eq(m.num))
             .exec(db)
             .await?;
-        search_index::apply(db, changes).await
+        Ok(())
     }
 
     /// The helpdesk search: every user whose display name, username, email or card serial
