@@ -322,6 +322,49 @@ async fn a_registration_that_cannot_proceed_is_unavailable(backend: Backend) {
     env.stop().await;
 }
 
+/// An import's WAL is checkpointed into the database and truncated when the import commits
+/// (SQLite's own checkpoints leave the file as large as the import made it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_is_truncated_after_an_import() {
+    let env = start(&Backend::Sqlite).await;
+    let mut csv = String::from("username,display_name,email,phone,org_unit,external_id\n");
+    for i in 0..3_000 {
+        csv.push_str(&format!(
+            "imported{i},Imported Person {i},p{i}@example.com,,Staff,E{i:07}\n"
+        ));
+    }
+    let mut messages = vec![ImportUsersRequest {
+        payload: Some(import_users_request::Payload::Options(ImportUsersOptions {
+            update_existing: true,
+            disable_missing: false,
+            dry_run: false,
+            has_header: true,
+            delimiter: String::new(),
+        })),
+        auth: None,
+    }];
+    for chunk in csv.as_bytes().chunks(64 * 1024) {
+        messages.push(ImportUsersRequest {
+            payload: Some(import_users_request::Payload::CsvChunk(chunk.to_vec())),
+            auth: None,
+        });
+    }
+    let report = env
+        .client
+        .clone()
+        .import_users(tokio_stream::iter(messages))
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap();
+    assert_eq!(report.created, 3_000);
+    let wal = env.config.data_dir.join("directory.sqlite3-wal");
+    let len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(len, 0, "{} bytes left in {}", len, wal.display());
+    env.stop().await;
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {

@@ -436,6 +436,21 @@ pub async fn write_txn(db: &DatabaseConnection) -> Result<DatabaseTransaction, E
     }
 }
 
+/// After a large write (an import): on SQLite, copies the WAL into the database and truncates
+/// it, so that it does not stay the size of the import until a checkpoint long after (SQLite's
+/// automatic checkpoints never shrink the file). A failure is logged only: the write is done.
+pub async fn checkpoint(db: &DatabaseConnection) {
+    if pg(db) {
+        return;
+    }
+    if let Err(e) = db
+        .execute_unprepared("PRAGMA wal_checkpoint(TRUNCATE)")
+        .await
+    {
+        tracing::warn!(error = %e, "WAL checkpoint after an import failed");
+    }
+}
+
 /// How long a PostgreSQL writer waits for a lock (SQLite's busy timeout: `cms_kit::db`).
 const LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '5s'";
 
