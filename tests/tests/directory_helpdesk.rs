@@ -322,6 +322,101 @@ async fn a_registration_that_cannot_proceed_is_unavailable(backend: Backend) {
     env.stop().await;
 }
 
+/// Every page of a search through the directory itself (no gRPC): usernames.
+async fn all_pages(d: &cms_directory::Directory, query: &str, page_size: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let r = d
+            .search_users(&SearchUsersRequest {
+                query: query.into(),
+                page: Some(PageRequest {
+                    page_size,
+                    page_token: token.clone(),
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        out.extend(names(&r.results));
+        token = r.page.unwrap().next_page_token;
+        if token.is_empty() {
+            return out;
+        }
+    }
+}
+
+/// Queries of one and two characters, rare and common (with punctuation), and strings no
+/// user has, find exactly the users whose text has them: checked against every user.
+async fn short_and_absent_queries_find_what_a_scan_finds(backend: Backend) {
+    let env = start(&backend).await;
+    let db = cms_directory::open_database(&env.config).await.unwrap();
+    let d = cms_directory::Directory::new(
+        db,
+        cms_directory::secrets::SecretKey::from_bytes(&[3; 32]),
+        Default::default(),
+    );
+    const FIRST: &[&str] = &["Ann", "Qasim", "Xavier", "Zoë", "Jo", "Åsa", "Bob"];
+    const LAST: &[&str] = &["O'Neil", "Smith-Qx", "Berg", "Eze", "Lüx", "Wq", "Ma"];
+    let mut users = Vec::new();
+    let mut seed = 7u64;
+    for i in 0..160 {
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        let pick = |n: usize, shift: u32| (seed >> shift) as usize % n;
+        let display = format!(
+            "{} {}",
+            FIRST[pick(FIRST.len(), 33)],
+            LAST[pick(LAST.len(), 40)]
+        );
+        let username = format!("u{i}{}", ["", "x", "+0", "..", "$"][pick(5, 47)]);
+        let email = if pick(3, 52) == 0 {
+            String::new()
+        } else {
+            format!(
+                "{}{i}@{}",
+                ["a.b", "q", "z_z"][pick(3, 55)],
+                ["ex.com", "w.q"][pick(2, 58)]
+            )
+        };
+        d.create_user(Some(User {
+            username: username.clone(),
+            display_name: display.clone(),
+            email: email.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+        users.push((username, display, email));
+    }
+    let mut queries: Vec<String> = Vec::new();
+    let alphabet: Vec<char> = "aeqxzwo019@.+$-_'ü".chars().collect();
+    for a in &alphabet {
+        queries.push(a.to_string());
+        for b in ["a", "q", "x", ".", "@", "0", "$"] {
+            queries.push(format!("{a}{b}"));
+        }
+    }
+    queries.extend(["zzqx", "qqqqq", "@@@", "xq", "q.q.q", "$$"].map(String::from));
+    for q in &queries {
+        let mut found = all_pages(&d, q, 7).await;
+        let count = found.len();
+        found.sort();
+        found.dedup();
+        assert_eq!(found.len(), count, "{q:?}: a user twice");
+        let folded = cms_directory::normalize::query(&cms_directory::normalize::fold(q));
+        let mut expected: Vec<String> = users
+            .iter()
+            .filter(|(u, n, e)| {
+                cms_directory::normalize::search_doc(n, u, e, &[]).contains(&folded)
+            })
+            .map(|(u, _, _)| u.clone())
+            .collect();
+        expected.sort();
+        assert_eq!(found, expected, "{q:?}");
+    }
+    env.stop().await;
+}
+
 /// An import's WAL is checkpointed into the database and truncated when the import commits
 /// (SQLite's own checkpoints leave the file as large as the import made it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -386,4 +481,5 @@ on_both_backends!(
     searches_estimate_their_matches,
     concurrent_registrations_never_fail,
     a_registration_that_cannot_proceed_is_unavailable,
+    short_and_absent_queries_find_what_a_scan_finds,
 );

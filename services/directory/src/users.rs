@@ -803,6 +803,106 @@ fn push_text(sql: &mut Sql, q: &str, tier: u8) {
     }
 }
 
+/// The users of candidate sort ranks `ranks` (ascending) that meet `conditions`, at most
+/// `missing`, in rank order.
+async fn check<C: ConnectionTrait>(
+    db: &C,
+    ranks: &[i64],
+    conditions: &(dyn Fn(&mut Sql) + Sync),
+    missing: usize,
+) -> Result<Vec<user::Model>, Error> {
+    let backend = db.get_database_backend();
+    let mut sql = Sql::new(backend);
+    let ranks: Vec<String> = ranks.iter().map(i64::to_string).collect();
+    if backend == DbBackend::Postgres {
+        // A lateral subquery with a LIMIT is never pulled up into a join: each candidate is
+        // looked up in the array's order, and the outer LIMIT stops at the first matches
+        // instead of reading and sorting every candidate.
+        sql.push("SELECT u.* FROM unnest(string_to_array(")
+            .bind(ranks.join(","))
+            .push(
+                ", ',')::bigint[]) AS c(r) CROSS JOIN LATERAL \
+                 (SELECT * FROM users x WHERE x.sort_rank = c.r LIMIT 1) u WHERE 1 = 1",
+            );
+    } else {
+        sql.push("SELECT u.* FROM json_each(")
+            .bind(format!("[{}]", ranks.join(",")))
+            .push(") AS c CROSS JOIN users u ON u.sort_rank = c.value WHERE 1 = 1");
+    }
+    conditions(&mut sql);
+    // No ORDER BY: both walk the candidates in the array's order (ascending rank, the outer
+    // loop) and stop at the limit, where a sort would first read every candidate. Sorted
+    // below all the same.
+    sql.push(" LIMIT ")
+        .bind(i64::try_from(missing).unwrap_or(i64::MAX));
+    let mut found = db
+        .query_all_raw(sql.statement())
+        .await?
+        .iter()
+        .map(|row| user::Model::from_query_result(row, "").map_err(Error::from))
+        .collect::<Result<Vec<_>, _>>()?;
+    found.sort_by_key(|m| m.sort_rank);
+    Ok(found)
+}
+
+/// The first sort rank after keyset `after` (`None`: from the first).
+async fn start_rank<C: ConnectionTrait>(
+    db: &C,
+    after: Option<&[String; 3]>,
+) -> Result<Option<i64>, Error> {
+    let Some([display, username, id]) = after else {
+        return Ok(None);
+    };
+    let mut sql = Sql::new(db.get_database_backend());
+    sql.push("SELECT sort_rank FROM users WHERE (display_key, username_key, id) <= (")
+        .bind(display.clone())
+        .push(", ")
+        .bind(username.clone())
+        .push(", ")
+        .bind(id.clone())
+        .push(") AND sort_rank > 0 ORDER BY display_key DESC, username_key DESC, id DESC LIMIT 1");
+    Ok(match db.query_one_raw(sql.statement()).await? {
+        Some(row) => Some(row.try_get::<i64>("", "sort_rank")? + 1),
+        None => None,
+    })
+}
+
+/// The matches of a two-character substring query (tier 1), from the lists of every gram
+/// that starts with it, when those hold few users (`None` when they hold many: then matches
+/// are many, and walking the users in page order finds a page sooner).
+async fn short_substring<C: ConnectionTrait>(
+    db: &C,
+    q: &str,
+    conditions: &(dyn Fn(&mut Sql) + Sync),
+    after: Option<&[String; 3]>,
+    need: usize,
+) -> Result<Option<Vec<user::Model>>, Error> {
+    let Some(lists) = search_index::grams_starting(db, q).await? else {
+        return Ok(None);
+    };
+    if lists.iter().map(|(_, n)| *n).sum::<i64>() > SHORT_LISTS_MAX {
+        return Ok(None);
+    }
+    let grams: Vec<search_index::Gram> = lists.into_iter().map(|(g, _)| g).collect();
+    let from = start_rank(db, after).await?.unwrap_or(1);
+    let candidates = search_index::union_from(db, &grams, from).await?;
+    let mut out = Vec::with_capacity(need);
+    let (mut rest, mut checked) = (candidates.as_slice(), 0);
+    while !rest.is_empty() && out.len() < need {
+        let batch = check_batch(need - out.len(), checked, out.len());
+        let (now, later) = rest.split_at(batch.min(rest.len()));
+        checked += now.len();
+        out.extend(check(db, now, conditions, need - out.len()).await?);
+        rest = later;
+    }
+    Ok(Some(out))
+}
+
+/// Most users the lists of a short substring query may hold together for the search to read
+/// them all; more, and the matches are so many that walking the users in page order finds a
+/// page sooner.
+const SHORT_LISTS_MAX: i64 = 60_000;
+
 /// Candidates to check next for `missing` more matches, after `passed` of `checked` passed:
 /// enough for the matches at the rate seen so far (and half as many again), so that one
 /// statement usually finishes the page without reading rows far past it.
@@ -847,6 +947,13 @@ async fn search_tier<C: ConnectionTrait>(
     } else {
         search_index::query_grams(q, tier)
     };
+    if grams.is_empty()
+        && tier == 1
+        && q.chars().count() == 2
+        && let Some(found) = short_substring(db, q, &conditions, after, need).await?
+    {
+        return Ok(found);
+    }
     if grams.is_empty() {
         let mut sql = Sql::new(backend);
         // SQLite is told to walk the name index: left alone it may scan and sort everything.
@@ -893,22 +1000,7 @@ async fn search_tier<C: ConnectionTrait>(
         .iter()
         .min_by_key(|g| view.counts.get(*g).copied().unwrap_or(0))
         .copied();
-    let mut from = view.first;
-    if let Some([display, username, id]) = after {
-        let mut sql = Sql::new(backend);
-        sql.push("SELECT sort_rank FROM users WHERE (display_key, username_key, id) <= (")
-            .bind(display.clone())
-            .push(", ")
-            .bind(username.clone())
-            .push(", ")
-            .bind(id.clone())
-            .push(
-                ") AND sort_rank > 0 ORDER BY display_key DESC, username_key DESC, id DESC LIMIT 1",
-            );
-        if let Some(row) = db.query_one_raw(sql.statement()).await? {
-            from = row.try_get::<i64>("", "sort_rank")? + 1;
-        }
-    }
+    let mut from = start_rank(db, after).await?.unwrap_or(view.first);
     let end = view.last + 1;
     let mut chunks = WINDOW_CHUNKS;
     let mut read = 0;
@@ -943,31 +1035,7 @@ async fn search_tier<C: ConnectionTrait>(
             let batch = check_batch(need - out.len(), checked, out.len());
             let (now, later) = rest.split_at(batch.min(rest.len()));
             checked += now.len();
-            let mut sql = Sql::new(backend);
-            let ranks: Vec<String> = now.iter().map(i64::to_string).collect();
-            if pg {
-                // A lateral subquery with a LIMIT is never pulled up into a join: each
-                // candidate is looked up in the array's order, and the outer LIMIT stops at the
-                // first matches instead of reading and sorting every candidate.
-                sql.push("SELECT u.* FROM unnest(string_to_array(")
-                    .bind(ranks.join(","))
-                    .push(
-                        ", ',')::bigint[]) AS c(r) CROSS JOIN LATERAL \
-                         (SELECT * FROM users x WHERE x.sort_rank = c.r LIMIT 1) u WHERE 1 = 1",
-                    );
-            } else {
-                sql.push("SELECT u.* FROM json_each(")
-                    .bind(format!("[{}]", ranks.join(",")))
-                    .push(") AS c CROSS JOIN users u ON u.sort_rank = c.value WHERE 1 = 1");
-            }
-            conditions(&mut sql);
-            // No ORDER BY: both walk the candidates in the array's order (ascending rank, the
-            // outer loop) and stop at the limit, where a sort would first read every
-            // candidate. Sorted below all the same.
-            let missing = i64::try_from(need - out.len()).unwrap_or(i64::MAX);
-            sql.push(" LIMIT ").bind(missing);
-            let mut found = rows(db.query_all_raw(sql.statement()).await?)?;
-            found.sort_by_key(|m| m.sort_rank);
+            let found = check(db, now, &conditions, need - out.len()).await?;
             let passed = found.len();
             out.extend(found);
             rest = later;
