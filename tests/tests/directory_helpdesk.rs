@@ -248,6 +248,15 @@ async fn concurrent_registrations_never_fail(backend: Backend) {
                 {
                     panic!("task {t} card {i}: {:?} {}", e.code(), e.message());
                 }
+                if i % 10 == 5 {
+                    // A card registered again fails alone, amid the others' registrations.
+                    let again = format!("card-{t}-{}", i - 5).into_bytes();
+                    let e = client
+                        .register_credential(card(user, again, format!("DUP-{t}-{i}")))
+                        .await
+                        .unwrap_err();
+                    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+                }
             }
         })
     });
