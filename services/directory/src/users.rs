@@ -915,8 +915,10 @@ fn check_batch(missing: usize, checked: usize, passed: usize) -> usize {
 /// `q` (tier 0) or whose search document has `q` elsewhere (tier 1), after `after`.
 ///
 /// The candidates come from the search index in page order (see [`search_index`]), so this
-/// reads about `need` users however many match; queries too short for the index (under three
-/// characters in tier 1, none at all) walk the (display name, username, id) index instead.
+/// reads about `need` users however many match. Two characters in tier 1 read the lists of
+/// the grams that start with them ([`short_substring`]) unless those are long; one character
+/// in tier 1, an empty query, and such long lists walk the (display name, username, id) index
+/// instead.
 async fn search_tier<C: ConnectionTrait>(
     db: &C,
     view: &mut IndexView,
