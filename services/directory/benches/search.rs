@@ -1,7 +1,9 @@
 //! Helpdesk search benchmark: 1,000,000 users and 1,200,000 credentials on SQLite and on a
 //! throwaway PostgreSQL (initdb + pg_ctl, Unix socket only), then p50/p99 of surname-prefix,
-//! email-substring and exact-serial searches (first page of 20, through `Directory::search_users`,
-//! the code the gRPC handler runs), and the CSV import rate on SQLite.
+//! email-substring, exact-serial, short (1-2 characters), absent-string and employee-id
+//! searches (first page of 20, through `Directory::search_users`, the code the gRPC handler
+//! runs), one client at a time and 8 at once; card registrations one at a time and 16 in
+//! flight; and the CSV import rate on SQLite with the process's RSS before, during and after.
 //!
 //!     cargo bench -p cms-directory --bench search                 # full size
 //!     cargo bench -p cms-directory --bench search -- --users 100000 --credentials 120000 --no-postgres
@@ -32,6 +34,7 @@ struct Args {
     import_users: usize,
     sqlite: bool,
     postgres: bool,
+    registrations: usize,
 }
 
 fn args() -> Args {
@@ -43,6 +46,7 @@ fn args() -> Args {
         import_users: 200_000,
         sqlite: true,
         postgres: true,
+        registrations: 2_000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -59,6 +63,7 @@ fn args() -> Args {
             "--no-postgres" => a.postgres = false,
             "--data" => a.data = it.next().map(PathBuf::from),
             "--no-sqlite" => a.sqlite = false,
+            "--registrations" => a.registrations = num("--registrations"),
             "--bench" => {}
             other => panic!("unknown argument {other:?}"),
         }
@@ -413,11 +418,173 @@ fn query_sets(people: &[Person], n: usize, seed: u64) -> Vec<(&'static str, Vec<
             serial.push(s.clone());
         }
     }
+    // Short queries as a helpdesk types them, rare and common; strings no user has; employee
+    // ids as typed (some in lower case).
+    const SHORT: &[char] = &[
+        'a', 'e', 'q', 'x', 'z', 'w', '1', '0', '@', '.', '$', '+', '-', 'k', 'ö', 'y',
+    ];
+    let mut short = Vec::new();
+    let mut absent = Vec::new();
+    let mut employee = Vec::new();
+    while short.len() < n {
+        let len = 1 + rng.below(2);
+        short.push((0..len).map(|_| SHORT[rng.below(SHORT.len())]).collect());
+        absent.push(format!(
+            "{}q{}x{}",
+            ["zz", "wq", "jx", "qv"][rng.below(4)],
+            rng.below(100),
+            ["k", "zq", "vv"][rng.below(3)]
+        ));
+        let id = people[rng.below(people.len())].fields.external_id.clone();
+        employee.push(if rng.below(2) == 0 {
+            id.to_lowercase()
+        } else {
+            id
+        });
+    }
     vec![
         ("surname prefix (4 chars)", prefix),
         ("email substring (8 chars)", email),
         ("exact card serial", serial),
+        ("short (1-2 chars)", short),
+        ("absent string", absent),
+        ("employee id", employee),
     ]
+}
+
+/// Runs `queries` from 8 clients at once: (searches per second, p99 ms).
+async fn concurrent(dir: &Directory, queries: &[String]) -> (f64, f64) {
+    const CLIENTS: usize = 8;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let dir = dir.clone();
+            let mine: Vec<String> = queries.iter().skip(c).step_by(CLIENTS).cloned().collect();
+            tokio::spawn(async move {
+                let mut times = Vec::with_capacity(mine.len());
+                for q in mine {
+                    let t = Instant::now();
+                    dir.search_users(&SearchUsersRequest {
+                        query: q,
+                        page: Some(PageRequest {
+                            page_size: 20,
+                            page_token: String::new(),
+                        }),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("search");
+                    times.push(t.elapsed());
+                }
+                times
+            })
+        })
+        .collect();
+    let mut times = Vec::new();
+    for t in tasks {
+        times.extend(t.await.expect("client"));
+    }
+    let took = start.elapsed();
+    times.sort();
+    (
+        times.len() as f64 / took.as_secs_f64(),
+        percentile(&times, 0.99),
+    )
+}
+
+/// Registers `n` new cards for random users of `people`, `in_flight` at a time: (cards per
+/// second, p50 ms, p99 ms, errors, of them INTERNAL).
+async fn registrations(
+    dir: &Directory,
+    people: &[Person],
+    n: usize,
+    in_flight: usize,
+    seed: u64,
+) -> (f64, f64, f64, usize, usize) {
+    use cms_proto::directory::v1::Credential;
+    // The users' ids, from their usernames.
+    let mut rng = Rng(seed);
+    let mut owners = Vec::with_capacity(n);
+    for _ in 0..n.min(500) {
+        let p = &people[rng.below(people.len())];
+        let r = dir
+            .search_users(&SearchUsersRequest {
+                query: p.fields.external_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("owner");
+        if let Some(u) = r.results.first().and_then(|x| x.user.as_ref()) {
+            owners.push(u.id.clone());
+        }
+    }
+    let owners = std::sync::Arc::new(owners);
+    // Card ids new in every run (a kept --data set is registered into again).
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..in_flight)
+        .map(|t| {
+            let (dir, owners) = (dir.clone(), owners.clone());
+            tokio::spawn(async move {
+                let (mut times, mut errors, mut internal) = (Vec::new(), 0, 0);
+                for i in (t..n).step_by(in_flight) {
+                    let card = Credential {
+                        user_id: owners[i % owners.len()].clone(),
+                        card_id: format!("bench-{run}-{seed}-{i}").into_bytes(),
+                        serial: format!("RG{seed:02}{i:08}"),
+                        profile: CardProfile::Minidriver as i32,
+                        template_id: "00000000-0000-4000-8000-000000000001".into(),
+                        template_version: 1,
+                        master_key_version: 1,
+                        ..Default::default()
+                    };
+                    let at = Instant::now();
+                    match dir.register_credential(Some(card)).await {
+                        Ok(_) => {}
+                        Err(e) => {
+                            errors += 1;
+                            if tonic::Status::from(e).code() == tonic::Code::Internal {
+                                internal += 1;
+                            }
+                        }
+                    }
+                    times.push(at.elapsed());
+                }
+                (times, errors, internal)
+            })
+        })
+        .collect();
+    let (mut times, mut errors, mut internal) = (Vec::new(), 0, 0);
+    for t in tasks {
+        let (ts, e, i) = t.await.expect("registrar");
+        times.extend(ts);
+        errors += e;
+        internal += i;
+    }
+    let took = start.elapsed();
+    times.sort();
+    (
+        n as f64 / took.as_secs_f64(),
+        percentile(&times, 0.5),
+        percentile(&times, 0.99),
+        errors,
+        internal,
+    )
+}
+
+/// This process's resident memory, MiB (Linux).
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// Queries of each kind run before the measured ones (from another seed).
@@ -610,6 +777,39 @@ async fn import_rate(n: usize) -> (f64, Duration) {
     (n as f64 / took.as_secs_f64(), took)
 }
 
+/// The 8-client searches and the card registrations on database `db`, as notes.
+async fn extra(
+    d: &Directory,
+    db: &str,
+    sets: &[(&'static str, Vec<String>)],
+    people: &[Person],
+    registrations_n: usize,
+    notes: &mut Vec<String>,
+) {
+    for (kind, queries) in sets.iter().filter(|(_, q)| !q.is_empty()) {
+        let (rate, p99) = concurrent(d, queries).await;
+        notes.push(format!(
+            "{db} {kind}, 8 clients: {rate:.0} searches/s, p99 {p99:.2} ms"
+        ));
+        println!("{}", notes.last().map(String::as_str).unwrap_or_default());
+    }
+    if registrations_n == 0 {
+        return;
+    }
+    for (in_flight, seed) in [(1, 1), (16, 2)] {
+        let n = if in_flight == 1 {
+            registrations_n / 4
+        } else {
+            registrations_n
+        };
+        let (rate, p50, p99, errors, internal) = registrations(d, people, n, in_flight, seed).await;
+        notes.push(format!(
+            "{db} card registration, {in_flight} in flight: {n} cards, {rate:.0}/s, p50 {p50:.2} ms, p99 {p99:.2} ms, {errors} errors ({internal} INTERNAL)"
+        ));
+        println!("{}", notes.last().map(String::as_str).unwrap_or_default());
+    }
+}
+
 async fn run() {
     let a = args();
     println!(
@@ -627,7 +827,26 @@ async fn run() {
     let mut notes = Vec::new();
     if a.sqlite {
         if a.import_users > 0 {
+            let idle = rss_mib();
+            let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let sampler = {
+                let (peak, sampling) = (peak.clone(), sampling.clone());
+                std::thread::spawn(move || {
+                    while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                        peak.fetch_max(rss_mib() as u64, std::sync::atomic::Ordering::Relaxed);
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                })
+            };
             let (rate, took) = import_rate(a.import_users).await;
+            sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+            sampler.join().expect("sampler");
+            notes.push(format!(
+                "RSS of the bench process around the CSV import: {idle:.0} MiB before, {} MiB at most during, {:.0} MiB after",
+                peak.load(std::sync::atomic::Ordering::Relaxed),
+                rss_mib()
+            ));
             notes.push(format!(
                 "CSV import on SQLite: {} users in {:.2} s = {:.0} users/s (parse + validate + match + insert + search index, one transaction)",
                 a.import_users,
@@ -656,6 +875,7 @@ async fn run() {
             );
             rows.push(row);
         }
+        extra(&d, "SQLite", &sets, &people, a.registrations, &mut notes).await;
     }
     if a.postgres {
         let pg = Pg::start(a.data.as_ref().map(|d| d.join("pg")).as_deref());
@@ -680,6 +900,15 @@ async fn run() {
             );
             rows.push(row);
         }
+        extra(
+            &d,
+            "PostgreSQL",
+            &sets,
+            &people,
+            a.registrations,
+            &mut notes,
+        )
+        .await;
         drop(pg);
     }
     println!();

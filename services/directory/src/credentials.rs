@@ -8,10 +8,14 @@ use cms_proto::directory::v1::{
 use cms_proto::template::v1::{GetTemplateRequest, TemplateState};
 use sea_orm::ActiveValue::Set;
 use sea_orm::sea_query::{Expr, ExprTrait};
-use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::{
+    ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+};
 
+use crate::card_writer::NewCard;
 use crate::entity::credential;
 use crate::normalize;
+use crate::search_index::Changes;
 use crate::util::{self, check_text, now_micros, timestamp};
 use crate::{Directory, Error, token};
 
@@ -149,21 +153,6 @@ impl Directory {
                 ),
             ));
         }
-        let txn = crate::search_index::write_txn(&self.db).await?;
-        let owner = Self::user_by_id(&txn, &c.user_id)
-            .await
-            .map_err(|e| match e {
-                Error::Invalid { .. } | Error::NotFound(_) => {
-                    Error::NotFound(format!("user {}", c.user_id))
-                }
-                other => other,
-            })?;
-        if owner.status == UserStatus::Disabled as i32 {
-            return Err(Error::FailedPrecondition(format!(
-                "user {} is disabled: no card may be registered for it",
-                c.user_id
-            )));
-        }
         let now = now_micros();
         let id = util::new_id();
         let row = credential::ActiveModel {
@@ -196,7 +185,37 @@ impl Directory {
             updated_at: Set(now),
             label: Set(c.label.clone()),
         };
-        match credential::Entity::insert(row).exec(&txn).await {
+        let card = NewCard {
+            row,
+            user_id: c.user_id.clone(),
+        };
+        self.card_writer().register(card).await?;
+        tracing::info!(credential = %id, user = %c.user_id, "credential registered");
+        Ok(to_proto(&self.credential(&id).await?))
+    }
+
+    /// Writes a registration on `db` (a savepoint of the card writer's group): the owner must
+    /// exist and be enabled, the card id be new. Records the owner's search index changes.
+    pub(crate) async fn register_in<C: ConnectionTrait>(
+        db: &C,
+        card: &NewCard,
+        changes: &mut Changes,
+    ) -> Result<(), Error> {
+        let owner = Self::user_by_id(db, &card.user_id)
+            .await
+            .map_err(|e| match e {
+                Error::Invalid { .. } | Error::NotFound(_) => {
+                    Error::NotFound(format!("user {}", card.user_id))
+                }
+                other => other,
+            })?;
+        if owner.status == UserStatus::Disabled as i32 {
+            return Err(Error::FailedPrecondition(format!(
+                "user {} is disabled: no card may be registered for it",
+                card.user_id
+            )));
+        }
+        match credential::Entity::insert(card.row.clone()).exec(db).await {
             Ok(_) => {}
             Err(e) if util::unique_violation(&e) => {
                 return Err(Error::AlreadyExists(
@@ -205,10 +224,7 @@ impl Directory {
             }
             Err(e) => return Err(e.into()),
         }
-        Self::refresh_search(&txn, &owner).await?;
-        txn.commit().await?;
-        tracing::info!(credential = %id, user = %c.user_id, "credential registered");
-        Ok(to_proto(&self.credential(&id).await?))
+        Self::refresh_search(db, &owner, changes).await
     }
 
     pub async fn get_credential(&self, id: &str) -> Result<Credential, Error> {

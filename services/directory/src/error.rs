@@ -39,6 +39,9 @@ pub enum Error {
     Import(String),
     #[error("template service unavailable: {0}")]
     Unavailable(String),
+    /// A write that could not proceed in time (the database or a queue busy): retry it.
+    #[error("{0}")]
+    Busy(String),
     /// An LDAP source could not be read (connection, bind, search).
     #[error("{0}")]
     Ldap(String),
@@ -62,9 +65,33 @@ impl Error {
 pub const DOMAIN: &str = "cms.directory";
 
 fn status(code: tonic::Code, reason: ErrorReason, field: &str, message: String) -> tonic::Status {
+    status_retry(code, reason, field, message, 0)
+}
+
+fn status_retry(
+    code: tonic::Code,
+    reason: ErrorReason,
+    field: &str,
+    message: String,
+    retry_after_seconds: u32,
+) -> tonic::Status {
     Refusal::new(code, reason, message)
         .field(field)
+        .retry_after_seconds(retry_after_seconds)
         .into_status(DOMAIN)
+}
+
+/// UNAVAILABLE with a hint to retry after a second, for a write that could not proceed in
+/// time.
+fn busy(message: String) -> tonic::Status {
+    tracing::warn!(error = %message, "write refused as busy");
+    status_retry(
+        tonic::Code::Unavailable,
+        ErrorReason::Unspecified,
+        "",
+        message,
+        1,
+    )
 }
 
 impl From<Error> for tonic::Status {
@@ -111,6 +138,10 @@ impl From<Error> for tonic::Status {
                     "source",
                     message,
                 )
+            }
+            Error::Busy(_) => busy(message),
+            Error::Storage(e) if crate::util::busy(e) => {
+                busy("the database is busy; try again shortly".into())
             }
             Error::Unavailable(_) => {
                 tracing::warn!(error = %message, "dependency unavailable");

@@ -594,6 +594,7 @@ impl Directory {
         drop((creates, fields, updates));
         crate::users::drop_later((records, by_name, by_external));
         txn.commit().await?;
+        search_index::checkpoint(&self.db).await;
         progress(Progress {
             phase: "done",
             read: total,

@@ -7,6 +7,7 @@
 //! Secrets never leave in clear: security answers are argon2id hashes, TOTP secrets are sealed
 //! with AES-256-GCM under a key from config ([`secrets`]).
 
+mod card_writer;
 mod config;
 mod credentials;
 mod enrol;
@@ -56,6 +57,8 @@ pub struct Directory {
     import: config::ImportSettings,
     ldap: std::collections::BTreeMap<String, LdapSource>,
     templates: Option<TemplateServiceClient<Channel>>,
+    /// Started on first use (it needs the runtime); shared by the clones.
+    card_writer: Arc<std::sync::OnceLock<card_writer::CardWriter>>,
 }
 
 impl Directory {
@@ -73,7 +76,14 @@ impl Directory {
             import: config::ImportSettings::default(),
             ldap: Default::default(),
             templates: None,
+            card_writer: Default::default(),
         }
+    }
+
+    /// The writer of card registrations (see [`card_writer`]).
+    pub(crate) fn card_writer(&self) -> &card_writer::CardWriter {
+        self.card_writer
+            .get_or_init(|| card_writer::CardWriter::start(self.db.clone()))
     }
 
     pub fn db(&self) -> &DatabaseConnection {

@@ -77,6 +77,37 @@ pub fn fold_answer(s: &str) -> String {
     kept.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// Apostrophes and the marks typed for them (’ ‘ ʼ ʻ ` ′): the search treats them as nothing,
+/// so "obrien" finds "O'Brien" and "o’brien" finds "O'Brien".
+pub fn is_mark(c: char) -> bool {
+    matches!(
+        c,
+        '\'' | '\u{2019}' | '\u{2018}' | '\u{02bc}' | '\u{02bb}' | '`' | '\u{2032}'
+    )
+}
+
+/// `folded` without [`is_mark`] characters.
+pub fn without_marks(folded: &str) -> std::borrow::Cow<'_, str> {
+    if folded.contains(is_mark) {
+        folded
+            .chars()
+            .filter(|c| !is_mark(*c))
+            .collect::<String>()
+            .into()
+    } else {
+        folded.into()
+    }
+}
+
+/// A folded search query: without marks (see [`is_mark`]), unless it is nothing else (then
+/// the marks themselves are searched).
+pub fn query(folded: &str) -> String {
+    match without_marks(folded) {
+        bare if bare.trim().is_empty() => folded.to_owned(),
+        bare => bare.trim().to_owned(),
+    }
+}
+
 /// A card serial as searched: folded, without spaces, dashes and colons.
 pub fn serial(s: &str) -> String {
     fold(s)
@@ -97,7 +128,9 @@ pub(crate) fn is_boundary(c: char) -> bool {
 }
 
 /// The searchable document of a user: folded display name, username, email and card
-/// serials, each field between separators (substring search runs over this).
+/// serials, each field between separators (substring search runs over this). A name, username
+/// or email with apostrophes (see [`is_mark`]) is there a second time without them, so that a
+/// query, which has them dropped, finds it, while its word starts after them stay.
 pub fn search_doc(display: &str, username: &str, email: &str, serials: &[String]) -> String {
     search_doc_of_folded(&fold(display), &fold(username), &fold(email), serials)
 }
@@ -111,7 +144,13 @@ pub fn search_doc_of_folded(
 ) -> String {
     let mut doc = String::with_capacity(display.len() + username.len() + email.len() + 8);
     doc.push(FIELD_SEP);
-    let mut fields = vec![display.to_owned(), username.to_owned(), email.to_owned()];
+    let mut fields = Vec::with_capacity(3 + 2 * serials.len());
+    for field in [display, username, email] {
+        fields.push(field.to_owned());
+        if let std::borrow::Cow::Owned(bare) = without_marks(field) {
+            fields.push(bare);
+        }
+    }
     for s in serials {
         let compact = serial(s);
         let folded = fold(s);
@@ -227,5 +266,20 @@ mod tests {
             assert!(p.contains(&format!("\u{1f}{word}")), "{word}: {p:?}");
         }
         assert!(!p.contains("\u{1f}oe"), "{p:?}");
+    }
+
+    #[test]
+    fn apostrophes_are_searched_as_nothing() {
+        let doc = search_doc("Seán O’Brien", "d'arcy", "", &[]);
+        assert_eq!(
+            doc,
+            "\u{1f}sean o’brien\u{1f}sean obrien\u{1f}d'arcy\u{1f}darcy\u{1f}\u{1f}"
+        );
+        assert!(prefix_doc(&doc).contains("\u{1f}obrien"));
+        assert!(prefix_doc(&doc).contains("\u{1f}arcy"));
+        assert_eq!(query(&fold("O'Brien")), "obrien");
+        assert_eq!(query(&fold("o’brien")), "obrien");
+        assert_eq!(query("'"), "'");
+        assert_eq!(query("a '"), "a");
     }
 }

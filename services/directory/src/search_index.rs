@@ -413,10 +413,12 @@ fn pg(db: &impl ConnectionTrait) -> bool {
 
 /// Begins a transaction that changes users' search documents or sort ranks: on SQLite one
 /// that takes the write lock at once (two that first read, then write, would deadlock), on
-/// PostgreSQL one holding the index's advisory lock, so that such writers take turns.
+/// PostgreSQL one holding the index's advisory lock, so that such writers take turns. Either
+/// waits for the lock as long as SQLite's busy timeout, then fails as busy.
 pub async fn write_txn(db: &DatabaseConnection) -> Result<DatabaseTransaction, Error> {
     if pg(db) {
         let txn = db.begin().await?;
+        txn.execute_unprepared(LOCK_TIMEOUT).await?;
         let key = cms_kit::db::advisory_lock_key("cms-directory/search-index");
         let mut sql = Sql::new(DbBackend::Postgres);
         sql.push("SELECT pg_advisory_xact_lock(")
@@ -433,6 +435,24 @@ pub async fn write_txn(db: &DatabaseConnection) -> Result<DatabaseTransaction, E
             .await?)
     }
 }
+
+/// After a large write (an import): on SQLite, copies the WAL into the database and truncates
+/// it, so that it does not stay the size of the import until a checkpoint long after (SQLite's
+/// automatic checkpoints never shrink the file). A failure is logged only: the write is done.
+pub async fn checkpoint(db: &DatabaseConnection) {
+    if pg(db) {
+        return;
+    }
+    if let Err(e) = db
+        .execute_unprepared("PRAGMA wal_checkpoint(TRUNCATE)")
+        .await
+    {
+        tracing::warn!(error = %e, "WAL checkpoint after an import failed");
+    }
+}
+
+/// How long a PostgreSQL writer waits for a lock (SQLite's busy timeout: `cms_kit::db`).
+const LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '5s'";
 
 /// Begins a transaction for a search: its statements see one snapshot.
 pub async fn read_txn(db: &DatabaseConnection) -> Result<DatabaseTransaction, Error> {
@@ -511,6 +531,18 @@ impl Changes {
             start = end;
         }
         self.adds.extend(grams.into_iter().zip(lists));
+    }
+
+    /// Takes in the changes of `other` too.
+    pub fn merge(&mut self, other: Changes) {
+        for (mine, theirs) in [
+            (&mut self.adds, other.adds),
+            (&mut self.removes, other.removes),
+        ] {
+            for (g, ranks) in theirs {
+                mine.entry(g).or_default().extend(ranks);
+            }
+        }
     }
 
     pub fn remove(&mut self, rank: i64, grams: &[Gram]) {
@@ -607,6 +639,55 @@ async fn counts_and_ranks<C: ConnectionTrait>(
         }
     }
     Ok((out, first, last))
+}
+
+/// The grams whose text starts with short query `q` (its word boundaries as one), and how many
+/// users have each; `None` when `q` is empty or ends in the last character there is. Every
+/// document with `q` in a field has one of them: a three-character gram starts at each
+/// character, and a field is followed at least by its separator.
+pub async fn grams_starting<C: ConnectionTrait>(
+    db: &C,
+    q: &str,
+) -> Result<Option<Vec<(Gram, i64)>>, Error> {
+    let low: String = q.chars().map(boundary_as_sep).collect();
+    let mut chars: Vec<char> = low.chars().collect();
+    let Some(next) = chars.pop().and_then(|c| char::from_u32(u32::from(c) + 1)) else {
+        return Ok(None);
+    };
+    chars.push(next);
+    let high: String = chars.into_iter().collect();
+    let mut sql = Sql::new(db.get_database_backend());
+    sql.push("SELECT gram, n FROM search_grams WHERE gram >= ")
+        .bind(low)
+        .push(" AND gram < ")
+        .bind(high);
+    let mut out = Vec::new();
+    for row in db.query_all_raw(sql.statement()).await? {
+        let text: String = row.try_get("", "gram")?;
+        if let Some(g) = gram_of_text(&text) {
+            out.push((g, row.try_get::<i64>("", "n")?));
+        }
+    }
+    Ok(Some(out))
+}
+
+/// The ranks from `from` on that are in any of the lists of `grams`, ascending and distinct.
+pub async fn union_from<C: ConnectionTrait>(
+    db: &C,
+    grams: &[Gram],
+    from: i64,
+) -> Result<Vec<i64>, Error> {
+    let probes: Vec<(Gram, i64, i64)> = grams.iter().map(|g| (*g, from, i64::MAX)).collect();
+    let mut out: Vec<i64> = load(db, &probes)
+        .await?
+        .into_values()
+        .flatten()
+        .flat_map(|c| c.ranks)
+        .filter(|r| *r >= from)
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
 }
 
 /// Reads the chunks of `gram` that cover ranks `a..=b` (and the first chunk when all start

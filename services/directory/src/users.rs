@@ -582,10 +582,13 @@ pub async fn serials_of<C: ConnectionTrait>(db: &C, user_id: &str) -> Result<Vec
         .collect())
 }
 
-/// Status and org-unit filters of a search, as SQL conditions on `u`.
+/// Status and org-unit filters of a search, as SQL conditions on `u` (and the external ids a
+/// later tier leaves out, found by the first already).
+#[derive(Clone)]
 struct Filters {
     statuses: Vec<UserStatus>,
     org_units: Vec<String>,
+    not_external: Vec<String>,
 }
 
 impl Filters {
@@ -610,6 +613,7 @@ impl Filters {
         Ok(Self {
             statuses,
             org_units: req.org_units.clone(),
+            not_external: Vec::new(),
         })
     }
 
@@ -648,7 +652,75 @@ impl Filters {
             }
             sql.push(")");
         }
+        if !self.not_external.is_empty() {
+            sql.push(" AND u.external_id NOT IN (");
+            push_list(sql, &self.not_external);
+            sql.push(")");
+        }
     }
+}
+
+/// `values` as SQL parameters separated by commas.
+fn push_list(sql: &mut Sql, values: &[String]) {
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            sql.push(", ");
+        }
+        sql.bind(v.clone());
+    }
+}
+
+/// The keyset condition of a page that starts after `after` (display key, username key, id).
+fn push_after(sql: &mut Sql, after: Option<&[String; 3]>) {
+    if let Some([display, username, id]) = after {
+        sql.push(" AND (u.display_key, u.username_key, u.id) > (")
+            .bind(display.clone())
+            .push(", ")
+            .bind(username.clone())
+            .push(", ")
+            .bind(id.clone())
+            .push(")");
+    }
+}
+
+/// The external ids a query names exactly: as typed (trimmed), in upper and in lower case
+/// ("e6663737" finds "E6663737"); none for an empty query or one longer than any id.
+fn external_ids(query: &str) -> Vec<String> {
+    let raw = query.trim();
+    if raw.is_empty() || raw.len() > MAX_EXTERNAL_ID {
+        return Vec::new();
+    }
+    let mut ids = vec![raw.to_owned(), raw.to_uppercase(), raw.to_lowercase()];
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// The users whose external id is one of `ids` (see [`external_ids`]), in page order after
+/// `after`, at most `need`: an exact lookup in the external id's index.
+async fn external_id_matches<C: ConnectionTrait>(
+    db: &C,
+    ids: &[String],
+    filters: &Filters,
+    after: Option<&[String; 3]>,
+    need: usize,
+) -> Result<Vec<user::Model>, Error> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut sql = Sql::new(db.get_database_backend());
+    sql.push("SELECT u.* FROM users u WHERE u.external_id IN (");
+    push_list(&mut sql, ids);
+    sql.push(")");
+    filters.push(&mut sql, now_micros());
+    push_after(&mut sql, after);
+    sql.push(" ORDER BY u.display_key, u.username_key, u.id LIMIT ")
+        .bind(i64::try_from(need).unwrap_or(i64::MAX));
+    db.query_all_raw(sql.statement())
+        .await?
+        .iter()
+        .map(|row| user::Model::from_query_result(row, "").map_err(Error::from))
+        .collect()
 }
 
 /// Chunks of the rarest list a search reads in its first window of ranks; a further window
@@ -731,6 +803,106 @@ fn push_text(sql: &mut Sql, q: &str, tier: u8) {
     }
 }
 
+/// The users of candidate sort ranks `ranks` (ascending) that meet `conditions`, at most
+/// `missing`, in rank order.
+async fn check<C: ConnectionTrait>(
+    db: &C,
+    ranks: &[i64],
+    conditions: &(dyn Fn(&mut Sql) + Sync),
+    missing: usize,
+) -> Result<Vec<user::Model>, Error> {
+    let backend = db.get_database_backend();
+    let mut sql = Sql::new(backend);
+    let ranks: Vec<String> = ranks.iter().map(i64::to_string).collect();
+    if backend == DbBackend::Postgres {
+        // A lateral subquery with a LIMIT is never pulled up into a join: each candidate is
+        // looked up in the array's order, and the outer LIMIT stops at the first matches
+        // instead of reading and sorting every candidate.
+        sql.push("SELECT u.* FROM unnest(string_to_array(")
+            .bind(ranks.join(","))
+            .push(
+                ", ',')::bigint[]) AS c(r) CROSS JOIN LATERAL \
+                 (SELECT * FROM users x WHERE x.sort_rank = c.r LIMIT 1) u WHERE 1 = 1",
+            );
+    } else {
+        sql.push("SELECT u.* FROM json_each(")
+            .bind(format!("[{}]", ranks.join(",")))
+            .push(") AS c CROSS JOIN users u ON u.sort_rank = c.value WHERE 1 = 1");
+    }
+    conditions(&mut sql);
+    // No ORDER BY: both walk the candidates in the array's order (ascending rank, the outer
+    // loop) and stop at the limit, where a sort would first read every candidate. Sorted
+    // below all the same.
+    sql.push(" LIMIT ")
+        .bind(i64::try_from(missing).unwrap_or(i64::MAX));
+    let mut found = db
+        .query_all_raw(sql.statement())
+        .await?
+        .iter()
+        .map(|row| user::Model::from_query_result(row, "").map_err(Error::from))
+        .collect::<Result<Vec<_>, _>>()?;
+    found.sort_by_key(|m| m.sort_rank);
+    Ok(found)
+}
+
+/// The first sort rank after keyset `after` (`None`: from the first).
+async fn start_rank<C: ConnectionTrait>(
+    db: &C,
+    after: Option<&[String; 3]>,
+) -> Result<Option<i64>, Error> {
+    let Some([display, username, id]) = after else {
+        return Ok(None);
+    };
+    let mut sql = Sql::new(db.get_database_backend());
+    sql.push("SELECT sort_rank FROM users WHERE (display_key, username_key, id) <= (")
+        .bind(display.clone())
+        .push(", ")
+        .bind(username.clone())
+        .push(", ")
+        .bind(id.clone())
+        .push(") AND sort_rank > 0 ORDER BY display_key DESC, username_key DESC, id DESC LIMIT 1");
+    Ok(match db.query_one_raw(sql.statement()).await? {
+        Some(row) => Some(row.try_get::<i64>("", "sort_rank")? + 1),
+        None => None,
+    })
+}
+
+/// The matches of a two-character substring query (tier 1), from the lists of every gram
+/// that starts with it, when those hold few users (`None` when they hold many: then matches
+/// are many, and walking the users in page order finds a page sooner).
+async fn short_substring<C: ConnectionTrait>(
+    db: &C,
+    q: &str,
+    conditions: &(dyn Fn(&mut Sql) + Sync),
+    after: Option<&[String; 3]>,
+    need: usize,
+) -> Result<Option<Vec<user::Model>>, Error> {
+    let Some(lists) = search_index::grams_starting(db, q).await? else {
+        return Ok(None);
+    };
+    if lists.iter().map(|(_, n)| *n).sum::<i64>() > SHORT_LISTS_MAX {
+        return Ok(None);
+    }
+    let grams: Vec<search_index::Gram> = lists.into_iter().map(|(g, _)| g).collect();
+    let from = start_rank(db, after).await?.unwrap_or(1);
+    let candidates = search_index::union_from(db, &grams, from).await?;
+    let mut out = Vec::with_capacity(need);
+    let (mut rest, mut checked) = (candidates.as_slice(), 0);
+    while !rest.is_empty() && out.len() < need {
+        let batch = check_batch(need - out.len(), checked, out.len());
+        let (now, later) = rest.split_at(batch.min(rest.len()));
+        checked += now.len();
+        out.extend(check(db, now, conditions, need - out.len()).await?);
+        rest = later;
+    }
+    Ok(Some(out))
+}
+
+/// Most users the lists of a short substring query may hold together for the search to read
+/// them all; more, and the matches are so many that walking the users in page order finds a
+/// page sooner.
+const SHORT_LISTS_MAX: i64 = 60_000;
+
 /// Candidates to check next for `missing` more matches, after `passed` of `checked` passed:
 /// enough for the matches at the rate seen so far (and half as many again), so that one
 /// statement usually finishes the page without reading rows far past it.
@@ -743,8 +915,10 @@ fn check_batch(missing: usize, checked: usize, passed: usize) -> usize {
 /// `q` (tier 0) or whose search document has `q` elsewhere (tier 1), after `after`.
 ///
 /// The candidates come from the search index in page order (see [`search_index`]), so this
-/// reads about `need` users however many match; queries too short for the index (under three
-/// characters in tier 1, none at all) walk the (display name, username, id) index instead.
+/// reads about `need` users however many match. Two characters in tier 1 read the lists of
+/// the grams that start with them ([`short_substring`]) unless those are long; one character
+/// in tier 1, an empty query, and such long lists walk the (display name, username, id) index
+/// instead.
 async fn search_tier<C: ConnectionTrait>(
     db: &C,
     view: &mut IndexView,
@@ -763,15 +937,7 @@ async fn search_tier<C: ConnectionTrait>(
     let conditions = |sql: &mut Sql| {
         push_text(sql, q, tier);
         filters.push(sql, now);
-        if let Some([display, username, id]) = after {
-            sql.push(" AND (u.display_key, u.username_key, u.id) > (")
-                .bind(display.clone())
-                .push(", ")
-                .bind(username.clone())
-                .push(", ")
-                .bind(id.clone())
-                .push(")");
-        }
+        push_after(sql, after);
     };
     let rows = |rows: Vec<sea_orm::QueryResult>| -> Result<Vec<user::Model>, Error> {
         rows.iter()
@@ -783,6 +949,13 @@ async fn search_tier<C: ConnectionTrait>(
     } else {
         search_index::query_grams(q, tier)
     };
+    if grams.is_empty()
+        && tier == 1
+        && q.chars().count() == 2
+        && let Some(found) = short_substring(db, q, &conditions, after, need).await?
+    {
+        return Ok(found);
+    }
     if grams.is_empty() {
         let mut sql = Sql::new(backend);
         // SQLite is told to walk the name index: left alone it may scan and sort everything.
@@ -829,22 +1002,7 @@ async fn search_tier<C: ConnectionTrait>(
         .iter()
         .min_by_key(|g| view.counts.get(*g).copied().unwrap_or(0))
         .copied();
-    let mut from = view.first;
-    if let Some([display, username, id]) = after {
-        let mut sql = Sql::new(backend);
-        sql.push("SELECT sort_rank FROM users WHERE (display_key, username_key, id) <= (")
-            .bind(display.clone())
-            .push(", ")
-            .bind(username.clone())
-            .push(", ")
-            .bind(id.clone())
-            .push(
-                ") AND sort_rank > 0 ORDER BY display_key DESC, username_key DESC, id DESC LIMIT 1",
-            );
-        if let Some(row) = db.query_one_raw(sql.statement()).await? {
-            from = row.try_get::<i64>("", "sort_rank")? + 1;
-        }
-    }
+    let mut from = start_rank(db, after).await?.unwrap_or(view.first);
     let end = view.last + 1;
     let mut chunks = WINDOW_CHUNKS;
     let mut read = 0;
@@ -879,31 +1037,7 @@ async fn search_tier<C: ConnectionTrait>(
             let batch = check_batch(need - out.len(), checked, out.len());
             let (now, later) = rest.split_at(batch.min(rest.len()));
             checked += now.len();
-            let mut sql = Sql::new(backend);
-            let ranks: Vec<String> = now.iter().map(i64::to_string).collect();
-            if pg {
-                // A lateral subquery with a LIMIT is never pulled up into a join: each
-                // candidate is looked up in the array's order, and the outer LIMIT stops at the
-                // first matches instead of reading and sorting every candidate.
-                sql.push("SELECT u.* FROM unnest(string_to_array(")
-                    .bind(ranks.join(","))
-                    .push(
-                        ", ',')::bigint[]) AS c(r) CROSS JOIN LATERAL \
-                         (SELECT * FROM users x WHERE x.sort_rank = c.r LIMIT 1) u WHERE 1 = 1",
-                    );
-            } else {
-                sql.push("SELECT u.* FROM json_each(")
-                    .bind(format!("[{}]", ranks.join(",")))
-                    .push(") AS c CROSS JOIN users u ON u.sort_rank = c.value WHERE 1 = 1");
-            }
-            conditions(&mut sql);
-            // No ORDER BY: both walk the candidates in the array's order (ascending rank, the
-            // outer loop) and stop at the limit, where a sort would first read every
-            // candidate. Sorted below all the same.
-            let missing = i64::try_from(need - out.len()).unwrap_or(i64::MAX);
-            sql.push(" LIMIT ").bind(missing);
-            let mut found = rows(db.query_all_raw(sql.statement()).await?)?;
-            found.sort_by_key(|m| m.sort_rank);
+            let found = check(db, now, &conditions, need - out.len()).await?;
             let passed = found.len();
             out.extend(found);
             rest = later;
@@ -1106,15 +1240,16 @@ impl Directory {
     }
 
     /// Recomputes a user's search document after its credentials changed.
+    /// The posting list changes are left in `changes`, to apply with others.
     pub(crate) async fn refresh_search<C: ConnectionTrait>(
         db: &C,
         m: &user::Model,
+        changes: &mut Changes,
     ) -> Result<(), Error> {
         let serials = serials_of(db, &m.id).await?;
         let mut am = user::ActiveModel::default();
         UserFields::of(m).apply(&mut am, &serials);
-        let mut changes = Changes::default();
-        reindex(db, m, &am, &mut changes).await?;
+        reindex(db, m, &am, changes).await?;
         let am = user::ActiveModel {
             search_doc: am.search_doc,
             prefix_doc: am.prefix_doc,
@@ -1125,7 +1260,7 @@ impl Directory {
             .filter(user::Column::Num.eq(m.num))
             .exec(db)
             .await?;
-        search_index::apply(db, changes).await
+        Ok(())
     }
 
     /// The helpdesk search: every user whose display name, username, email or card serial
@@ -1137,7 +1272,7 @@ impl Directory {
         req: &SearchUsersRequest,
     ) -> Result<SearchUsersResponse, Error> {
         check_text("query", &req.query, MAX_QUERY, false)?;
-        let q = normalize::fold(&req.query);
+        let q = normalize::query(&normalize::fold(&req.query));
         let q_serial = normalize::serial(&req.query);
         let limit = util::page_size(req.page.as_ref());
         let filters = Filters::of(req)?;
@@ -1163,17 +1298,47 @@ impl Directory {
         let mut view = IndexView::read(&txn, &q).await?;
         let first_tier = after.as_ref().map(|(t, _)| *t).unwrap_or(0);
         let last_tier = if q.is_empty() { 0 } else { 1 };
+        // An exact external id comes with the word starts (tier 0), and not again after.
+        let external = if q.is_empty() {
+            Vec::new()
+        } else {
+            external_ids(&req.query)
+        };
+        let later = Filters {
+            not_external: external.clone(),
+            ..filters.clone()
+        };
         let mut page: Vec<(user::Model, u8)> = Vec::new();
         for tier in first_tier..=last_tier {
             let need = limit + 1 - page.len();
             let keyset = after.as_ref().filter(|(t, _)| *t == tier).map(|(_, k)| k);
-            let rows = search_tier(&txn, &mut view, &q, tier, &filters, keyset, need).await?;
+            let filters = if tier == 0 { &filters } else { &later };
+            let mut rows = search_tier(&txn, &mut view, &q, tier, filters, keyset, need).await?;
+            if tier == 0 && !external.is_empty() {
+                rows.extend(external_id_matches(&txn, &external, filters, keyset, need).await?);
+                rows.sort_by(|a, b| {
+                    (&a.display_key, &a.username_key, &a.id).cmp(&(
+                        &b.display_key,
+                        &b.username_key,
+                        &b.id,
+                    ))
+                });
+                rows.dedup_by(|a, b| a.id == b.id);
+                rows.truncate(need);
+            }
             page.extend(rows.into_iter().map(|m| (m, tier)));
             if page.len() > limit {
                 break;
             }
         }
         let more = page.len() > limit;
+        let total_estimate = if token.is_empty() && !more {
+            page.len() as u64
+        } else {
+            estimate(&txn, &view, &q)
+                .await?
+                .max(page.len() as u64 + u64::from(more))
+        };
         page.truncate(limit);
         let next = match (more, page.last()) {
             (true, Some((m, tier))) => {
@@ -1185,12 +1350,12 @@ impl Directory {
             page.into_iter().map(|(m, t)| (m, i32::from(t))).collect();
 
         // The credentials of the users on this page, for counts and serial matches.
-        let ids: Vec<String> = page.iter().map(|(m, _)| m.id.clone()).collect();
-        let creds = if ids.is_empty() {
+        let user_ids: Vec<String> = page.iter().map(|(m, _)| m.id.clone()).collect();
+        let creds = if user_ids.is_empty() {
             Vec::new()
         } else {
             credential::Entity::find()
-                .filter(credential::Column::UserId.is_in(ids))
+                .filter(credential::Column::UserId.is_in(user_ids))
                 .order_by_desc(credential::Column::IssuedAt)
                 .all(&txn)
                 .await?
@@ -1204,14 +1369,18 @@ impl Directory {
                 let mut matched_fields = Vec::new();
                 let mut matched_credentials = Vec::new();
                 if !q.is_empty() {
-                    if normalize::fold(&m.username).contains(&q) {
+                    let has = |folded: &str| normalize::without_marks(folded).contains(&q);
+                    if has(&normalize::fold(&m.username)) {
                         matched_fields.push(MatchField::Username as i32);
                     }
-                    if m.display_key.contains(&q) {
+                    if has(&m.display_key) {
                         matched_fields.push(MatchField::DisplayName as i32);
                     }
-                    if normalize::fold(&m.email).contains(&q) {
+                    if has(&normalize::fold(&m.email)) {
                         matched_fields.push(MatchField::Email as i32);
+                    }
+                    if external.contains(&m.external_id) {
+                        matched_fields.push(MatchField::ExternalId as i32);
                     }
                     for c in &own {
                         if (!q_serial.is_empty() && c.serial_key.contains(&q_serial))
@@ -1237,8 +1406,40 @@ impl Directory {
             results,
             page: Some(PageResponse {
                 next_page_token: next,
-                total_estimate: 0,
+                total_estimate,
             }),
         })
     }
+}
+
+/// About how many users a search for folded query `q` finds (filters and external ids not
+/// counted): at most as many as have the rarest of the grams every substring match has;
+/// without such grams (empty and short queries), the number of users.
+async fn estimate<C: ConnectionTrait>(db: &C, view: &IndexView, q: &str) -> Result<u64, Error> {
+    let grams = if q.is_empty() {
+        Vec::new()
+    } else {
+        search_index::query_grams(q, 1)
+    };
+    let rarest = grams
+        .iter()
+        .map(|g| view.counts.get(g).copied().unwrap_or(0))
+        .min();
+    let count = match rarest {
+        Some(n) => n,
+        None => {
+            // Row numbers are never reused and users are never deleted: the last is the count.
+            let row = db
+                .query_one_raw(sea_orm::Statement::from_string(
+                    db.get_database_backend(),
+                    "SELECT coalesce(max(num), 0) AS n FROM users",
+                ))
+                .await?;
+            match row {
+                Some(row) => row.try_get::<i64>("", "n")?,
+                None => 0,
+            }
+        }
+    };
+    Ok(u64::try_from(count).unwrap_or(0))
 }

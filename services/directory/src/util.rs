@@ -86,6 +86,33 @@ pub fn unique_violation(err: &sea_orm::DbErr) -> bool {
     )
 }
 
+/// Whether `err` says the database could not take the statement in time (SQLite busy or
+/// locked past its busy timeout, no pooled connection free, PostgreSQL lock timeout,
+/// deadlock or serialization failure): worth retrying, not an internal failure.
+pub fn busy(err: &sea_orm::DbErr) -> bool {
+    use sea_orm::{DbErr, RuntimeErr};
+    let sqlx = match err {
+        DbErr::ConnectionAcquire(_) => return true,
+        DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e))
+        | DbErr::Conn(RuntimeErr::SqlxError(e)) => e,
+        _ => return false,
+    };
+    match sqlx.as_ref() {
+        sea_orm::sqlx::Error::PoolTimedOut => true,
+        sea_orm::sqlx::Error::Database(e) => {
+            let code = e.code().unwrap_or_default();
+            // PostgreSQL: serialization failure, deadlock, lock timeout; SQLite: SQLITE_BUSY
+            // and SQLITE_LOCKED with their extended codes.
+            matches!(code.as_ref(), "40001" | "40P01" | "55P03")
+                || code
+                    .parse::<u32>()
+                    .is_ok_and(|n| n < 10_000 && matches!(n & 0xff, 5 | 6))
+        }
+        _ => false,
+    }
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -200,8 +200,8 @@ async fn span_grams_migrate_down_and_up() {
         .await
         .unwrap();
     // Without the span grams ("nn.f"), a substring across words has no list to read: the
-    // down migration removed them all, and nothing else.
-    cms_directory::migration::Migrator::down(&db, Some(1))
+    // down migration removed them all, and nothing else (migration 4's down changes nothing).
+    cms_directory::migration::Migrator::down(&db, Some(2))
         .await
         .unwrap();
     assert!(pages(&d, "nn.fi").await.is_empty());
@@ -210,4 +210,67 @@ async fn span_grams_migrate_down_and_up() {
     cms_directory::migration::run(&db).await.unwrap();
     assert_eq!(pages(&d, "nn.fi").await, ["ann.first"]);
     assert_eq!(pages(&d, "o.fir").await, ["jo.firth"]);
+}
+
+/// Users stored before apostrophes were searched as nothing get the second, bare field in
+/// their search documents (migration 4), and so are found without the apostrophe.
+#[tokio::test]
+async fn apostrophe_documents_are_rewritten() {
+    use sea_orm::ConnectionTrait;
+    use sea_orm_migration::MigratorTrait;
+    let dir = tempfile::tempdir().unwrap();
+    let db = cms_kit::db::connect(&Default::default(), dir.path(), "directory")
+        .await
+        .unwrap();
+    cms_directory::migration::Migrator::up(&db, Some(1))
+        .await
+        .unwrap();
+    // The documents as they were made before: each field once.
+    for (i, (username, display, doc)) in [
+        (
+            "sobrien",
+            "Seán O'Brien",
+            "\u{1f}sean o'brien\u{1f}sobrien\u{1f}\u{1f}",
+        ),
+        (
+            "darcy",
+            "Dana D’Arcy",
+            "\u{1f}dana d’arcy\u{1f}darcy\u{1f}\u{1f}",
+        ),
+        (
+            "plain",
+            "Plain Name",
+            "\u{1f}plain name\u{1f}plain\u{1f}\u{1f}",
+        ),
+    ]
+    .iter()
+    .enumerate()
+    {
+        db.execute_raw(sea_orm::Statement::from_sql_and_values(
+            db.get_database_backend(),
+            "INSERT INTO users (id, username, username_key, display_name, display_key, email, phone, \
+             org_unit, status, external_id, source, search_doc, prefix_doc, totp_state, totp_params, \
+             totp_pending_params, created_at, updated_at, revision) \
+             VALUES (?, ?, ?, ?, ?, '', '', '', 1, '', 1, ?, ?, 0, '', '', 0, 0, 1)",
+            [
+                format!("00000000-0000-7000-8000-00000000000{i}").into(),
+                username.to_string().into(),
+                username.to_string().into(),
+                display.to_string().into(),
+                cms_directory::normalize::fold(display).into(),
+                doc.to_string().into(),
+                cms_directory::normalize::prefix_doc(doc).into(),
+            ],
+        ))
+        .await
+        .unwrap();
+    }
+    cms_directory::migration::run(&db).await.unwrap();
+    drop(db);
+    let d = directory(dir.path()).await;
+    assert_eq!(pages(&d, "obrien").await, ["sobrien"]);
+    assert_eq!(pages(&d, "sean ob").await, ["sobrien"]);
+    assert_eq!(pages(&d, "darcy").await, ["darcy"]);
+    assert_eq!(pages(&d, "brien").await, ["sobrien"]);
+    assert_eq!(pages(&d, "").await, ["darcy", "plain", "sobrien"]);
 }

@@ -6,6 +6,7 @@ use sea_orm_migration::prelude::*;
 mod m0001_directory;
 mod m0002_search_index;
 mod m0003_span_grams;
+mod m0004_apostrophes;
 
 pub struct Migrator;
 
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0001_directory::Migration),
             Box::new(m0002_search_index::Migration),
             Box::new(m0003_span_grams::Migration),
+            Box::new(m0004_apostrophes::Migration),
         ]
     }
 }
