@@ -444,6 +444,7 @@ async fn the_wal_is_truncated_after_an_import() {
             dry_run: false,
             has_header: true,
             delimiter: String::new(),
+            overwrite_ldap_users: false,
         })),
         auth: None,
     }];
