@@ -470,6 +470,13 @@ impl Drop for CardInReader {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The slot is free only once pcscd has noticed the card gone (it polls vpcd): a card put
+        // in before that meets a reader pcscd still thinks holds the old, powered card, and is
+        // never powered up. Bounded, and no panic in a drop.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.pcscd_sees_card() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         self.pcscd.release_slot(self.slot);
     }
 }
