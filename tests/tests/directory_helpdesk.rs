@@ -289,7 +289,6 @@ async fn concurrent_registrations_never_fail(backend: Backend) {
 /// (PostgreSQL) longer than a registration may wait: the registration is refused as
 /// UNAVAILABLE with a retry hint, not as an internal error, and succeeds once the lock is gone.
 async fn a_registration_that_cannot_proceed_is_unavailable(backend: Backend) {
-    use prost::Message;
     use sea_orm::{ConnectionTrait, TransactionTrait};
     let mut env = start(&backend).await;
     let user = env.user("holder", "Holder", "").await.id;
@@ -319,7 +318,7 @@ async fn a_registration_that_cannot_proceed_is_unavailable(backend: Backend) {
     .expect("an answer while the lock is held")
     .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-    let detail = cms_proto::common::v1::ErrorDetail::decode(refused.details()).unwrap();
+    let detail = cms_kit::error_details::detail(&refused).expect("a CMS error detail");
     assert!(detail.retry_after_seconds > 0, "{detail:?}");
     assert!(started.elapsed() < std::time::Duration::from_secs(20));
     blocker.rollback().await.unwrap();
