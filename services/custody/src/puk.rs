@@ -571,6 +571,7 @@ impl Custody {
         let caller = caller?;
         caller.require_release_puk()?;
         caller.require_key(&req.master_key_reference)?;
+        guards::require_context(&context(req.auth.clone()))?;
         let kek = self.kek()?;
         check_card_id(&req.card_id)?;
         check_reference(&req.master_key_reference)?;
@@ -978,10 +979,20 @@ mod tests {
                         card_id: b"card-0001".to_vec(),
                         new_puk_version: version,
                         master_key_reference: "puk".into(),
-                        ..Default::default()
+                        auth: online().auth,
                     },
                 )
             };
+            // A confirmation that does not say who asks is refused before anything else.
+            let mut anonymous = confirm(4);
+            anonymous.get_mut().auth = None;
+            let err = custody.confirm_puk_rotation(anonymous).await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(
+                err.message().contains("auth.actor_kind"),
+                "{}",
+                err.message()
+            );
             for wrong in [3, 5] {
                 let err = custody
                     .confirm_puk_rotation(confirm(wrong))
