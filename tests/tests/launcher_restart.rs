@@ -109,7 +109,7 @@ fn cms_up_restarts_a_killed_service_and_says_so() {
     let lines = lines_of(&mut up);
     let (_, banner) = wait_line(&lines, "Ctrl-C stops everything", Duration::from_secs(120));
     assert!(
-        banner.contains("created the operator account \"admin\" (role admin)"),
+        banner.contains("created the operator account \"admin\" (roles admin, template-admin)"),
         "{banner}"
     );
     until_ok(&data, &["status"]);

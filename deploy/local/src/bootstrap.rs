@@ -158,6 +158,10 @@ pub async fn ensure_operator(
     Ok(Ensured::Created)
 }
 
+/// The dev operator's roles: administration and, so that one certificate can set a dev system
+/// up end to end, the template-admin role that changing templates needs.
+const DEV_ADMIN_ROLES: [&str; 2] = ["admin", "template-admin"];
+
 /// Makes sure the dev operator has its admin account; returns a line to print, if any.
 pub async fn ensure_dev_admin(
     layout: &Layout,
@@ -165,12 +169,18 @@ pub async fn ensure_dev_admin(
 ) -> Result<Option<String>, BootstrapError> {
     let name = dev_admin_username();
     Ok(
-        match ensure_operator(&DirectoryAccess::dev(layout, directory)?, name, &["admin"]).await? {
+        match ensure_operator(
+            &DirectoryAccess::dev(layout, directory)?,
+            name,
+            &DEV_ADMIN_ROLES,
+        )
+        .await?
+        {
             Ensured::Created => Some(format!(
-                "created the operator account {name:?} (role admin) for pki/operator-admin.pem"
+                "created the operator account {name:?} (roles admin, template-admin) for pki/operator-admin.pem"
             )),
             Ensured::Present { active, roles }
-                if !active || !roles.iter().any(|r| r == "admin") =>
+                if !active || !DEV_ADMIN_ROLES.iter().all(|d| roles.iter().any(|r| r == d)) =>
             {
                 Some(format!(
                     "note: the operator account {name:?} is {} with roles [{}]; cmsctl with pki/operator-admin.pem may be refused",
