@@ -209,9 +209,12 @@ async fn cancel_and_timeout_end_the_session() {
     let card = minidriver_card(Alg::Tdes);
     let agent = agent(&card);
     let (handle, shown) = challenge(&agent).await;
-    agent.cards().cancel_challenge(&CancelChallengeRequest {
-        session_handle: handle.clone(),
-    });
+    agent
+        .cards()
+        .cancel_challenge(&CancelChallengeRequest {
+            session_handle: handle.clone(),
+        })
+        .await;
     let r = apply(&agent, &handle, respond(&card.admin_key, &shown), NEW_PIN).await;
     assert_eq!(outcome(&r), UnblockOutcome::SessionLost);
 

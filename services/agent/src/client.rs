@@ -102,7 +102,7 @@ impl Api {
         match self {
             Api::Socket(c) => c.cancel_challenge(request).await.map(|_| ()),
             Api::Direct(a) => {
-                a.cards().cancel_challenge(&request);
+                a.cards().cancel_challenge(&request).await;
                 Ok(())
             }
         }

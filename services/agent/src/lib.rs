@@ -148,7 +148,7 @@ impl AgentService for Agent {
         request: tonic::Request<CancelChallengeRequest>,
     ) -> Res<CancelChallengeResponse> {
         Ok(tonic::Response::new(
-            self.cards.cancel_challenge(request.get_ref()),
+            self.cards.cancel_challenge(request.get_ref()).await,
         ))
     }
 

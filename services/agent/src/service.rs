@@ -149,8 +149,11 @@ impl CardService {
             .await
     }
 
-    pub fn cancel_challenge(&self, request: &CancelChallengeRequest) -> CancelChallengeResponse {
-        self.sessions.cancel(&request.session_handle);
+    pub async fn cancel_challenge(
+        &self,
+        request: &CancelChallengeRequest,
+    ) -> CancelChallengeResponse {
+        self.sessions.cancel(&request.session_handle).await;
         CancelChallengeResponse {}
     }
 

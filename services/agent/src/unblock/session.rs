@@ -27,7 +27,8 @@ enum Command {
         new_pin: Zeroizing<String>,
         reply: oneshot::Sender<UnblockResult>,
     },
-    Cancel,
+    /// Ends the session; `done` is answered once the card is released.
+    Cancel { done: oneshot::Sender<()> },
 }
 
 struct Session {
@@ -156,14 +157,17 @@ impl Sessions {
     }
 
     /// Ends a session; its challenge dies with the transaction. False when unknown.
-    pub fn cancel(&self, handle: &str) -> bool {
-        match self.lock().remove(handle) {
-            Some(s) => {
-                let _ = s.commands.send(Command::Cancel);
-                true
-            }
-            None => false,
+    pub async fn cancel(&self, handle: &str) -> bool {
+        let Some(session) = self.lock().remove(handle) else {
+            return false;
+        };
+        let (done, released) = oneshot::channel();
+        if session.commands.send(Command::Cancel { done }).is_ok() {
+            // Answer only once the card is free, so the caller's next call finds it so. The
+            // thread answers at once; the bound only guards against a card that hangs.
+            let _ = tokio::time::timeout(Duration::from_secs(5), released).await;
         }
+        true
     }
 }
 
@@ -217,7 +221,12 @@ fn run(
             drop(backend);
             let _ = reply.send(outcome);
         }
-        Ok(Command::Cancel) | Err(_) => {}
+        Ok(Command::Cancel { done }) => {
+            drop(tx);
+            drop(backend);
+            let _ = done.send(());
+        }
+        Err(_) => {}
     }
 }
 
