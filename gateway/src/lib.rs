@@ -19,9 +19,8 @@ pub use roles::Role;
 
 use std::time::Duration;
 
-use cms_kit::metrics::Metrics;
-use cms_kit::ops::Readiness;
-use cms_kit::server::{Listeners, Serve};
+use cms_kit::server::{Listeners, Server};
+use cms_kit::service::{Program, ServiceFuture};
 use cms_kit::shutdown::Shutdown;
 use cms_kit::tls::TlsSource;
 use cms_proto::gateway::v1::admin_service_server::AdminServiceServer;
@@ -29,15 +28,18 @@ use cms_proto::gateway::v1::agent_link_service_server::AgentLinkServiceServer;
 
 pub const NAME: &str = "gateway";
 
+/// The `cms-gateway` binary (no database yet: `--migrate-only` is refused).
+pub const PROGRAM: Program<Config, Error> = Program {
+    name: NAME,
+    run,
+    migrate: None,
+};
+
 /// Serves the gateway on `listeners` until `shutdown`.
 ///
 /// Boxed so that the service's async code is compiled once, in this crate: a binary or test
 /// that awaited the bare future would compile all of it again (minutes per binary).
-pub fn run(
-    config: Config,
-    listeners: Listeners,
-    shutdown: Shutdown,
-) -> cms_kit::service::ServiceFuture<Error> {
+pub fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> ServiceFuture<Error> {
     Box::pin(serve_gateway(config, listeners, shutdown))
 }
 
@@ -70,22 +72,10 @@ async fn serve_gateway(
         registry,
         settings: config.agent_link.clone(),
     };
-    let routes = tonic::service::Routes::new(AdminServiceServer::new(admin))
-        .add_service(AgentLinkServiceServer::new(link));
-    let spec = Serve {
-        name: NAME,
-        version: env!("CARGO_PKG_VERSION"),
-        grpc_services: &[
-            "cms.gateway.v1.AdminService",
-            "cms.gateway.v1.AgentLinkService",
-        ],
-        descriptors: cms_proto::FILE_DESCRIPTOR_SET,
-        settings: config.server,
-        access: config.access,
-        tls,
-        readiness: Readiness::new("starting"),
-        metrics: Metrics::new(NAME),
-    };
-    cms_kit::server::serve(spec, routes, listeners, shutdown).await?;
+    Server::new(NAME, config.server, config.access, tls)
+        .add_service(AdminServiceServer::new(admin))
+        .add_service(AgentLinkServiceServer::new(link))
+        .serve(listeners, shutdown)
+        .await?;
     Ok(())
 }
