@@ -121,8 +121,9 @@ fn replicas_migrating_one_fresh_postgres_database_together_both_succeed() {
     let (_dir, layout) = layout();
     for (service, table) in WITH_DATABASE {
         let url = pg.create_database();
+        // postgres://cms@localhost/<db>?host=<socket dir>
         let db = url
-            .rsplit_once('/')
+            .split_once("@localhost/")
             .and_then(|(_, rest)| rest.split_once('?'))
             .map(|(name, _)| name.to_owned())
             .unwrap();
