@@ -11,6 +11,8 @@ use tokio::net::TcpListener;
 use tonic::server::NamedService;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::accept::{self, AcceptLimits};
 use crate::authz::{AccessSettings, AllowListLayer};
@@ -126,6 +128,9 @@ pub struct Server {
     metrics: Metrics,
     routes: Routes,
     grpc_services: Vec<&'static str>,
+    health: HealthReporter,
+    /// Services whose health the service itself reports (they start NOT_SERVING).
+    self_reported: Vec<&'static str>,
 }
 
 impl Server {
@@ -148,6 +153,8 @@ impl Server {
             metrics: Metrics::new(name),
             routes: Routes::default(),
             grpc_services: Vec::new(),
+            health: HealthReporter::new(),
+            self_reported: Vec::new(),
         }
     }
 
@@ -192,6 +199,18 @@ impl Server {
     pub fn with_version(mut self, version: &'static str) -> Self {
         self.version = version;
         self
+    }
+
+    /// Leaves the health of service `S` to the service: it starts NOT_SERVING (instead of
+    /// SERVING once the port is up) and changes through [`Server::health_reporter`].
+    pub fn reports_own_health<S: NamedService>(mut self) -> Self {
+        self.self_reported.push(S::NAME);
+        self
+    }
+
+    /// The reporter of this port's gRPC health service.
+    pub fn health_reporter(&self) -> HealthReporter {
+        self.health.clone()
     }
 
     /// Fully qualified names of the gRPC services added so far.
@@ -252,11 +271,17 @@ pub fn read_announce(path: &std::path::Path) -> Option<(SocketAddr, SocketAddr)>
 
 /// See [`Server::serve`].
 async fn serve(spec: Server, listeners: Listeners, shutdown: Shutdown) -> Result<(), ServeError> {
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    for name in &spec.grpc_services {
-        health_reporter
-            .set_service_status(*name, ServingStatus::Serving)
+    for name in &spec.self_reported {
+        spec.health
+            .set_service_status(*name, ServingStatus::NotServing)
             .await;
+    }
+    for name in &spec.grpc_services {
+        if !spec.self_reported.contains(name) {
+            spec.health
+                .set_service_status(*name, ServingStatus::Serving)
+                .await;
+        }
     }
     // The service's own API plus health and reflection (v1 and v1alpha).
     let api = ServedApi::with_standard(spec.descriptors, &spec.grpc_services)?;
@@ -270,7 +295,9 @@ async fn serve(spec: Server, listeners: Listeners, shutdown: Shutdown) -> Result
     };
     let routes = spec
         .routes
-        .add_service(health_service)
+        .add_service(HealthServer::new(HealthService::from_health_reporter(
+            spec.health.clone(),
+        )))
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?);
 
