@@ -1,6 +1,6 @@
 //! The kit's Server reports every added service SERVING once the port is up, except those
-//! whose health the service reports itself (`reports_own_health`): those start NOT_SERVING
-//! and follow the service's reporter.
+//! whose health the service reports itself (`reports_own_health`): the server leaves their
+//! status to the service's reporter.
 
 use cms_kit::server::Server;
 use cms_kit::tls::TlsSource;
@@ -41,7 +41,11 @@ async fn start(
         let mut server = Server::new("template", config.server, config.access, tls)
             .add_service(Templates::new(cms_template::Templates::new(db)));
         if own {
-            server = server.reports_own_health::<Templates>();
+            let health = tonic_health::server::HealthReporter::new();
+            health
+                .set_service_status(NAME, ServingStatus::NotServing)
+                .await;
+            server = server.with_health(health).reports_own_health::<Templates>();
         }
         let _ = reporter_tx.send(server.health_reporter());
         server.serve(listeners, shutdown).await?;

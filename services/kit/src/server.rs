@@ -129,7 +129,7 @@ pub struct Server {
     routes: Routes,
     grpc_services: Vec<&'static str>,
     health: HealthReporter,
-    /// Services whose health the service itself reports (they start NOT_SERVING).
+    /// Services whose health the service itself reports.
     self_reported: Vec<&'static str>,
 }
 
@@ -201,10 +201,18 @@ impl Server {
         self
     }
 
-    /// Leaves the health of service `S` to the service: it starts NOT_SERVING (instead of
-    /// SERVING once the port is up) and changes through [`Server::health_reporter`].
+    /// Leaves the health of service `S` to the service, which sets it (and changes it as its
+    /// state does) through [`Server::health_reporter`] or the reporter it passed to
+    /// [`Server::with_health`]; otherwise every added service is SERVING once the port is up.
     pub fn reports_own_health<S: NamedService>(mut self) -> Self {
         self.self_reported.push(S::NAME);
+        self
+    }
+
+    /// Answers gRPC health from `health` (made before the server, e.g. to hand to the
+    /// service's state).
+    pub fn with_health(mut self, health: HealthReporter) -> Self {
+        self.health = health;
         self
     }
 
@@ -271,11 +279,6 @@ pub fn read_announce(path: &std::path::Path) -> Option<(SocketAddr, SocketAddr)>
 
 /// See [`Server::serve`].
 async fn serve(spec: Server, listeners: Listeners, shutdown: Shutdown) -> Result<(), ServeError> {
-    for name in &spec.self_reported {
-        spec.health
-            .set_service_status(*name, ServingStatus::NotServing)
-            .await;
-    }
     for name in &spec.grpc_services {
         if !spec.self_reported.contains(name) {
             spec.health
