@@ -10,6 +10,8 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::accept::{self, AcceptLimits};
 use crate::authz::{AccessSettings, AllowListLayer};
@@ -160,19 +162,32 @@ fn served_api(spec: &Serve) -> Result<ServedApi, crate::served::ServedError> {
 }
 
 /// Serves until `shutdown`, then lets in-flight requests finish for at most
-/// `shutdown_grace_ms`.
+/// `shutdown_grace_ms`. gRPC health says SERVING for every service of `spec`.
 pub async fn serve(
     spec: Serve,
     routes: Routes,
     listeners: Listeners,
     shutdown: Shutdown,
 ) -> Result<(), ServeError> {
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let health = HealthReporter::new();
     for name in spec.grpc_services {
-        health_reporter
+        health
             .set_service_status(*name, ServingStatus::Serving)
             .await;
     }
+    serve_with_health(spec, routes, listeners, shutdown, health).await
+}
+
+/// [`serve`], with gRPC health answered from `health`, whose statuses the caller sets (and
+/// changes as its state does: custody's API is NOT_SERVING while custody is sealed).
+pub async fn serve_with_health(
+    spec: Serve,
+    routes: Routes,
+    listeners: Listeners,
+    shutdown: Shutdown,
+    health: HealthReporter,
+) -> Result<(), ServeError> {
+    let health_service = HealthServer::new(HealthService::from_health_reporter(health));
     let api = served_api(&spec)?;
     let reflection = || {
         let builder = tonic_reflection::server::Builder::configure()
