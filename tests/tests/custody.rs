@@ -519,3 +519,97 @@ async fn guards_and_audit_hold_on_postgres_across_a_restart() {
     assert!(verdict.records_checked >= 7, "{verdict:?}");
     server.stop().await.unwrap();
 }
+
+/// gRPC health follows custody's state: its API is NOT_SERVING until custody can answer
+/// cryptograms (uninitialised, sealed, half unsealed), SERVING once unsealed, and NOT_SERVING
+/// again once sealed; the server itself stays SERVING throughout.
+#[tokio::test]
+async fn health_follows_the_seal() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let mut config: cms_custody::Config = inproc::config(dir.path(), "custody", &Peers::default());
+    config.seal.dev_seal_file = None;
+    let server = Running::start(config, cms_custody::run).await;
+    let channel = || inproc::channel(pki.tls("gateway"), server.grpc, pki.id("custody"));
+    let mut client = CustodyServiceClient::new(channel());
+    let health = HealthClient::new(channel());
+    let status = |service: &'static str| {
+        let mut health = health.clone();
+        async move {
+            let answer = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .expect("health answers")
+                .into_inner();
+            ServingStatus::try_from(answer.status).unwrap()
+        }
+    };
+    const API: &str = "cms.custody.v1.CustodyService";
+
+    assert_eq!(
+        status(API).await,
+        ServingStatus::NotServing,
+        "uninitialised"
+    );
+    assert_eq!(status("").await, ServingStatus::Serving, "the server is up");
+    let shares = client
+        .init_seal(InitSealRequest {
+            threshold: 2,
+            share_count: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .shares;
+    assert_eq!(status(API).await, ServingStatus::Serving, "initialised");
+
+    client.seal(SealRequest::default()).await.unwrap();
+    assert_eq!(status(API).await, ServingStatus::NotServing, "sealed");
+    let unseal = |share: &Share| UnsealRequest {
+        share: Some(share.clone()),
+        ..Default::default()
+    };
+    client.unseal(unseal(&shares[0])).await.unwrap();
+    assert_eq!(
+        status(API).await,
+        ServingStatus::NotServing,
+        "1 of 2 shares"
+    );
+    client.unseal(unseal(&shares[2])).await.unwrap();
+    assert_eq!(status(API).await, ServingStatus::Serving, "unsealed");
+
+    client.seal(SealRequest::default()).await.unwrap();
+    assert_eq!(status(API).await, ServingStatus::NotServing, "sealed again");
+    assert_eq!(status("").await, ServingStatus::Serving);
+    server.stop().await.unwrap();
+}
+
+/// A custody that failed its self-test serves nothing, even unsealed: health says so.
+#[tokio::test]
+async fn health_is_not_serving_after_a_failed_self_test() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let h = custody(|c| c.guards.fail_self_test = true).await;
+    let answer = HealthClient::new(inproc::channel(
+        h.pki.tls("gateway"),
+        h.server.grpc,
+        h.pki.id("custody"),
+    ))
+    .check(HealthCheckRequest {
+        service: "cms.custody.v1.CustodyService".into(),
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(answer.status, ServingStatus::NotServing as i32);
+    h.server.stop().await.unwrap();
+}

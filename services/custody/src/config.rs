@@ -111,6 +111,38 @@ pub enum KeystoreBackend {
     Pkcs11,
 }
 
+impl KeystoreBackend {
+    /// Its name in `keystore.backend`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Soft => "soft",
+            Self::Pkcs11 => "pkcs11",
+        }
+    }
+
+    /// The backend a keystore reports.
+    pub fn of(backend: cms_proto::custody::v1::Backend) -> Self {
+        match backend {
+            cms_proto::custody::v1::Backend::Pkcs11 => Self::Pkcs11,
+            _ => Self::Soft,
+        }
+    }
+
+    /// The other one (a key made by one cannot be opened by the other).
+    pub fn other(self) -> Self {
+        match self {
+            Self::Soft => Self::Pkcs11,
+            Self::Pkcs11 => Self::Soft,
+        }
+    }
+}
+
+impl std::fmt::Display for KeystoreBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl Default for KeystoreSettings {
     fn default() -> Self {
         Self {

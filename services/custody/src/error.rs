@@ -65,8 +65,8 @@ pub enum Error {
     OtherBackend {
         reference: String,
         version: u32,
-        made_by: &'static str,
-        running: &'static str,
+        made_by: crate::config::KeystoreBackend,
+        running: crate::config::KeystoreBackend,
     },
     #[error("{0}")]
     AlreadyExists(String),
@@ -115,6 +115,11 @@ impl From<crate::audit::AuditError> for Error {
 }
 
 impl Error {
+    /// The gRPC code the error is answered with.
+    pub(crate) fn code(&self) -> Code {
+        self.classify().map_or(Code::Internal, |(code, ..)| code)
+    }
+
     fn classify(&self) -> Option<(Code, ErrorReason, &'static str)> {
         use ErrorReason as R;
         Some(match self {

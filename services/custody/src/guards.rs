@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use cms_kit::PeerIdentity;
+use cms_kit::{PeerIdentity, SpiffeId};
 use cms_proto::common::v1::{ActorKind, AuthContext};
 
 use crate::config::{CallerScope, GuardSettings};
@@ -67,26 +67,40 @@ pub fn require_context(auth: &AuthContext) -> Result<(), Error> {
     Ok(())
 }
 
+/// The verified peer of a request, as the TLS acceptor put it there; none when unverified.
+#[derive(Clone, Debug, Default)]
+pub struct Peer(Option<SpiffeId>);
+
+impl Peer {
+    pub fn of<T>(request: &tonic::Request<T>) -> Self {
+        Self(PeerIdentity::of(request).map(|p| p.spiffe_id.clone()))
+    }
+
+    /// Who asked, for the audit record, even when it has no scope here.
+    pub fn audit_name(&self) -> String {
+        self.0
+            .as_ref()
+            .map_or_else(|| "unidentified".into(), ToString::to_string)
+    }
+}
+
 /// The verified caller and its scope.
 pub struct Caller<'a> {
     pub identity: String,
     pub scope: &'a CallerScope,
 }
 
-pub fn caller<'a, T>(
-    scopes: &'a [CallerScope],
-    request: &tonic::Request<T>,
-) -> Result<Caller<'a>, Error> {
-    let peer = PeerIdentity::of(request)
+pub fn caller<'a>(scopes: &'a [CallerScope], peer: &Peer) -> Result<Caller<'a>, Error> {
+    let peer = peer
+        .0
+        .as_ref()
         .ok_or_else(|| Error::NotAllowed("no verified client identity".into()))?;
     let scope = scopes
         .iter()
-        .find(|s| s.identity.matches(&peer.spiffe_id))
-        .ok_or_else(|| {
-            Error::NotAllowed(format!("caller {} has no scope in custody", peer.spiffe_id))
-        })?;
+        .find(|s| s.identity.matches(peer))
+        .ok_or_else(|| Error::NotAllowed(format!("caller {peer} has no scope in custody")))?;
     Ok(Caller {
-        identity: peer.spiffe_id.to_string(),
+        identity: peer.to_string(),
         scope,
     })
 }

@@ -1,34 +1,61 @@
 //! Key custody: the HSM-style service that turns a card's challenge into the response that
 //! unblocks it, without any master or per-card key ever leaving it.
 //!
-//! Module map: [`wrap`] (the KEK: AEAD wrapping, fingerprints), [`seal`] (Shamir shares,
-//! dev seal file), [`keystore`] (where master keys live and cryptograms are computed),
-//! [`audit`] (the hash-chained, group-committed audit log that also enforces per-card limits
-//! and replay refusal), [`guards`] (caller scopes, rate limits, load shedding),
-//! [`selftest`] (known-answer tests at start), [`service`] (the gRPC API), `puk` (PIV PUK
-//! release, rotation and state, behind three of its RPCs), [`lease`] and `replica` (one
-//! serving instance per database: a locked SQLite file, or active/standby on PostgreSQL).
+//! Module map, one responsibility each:
+//! * `api`: the one tonic adapter: decodes each RPC, calls its domain function, encodes.
+//! * `custody`: the instance: what it holds, how it opens, whether it serves.
+//! * `sealing`: GetStatus, InitSeal, Unseal, Seal: the key-encryption key in memory.
+//! * `master_keys`: the unwrapped key table, the one usable-key check, generate / rotate /
+//!   retire / list.
+//! * `key_import`: the component import ceremony (begin, add, finish, abort) and its records.
+//! * `cryptogram`: ComputeCryptogram: guards, per-card budget, response, its record.
+//! * `puk`: PIV PUK release (`puk`), request checks (`puk::checks`), rotation and status
+//!   (`puk::rotation`).
+//! * `so_token`: the System Owner token's unblock key, made once.
+//! * `audit_admin`: QueryAudit, VerifyAudit, ExportAuditHead.
+//! * [`audit`]: the hash-chained, group-committed audit log (with the per-card limit and
+//!   replay refusal); `audit::events` (a constructor per event kind), `audit::gate` (refused
+//!   administrative calls on the record), `audit::columns` (the record's columns, once).
+//! * [`guards`]: the verified peer, caller scopes, rate limits.
+//! * `health`: gRPC health of the custody API (NOT_SERVING unless it can answer).
+//! * `convert`: proto enums and hex at the domain's edge.
+//! * [`store`]: tables, migrations, the states kept as strings (`store::states`).
+//! * [`wrap`] (the KEK: AEAD wrapping, fingerprints), [`seal`] (Shamir shares, dev seal
+//!   file), [`keystore`] (where master keys live and cryptograms are computed), `keyrules`
+//!   (master key rules), [`selftest`] (known-answer tests at start), [`lease`] and `replica`
+//!   (one serving instance per database: a locked SQLite file, or active/standby on
+//!   PostgreSQL), `config`, [`error`].
 
+mod api;
 pub mod audit;
+mod audit_admin;
 mod config;
+mod convert;
+mod cryptogram;
+mod custody;
 pub mod error;
 pub mod guards;
+mod health;
+mod key_import;
 mod keyrules;
 pub mod keystore;
 pub mod lease;
+mod master_keys;
 mod puk;
 mod replica;
 pub mod seal;
+mod sealing;
 pub mod selftest;
-mod service;
+mod so_token;
 pub mod store;
 pub mod wrap;
 
 pub use config::{
     CallerScope, Config, GuardSettings, KeystoreBackend, KeystoreSettings, SealSettings,
 };
+pub use custody::{Custody, Options};
 pub use error::Error;
-pub use service::{Custody, Options};
+pub use health::Health;
 
 use cms_kit::ops::Readiness;
 use cms_kit::server::{Listeners, Server};
@@ -91,6 +118,11 @@ async fn serve_custody(
     shutdown: Shutdown,
 ) -> Result<(), Error> {
     let tls = TlsSource::load(config.tls)?;
+    // Custody's API is NOT_SERVING on gRPC health until custody can answer (see `health`).
+    let health = tonic_health::server::HealthReporter::new();
+    health
+        .set_service_status(health::SERVICE, tonic_health::ServingStatus::NotServing)
+        .await;
     // `soft` or `pkcs11` (`[keystore]`). Opening an HSM blocks briefly (module load, login,
     // known-answer tests on the token); nothing is being served yet.
     let keystore = keystore::open(&config.keystore)?;
@@ -114,6 +146,7 @@ async fn serve_custody(
         audit_head_file: Some(config.data_dir.join(AUDIT_HEAD_FILE)),
         fence: None,
         unsealed: None,
+        health: Health::new(health.clone()),
     };
     let readiness = Readiness::new("starting");
     // One serving instance per database (see `lease`).
@@ -129,13 +162,16 @@ async fn serve_custody(
             ));
             (replica, Some(follower))
         }
-        _ => (
-            Arc::new(Replica::active(Custody::open(options).await?)),
-            None,
-        ),
+        _ => {
+            let replica = Arc::new(Replica::standby(options.callers.clone()));
+            replica.activate(Custody::open(options).await?).await;
+            (replica, None)
+        }
     };
     let served = Server::new(NAME, config.server, config.access, tls)
         .with_readiness(readiness)
+        .with_health(health)
+        .reports_own_health::<CustodyServiceServer<Replica>>()
         .add_service(CustodyServiceServer::from_arc(replica))
         .serve(listeners, shutdown)
         .await;

@@ -15,19 +15,13 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use cms_kit::ops::Readiness;
-use cms_proto::custody::v1 as pb;
-use cms_proto::custody::v1::custody_service_server::CustodyService;
-use tonic::{Request, Response, Status};
+use tonic::Status;
 
-use crate::audit::gate::Audited;
 use crate::config::CallerScope;
+use crate::custody::{Custody, Options};
 use crate::error::Error;
-use crate::guards;
 use crate::lease::{POLL, PgLease};
-use crate::service::{Custody, Options};
 use crate::wrap::Kek;
-
-type Rpc<T> = Result<Response<T>, Status>;
 
 /// Why a standby is not ready, on `/readyz`.
 pub const STANDBY: &str = "standby: another custody instance holds the lease";
@@ -39,19 +33,21 @@ pub enum Role {
     Standby,
 }
 
-/// The custody API of one replica: handed on to its `Custody` while active, refused while
-/// standing by.
+/// The custody of one replica: there while active, none while standing by. The API adapter
+/// (`crate::api`) hands each call to it, or refuses the call.
 pub struct Replica {
-    active: RwLock<Option<Arc<Audited>>>,
+    active: RwLock<Option<Arc<Custody>>>,
     callers: Vec<CallerScope>,
 }
 
 impl Replica {
-    /// A replica that serves `custody` from the start (the only one on its database).
+    /// A replica that serves `custody` from the start (unit tests: `activate` also reports
+    /// health).
+    #[cfg(test)]
     pub fn active(custody: Custody) -> Self {
         let callers = custody.callers.clone();
         Self {
-            active: RwLock::new(Some(Arc::new(Audited(custody)))),
+            active: RwLock::new(Some(Arc::new(custody))),
             callers,
         }
     }
@@ -71,22 +67,37 @@ impl Replica {
         }
     }
 
-    fn activate(&self, custody: Custody) {
-        *self.active.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Audited(custody)));
+    /// The caller scopes, for the calls a standby answers itself.
+    pub(crate) fn callers(&self) -> &[CallerScope] {
+        &self.callers
+    }
+
+    /// Serves `custody` from now on, and says so on gRPC health.
+    pub(crate) async fn activate(&self, custody: Custody) {
+        let custody = Arc::new(custody);
+        *self.active.write().unwrap_or_else(|p| p.into_inner()) = Some(custody.clone());
+        custody.report_health().await;
     }
 
     /// Drops the `Custody`: new calls are refused at once; the last call in progress drops it.
     /// Returns its key-encryption key if it was unsealed.
-    fn stand_by(&self) -> Option<Arc<Kek>> {
+    async fn stand_by(&self) -> Option<Arc<Kek>> {
         let was = self
             .active
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        was.and_then(|audited| audited.0.unsealed_kek())
+        match was {
+            Some(custody) => {
+                custody.stand_down().await;
+                custody.unsealed_kek()
+            }
+            None => None,
+        }
     }
 
-    fn serving(&self) -> Result<Arc<Audited>, Status> {
+    /// The custody serving now, or the refusal of a standby.
+    pub(crate) fn serving(&self) -> Result<Arc<Custody>, Status> {
         self.active
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -121,7 +132,7 @@ pub async fn follow_lease(
                     };
                     match Custody::open(fenced).await {
                         Ok(custody) => {
-                            replica.activate(custody);
+                            replica.activate(custody).await;
                             readiness.release();
                             failing = false;
                             tracing::info!(
@@ -149,7 +160,7 @@ pub async fn follow_lease(
             },
             Role::Active => {
                 if !lease.still_held().await {
-                    unsealed = replica.stand_by();
+                    unsealed = replica.stand_by().await;
                     readiness.hold(STANDBY);
                     tracing::error!(
                         "custody lease lost (its database session ended): refusing all calls, standing by"
@@ -159,59 +170,4 @@ pub async fn follow_lease(
         }
         tokio::time::sleep(POLL).await;
     }
-}
-
-/// Implements the API by handing each call to the active custody, or refusing it.
-macro_rules! replicated {
-    ($($method:ident($request:ident) -> $response:ident;)*) => {
-        #[tonic::async_trait]
-        impl CustodyService for Replica {
-            async fn get_status(
-                &self,
-                request: Request<pb::GetStatusRequest>,
-            ) -> Rpc<pb::GetStatusResponse> {
-                let serving = self.active.read().unwrap_or_else(|p| p.into_inner()).clone();
-                match serving {
-                    Some(custody) => custody.get_status(request).await,
-                    None => {
-                        guards::caller(&self.callers, &request)?;
-                        Ok(Response::new(pb::GetStatusResponse {
-                            detail: STANDBY.into(),
-                            version: env!("CARGO_PKG_VERSION").into(),
-                            ..Default::default()
-                        }))
-                    }
-                }
-            }
-
-            $(
-                async fn $method(&self, request: Request<pb::$request>) -> Rpc<pb::$response> {
-                    self.serving()?.$method(request).await
-                }
-            )*
-        }
-    };
-}
-
-replicated! {
-    list_master_keys(ListMasterKeysRequest) -> ListMasterKeysResponse;
-    compute_cryptogram(ComputeCryptogramRequest) -> ComputeCryptogramResponse;
-    release_piv_puk(ReleasePivPukRequest) -> ReleasePivPukResponse;
-    confirm_puk_rotation(ConfirmPukRotationRequest) -> ConfirmPukRotationResponse;
-    get_puk_status(GetPukStatusRequest) -> GetPukStatusResponse;
-    get_so_token_info(GetSoTokenInfoRequest) -> GetSoTokenInfoResponse;
-    init_seal(InitSealRequest) -> InitSealResponse;
-    unseal(UnsealRequest) -> UnsealResponse;
-    seal(SealRequest) -> SealResponse;
-    generate_master_key(GenerateMasterKeyRequest) -> GenerateMasterKeyResponse;
-    begin_key_import(BeginKeyImportRequest) -> BeginKeyImportResponse;
-    add_key_component(AddKeyComponentRequest) -> AddKeyComponentResponse;
-    finish_key_import(FinishKeyImportRequest) -> FinishKeyImportResponse;
-    abort_key_import(AbortKeyImportRequest) -> AbortKeyImportResponse;
-    rotate_master_key(RotateMasterKeyRequest) -> RotateMasterKeyResponse;
-    retire_master_key_version(RetireMasterKeyVersionRequest) -> RetireMasterKeyVersionResponse;
-    init_so_token(InitSoTokenRequest) -> InitSoTokenResponse;
-    query_audit(QueryAuditRequest) -> QueryAuditResponse;
-    verify_audit(VerifyAuditRequest) -> VerifyAuditResponse;
-    export_audit_head(ExportAuditHeadRequest) -> ExportAuditHeadResponse;
 }

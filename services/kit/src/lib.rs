@@ -2,7 +2,7 @@
 //!
 //! Every server is built the same way: `main` parses its [`config`], installs the one rustls
 //! crypto provider ([`tls::install_crypto_provider`]), starts [`telemetry`], binds its listeners
-//! and calls the service's `run`, which hands a tonic router to [`server::serve`].
+//! and calls the service's `run`, which builds a [`server::Server`] and serves it.
 
 pub mod accept;
 pub mod authz;

@@ -2,11 +2,13 @@
 //! same fields and attributes. None takes a secret: no key, component, share, challenge,
 //! response or PUK reaches an [`Event`].
 
+use cms_cardcrypto::Scheme;
 use cms_proto::common::v1::AuthContext;
-use cms_proto::custody::v1::{AuditEvent, AuditOutcome};
+use cms_proto::custody::v1::{AuditEvent, AuditOutcome, PukPurpose};
 use ring::digest;
 
 use super::Event;
+use super::gate::Asker;
 
 /// The caller custody itself is, in the records it writes on its own behalf.
 pub const SELF: &str = "custody";
@@ -66,7 +68,7 @@ pub struct NewKeyFacts<'a> {
     pub algorithm: &'a str,
     /// Key check value (public: ListMasterKeys shows it).
     pub kcv: &'a str,
-    /// "generated" or "imported".
+    /// "generated" or "imported" (`KeyOrigin`).
     pub origin: &'a str,
 }
 
@@ -246,35 +248,217 @@ impl Event {
     pub fn admin_refused(
         event: AuditEvent,
         rpc: &'static str,
-        caller: &str,
-        auth: AuthContext,
+        asker: &Asker,
         outcome: AuditOutcome,
         reason: String,
     ) -> Self {
-        let mut e = Self::by(event, outcome, caller, auth).with("rpc", rpc);
+        let mut e = Self::by(event, outcome, &asker.caller, asker.auth.clone()).with("rpc", rpc);
         e.reason = reason;
         e
     }
 
-    /// A PIV PUK rotation confirmation (before its outcome is known).
-    pub fn puk_rotation(caller: &str, auth: AuthContext, reference: &str) -> Self {
-        let mut e = Self::by(AuditEvent::PukRotation, AuditOutcome::Success, caller, auth);
+    /// A ceremony step (begin, abort) that was refused: which RPC, why, and what it named.
+    pub fn ceremony_refused(
+        step: CeremonyStep,
+        rpc: &'static str,
+        asker: &Asker,
+        ceremony: &Ceremony<'_>,
+        outcome: AuditOutcome,
+        reason: String,
+    ) -> Self {
+        let mut e = Self::admin_refused(AuditEvent::MasterKeyImport, rpc, asker, outcome, reason)
+            .with("step", step.as_str());
+        if !ceremony.import_id.is_empty() {
+            e = e.with("import_id", ceremony.import_id);
+        }
+        e.key_reference = ceremony.reference.to_owned();
+        e.key_version = ceremony.version;
+        e
+    }
+
+    /// A component that was refused: its number of `expected` when the ceremony is known
+    /// (`component`), how its KCV compared, and why.
+    pub fn ceremony_component_refused(
+        asker: &Asker,
+        ceremony: &Ceremony<'_>,
+        component: Option<(u32, u32)>,
+        kcv: KcvOutcome,
+        outcome: AuditOutcome,
+        reason: String,
+    ) -> Self {
+        let (index, expected) = component.unwrap_or_default();
+        let mut e = Self::ceremony_component(
+            &asker.caller,
+            asker.auth.clone(),
+            ceremony,
+            index,
+            expected,
+            kcv,
+        )
+        .with("rpc", "AddKeyComponent");
+        e.outcome = outcome as i32;
+        e.reason = reason;
+        if component.is_none() {
+            e.attributes.remove("component");
+        }
+        e
+    }
+
+    /// A ceremony was aborted, for `reason` (its first 200 characters).
+    pub fn ceremony_aborted(asker: &Asker, ceremony: &Ceremony<'_>, reason: &str) -> Self {
+        let mut e = Self::ceremony(
+            CeremonyStep::Abort,
+            &asker.caller,
+            asker.auth.clone(),
+            ceremony,
+        );
+        e.reason = reason.chars().take(200).collect();
+        e
+    }
+
+    /// A master key version was retired, for `reason` (its first 200 characters).
+    pub fn key_retired(
+        caller: &str,
+        auth: AuthContext,
+        reference: &str,
+        version: u32,
+        reason: &str,
+    ) -> Self {
+        let mut e = Self::by(
+            AuditEvent::MasterKeyRetire,
+            AuditOutcome::Success,
+            caller,
+            auth,
+        );
+        e.key_reference = reference.to_owned();
+        e.key_version = version;
+        e.reason = reason.chars().take(200).collect();
+        e
+    }
+
+    /// A cryptogram is answered (the record also claims the card's budget): under which key
+    /// and scheme. Neither the challenge nor the response is in it.
+    pub fn cryptogram_answered(
+        caller: &str,
+        auth: AuthContext,
+        reference: &str,
+        version: u32,
+        scheme: Scheme,
+    ) -> Self {
+        let mut e = Self::by(AuditEvent::Cryptogram, AuditOutcome::Success, caller, auth);
+        e.key_reference = reference.to_owned();
+        e.key_version = version;
+        e.reason = ["scheme ", scheme.as_str()].concat();
+        e
+    }
+
+    /// A cryptogram request was refused, and why.
+    pub fn cryptogram_refused(
+        caller: &str,
+        auth: AuthContext,
+        reference: &str,
+        version: u32,
+        reason: String,
+    ) -> Self {
+        let mut e = Self::by(AuditEvent::Cryptogram, AuditOutcome::Refused, caller, auth);
+        e.key_reference = reference.to_owned();
+        e.key_version = version;
+        e.reason = reason;
+        e
+    }
+
+    /// A PIV PUK rotation confirmation to `new_version` (before its outcome is known).
+    pub fn puk_rotation(
+        caller: &str,
+        auth: AuthContext,
+        reference: &str,
+        new_version: u32,
+    ) -> Self {
+        let mut e = Self::by(AuditEvent::PukRotation, AuditOutcome::Success, caller, auth)
+            .with("new_puk_version", new_version.to_string());
         e.key_reference = reference.to_owned();
         e
     }
 
-    /// A PIV PUK release (before its outcome is known).
-    pub fn puk_release(
+    /// The rotation confirmed: the card went from version `old`.
+    pub fn puk_rotated(mut self, old: i64, new_version: u32) -> Self {
+        self.reason = format!("puk version {old} rotated to {new_version}");
+        self.with("puk_version", old.to_string())
+    }
+
+    /// A PIV PUK release (before its outcome is known): the card's PUK version, the purpose
+    /// and, online, a fingerprint of the session id (never the id: it may be a bearer secret).
+    pub fn puk_release(caller: &str, auth: AuthContext, release: &PukReleaseFacts<'_>) -> Self {
+        let mut e = Self::by(AuditEvent::PukRelease, AuditOutcome::Success, caller, auth)
+            .with("puk_version", release.puk_version.to_string());
+        e.key_reference = release.reference.to_owned();
+        e.key_version = release.master_version;
+        match PukPurpose::try_from(release.purpose) {
+            Ok(PukPurpose::OnlineSession) => e = e.with("purpose", "online session"),
+            Ok(PukPurpose::OfflineHelpdesk) => e = e.with("purpose", "offline helpdesk"),
+            _ => {}
+        }
+        if !release.session_id.is_empty() {
+            e = e.with(
+                "session_sha256",
+                id_fingerprint(release.session_id.as_bytes()),
+            );
+        }
+        e
+    }
+
+    /// The release passed its checks: which version went out, the next one (online), and
+    /// whether that version was exposed before.
+    pub fn puk_released(mut self, version: u32, online: bool, exposed: bool) -> Self {
+        self.reason = if online {
+            format!(
+                "online session: puk version {version}, next version {}",
+                version + 1
+            )
+        } else {
+            format!("offline helpdesk read-out: puk version {version} is now exposed")
+        };
+        if online {
+            self = self.with("next_puk_version", (version + 1).to_string());
+        }
+        if exposed {
+            self = self.with("exposed", "true");
+        }
+        self
+    }
+
+    /// A PUK release refused before anything about it was looked at (its context is
+    /// missing).
+    pub fn puk_release_refused(
         caller: &str,
         auth: AuthContext,
         reference: &str,
         master_version: u32,
+        reason: String,
     ) -> Self {
-        let mut e = Self::by(AuditEvent::PukRelease, AuditOutcome::Success, caller, auth);
+        let mut e = Self::by(AuditEvent::PukRelease, AuditOutcome::Refused, caller, auth);
         e.key_reference = reference.to_owned();
         e.key_version = master_version;
+        e.reason = reason;
         e
     }
+
+    /// The event, concluded as refused or failed (PUK requests), and why.
+    pub fn concluded(mut self, outcome: AuditOutcome, reason: String) -> Self {
+        self.outcome = outcome as i32;
+        self.reason = reason;
+        self
+    }
+}
+
+/// What a PUK release record names (no PUK, no session id).
+pub struct PukReleaseFacts<'a> {
+    pub reference: &'a str,
+    pub master_version: u32,
+    pub puk_version: u32,
+    /// `PukPurpose`, as the request gave it.
+    pub purpose: i32,
+    pub session_id: &'a str,
 }
 
 #[cfg(test)]

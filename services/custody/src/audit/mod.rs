@@ -15,19 +15,20 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use cms_proto::common::v1::AuthContext;
 use cms_proto::custody::v1::{AuditEvent, AuditHead, AuditOutcome, AuditRecord};
-use ring::digest;
 use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::store::entities::{audit_record, card_use};
 use crate::wrap::{FINGERPRINT_LEN, Fingerprint};
 
+mod columns;
 pub mod events;
 pub mod gate;
 mod head_file;
 mod query;
 mod sink;
 mod wal;
+pub use columns::record_hash;
 pub use head_file::HeadFile;
 use head_file::{HeadKeeper, KeptHead};
 pub use query::{AuditPage, AuditQuery};
@@ -55,22 +56,23 @@ pub enum AuditError {
     HeadFile(#[from] head_file::HeadFileError),
 }
 
-/// What happened, with no secret in it. Built by the typed constructors in [`events`].
+/// What happened, with no secret in it. Built only by the typed constructors in [`events`]
+/// (its fields are private to the audit module).
 #[derive(Clone, Debug, Default)]
 pub struct Event {
-    pub event: i32,
-    pub outcome: i32,
-    pub caller: String,
-    pub context: AuthContext,
-    pub key_reference: String,
-    pub key_version: u32,
-    pub reason: String,
+    event: i32,
+    outcome: i32,
+    caller: String,
+    context: AuthContext,
+    key_reference: String,
+    key_version: u32,
+    reason: String,
     /// Event-specific non-secret detail ("component" = "2 of 3").
-    pub attributes: BTreeMap<&'static str, String>,
+    attributes: BTreeMap<&'static str, String>,
 }
 
 impl Event {
-    pub fn new(event: AuditEvent, outcome: AuditOutcome, caller: &str) -> Self {
+    fn new(event: AuditEvent, outcome: AuditOutcome, caller: &str) -> Self {
         Self {
             event: event as i32,
             outcome: outcome as i32,
@@ -80,7 +82,7 @@ impl Event {
     }
 
     /// Adds one attribute.
-    pub fn with(mut self, key: &'static str, value: impl Into<String>) -> Self {
+    fn with(mut self, key: &'static str, value: impl Into<String>) -> Self {
         self.attributes.insert(key, value.into());
         self
     }
@@ -551,37 +553,6 @@ fn to_proto(r: audit_record::Model) -> AuditRecord {
         hash: r.hash,
         attributes: serde_json::from_str(&r.attributes).unwrap_or_default(),
     }
-}
-
-/// SHA-256 over the record's fields (length-prefixed, fixed order) and the previous hash.
-pub fn record_hash(r: &audit_record::Model) -> Vec<u8> {
-    let mut ctx = digest::Context::new(&digest::SHA256);
-    let mut put = |bytes: &[u8]| {
-        ctx.update(&(bytes.len() as u64).to_be_bytes());
-        ctx.update(bytes);
-    };
-    put(CHAIN_ID.as_bytes());
-    put(&r.prev_hash);
-    put(&r.seq.to_be_bytes());
-    put(&r.at.to_be_bytes());
-    put(&r.event.to_be_bytes());
-    put(&r.outcome.to_be_bytes());
-    put(r.caller.as_bytes());
-    put(&r.actor_kind.to_be_bytes());
-    put(r.actor_id.as_bytes());
-    put(r.user_id.as_bytes());
-    put(&r.card_id);
-    put(&r.flow.to_be_bytes());
-    put(r.approval_id.as_bytes());
-    put(r.request_id.as_bytes());
-    put(r.key_reference.as_bytes());
-    put(&r.key_version.to_be_bytes());
-    put(r.reason.as_bytes());
-    // Only when there are some: records from before attributes existed keep their hashes.
-    if !r.attributes.is_empty() {
-        put(r.attributes.as_bytes());
-    }
-    ctx.finish().as_ref().to_vec()
 }
 
 /// (seq, at, card fingerprint, challenge fingerprint) of a record, as stored: the

@@ -16,32 +16,9 @@ use sea_orm::sqlx::postgres::PgConnection;
 use sea_orm::sqlx::{self, AssertSqlSafe, Connection};
 use sea_orm::{DatabaseConnection, DbBackend, DbErr, RuntimeErr};
 
+use super::columns::{self, COLUMNS, Owned};
 use crate::lease::Fence;
 use crate::store::entities::audit_record;
-
-/// `audit_record`'s columns, in the order the rows' values are bound.
-const COLUMNS: [&str; 20] = [
-    "seq",
-    "at",
-    "event",
-    "outcome",
-    "caller",
-    "actor_kind",
-    "actor_id",
-    "user_id",
-    "card_id",
-    "flow",
-    "approval_id",
-    "request_id",
-    "key_reference",
-    "key_version",
-    "reason",
-    "prev_hash",
-    "hash",
-    "card_fp",
-    "challenge_fp",
-    "attributes",
-];
 
 /// Prepared statements kept per PostgreSQL connection: one per batch size seen recently.
 const STATEMENT_CACHE: usize = 256;
@@ -194,7 +171,7 @@ fn postgres_sql(
     cache
         .entry(rows)
         .or_insert_with(|| {
-            let columns = COLUMNS.join(", ");
+            let columns = columns::names();
             let mut sql = match fence {
                 Some(_) => format!("INSERT INTO audit_record ({columns}) SELECT * FROM (VALUES "),
                 None => format!("INSERT INTO audit_record ({columns}) VALUES "),
@@ -285,7 +262,7 @@ fn insert_rows(
         let placeholders: Vec<String> = (1..=COLUMNS.len()).map(|n| format!("?{n}")).collect();
         format!(
             "INSERT INTO audit_record ({}) VALUES ({})",
-            COLUMNS.join(", "),
+            columns::names(),
             placeholders.join(", ")
         )
     });
@@ -296,28 +273,9 @@ fn insert_rows(
     {
         let mut insert = conn.prepare_cached(&SQL)?;
         for r in rows {
-            insert.execute(rusqlite::params![
-                r.seq,
-                r.at,
-                r.event,
-                r.outcome,
-                r.caller,
-                r.actor_kind,
-                r.actor_id,
-                r.user_id,
-                r.card_id,
-                r.flow,
-                r.approval_id,
-                r.request_id,
-                r.key_reference,
-                r.key_version,
-                r.reason,
-                r.prev_hash,
-                r.hash,
-                r.card_fp,
-                r.challenge_fp,
-                r.attributes,
-            ])?;
+            insert.execute(rusqlite::params_from_iter(
+                COLUMNS.iter().map(|column| (column.get)(r)),
+            ))?;
         }
     }
     conn.prepare_cached("COMMIT")?.execute([]).map(drop)
@@ -328,28 +286,16 @@ fn bind(
     mut query: sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>,
     rows: Vec<audit_record::Model>,
 ) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    for r in rows {
-        query = query
-            .bind(r.seq)
-            .bind(r.at)
-            .bind(r.event)
-            .bind(r.outcome)
-            .bind(r.caller)
-            .bind(r.actor_kind)
-            .bind(r.actor_id)
-            .bind(r.user_id)
-            .bind(r.card_id)
-            .bind(r.flow)
-            .bind(r.approval_id)
-            .bind(r.request_id)
-            .bind(r.key_reference)
-            .bind(r.key_version)
-            .bind(r.reason)
-            .bind(r.prev_hash)
-            .bind(r.hash)
-            .bind(r.card_fp)
-            .bind(r.challenge_fp)
-            .bind(r.attributes);
+    for mut r in rows {
+        for column in &COLUMNS {
+            query = match (column.take)(&mut r) {
+                Owned::I64(v) => query.bind(v),
+                Owned::I32(v) => query.bind(v),
+                Owned::Text(v) => query.bind(v),
+                Owned::Bytes(v) => query.bind(v),
+                Owned::MaybeBytes(v) => query.bind(v),
+            };
+        }
     }
     query
 }

@@ -60,8 +60,8 @@ pub enum KeystoreError {
     /// The stored form of a master key was made by the other backend.
     #[error("stored master key was made by the {made_by} keystore backend, this is {running}")]
     OtherBackend {
-        made_by: &'static str,
-        running: &'static str,
+        made_by: crate::config::KeystoreBackend,
+        running: crate::config::KeystoreBackend,
     },
     #[error("the system random generator failed")]
     Random,

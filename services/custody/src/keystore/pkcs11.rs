@@ -68,6 +68,7 @@ use cryptoki::types::{AuthPin, Ulong};
 use zeroize::Zeroize;
 
 use super::{CryptogramInput, Keystore, KeystoreError, MasterKeyHandle, Stored, binding};
+use crate::config::KeystoreBackend;
 use crate::config::KeystoreSettings;
 use crate::wrap::Kek;
 
@@ -1002,8 +1003,8 @@ impl Keystore for Pkcs11Keystore {
         let payload = kek.unwrap(binding(reference, version), blob)?;
         if !is_object_reference(&payload) {
             return Err(KeystoreError::OtherBackend {
-                made_by: "soft",
-                running: "pkcs11",
+                made_by: KeystoreBackend::Soft,
+                running: KeystoreBackend::Pkcs11,
             });
         }
         let id = payload[OBJECT_REF_MAGIC.len()..].to_vec();
@@ -1083,8 +1084,8 @@ impl Keystore for Pkcs11Keystore {
     ) -> Result<Zeroizing<Vec<u8>>, KeystoreError> {
         let MasterKeyHandle::Pkcs11(key) = master else {
             return Err(KeystoreError::OtherBackend {
-                made_by: "soft",
-                running: "pkcs11",
+                made_by: KeystoreBackend::Soft,
+                running: KeystoreBackend::Pkcs11,
             });
         };
         self.compute(key, input)
@@ -1093,8 +1094,8 @@ impl Keystore for Pkcs11Keystore {
     fn puk(&self, master: &MasterKeyHandle, input: &PukInput<'_>) -> Result<Puk, KeystoreError> {
         let MasterKeyHandle::Pkcs11(key) = master else {
             return Err(KeystoreError::OtherBackend {
-                made_by: "soft",
-                running: "pkcs11",
+                made_by: KeystoreBackend::Soft,
+                running: KeystoreBackend::Pkcs11,
             });
         };
         self.derive_puk(key, input)

@@ -4,6 +4,7 @@ use cms_cardcrypto::{KeyAlgorithm, Puk, PukInput, SecretKey, Zeroizing};
 use cms_proto::custody::v1::Backend;
 
 use super::{CryptogramInput, Keystore, KeystoreError, MasterKeyHandle, Stored, binding, pkcs11};
+use crate::config::KeystoreBackend;
 use crate::wrap::Kek;
 
 /// Draws of a random key before the generator is taken for broken.
@@ -75,8 +76,8 @@ impl Keystore for SoftKeystore {
         let bytes = kek.unwrap(binding(reference, version), blob)?;
         if pkcs11::is_object_reference(&bytes) {
             return Err(KeystoreError::OtherBackend {
-                made_by: "pkcs11",
-                running: "soft",
+                made_by: KeystoreBackend::Pkcs11,
+                running: KeystoreBackend::Soft,
             });
         }
         let key = SecretKey::new(algorithm, &bytes).map_err(|_| KeystoreError::Corrupt)?;
@@ -90,8 +91,8 @@ impl Keystore for SoftKeystore {
     ) -> Result<Zeroizing<Vec<u8>>, KeystoreError> {
         let MasterKeyHandle::Soft(master) = master else {
             return Err(KeystoreError::OtherBackend {
-                made_by: "pkcs11",
-                running: "soft",
+                made_by: KeystoreBackend::Pkcs11,
+                running: KeystoreBackend::Soft,
             });
         };
         let admin = cms_cardcrypto::diversify(
@@ -107,8 +108,8 @@ impl Keystore for SoftKeystore {
     fn puk(&self, master: &MasterKeyHandle, input: &PukInput<'_>) -> Result<Puk, KeystoreError> {
         let MasterKeyHandle::Soft(master) = master else {
             return Err(KeystoreError::OtherBackend {
-                made_by: "pkcs11",
-                running: "soft",
+                made_by: KeystoreBackend::Pkcs11,
+                running: KeystoreBackend::Soft,
             });
         };
         Ok(cms_cardcrypto::derive_puk(master, input)?)

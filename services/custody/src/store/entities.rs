@@ -14,8 +14,7 @@ pub mod seal_meta {
         pub threshold: i32,
         pub share_count: i32,
         pub kek_check: Vec<u8>,
-        /// "shares" or "dev-file".
-        pub mode: String,
+        pub mode: crate::store::states::SealMode,
         pub created_at: i64,
     }
 
@@ -39,11 +38,9 @@ pub mod master_key {
         pub version: i32,
         pub algorithm: String,
         pub kcv: String,
-        /// "active" or "retired".
-        pub state: String,
+        pub state: crate::store::states::KeyState,
         pub description: String,
-        /// "generated" or "imported".
-        pub origin: String,
+        pub origin: crate::store::states::KeyOrigin,
         /// AES-256-GCM under the KEK, bound to (reference, "master-key", version).
         pub wrapped: Vec<u8>,
         pub created_at: i64,

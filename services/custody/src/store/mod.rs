@@ -2,6 +2,7 @@
 
 pub mod entities;
 pub mod migration;
+pub mod states;
 
 /// A database with custody's schema in a file of its own (deleted with it), for unit tests:
 /// the audit writer needs a file, as in production.
