@@ -63,22 +63,13 @@ pub(crate) fn scheme_from_proto(value: i32) -> Result<Scheme, Error> {
 }
 
 pub(crate) fn hex_upper(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02X}")).collect()
+    data_encoding::HEXUPPER.encode(bytes)
 }
 
 /// Whether `expected` (hex, spaces allowed) is `key`'s key check value.
 pub(crate) fn kcv_matches(key: &SecretKey, expected: &str) -> bool {
     let expected: String = expected.chars().filter(|c| !c.is_whitespace()).collect();
-    let Ok(bytes) = (0..expected.len())
-        .step_by(2)
-        .map(|i| {
-            expected
-                .get(i..i + 2)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or(())
-        })
-        .collect::<Result<Vec<u8>, ()>>()
-    else {
+    let Ok(bytes) = data_encoding::HEXUPPER_PERMISSIVE.decode(expected.as_bytes()) else {
         return false;
     };
     key.verify_kcv(&bytes)

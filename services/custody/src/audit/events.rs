@@ -76,10 +76,7 @@ pub struct NewKeyFacts<'a> {
 /// id): the first 16 bytes of its SHA-256, in hex. Whoever holds the id can compute it to
 /// find the record; the record does not give the id away.
 pub fn id_fingerprint(id: &[u8]) -> String {
-    digest::digest(&digest::SHA256, id).as_ref()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    data_encoding::HEXLOWER.encode(&digest::digest(&digest::SHA256, id).as_ref()[..16])
 }
 
 impl Event {

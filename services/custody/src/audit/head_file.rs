@@ -97,7 +97,7 @@ impl HeadFile {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    data_encoding::HEXLOWER.encode(bytes)
 }
 
 fn parse(text: &str) -> Option<KeptHead> {
@@ -107,13 +107,12 @@ fn parse(text: &str) -> Option<KeptHead> {
     }
     let seq = lines.next()?.parse().ok()?;
     let digits = lines.next()?;
-    if digits.len() % 2 != 0 || lines.next().is_some() {
+    if lines.next().is_some() {
         return None;
     }
-    let hash = (0..digits.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(digits.get(i..i + 2)?, 16).ok())
-        .collect::<Option<Vec<u8>>>()?;
+    let hash = data_encoding::HEXLOWER_PERMISSIVE
+        .decode(digits.as_bytes())
+        .ok()?;
     Some(KeptHead { seq, hash })
 }
 
