@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use serde::de::DeserializeOwned;
 
 use crate::server::{Listeners, ServerSettings};
@@ -67,7 +67,7 @@ pub enum Mode {
     MigrateOnly,
 }
 
-/// The command line of every server binary.
+// The command line of every server binary (its about line names the service).
 #[derive(Debug, Parser)]
 struct ServerArgs {
     /// The service's TOML config file (default: $CMS_<NAME>_CONFIG; values may be
@@ -106,7 +106,12 @@ where
     }
 
     fn main_from(&self, args: impl IntoIterator<Item = OsString>) -> ExitCode {
-        let args = ServerArgs::parse_from(args);
+        let command = ServerArgs::command().about(format!(
+            "The CMS {} service (mutual-TLS gRPC; a plaintext ops port)",
+            self.name
+        ));
+        let args = ServerArgs::from_arg_matches(&command.get_matches_from(args))
+            .unwrap_or_else(|e| e.exit());
         let config = args.config.or_else(|| self.config_from_env());
         let mode = if args.migrate_only {
             Mode::MigrateOnly
