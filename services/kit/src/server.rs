@@ -221,19 +221,6 @@ impl Server {
         self.health.clone()
     }
 
-    /// Fully qualified names of the gRPC services added so far.
-    pub fn grpc_services(&self) -> &[&'static str] {
-        &self.grpc_services
-    }
-
-    pub fn readiness(&self) -> &Readiness {
-        &self.readiness
-    }
-
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
     /// Serves until `shutdown`, then lets in-flight requests finish for at most
     /// `shutdown_grace_ms`.
     pub async fn serve(self, listeners: Listeners, shutdown: Shutdown) -> Result<(), ServeError> {
