@@ -155,3 +155,24 @@ fn a_service_without_a_database_refuses_migrate_only_in_one_line() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_config_file_may_come_from_the_environment() {
+    let (_dir, layout) = layout();
+    let config = write_config(&layout, "template", "");
+    let child = Command::new(cms_tests::binary("cms-template"))
+        .arg("--migrate-only")
+        .env("CMS_TEMPLATE_CONFIG", &config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = finished(child, "template");
+    assert_success(&out, "template with CMS_TEMPLATE_CONFIG");
+    assert!(
+        layout
+            .service_dir("template")
+            .join("template.sqlite3")
+            .is_file()
+    );
+}
