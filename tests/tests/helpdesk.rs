@@ -217,6 +217,14 @@ impl Desk {
         let policy = spec.unblock_policy.as_mut().expect("unblock policy");
         policy.rate_limits.clear();
         edit(policy);
+        self.create_template(spec).await
+    }
+
+    async fn create_template(
+        &mut self,
+        spec: cms_proto::template::v1::TemplateSpec,
+    ) -> cms_proto::template::v1::Template {
+        let name = spec.name.clone();
         self.admin
             .create_template(gw::CreateTemplateRequest {
                 spec: Some(spec),
@@ -255,13 +263,26 @@ impl Desk {
         serial: &str,
         template: &cms_proto::template::v1::Template,
     ) -> Credential {
+        self.card_of(user_id, card_id, serial, template, CardProfile::Minidriver)
+            .await
+    }
+
+    async fn card_of(
+        &mut self,
+        user_id: &str,
+        card_id: Vec<u8>,
+        serial: &str,
+        template: &cms_proto::template::v1::Template,
+        profile: CardProfile,
+    ) -> Credential {
         self.directory
             .register_credential(RegisterCredentialRequest {
                 credential: Some(Credential {
                     user_id: user_id.into(),
                     card_id,
                     serial: serial.into(),
-                    profile: CardProfile::Minidriver as i32,
+                    profile: profile as i32,
+                    puk_version: 1,
                     template_id: template.id.clone(),
                     template_version: template.version,
                     master_key_version: 1,
@@ -800,4 +821,191 @@ async fn a_second_gateway_on_the_same_postgresql_sees_the_approvals() {
     let mut approver = at_second("approver1");
     dual_control(&desk, &mut helpdesk, &mut requester, &mut approver).await;
     second.stop().await.expect("second gateway stops cleanly");
+}
+
+/// The other offline actions: a one-time code (shown once, stored only hashed), a PIV card's
+/// PUK read out (custody derives it; the gateway passes it with its checksum), and a card
+/// reported lost, after which it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_time_codes_piv_puks_and_card_status() {
+    let mut desk = start(String::new()).await;
+    let mut helpdesk = desk.helpdesk("helpdesk1");
+
+    // One-time code: the template's length (8), its validity (900 s), never stored in clear.
+    let issued = helpdesk
+        .issue_one_time_code(gw::IssueOneTimeCodeRequest {
+            user_id: desk.alice.id.clone(),
+            credential_id: desk.alice_card.id.clone(),
+            ticket_reference: "INC-7".into(),
+            approval_id: String::new(),
+        })
+        .await
+        .expect("one-time code")
+        .into_inner();
+    assert_eq!(issued.code.len(), 8, "{}", issued.code.len());
+    let expires = issued.expires_at.expect("expiry").seconds;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    assert!(
+        (now + 890..=now + 910).contains(&expires),
+        "{expires} vs {now}"
+    );
+    let gateway_dir = desk.cluster.layout.service_dir("gateway");
+    for entry in std::fs::read_dir(&gateway_dir).expect("gateway data dir") {
+        let bytes = std::fs::read(entry.expect("entry").path()).expect("read");
+        assert!(
+            !bytes
+                .windows(issued.code.len())
+                .any(|w| w == issued.code.as_bytes()),
+            "the code is stored in clear"
+        );
+    }
+    // The auditor may look but not issue.
+    refused(
+        desk.helpdesk("auditor1")
+            .issue_one_time_code(gw::IssueOneTimeCodeRequest {
+                user_id: desk.alice.id.clone(),
+                ..Default::default()
+            })
+            .await,
+        Code::PermissionDenied,
+        "needs the helpdesk role",
+    );
+
+    // PIV: the current PUK with its checksum, from custody's derivation.
+    let puk_master = hex("404142434445464748494A4B4C4D4E4F");
+    let mut custody = CustodyServiceClient::new(cms_tests::inproc::channel(
+        desk.cluster.pki.tls("gateway"),
+        desk.cluster.grpc("custody"),
+        desk.cluster.pki.id("custody"),
+    ));
+    import(
+        &mut custody,
+        "mk-piv-admin",
+        KeyAlgorithm::Aes128,
+        &puk_master,
+    )
+    .await;
+    import(
+        &mut custody,
+        "mk-piv-puk",
+        KeyAlgorithm::Aes128,
+        &puk_master,
+    )
+    .await;
+    let mut spec = cms_template::sample::piv("PIV desk");
+    spec.admin_key
+        .as_mut()
+        .expect("admin key")
+        .master_key_reference = "mk-piv-admin".into();
+    spec.puk.as_mut().expect("puk").master_key_reference = "mk-piv-puk".into();
+    let policy = spec.unblock_policy.as_mut().expect("policy");
+    policy
+        .operator_policy
+        .as_mut()
+        .expect("operator policy")
+        .dual_control = false;
+    let piv = desk.create_template(spec).await;
+    let alice = desk.alice.id.clone();
+    let card_id = hex("6F1D2B3C4D5E6F708192A3B4C5D6E7F8");
+    let piv_card = desk
+        .card_of(&alice, card_id.clone(), "SER-PIV", &piv, CardProfile::Piv)
+        .await;
+    let read = helpdesk
+        .read_piv_puk(gw::ReadPivPukRequest {
+            user_id: alice.clone(),
+            credential_id: piv_card.id.clone(),
+            approval_id: String::new(),
+            ticket_reference: "INC-8".into(),
+        })
+        .await
+        .expect("PUK")
+        .into_inner();
+    let master = SecretKey::new(KeyAlgorithm::Aes128, &puk_master).expect("key");
+    let expected = cms_cardcrypto::derive_puk(
+        &master,
+        &cms_cardcrypto::PukInput {
+            card_id: &card_id,
+            master_key_version: 1,
+            puk_version: piv_card.puk_version,
+            digits: 8,
+        },
+    )
+    .expect("derive");
+    let expected = std::str::from_utf8(expected.expose_digits())
+        .expect("digits")
+        .to_owned();
+    assert_eq!(read.puk, expected);
+    assert_eq!(read.puk_code.expect("code"), typed(read.puk.as_bytes()));
+    assert!(read.exposed);
+    // A minidriver card has no PUK.
+    refused(
+        helpdesk
+            .read_piv_puk(gw::ReadPivPukRequest {
+                user_id: alice.clone(),
+                credential_id: desk.alice_card.id.clone(),
+                ..Default::default()
+            })
+            .await,
+        Code::FailedPrecondition,
+        "not a PIV card",
+    );
+
+    // A card reported lost is refused from then on; reinstating it is for admins.
+    let lost = helpdesk
+        .update_card_status(gw::UpdateCardStatusRequest {
+            credential_id: desk.alice_card.id.clone(),
+            status: cms_proto::directory::v1::CredentialStatus::Lost as i32,
+            reason: "left on the train".into(),
+            ticket_reference: "INC-9".into(),
+        })
+        .await
+        .expect("report lost")
+        .into_inner()
+        .credential
+        .expect("credential");
+    assert_eq!(
+        lost.status,
+        cms_proto::directory::v1::CredentialStatus::Lost as i32
+    );
+    let status = refused(
+        helpdesk
+            .compute_offline_response(offline_request(
+                &desk.alice,
+                &desk.alice_card,
+                typed(&[1, 2, 3, 4, 5, 6, 7, 8]),
+                "",
+            ))
+            .await,
+        Code::FailedPrecondition,
+        "is lost",
+    );
+    assert_eq!(reason(&status), ErrorReason::CardNotActive);
+    refused(
+        helpdesk
+            .update_card_status(gw::UpdateCardStatusRequest {
+                credential_id: desk.alice_card.id.clone(),
+                status: cms_proto::directory::v1::CredentialStatus::Active as i32,
+                reason: "found".into(),
+                ticket_reference: String::new(),
+            })
+            .await,
+        Code::PermissionDenied,
+        "needs the admin role",
+    );
+    // Bob's card is outside the operator's scope.
+    refused(
+        helpdesk
+            .update_card_status(gw::UpdateCardStatusRequest {
+                credential_id: desk.bob_card.id.clone(),
+                status: cms_proto::directory::v1::CredentialStatus::Lost as i32,
+                reason: "reported".into(),
+                ticket_reference: String::new(),
+            })
+            .await,
+        Code::PermissionDenied,
+        "outside the scope",
+    );
 }
