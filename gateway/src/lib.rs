@@ -3,6 +3,7 @@
 //! template, directory and custody services on their behalf.
 
 mod admin;
+mod admin_scope;
 mod agents;
 pub mod approvals;
 pub mod authz;
