@@ -84,6 +84,7 @@ async fn serve_gateway(
         operators: operators.clone(),
         db,
         settings: config.helpdesk,
+        templates: Default::default(),
     });
     let registry = agents::Registry::default();
     let listen = listeners

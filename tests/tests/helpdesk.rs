@@ -801,9 +801,13 @@ async fn dual_control(
 /// used at the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_gateway_on_the_same_postgresql_sees_the_approvals() {
+    const LIMIT: u32 = 10;
     let pg = cms_tests::postgres::Postgres::shared();
     let url = pg.create_database();
-    let desk = start(format!("\n[database]\nurl = \"{url}\"\n")).await;
+    let desk = start(format!(
+        "[helpdesk]\noperator_requests_per_window = {LIMIT}\noperator_window_ms = 3600000\n\n[database]\nurl = \"{url}\"\n"
+    ))
+    .await;
 
     let text = std::fs::read_to_string(desk.cluster.layout.config_path("gateway")).expect("config");
     let config: cms_gateway::Config = cms_kit::config::from_toml(&text).expect("gateway config");
@@ -820,6 +824,32 @@ async fn a_second_gateway_on_the_same_postgresql_sees_the_approvals() {
     let mut requester = desk.approvals("helpdesk1");
     let mut approver = at_second("approver1");
     dual_control(&desk, &mut helpdesk, &mut requester, &mut approver).await;
+
+    // The per-operator limit is counted in the shared database: calls alternating between the
+    // replicas are refused once their sum reaches it.
+    let mut at_first = desk.helpdesk("auditor1");
+    let mut at_second_desk = HelpdeskServiceClient::new(cms_tests::inproc::channel(
+        operator_tls(&desk.cluster, "auditor1"),
+        second.grpc,
+        desk.cluster.pki.id("gateway"),
+    ));
+    for n in 0..LIMIT {
+        let client = if n % 2 == 0 {
+            &mut at_first
+        } else {
+            &mut at_second_desk
+        };
+        client
+            .who_am_i(gw::WhoAmIRequest {})
+            .await
+            .unwrap_or_else(|e| panic!("call {n}: {e:?}"));
+    }
+    let status = refused(
+        at_second_desk.who_am_i(gw::WhoAmIRequest {}).await,
+        Code::ResourceExhausted,
+        "operator request limit",
+    );
+    assert_eq!(reason(&status), ErrorReason::RateLimited);
     second.stop().await.expect("second gateway stops cleanly");
 }
 

@@ -1,6 +1,7 @@
 //! A card as the workflow decides on it (its user, credential and template version), and the
 //! template's rules for each helpdesk action. Pure decisions, apart from `load`.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use cms_proto::common::v1::{CardProfile, ErrorReason};
@@ -81,15 +82,43 @@ pub async fn user(wf: &Workflow, call: &mut Call, user_id: &str) -> Result<User,
     Ok(user)
 }
 
-/// A template version.
+/// Template versions never change once written, so each is read from the template service
+/// once and kept (up to `MAX_CACHED` of them).
+#[derive(Default)]
+pub struct TemplateCache(std::sync::Mutex<HashMap<(String, u32), Template>>);
+
+const MAX_CACHED: usize = 1024;
+
+impl TemplateCache {
+    fn get(&self, id: &str, version: u32) -> Option<Template> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&(id.to_owned(), version)).cloned()
+    }
+
+    fn put(&self, template: &Template) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MAX_CACHED {
+            map.clear();
+        }
+        map.insert((template.id.clone(), template.version), template.clone());
+    }
+}
+
+/// A template version (a given one: the latest, version 0, is not cached).
 pub async fn template(
     wf: &Workflow,
     call: &Call,
     id: &str,
     version: u32,
 ) -> Result<Template, Error> {
+    if version != 0
+        && let Some(found) = wf.templates.get(id, version)
+    {
+        return Ok(found);
+    }
     let mut client = wf.template.clone();
-    call.budget
+    let found = call
+        .budget
         .call(
             "template",
             client.get_template(call.budget.request(GetTemplateRequest {
@@ -99,7 +128,11 @@ pub async fn template(
         )
         .await?
         .template
-        .ok_or_else(|| Error::not_found(format!("template {id} not found")))
+        .ok_or_else(|| Error::not_found(format!("template {id} not found")))?;
+    if version != 0 && found.version == version && found.id == id {
+        wf.templates.put(&found);
+    }
+    Ok(found)
 }
 
 /// Loads the user's card and checks both against the operator's scope.
@@ -109,19 +142,32 @@ pub async fn load(
     user_id: &str,
     credential_id: &str,
 ) -> Result<Card, Error> {
+    require_id("user_id", user_id)?;
     require_id("credential_id", credential_id)?;
+    call.decision.user_id = user_id.to_owned();
     call.decision.credential_id = credential_id.to_owned();
-    let user = user(wf, call, user_id).await?;
-    let mut directory = wf.directory.clone();
-    let credential = call
-        .budget
-        .call(
+    // The user and the card are read at once; the scope is checked before either is used.
+    let (mut users, mut cards) = (wf.directory.clone(), wf.directory.clone());
+    let (user, credential) = tokio::join!(
+        call.budget.call(
             "directory",
-            directory.get_credential(call.budget.request(GetCredentialRequest {
+            users.get_user(call.budget.request(GetUserRequest {
+                id: user_id.to_owned(),
+            })),
+        ),
+        call.budget.call(
+            "directory",
+            cards.get_credential(call.budget.request(GetCredentialRequest {
                 id: credential_id.to_owned(),
             })),
-        )
-        .await?
+        ),
+    );
+    let user = user?
+        .user
+        .ok_or_else(|| Error::not_found(format!("user {user_id} not found")))?;
+    call.decision.rule = "scope.org_units";
+    call.actor.require_user_in_scope(&user.id, &user.org_unit)?;
+    let credential = credential?
         .credential
         .ok_or_else(|| Error::not_found(format!("card {credential_id} not found")))?;
     if credential.user_id != user.id {
