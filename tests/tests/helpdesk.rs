@@ -794,6 +794,75 @@ async fn dual_control(
         Code::FailedPrecondition,
         "has expired",
     );
+
+    // A rejected approval authorises nothing; only the requester may cancel, and a cancelled
+    // request cannot be approved.
+    let third = requester
+        .request_approval(ask("third call"))
+        .await
+        .expect("request approval")
+        .into_inner()
+        .approval
+        .expect("approval");
+    let rejected = approver
+        .reject(gw::RejectRequest {
+            id: third.id.clone(),
+            reason: "caller could not be verified".into(),
+        })
+        .await
+        .expect("reject")
+        .into_inner()
+        .approval
+        .expect("approval");
+    assert_eq!(rejected.state, gw::ApprovalState::Rejected as i32);
+    refused(
+        helpdesk
+            .compute_offline_response(offline_request(
+                user,
+                card,
+                typed(&[6, 6, 6, 6, 6, 6, 6, 6]),
+                &third.id,
+            ))
+            .await,
+        Code::FailedPrecondition,
+        "was rejected",
+    );
+    let fourth = requester
+        .request_approval(ask("fourth call"))
+        .await
+        .expect("request approval")
+        .into_inner()
+        .approval
+        .expect("approval");
+    refused(
+        approver
+            .cancel_approval(gw::CancelApprovalRequest {
+                id: fourth.id.clone(),
+            })
+            .await,
+        Code::PermissionDenied,
+        "only the requester may cancel",
+    );
+    let cancelled = requester
+        .cancel_approval(gw::CancelApprovalRequest {
+            id: fourth.id.clone(),
+        })
+        .await
+        .expect("cancel")
+        .into_inner()
+        .approval
+        .expect("approval");
+    assert_eq!(cancelled.state, gw::ApprovalState::Cancelled as i32);
+    refused(
+        approver
+            .approve(gw::ApproveRequest {
+                id: fourth.id.clone(),
+                comment: String::new(),
+            })
+            .await,
+        Code::FailedPrecondition,
+        "is cancelled, not pending",
+    );
 }
 
 /// The gateway's database in PostgreSQL, shared by a second gateway replica (in this process,
@@ -801,7 +870,7 @@ async fn dual_control(
 /// used at the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_gateway_on_the_same_postgresql_sees_the_approvals() {
-    const LIMIT: u32 = 10;
+    const LIMIT: u32 = 40;
     let pg = cms_tests::postgres::Postgres::shared();
     let url = pg.create_database();
     let desk = start(format!(
