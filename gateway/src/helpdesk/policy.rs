@@ -391,3 +391,138 @@ pub fn action_name(action: HelpdeskAction) -> &'static str {
         HelpdeskAction::Unspecified => "unspecified",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cms_proto::directory::v1::Operator;
+    use cms_proto::template::v1::TemplateSpec;
+
+    fn actor(roles: &[&str]) -> Actor {
+        Actor {
+            account: Operator {
+                username: "op".into(),
+                roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+                ..Default::default()
+            },
+            peer: "spiffe://t/cms/operator/op".into(),
+            via_service: None,
+        }
+    }
+
+    fn card(profile: CardProfile, policy: UnblockPolicy) -> Card {
+        Card {
+            user: User {
+                id: "u".into(),
+                status: UserStatus::Active as i32,
+                ..Default::default()
+            },
+            credential: Credential {
+                id: "c".into(),
+                profile: profile as i32,
+                status: CredentialStatus::Active as i32,
+                ..Default::default()
+            },
+            template: Template {
+                spec: Some(TemplateSpec {
+                    name: "T".into(),
+                    unblock_policy: Some(policy),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn offline(dual: bool) -> UnblockPolicy {
+        UnblockPolicy {
+            offline_challenge_response_allowed: true,
+            operator_policy: Some(OperatorPolicy {
+                dual_control: dual,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn offline_needs_the_flow_the_profile_and_a_role() {
+        let helpdesk = actor(&["helpdesk"]);
+        let action = HelpdeskAction::OfflineResponse;
+        assert!(
+            check(
+                &helpdesk,
+                &card(CardProfile::Minidriver, offline(false)),
+                action
+            )
+            .is_ok()
+        );
+
+        let denial = check(
+            &helpdesk,
+            &card(CardProfile::Minidriver, UnblockPolicy::default()),
+            action,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(
+            denial.rule,
+            "unblock_policy.offline_challenge_response_allowed"
+        );
+        assert_eq!(denial.error.code(), Code::FailedPrecondition);
+
+        let denial = check(&helpdesk, &card(CardProfile::Piv, offline(false)), action)
+            .err()
+            .unwrap();
+        assert_eq!(denial.rule, "card_profile");
+
+        let denial = check(
+            &actor(&["auditor"]),
+            &card(CardProfile::Minidriver, offline(false)),
+            action,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(denial.rule, "operator_policy.unblock_roles");
+        assert!(
+            denial
+                .error
+                .to_string()
+                .contains("needs the helpdesk role (it has: auditor)"),
+            "{}",
+            denial.error
+        );
+    }
+
+    #[test]
+    fn a_card_not_active_or_a_disabled_user_stops_everything_but_status_changes() {
+        let helpdesk = actor(&["helpdesk"]);
+        let mut lost = card(CardProfile::Minidriver, offline(false));
+        lost.credential.status = CredentialStatus::Lost as i32;
+        let denial = check(&helpdesk, &lost, HelpdeskAction::OfflineResponse)
+            .err()
+            .unwrap();
+        assert!(denial.error.to_string().contains("card c is lost"));
+        assert!(check(&helpdesk, &lost, HelpdeskAction::UpdateStatus).is_ok());
+        let mut disabled = card(CardProfile::Minidriver, offline(false));
+        disabled.user.status = UserStatus::Disabled as i32;
+        assert!(check(&helpdesk, &disabled, HelpdeskAction::OfflineResponse).is_err());
+    }
+
+    #[test]
+    fn dual_control_covers_unblocks_and_puk_reads_and_approvals_default_to_15_minutes() {
+        let dual = card(CardProfile::Minidriver, offline(true));
+        assert!(needs_approval(&dual, HelpdeskAction::OfflineResponse));
+        assert!(needs_approval(&dual, HelpdeskAction::ReadPivPuk));
+        assert!(!needs_approval(&dual, HelpdeskAction::IssueOneTimeCode));
+        assert!(!needs_approval(
+            &card(CardProfile::Minidriver, offline(false)),
+            HelpdeskAction::OfflineResponse
+        ));
+        assert_eq!(
+            approval_ttl(&OperatorPolicy::default(), &Settings::default()),
+            Duration::from_secs(900)
+        );
+        assert_eq!(approver_roles(&OperatorPolicy::default()), vec!["approver"]);
+    }
+}
