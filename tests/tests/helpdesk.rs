@@ -729,6 +729,25 @@ async fn dual_control(
         .into_inner()
         .approvals;
     assert!(listed.iter().any(|a| a.id == pending.id), "{listed:?}");
+    // The requester sees its own request only when it asks for it.
+    let own = |include_own| gw::ListPendingApprovalsRequest {
+        page: None,
+        include_own,
+    };
+    let mine = requester
+        .list_pending_approvals(own(false))
+        .await
+        .expect("list")
+        .into_inner()
+        .approvals;
+    assert!(mine.iter().all(|a| a.id != pending.id), "{mine:?}");
+    let mine = requester
+        .list_pending_approvals(own(true))
+        .await
+        .expect("list")
+        .into_inner()
+        .approvals;
+    assert!(mine.iter().any(|a| a.id == pending.id), "{mine:?}");
     let approved = approver
         .approve(gw::ApproveRequest {
             id: pending.id.clone(),
