@@ -346,6 +346,40 @@ impl Desk {
     }
 }
 
+/// Every row of the gateway's decision log: rpc, actor, result, rule, user, template, reason.
+async fn decisions(desk: &Desk) -> Vec<[String; 7]> {
+    use sea_orm::ConnectionTrait;
+    let file = desk
+        .cluster
+        .layout
+        .service_dir("gateway")
+        .join("gateway.sqlite3");
+    let db = sea_orm::Database::connect(format!("sqlite://{}?mode=ro", file.display()))
+        .await
+        .expect("gateway database");
+    let rows = db
+        .query_all_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT rpc, actor, result, rule, user_id, template_id, reason FROM decisions ORDER BY id",
+        ))
+        .await
+        .expect("decisions");
+    rows.iter()
+        .map(|row| {
+            [
+                "rpc",
+                "actor",
+                "result",
+                "rule",
+                "user_id",
+                "template_id",
+                "reason",
+            ]
+            .map(|c| row.try_get::<String>("", c).expect(c))
+        })
+        .collect()
+}
+
 fn offline_request(
     user: &User,
     card: &Credential,
@@ -650,6 +684,54 @@ async fn an_operator_unblocks_offline_and_the_rules_hold() {
             &challenge
         )
     );
+
+    // The decision log in the gateway's database: who, what, for whom, which rule, result;
+    // AdminService calls too; never a challenge or a response.
+    let decisions = decisions(&desk).await;
+    let has = |rpc: &str, actor: &str, result: &str, rule: &str| {
+        decisions
+            .iter()
+            .any(|d| d[0] == rpc && d[1] == actor && d[2] == result && d[3] == rule)
+    };
+    assert!(
+        has("ComputeOfflineResponse", "helpdesk1", "ok", "custody"),
+        "{decisions:#?}"
+    );
+    assert!(
+        decisions.iter().any(|d| d[0] == "ComputeOfflineResponse"
+            && d[2] == "ok"
+            && d[4] == desk.alice.id
+            && d[5] == desk.alice_card.template_id),
+        "{decisions:#?}"
+    );
+    assert!(
+        has(
+            "ComputeOfflineResponse",
+            "helpdesk1",
+            "InvalidArgument",
+            "challenge"
+        ),
+        "{decisions:#?}"
+    );
+    assert!(
+        has(
+            "ComputeOfflineResponse",
+            "helpdesk1",
+            "FailedPrecondition",
+            "unblock_policy.offline_challenge_response_allowed"
+        ),
+        "{decisions:#?}"
+    );
+    assert!(
+        has("create_template", "admin", "ok", "roles"),
+        "{decisions:#?}"
+    );
+    let everything = format!("{decisions:?}");
+    for secret in [&desk.vector.challenge, &desk.vector.response] {
+        for shown in [secret.clone(), groups(secret), secret.to_lowercase()] {
+            assert!(!everything.contains(&shown), "a code in the decision log");
+        }
+    }
 
     // A backend down is a plain message, not a transport error.
     desk.cluster
