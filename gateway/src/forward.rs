@@ -9,8 +9,8 @@
 //! Every forwarded call carries the operator's authorization context (in the message, where
 //! the backend takes one, and as metadata), a request id, and the caller's deadline; and every
 //! call leaves one line in the decision log (tracing target `cms_gateway::decision`: who, what,
-//! request id, result; never message contents). The gateway has no database yet, so this log
-//! is where its decisions are recorded.
+//! request id, result; never message contents), written also to the `decisions` table of the
+//! gateway's database.
 
 use std::future::Future;
 use std::time::Duration;
