@@ -3,20 +3,31 @@
 //! template, directory and custody services on their behalf.
 
 mod admin;
+mod admin_scope;
 mod agents;
+pub mod approvals;
+pub mod authz;
 mod backends;
 pub mod caller;
 mod config;
+pub mod db;
+mod decisions;
+mod downstream;
 mod error;
 mod forward;
+pub mod helpdesk;
 mod key_references;
 mod operators;
+mod ratelimit;
 mod roles;
 
+pub use approvals::Approvals;
 pub use config::{AgentLinkSettings, Backends as BackendSettings, Config, OperatorSettings};
 pub use error::Error;
+pub use helpdesk::{Helpdesk, Workflow};
 pub use roles::Role;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use cms_kit::server::{Listeners, Server};
@@ -25,15 +36,25 @@ use cms_kit::shutdown::Shutdown;
 use cms_kit::tls::TlsSource;
 use cms_proto::gateway::v1::admin_service_server::AdminServiceServer;
 use cms_proto::gateway::v1::agent_link_service_server::AgentLinkServiceServer;
+use cms_proto::gateway::v1::approval_service_server::ApprovalServiceServer;
+use cms_proto::gateway::v1::helpdesk_service_server::HelpdeskServiceServer;
 
 pub const NAME: &str = "gateway";
 
-/// The `cms-gateway` binary (no database yet: `--migrate-only` is refused).
+/// The `cms-gateway` binary: serves, or only migrates its database (`--migrate-only`).
 pub const PROGRAM: Program<Config, Error> = Program {
     name: NAME,
     run,
-    migrate: None,
+    migrate: Some(migrate),
 };
+
+/// Applies pending migrations of the gateway's database and returns.
+pub fn migrate(config: Config) -> ServiceFuture<Error> {
+    Box::pin(async move {
+        db::open(&config).await?.close().await?;
+        Ok(())
+    })
+}
 
 /// Serves the gateway on `listeners` until `shutdown`.
 ///
@@ -49,8 +70,22 @@ async fn serve_gateway(
     shutdown: Shutdown,
 ) -> Result<(), Error> {
     let cache_ttl = config.operators.cache_ttl()?;
+    let db = db::open(&config).await?;
     let tls = TlsSource::load(config.tls)?;
     let backends = backends::Backends::connect(&config.backends, &tls)?;
+    let operators = Arc::new(operators::OperatorAccounts::new(
+        backends.directory.channel.clone(),
+        cache_ttl,
+    ));
+    let workflow = Arc::new(Workflow {
+        directory: admin::DirectoryClient::new(backends.directory.channel.clone()),
+        template: admin::TemplateClient::new(backends.template.channel.clone()),
+        custody: admin::CustodyClient::new(backends.custody.channel.clone()),
+        operators: operators.clone(),
+        db: db.clone(),
+        settings: config.helpdesk,
+        templates: Default::default(),
+    });
     let registry = agents::Registry::default();
     let listen = listeners
         .grpc
@@ -61,12 +96,13 @@ async fn serve_gateway(
         custody: admin::CustodyClient::new(backends.custody.channel.clone()),
         template: admin::TemplateClient::new(backends.template.channel.clone()),
         directory: admin::DirectoryClient::new(backends.directory.channel.clone()),
-        operators: operators::OperatorAccounts::new(backends.directory.channel.clone(), cache_ttl),
+        operators,
         backends,
         agents: registry.clone(),
         tls: tls.clone(),
         listen,
         stale_after: Duration::from_millis(config.agent_link.stale_after_ms),
+        db,
     };
     let link = agents::AgentLink {
         registry,
@@ -75,6 +111,8 @@ async fn serve_gateway(
     Server::new(NAME, config.server, config.access, tls)
         .add_service(AdminServiceServer::new(admin))
         .add_service(AgentLinkServiceServer::new(link))
+        .add_service(HelpdeskServiceServer::new(Helpdesk::new(workflow.clone())))
+        .add_service(ApprovalServiceServer::new(Approvals::new(workflow)))
         .serve(listeners, shutdown)
         .await?;
     Ok(())
