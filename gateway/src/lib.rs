@@ -4,21 +4,30 @@
 
 mod admin;
 mod agents;
+pub mod approvals;
+pub mod authz;
 mod backends;
 pub mod caller;
 mod config;
-#[allow(dead_code, unused_imports)] // Wired into serve_gateway with the helpdesk workflow.
 mod console;
+pub mod db;
+mod decisions;
+mod downstream;
 mod error;
 mod forward;
+pub mod helpdesk;
 mod key_references;
 mod operators;
+mod ratelimit;
 mod roles;
 
+pub use approvals::Approvals;
 pub use config::{AgentLinkSettings, Backends as BackendSettings, Config, OperatorSettings};
 pub use error::Error;
+pub use helpdesk::{Helpdesk, Workflow};
 pub use roles::Role;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use cms_kit::metrics::Metrics;
@@ -28,6 +37,8 @@ use cms_kit::shutdown::Shutdown;
 use cms_kit::tls::TlsSource;
 use cms_proto::gateway::v1::admin_service_server::AdminServiceServer;
 use cms_proto::gateway::v1::agent_link_service_server::AgentLinkServiceServer;
+use cms_proto::gateway::v1::approval_service_server::ApprovalServiceServer;
+use cms_proto::gateway::v1::helpdesk_service_server::HelpdeskServiceServer;
 
 pub const NAME: &str = "gateway";
 
@@ -49,8 +60,21 @@ async fn serve_gateway(
     shutdown: Shutdown,
 ) -> Result<(), Error> {
     let cache_ttl = config.operators.cache_ttl()?;
+    let db = db::open(&config).await?;
     let tls = TlsSource::load(config.tls)?;
     let backends = backends::Backends::connect(&config.backends, &tls)?;
+    let operators = Arc::new(operators::OperatorAccounts::new(
+        backends.directory.channel.clone(),
+        cache_ttl,
+    ));
+    let workflow = Arc::new(Workflow {
+        directory: admin::DirectoryClient::new(backends.directory.channel.clone()),
+        template: admin::TemplateClient::new(backends.template.channel.clone()),
+        custody: admin::CustodyClient::new(backends.custody.channel.clone()),
+        operators: operators.clone(),
+        db,
+        settings: config.helpdesk,
+    });
     let registry = agents::Registry::default();
     let listen = listeners
         .grpc
@@ -61,7 +85,7 @@ async fn serve_gateway(
         custody: admin::CustodyClient::new(backends.custody.channel.clone()),
         template: admin::TemplateClient::new(backends.template.channel.clone()),
         directory: admin::DirectoryClient::new(backends.directory.channel.clone()),
-        operators: operators::OperatorAccounts::new(backends.directory.channel.clone(), cache_ttl),
+        operators,
         backends,
         agents: registry.clone(),
         tls: tls.clone(),
@@ -72,14 +96,28 @@ async fn serve_gateway(
         registry,
         settings: config.agent_link.clone(),
     };
-    let routes = tonic::service::Routes::new(AdminServiceServer::new(admin))
-        .add_service(AgentLinkServiceServer::new(link));
+    // One implementation, two transports: the gRPC servers and the console share these.
+    let admin = Arc::new(admin);
+    let helpdesk = Arc::new(Helpdesk::new(workflow.clone()));
+    let approvals = Arc::new(Approvals::new(workflow));
+    let console = console::Services {
+        helpdesk: helpdesk.clone(),
+        approvals: approvals.clone(),
+        audit: console::audit_query(admin.clone()),
+    };
+    let routes = tonic::service::Routes::new(AdminServiceServer::from_arc(admin))
+        .add_service(AgentLinkServiceServer::new(link))
+        .add_service(HelpdeskServiceServer::from_arc(helpdesk))
+        .add_service(ApprovalServiceServer::from_arc(approvals));
+    let routes = tonic::service::Routes::from(console::mount(routes.into_axum_router(), console));
     let spec = Serve {
         name: NAME,
         version: env!("CARGO_PKG_VERSION"),
         grpc_services: &[
             "cms.gateway.v1.AdminService",
             "cms.gateway.v1.AgentLinkService",
+            "cms.gateway.v1.HelpdeskService",
+            "cms.gateway.v1.ApprovalService",
         ],
         descriptors: cms_proto::FILE_DESCRIPTOR_SET,
         settings: config.server,

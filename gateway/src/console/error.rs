@@ -127,10 +127,12 @@ impl ApiError {
         }
     }
 
+    #[cfg(test)]
     pub fn status(&self) -> StatusCode {
         self.status
     }
 
+    #[cfg(test)]
     pub fn message(&self) -> &str {
         &self.body.error.message
     }

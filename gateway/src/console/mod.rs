@@ -29,12 +29,21 @@ use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use cms_proto::gateway::v1::admin_service_server::AdminService;
 
 /// The largest JSON body the API reads; its bodies are a few short strings.
 const MAX_BODY_BYTES: usize = 16 * 1024;
 
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
                    connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+
+/// AdminService.QueryAudit of `admin`, for the console's audit view.
+pub fn audit_query<A: AdminService>(admin: std::sync::Arc<A>) -> AuditQuery {
+    std::sync::Arc::new(move |request| {
+        let admin = admin.clone();
+        Box::pin(async move { admin.query_audit(request).await })
+    })
+}
 
 /// Adds the console (pages and `/api/v1`) to the router that serves the gateway's gRPC
 /// services. Requests that match neither get gRPC's UNIMPLEMENTED when they are gRPC, and a
