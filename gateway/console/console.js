@@ -246,6 +246,13 @@ async function unblockPage(userId, credentialId) {
     showError(root, new ApiError("This card does not belong to this user."));
     return;
   }
+  if (!card.allowed_actions.includes("offline-response")) {
+    // The gateway decides; this only warns before the user reads a challenge out for nothing.
+    const offline = card.restrictions.filter((r) => /offline/i.test(r));
+    const notes = offline.length ? offline : card.restrictions;
+    const why = notes.length ? notes.join("; ") : "your roles or scope do not allow it";
+    showError(root, new ApiError(`You may not unblock this card offline: ${why}.`));
+  }
   const lengths = card.challenge_length ? [card.challenge_length] : [8, 16];
   field(root, "subtitle").textContent = `${u.display_name || u.username} · card ${card.credential.serial || credentialId} · template ${card.template_name}`;
   field(root, "challenge-hint").textContent = `${lengths.map((n) => n * 2).join(" or ")} hex digits as the user reads them; spaces and dashes are ignored.`;
@@ -338,6 +345,8 @@ async function unblockPage(userId, credentialId) {
       root.querySelector("#approval-reason").focus();
       return;
     }
+    // A new try replaces the last answer: never leave an old response beside a new error.
+    field(root, "result").hidden = true;
     try {
       const r = await api("POST", `/users/${enc(userId)}/cards/${enc(credentialId)}/offline-response`, {
         challenge: challenge.value,
@@ -352,6 +361,11 @@ async function unblockPage(userId, credentialId) {
       field(root, "copied").textContent = "";
       const result = field(root, "result");
       result.hidden = false;
+      if (approvalId) {
+        // An approval is good for one response.
+        approvalId = "";
+        approvalState.textContent = "The approval was used for this response; another try needs a new approval.";
+      }
       // The challenge is spent: clear it so it is not sent twice.
       challenge.value = "";
       checksum.value = "";
