@@ -15,13 +15,13 @@ use std::time::Duration;
 use cms_cardcrypto::KeyAlgorithm;
 use cms_kit::pki::LeafSpec;
 use cms_proto::common::v1::{CardProfile, KeyAlgorithm as Alg};
+use cms_proto::custody::v1::custody_service_client::CustodyServiceClient;
 use cms_proto::directory::v1::{
     CreateOperatorRequest, CreateUserRequest, Credential, Operator, OperatorScope,
     RegisterCredentialRequest, User,
 };
 use cms_proto::gateway::v1 as gw;
 use cms_proto::gateway::v1::admin_service_client::AdminServiceClient;
-use cms_proto::custody::v1::custody_service_client::CustodyServiceClient;
 use cms_tests::cluster::Cluster;
 use cms_tests::custody::{hex, import};
 
@@ -185,8 +185,8 @@ async fn an_operator_unblocks_offline_in_the_browser_with_a_second_approver() {
     tokio::time::sleep(Duration::from_millis(400)).await;
 
     // The browser files, as `cms up` writes them.
-    let certs = cms_launcher::browser_cert::ensure_operator_files(&cluster.pki.dev)
-        .expect("PKCS#12 files");
+    let certs =
+        cms_launcher::browser_cert::ensure_operator_files(&cluster.pki.dev).expect("PKCS#12 files");
     let p12 = |name: &str| {
         certs
             .iter()
@@ -242,7 +242,12 @@ async fn an_operator_unblocks_offline_in_the_browser_with_a_second_approver() {
         output.status,
         out_dir.display()
     );
-    for artifact in ["unblock.png", "unblock-200-percent.png", "audit.png", "axe-unblock.json"] {
+    for artifact in [
+        "unblock.png",
+        "unblock-200-percent.png",
+        "audit.png",
+        "axe-unblock.json",
+    ] {
         assert!(out_dir.join(artifact).exists(), "{artifact} was not kept");
     }
     cluster.stop().await;
