@@ -1,7 +1,8 @@
 //! The console's JSON API over the gateway's real mTLS port, beside gRPC on the same port:
 //! the operator is the one its client certificate names, the offline unblock answers the
-//! vector's response, refusals keep the gateway's reason, and a custody outage reaches the
-//! operator as a plain sentence instead of transport text.
+//! vector's response, a one-time code and a card status change go through, refusals keep the
+//! gateway's reason, and a custody outage reaches the operator as a plain sentence instead of
+//! transport text.
 
 mod console_common;
 
@@ -177,6 +178,19 @@ async fn the_json_api_runs_the_helpdesk_workflow_over_mtls() {
         denied.json
     );
 
+    // A one-time code for the user's self-service: shown once, never cached.
+    let otc = call(
+        &helpdesk,
+        "POST",
+        &format!("/api/v1/users/{}/one-time-code", desk.user.id),
+        Some(json!({ "credential_id": desk.card.id, "ticket_reference": "INC-7" })),
+    )
+    .await;
+    assert_eq!(otc.status, 200, "{}", otc.json);
+    assert!(!otc.json["code"].as_str().expect("code").is_empty());
+    assert!(otc.json["expires_at"].is_string(), "{}", otc.json);
+    assert_eq!(otc.headers["cache-control"], "no-store");
+
     // Custody down: the operator reads a plain sentence, not the transport's error.
     let index = desk
         .cluster
@@ -209,5 +223,16 @@ async fn the_json_api_runs_the_helpdesk_workflow_over_mtls() {
     assert_eq!(missing.json["error"]["code"], "NOT_FOUND");
     let wrong = call(&helpdesk, "DELETE", "/api/v1/whoami", None).await;
     assert_eq!(wrong.status, 405);
+
+    // The card reported lost (directory only; custody may be down).
+    let lost = call(
+        &helpdesk,
+        "POST",
+        &format!("/api/v1/cards/{}/status", desk.card.id),
+        Some(json!({ "status": "lost", "reason": "left on a train" })),
+    )
+    .await;
+    assert_eq!(lost.status, 200, "{}", lost.json);
+    assert_eq!(lost.json["credential"]["status"], "lost");
     desk.cluster.stop().await;
 }
