@@ -3,5 +3,6 @@
 //! end-to-end test harness.
 
 pub mod bootstrap;
+pub mod browser_cert;
 pub mod layout;
 pub mod supervise;
