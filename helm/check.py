@@ -40,7 +40,10 @@ NAMESPACE = "cms"
 KUBE_LINT_VERSION = "v1.29.0"
 KUBE_VERSIONS = [f"1.{minor}.0" for minor in range(29, 38)]
 WORKLOADS = ["template", "directory", "custody", "gateway"]
-DB_WORKLOADS = ["template", "directory", "custody"]
+# Workloads with a database: the backends, and the gateway for its workflow state.
+DB_WORKLOADS = ["template", "directory", "custody", "gateway"]
+# The services behind the gateway.
+BACKENDS = ["template", "directory", "custody"]
 # Active/active workloads: autoscaled when asked, a PodDisruptionBudget with several pods.
 SCALED_WORKLOADS = ["template", "directory", "gateway"]
 # Kinds of CRDs that kubernetes-validate has no schema for: checked by this script instead.
@@ -71,6 +74,7 @@ CONFIG_KEYS = {
     "directory": DB_SERVICE_KEYS,
     "custody": {**DB_SERVICE_KEYS, "callers": [CALLER_KEYS]},
     "gateway": {
+        "data_dir": None, "database": DATABASE_KEYS,
         "server": SERVER_KEYS, "tls": TLS_KEYS, "access": ACCESS_KEYS,
         "backends": {"template": UPSTREAM_KEYS, "directory": UPSTREAM_KEYS,
                      "custody": UPSTREAM_KEYS},
@@ -79,7 +83,7 @@ CONFIG_KEYS = {
 }
 REQUIRED_CONFIG = {
     "template": ["data_dir", "server.listen", "server.ops_listen", "tls.ca", "tls.cert", "tls.key"],
-    "gateway": ["server.listen", "server.ops_listen", "tls.ca", "tls.cert", "tls.key",
+    "gateway": ["data_dir", "server.listen", "server.ops_listen", "tls.ca", "tls.cert", "tls.key",
                 "backends.template.address", "backends.template.identity",
                 "backends.directory.address", "backends.directory.identity",
                 "backends.custody.address", "backends.custody.identity"],
@@ -531,7 +535,7 @@ def semantic_checks(scenario: str, values: dict, docs: list[dict]) -> None:
             fail(scenario, f"{w}: data_dir /var/lib/cms is not mounted")
 
     # Allow-lists: backends allow the gateway, the gateway allows operators, agents, services.
-    for w in DB_WORKLOADS:
+    for w in BACKENDS:
         allow = dig(configs.get(w, {}), "access.allow") or []
         if f"spiffe://{td}/cms/gateway" not in allow:
             fail(scenario, f"{w}: the gateway is not on the allow-list")
@@ -552,7 +556,7 @@ def semantic_checks(scenario: str, values: dict, docs: list[dict]) -> None:
     services = by_kind.get("Service", {})
     if f"{fullname}-agent" in services or f"{fullname}-agent" in deployments:
         fail(scenario, "agents run on desktops: the chart must not deploy one")
-    for b in DB_WORKLOADS:
+    for b in BACKENDS:
         up = dig(configs.get("gateway", {}), f"backends.{b}") or {}
         host, _, port = str(up.get("address", "")).rpartition(":")
         svc = services.get(f"{fullname}-{b}")
@@ -566,7 +570,7 @@ def semantic_checks(scenario: str, values: dict, docs: list[dict]) -> None:
     # Network policies: custody (and the other backends) only from gateway pods on gRPC.
     if values["networkPolicy"]["enabled"]:
         policies = by_kind.get("NetworkPolicy", {})
-        for w in DB_WORKLOADS:
+        for w in BACKENDS:
             pol = policies.get(f"{fullname}-{w}")
             if pol is None:
                 fail(scenario, f"no NetworkPolicy for {w}")
@@ -700,6 +704,11 @@ def check_rollouts() -> int:
     return len(cases)
 
 
+def pg_url(workload: str) -> dict:
+    """`<workload>.database` values for PostgreSQL."""
+    return {"urlSecret": {"name": f"cms-{workload}-db"}}
+
+
 def must_refuse(name: str, overrides: dict, needle: str) -> None:
     """The chart must refuse these values (schema or template `fail`) with a useful message."""
     try:
@@ -730,7 +739,7 @@ def main() -> int:
         "extraCallers": [{"identity": "spiffe://cms.local/cms/service/reports",
                           "keyReferences": ["mk-reports"]}],
     }}))
-    postgres = {w: {"database": {"urlSecret": {"name": f"cms-{w}-db"}}} for w in DB_WORKLOADS}
+    postgres = {w: {"database": pg_url(w)} for w in DB_WORKLOADS}
     scenarios.append(("postgres", postgres))
     scaled = deep_merge(postgres, {
         w: {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 8}}
@@ -761,14 +770,18 @@ def main() -> int:
          "needs a PostgreSQL database"),
         ("template with 2 replicas on SQLite", {"template": {"replicas": 2}},
          "needs a PostgreSQL database"),
+        ("gateway with 2 replicas on SQLite", {"gateway": {"replicas": 2}},
+         "needs a PostgreSQL database"),
         ("autoscaler minReplicas above maxReplicas",
-         {"gateway": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 3}}},
+         {"gateway": {"database": pg_url("gateway"),
+                      "autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 3}}},
          "minReplicas"),
         ("autoscaler without a metric",
-         {"gateway": {"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": 0}}},
+         {"gateway": {"database": pg_url("gateway"),
+                      "autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": 0}}},
          "targetCPUUtilizationPercentage"),
         ("CPU autoscaling without a CPU request",
-         {"gateway": {"autoscaling": {"enabled": True},
+         {"gateway": {"database": pg_url("gateway"), "autoscaling": {"enabled": True},
                       "resources": {"requests": {"cpu": None}}}},
          "resources.requests.cpu"),
         ("unknown migrations key", {"migrations": {"job": {"enable": True}}}, "enable"),

@@ -10,9 +10,9 @@ helpers take a dict: (dict "root" $ "name" "custody").
 template directory custody gateway
 {{- end }}
 
-{{/* Workloads that own a database (and a data_dir). */}}
+{{/* Workloads that own a database (and a data_dir): the gateway keeps its workflow state. */}}
 {{- define "cms.dbWorkloads" -}}
-template directory custody
+template directory custody gateway
 {{- end }}
 
 {{- define "cms.name" -}}
