@@ -4,9 +4,10 @@
 //!
 //! Two "nodes", A and B, each a [`Layout`] with its own config, logs and data directory (and
 //! a copy of one dev PKI): node A runs template, directory, custody and gateway, and so does
-//! node B. Template and directory run active/active; custody runs active/standby (the one
-//! holding the PostgreSQL lease serves, the other fails `/readyz`). Each gateway talks to its
-//! own node's template and directory, and to custody through a [`ServiceProxy`]: what a
+//! node B. Template, directory and gateway run active/active (the gateways share their own
+//! database too); custody runs active/standby (the one holding the PostgreSQL lease serves,
+//! the other fails `/readyz`). Each gateway talks to its own node's template and directory,
+//! and to custody through a [`ServiceProxy`]: what a
 //! Kubernetes Service does for the chart, a TCP forwarder that sends each new connection to a
 //! backend whose `/readyz` answers 200 (TLS passes through untouched).
 
@@ -196,10 +197,11 @@ pub struct ScaleOut {
 }
 
 impl ScaleOut {
-    /// Starts both nodes on `pg`: a new database each for template, directory and custody;
-    /// `custody_extra` is appended to both custody configs (e.g. `[guards]`). Returns once
-    /// node A's custody is active, node B's is standing by, and everything else is ready.
-    pub async fn start(pg: &Postgres, custody_extra: &str) -> Self {
+    /// Starts both nodes on `pg`: a new database each for template, directory, custody and
+    /// gateway; `custody_extra` and `gateway_extra` are appended to both configs of that
+    /// service (e.g. `[guards]`). Returns once node A's custody is active, node B's is
+    /// standing by, and everything else is ready.
+    pub async fn start(pg: &Postgres, custody_extra: &str, gateway_extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let a = Layout::new(&dir.path().join(NODES[0]), TRUST_DOMAIN).expect("layout");
         let b = Layout::new(&dir.path().join(NODES[1]), TRUST_DOMAIN).expect("layout");
@@ -270,6 +272,8 @@ impl ScaleOut {
         .await;
 
         let mut gateways = Vec::new();
+        let url = pg.create_database();
+        let extra = format!("{gateway_extra}\n{}", database(&url));
         for (i, node) in nodes.iter().enumerate() {
             let peers = Peers {
                 template: Some(templates[i].grpc),
@@ -277,7 +281,7 @@ impl ScaleOut {
                 custody: Some(custody_service.addr),
                 gateway: None,
             };
-            write_config(node, "gateway", &peers, "");
+            write_config(node, "gateway", &peers, &extra);
             gateways.push(start(node, "gateway").await);
         }
         Self {
