@@ -15,6 +15,14 @@ template directory custody gateway
 template directory custody gateway
 {{- end }}
 
+{{/*
+Workloads whose binary takes `--migrate-only`, migrated by the hook Job on PostgreSQL. The
+gateway (whose database is newer) migrates at start, under the same kind of advisory lock.
+*/}}
+{{- define "cms.migrateJobWorkloads" -}}
+template directory custody
+{{- end }}
+
 {{- define "cms.name" -}}
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
