@@ -18,8 +18,8 @@
 //!   sequence number is recorded twice, and the chain verifies.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use cms_kit::client::Channel;
@@ -58,8 +58,12 @@ const CARD_LIMIT: usize = 5;
 /// Load cards, each used at most [`USES_PER_CARD`] times (below the limit, so that a
 /// request custody recorded but could not answer during a failover never makes a later one
 /// hit the limit), [`CARDS_PER_USER`] per card holder.
-const LOAD_CARDS: usize = 1200;
+const FIRST_CARDS: usize = 400;
 const USES_PER_CARD: usize = 4;
+/// Most requests of one throughput phase (the cards it may use are registered first).
+const PHASE_QUOTA: i64 = 400;
+/// Load time to provide cards for in each failover round, at the measured rate.
+const ROUND_LOAD: Duration = Duration::from_secs(6);
 /// Cards per card holder (a user's search entry is rebuilt with each card registered).
 const CARDS_PER_USER: usize = 10;
 const KEY: &str = "mk";
@@ -70,17 +74,30 @@ type Admin = AdminServiceClient<Channel>;
 type Directory = DirectoryServiceClient<Channel>;
 
 /// Cards for the load, handed out [`USES_PER_CARD`] times each.
+#[derive(Default)]
 struct CardPool {
-    cards: Vec<Credential>,
+    cards: RwLock<Vec<Credential>>,
     next: AtomicUsize,
 }
 
 impl CardPool {
-    fn take(&self) -> &Credential {
+    fn take(&self) -> Credential {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         self.cards
+            .read()
+            .unwrap()
             .get(n / USES_PER_CARD)
-            .expect("the load used every card: raise LOAD_CARDS")
+            .cloned()
+            .expect("the load used every card: provide more (ROUND_LOAD, PHASE_QUOTA)")
+    }
+
+    fn uses_left(&self) -> usize {
+        let uses = self.cards.read().unwrap().len() * USES_PER_CARD;
+        uses.saturating_sub(self.next.load(Ordering::Relaxed))
+    }
+
+    fn add(&self, cards: Vec<Credential>) {
+        self.cards.write().unwrap().extend(cards);
     }
 }
 
@@ -163,20 +180,30 @@ struct Load {
 }
 
 impl Load {
-    fn start(fronts: &[Vec<Front>], tag: &str, pool: &Arc<CardPool>, ledger: &Arc<Ledger>) -> Self {
+    /// Starts the workers; together they send at most `quota` requests.
+    fn start(
+        fronts: &[Vec<Front>],
+        tag: &str,
+        quota: i64,
+        pool: &Arc<CardPool>,
+        ledger: &Arc<Ledger>,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
+        let left = Arc::new(AtomicI64::new(quota));
         let mut workers = Vec::new();
         for gateway in fronts {
             for (w, front) in gateway.iter().enumerate() {
                 let mut front = front.clone();
                 let (pool, ledger, stop) = (pool.clone(), ledger.clone(), stop.clone());
+                let left = left.clone();
                 let prefix = format!("{tag}-{}-w{w}", front.name);
                 workers.push(tokio::spawn(async move {
                     let mut n = 0u32;
-                    while !stop.load(Ordering::Relaxed) {
+                    while !stop.load(Ordering::Relaxed) && left.fetch_sub(1, Ordering::Relaxed) > 0
+                    {
                         n += 1;
                         let id = format!("{prefix}-{n}");
-                        match front.offline(&id, pool.take()).await {
+                        match front.offline(&id, &pool.take()).await {
                             Ok(()) => {
                                 let fresh = ledger.acknowledged.lock().unwrap().insert(id.clone());
                                 assert!(fresh, "{id} acknowledged twice");
@@ -205,6 +232,10 @@ impl Load {
         Self { stop, workers }
     }
 
+    fn finished(&self) -> bool {
+        self.workers.iter().all(|w| w.is_finished())
+    }
+
     async fn stop(self) {
         self.stop.store(true, Ordering::Relaxed);
         for w in self.workers {
@@ -213,7 +244,7 @@ impl Load {
     }
 }
 
-/// Cryptograms per second on `fronts` for [`PHASE`].
+/// Cryptograms per second on `fronts` for [`PHASE`] (or [`PHASE_QUOTA`] requests).
 async fn throughput(
     fronts: &[Vec<Front>],
     tag: &str,
@@ -222,8 +253,10 @@ async fn throughput(
 ) -> f64 {
     let before = ledger.acks.load(Ordering::SeqCst);
     let started = Instant::now();
-    let load = Load::start(fronts, tag, pool, ledger);
-    tokio::time::sleep(PHASE).await;
+    let load = Load::start(fronts, tag, PHASE_QUOTA, pool, ledger);
+    while started.elapsed() < PHASE && !load.finished() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     load.stop().await;
     let done = ledger.acks.load(Ordering::SeqCst) - before;
     done as f64 / started.elapsed().as_secs_f64()
@@ -339,6 +372,26 @@ async fn create_users(directories: &[Directory], prefix: &str, count: usize) -> 
         }
     }
     users
+}
+
+/// `count` more load cards under `template` (master key version 2), [`CARDS_PER_USER`] per
+/// new card holder named `<tag>-…`.
+async fn load_cards(
+    directories: &[Directory],
+    template: &cms_proto::template::v1::Template,
+    tag: &str,
+    count: usize,
+) -> Vec<Credential> {
+    let holders = create_users(directories, tag, count.div_ceil(CARDS_PER_USER)).await;
+    let to_register = (0..count)
+        .map(|i| {
+            (
+                holders[i / CARDS_PER_USER].id.clone(),
+                format!("{tag}-card-{i}"),
+            )
+        })
+        .collect();
+    register_cards(directories, template, 2, to_register).await
 }
 
 /// The offline template of the load: AES-128 cards under master key [`KEY`], no rate limits
@@ -491,7 +544,7 @@ async fn two_of_everything_on_one_postgres_survive_custody_failovers() {
         .expect("generate");
     let template = offline_template(&mut admin_a).await;
     let preparing = Instant::now();
-    let users = create_users(&directories, "holder", LOAD_CARDS / CARDS_PER_USER + 1).await;
+    let users = create_users(&directories, "holder", 1).await;
     let user = &users[0];
 
     // Helpdesk operators, one per load worker, with their certificates.
@@ -553,17 +606,17 @@ async fn two_of_everything_on_one_postgres_survive_custody_failovers() {
         })
         .await
         .expect("retire");
-    let mut to_register: Vec<(String, String)> = (0..LOAD_CARDS)
-        .map(|i| (users[i / CARDS_PER_USER].id.clone(), format!("load-{i}")))
-        .collect();
-    to_register.push((user.id.clone(), "card-with-a-limit".into()));
-    let mut cards = register_cards(&directories, &template, 2, to_register).await;
-    let limited = cards.pop().expect("the limited card");
+    let limited = register_cards(
+        &directories,
+        &template,
+        2,
+        vec![(user.id.clone(), "card-with-a-limit".into())],
+    )
+    .await
+    .remove(0);
+    let pool = Arc::new(CardPool::default());
+    pool.add(load_cards(&directories, &template, "first", FIRST_CARDS).await);
     let prepared_in = preparing.elapsed();
-    let pool = Arc::new(CardPool {
-        cards,
-        next: AtomicUsize::new(0),
-    });
 
     // The card with the limit: 2 cryptograms through gateway A before any failover.
     let mut limited_served = 0;
@@ -592,12 +645,22 @@ async fn two_of_everything_on_one_postgres_survive_custody_failovers() {
         pki.id("custody"),
     ));
 
+    // Cards for the failover rounds, at the rate just measured (with a margin).
+    let wanted = (one.max(two) * ROUND_LOAD.as_secs_f64() * FAILOVERS as f64 * 1.5) as usize;
+    let more = wanted
+        .saturating_sub(pool.uses_left())
+        .div_ceil(USES_PER_CARD);
+    if more > 0 {
+        pool.add(load_cards(&directories, &template, "more", more).await);
+    }
+    let cards_made = pool.cards.read().unwrap().len() + 2;
+
     // Failovers under load through both gateways.
     let mut to_ready = Vec::new();
     let mut to_served = Vec::new();
     let mut active = system.active_custody().await.expect("an active custody");
     for round in 0..FAILOVERS {
-        let load = Load::start(&fronts, &format!("r{round}"), &pool, &ledger);
+        let load = Load::start(&fronts, &format!("r{round}"), i64::MAX, &pool, &ledger);
         tokio::time::sleep(Duration::from_millis(400)).await;
         let standby = 1 - active;
         assert_eq!(
@@ -713,12 +776,12 @@ async fn two_of_everything_on_one_postgres_survive_custody_failovers() {
     // The figures depend on what else the machine runs: its load is part of them.
     let load_average = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "scale-out: 2 gateways, 2 directories, 2 templates, 2 custody (active/standby) on one PostgreSQL; started in {boot:.1?}; {} card holders, {} cards and {} operators made in {prepared_in:.1?}\n\
+        "scale-out: 2 gateways, 2 directories, 2 templates, 2 custody (active/standby) on one PostgreSQL; started in {boot:.1?}; {} cards ({} per holder) and {} operators, the first {FIRST_CARDS} made in {prepared_in:.1?}\n\
          offline responses/s through the gateways ({WORKERS_PER_GATEWAY} in flight per gateway): 1 gateway {one:.0}/s, 2 gateways {two:.0}/s ({:.2}x)\n\
          failover after SIGKILL of the active custody ({FAILOVERS}x): standby ready p50 {:?} max {:?}; first acknowledged cryptogram p50 {:?} max {:?}\n\
          {} cryptograms acknowledged, each recorded once; {} audit records verified; refused under load: {refused:?} (e.g. {samples:?}); total {:.1?}; load average {}",
-        users.len(),
-        LOAD_CARDS + 2,
+        cards_made,
+        CARDS_PER_USER,
         2 * WORKERS_PER_GATEWAY,
         two / one,
         percentile(&to_ready, 50),
