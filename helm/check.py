@@ -1,19 +1,28 @@
 """Checks the cms Helm chart without a helm binary or a cluster (run by helm/check.sh).
 
-For every scenario (the defaults, cert-manager on, and each helm/examples/*.yaml):
+For every scenario (the defaults, i.e. SQLite; cert-manager on; custody caller scopes;
+PostgreSQL for every workload; PostgreSQL with autoscaling; the ServiceMonitor on; PostgreSQL
+without the migration Job; and each helm/examples/*.yaml):
   1. helm lint --strict (Helm's own linter, through helm-python-sdk's libhelm_c; this also
-     validates the values against values.schema.json),
+     validates the values against values.schema.json) for the oldest supported Kubernetes,
   2. helm template (same library) into <out>/rendered-<scenario>.yaml,
-  3. kubernetes-validate --strict against several Kubernetes versions (cert-manager
-     Certificates have no schema there; they are checked by 4 instead),
+  3. kubernetes-validate --strict against every minor version from 1.29 to 1.37 (cert-manager
+     Certificates and the ServiceMonitor have no schema there; they are checked by 4),
   4. what the services and this project need, which no generic tool knows: every rendered
      TOML config uses only keys the services accept; every container runs non-root with a
      read-only root file system, no capabilities and the RuntimeDefault seccomp profile, and
      is probed on /livez and /readyz of its ops port; custody's gRPC port is reachable only
      from gateway pods; custody gives the gateway a caller scope and PIV PUK release to no
      one else; each Certificate carries exactly one URI SAN (the workload's SPIFFE ID), both
-     server and client auth, and the DNS name the gateway dials.
-Then values that must be refused are checked to be refused.
+     server and client auth, and the DNS name the gateway dials; replicas (custody's "auto":
+     2 active/standby on PostgreSQL, 1 on SQLite; never more than 1 pod on SQLite),
+     autoscalers and the Deployments they own, rollout strategies (custody active/standby
+     replaces all pods at once), checksum annotations and PodDisruptionBudgets; the migration
+     hook Jobs (pre-install/pre-upgrade, delete policies, weights, their ConfigMap and
+     ServiceAccount as earlier hooks, the workload's image, command, config and database
+     Secret plus --migrate-only, no TLS key); the ServiceMonitor and its headless Services.
+Then values that must be refused are checked to be refused, and which value changes roll
+which pods (checksum/config, checksum/secrets).
 
 Exit status: 0 when everything passed, 1 otherwise.
 """
