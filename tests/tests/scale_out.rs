@@ -145,7 +145,7 @@ impl Front {
         Ok(())
     }
 
-    /// As [`Front::offline`], retried while custody is unavailable (failing over), for at
+    /// As [`Front::offline`], retried while the failover shows (see [`failing_over`]), for at
     /// most the failover target.
     async fn settled(&mut self, request_id: &str, card: &Credential) -> Result<(), Status> {
         let started = Instant::now();
@@ -154,7 +154,7 @@ impl Front {
             attempt += 1;
             let id = format!("{request_id}-try{attempt}");
             match self.offline(&id, card).await {
-                Err(s) if s.code() == Code::Unavailable && started.elapsed() < FAILOVER_TARGET => {
+                Err(s) if failing_over(&s) && started.elapsed() < FAILOVER_TARGET => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 other => return other,
@@ -262,7 +262,17 @@ async fn throughput(
     done as f64 / started.elapsed().as_secs_f64()
 }
 
-/// An admin call through a gateway, retried while custody behind it is unavailable.
+/// What a caller sees while custody fails over: UNAVAILABLE from the gateway (custody
+/// refused or unreachable), or a connection to the old active instance that broke under a
+/// call in flight (the gateway passes it on as UNKNOWN "transport error", or CANCELLED).
+fn failing_over(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled
+    )
+}
+
+/// An admin call through a gateway, retried while custody behind it fails over.
 async fn through_gateway<T, F, Fut>(mut call: F) -> T
 where
     F: FnMut() -> Fut,
@@ -272,7 +282,7 @@ where
     loop {
         match call().await {
             Ok(r) => return r.into_inner(),
-            Err(s) if s.code() == Code::Unavailable && started.elapsed() < FAILOVER_TARGET => {
+            Err(s) if failing_over(&s) && started.elapsed() < FAILOVER_TARGET => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Err(s) => panic!("through the gateway: {s:?}"),
