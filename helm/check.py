@@ -1,19 +1,28 @@
 """Checks the cms Helm chart without a helm binary or a cluster (run by helm/check.sh).
 
-For every scenario (the defaults, cert-manager on, and each helm/examples/*.yaml):
+For every scenario (the defaults, i.e. SQLite; cert-manager on; custody caller scopes;
+PostgreSQL for every workload; PostgreSQL with autoscaling; the ServiceMonitor on; PostgreSQL
+without the migration Job; and each helm/examples/*.yaml):
   1. helm lint --strict (Helm's own linter, through helm-python-sdk's libhelm_c; this also
-     validates the values against values.schema.json),
+     validates the values against values.schema.json) for the oldest supported Kubernetes,
   2. helm template (same library) into <out>/rendered-<scenario>.yaml,
-  3. kubernetes-validate --strict against several Kubernetes versions (cert-manager
-     Certificates have no schema there; they are checked by 4 instead),
+  3. kubernetes-validate --strict against every minor version from 1.29 to 1.37 (cert-manager
+     Certificates and the ServiceMonitor have no schema there; they are checked by 4),
   4. what the services and this project need, which no generic tool knows: every rendered
      TOML config uses only keys the services accept; every container runs non-root with a
      read-only root file system, no capabilities and the RuntimeDefault seccomp profile, and
      is probed on /livez and /readyz of its ops port; custody's gRPC port is reachable only
      from gateway pods; custody gives the gateway a caller scope and PIV PUK release to no
      one else; each Certificate carries exactly one URI SAN (the workload's SPIFFE ID), both
-     server and client auth, and the DNS name the gateway dials.
-Then values that must be refused are checked to be refused.
+     server and client auth, and the DNS name the gateway dials; replicas (custody's "auto":
+     2 active/standby on PostgreSQL, 1 on SQLite; never more than 1 pod on SQLite),
+     autoscalers and the Deployments they own, rollout strategies (custody active/standby
+     replaces all pods at once), checksum annotations and PodDisruptionBudgets; the migration
+     hook Jobs (pre-install/pre-upgrade, delete policies, weights, their ConfigMap and
+     ServiceAccount as earlier hooks, the workload's image, command, config and database
+     Secret plus --migrate-only, no TLS key); the ServiceMonitor and its headless Services.
+Then values that must be refused are checked to be refused, and which value changes roll
+which pods (checksum/config, checksum/secrets).
 
 Exit status: 0 when everything passed, 1 otherwise.
 """
@@ -35,10 +44,20 @@ CHART = HERE / "cms"
 EXAMPLES = HERE / "examples"
 RELEASE = "cms"
 NAMESPACE = "cms"
-KUBE_LINT_VERSION = "v1.30.0"
-KUBE_VERSIONS = ["1.25.0", "1.30.0", "1.37.0"]
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) for `helm lint`, and every
+# minor version from it to the newest kubernetes-validate knows, for the rendered objects.
+KUBE_LINT_VERSION = "v1.29.0"
+KUBE_VERSIONS = [f"1.{minor}.0" for minor in range(29, 38)]
 WORKLOADS = ["template", "directory", "custody", "gateway"]
-DB_WORKLOADS = ["template", "directory", "custody"]
+# Workloads with a database: the backends, and the gateway for its workflow state.
+DB_WORKLOADS = ["template", "directory", "custody", "gateway"]
+# The services behind the gateway.
+BACKENDS = ["template", "directory", "custody"]
+# Active/active workloads: autoscaled when asked, a PodDisruptionBudget with several pods.
+SCALED_WORKLOADS = ["template", "directory", "gateway"]
+# Kinds of CRDs that kubernetes-validate has no schema for: checked by this script instead.
+CRD_KINDS = {"Certificate": "cert-manager.io/v1", "ServiceMonitor": "monitoring.coreos.com/v1"}
+HOOK_EVENTS = {"pre-install", "pre-upgrade"}
 
 # The config keys each service accepts (its serde structs deny unknown fields):
 # services/kit/src/{server,tls,authz,db,telemetry,client}.rs, services/*/src/config.rs,
@@ -64,6 +83,7 @@ CONFIG_KEYS = {
     "directory": DB_SERVICE_KEYS,
     "custody": {**DB_SERVICE_KEYS, "callers": [CALLER_KEYS]},
     "gateway": {
+        "data_dir": None, "database": DATABASE_KEYS,
         "server": SERVER_KEYS, "tls": TLS_KEYS, "access": ACCESS_KEYS,
         "backends": {"template": UPSTREAM_KEYS, "directory": UPSTREAM_KEYS,
                      "custody": UPSTREAM_KEYS},
@@ -72,7 +92,7 @@ CONFIG_KEYS = {
 }
 REQUIRED_CONFIG = {
     "template": ["data_dir", "server.listen", "server.ops_listen", "tls.ca", "tls.cert", "tls.key"],
-    "gateway": ["server.listen", "server.ops_listen", "tls.ca", "tls.cert", "tls.key",
+    "gateway": ["data_dir", "server.listen", "server.ops_listen", "tls.ca", "tls.cert", "tls.key",
                 "backends.template.address", "backends.template.identity",
                 "backends.directory.address", "backends.directory.identity",
                 "backends.custody.address", "backends.custody.identity"],
@@ -148,15 +168,17 @@ def kube_validate(scenario: str, rendered: Path, docs: list[dict]) -> None:
         args += ["-k", version]
     proc = subprocess.run(args + [str(rendered)], capture_output=True, text=True)
     out = (proc.stdout + proc.stderr).strip()
+    crd_lines = [f"kind {kind} with api version {api}" for kind, api in CRD_KINDS.items()]
     unexpected = [line for line in out.splitlines()
-                  if line.strip() and "kind Certificate with api version cert-manager.io/v1"
-                  not in line]
+                  if line.strip() and not any(c in line for c in crd_lines)]
     if proc.returncode != 0 or unexpected:
-        fail(scenario, f"kubernetes-validate exited {proc.returncode}:\n{out}")
+        fail(scenario, f"kubernetes-validate exited {proc.returncode}:\n"
+                       + "\n".join(unexpected or out.splitlines()))
         return
-    kinds = sorted({d["kind"] for d in docs if d["kind"] != "Certificate"})
-    print(f"  ok   kubernetes-validate --strict -k {' -k '.join(KUBE_VERSIONS)}: "
-          f"{sum(d['kind'] != 'Certificate' for d in docs)} objects ({', '.join(kinds)})")
+    checked = [d for d in docs if d["kind"] not in CRD_KINDS]
+    kinds = sorted({d["kind"] for d in checked})
+    print(f"  ok   kubernetes-validate --strict -k {KUBE_VERSIONS[0]} .. -k {KUBE_VERSIONS[-1]} "
+          f"({len(KUBE_VERSIONS)} versions): {len(checked)} objects ({', '.join(kinds)})")
 
 
 def check_toml_keys(scenario: str, name: str, data: dict, allowed: dict, prefix: str = "") -> None:
@@ -192,6 +214,264 @@ def dig(data: dict, dotted: str):
             return None
         data = data[part]
     return data
+
+
+def check_pod_security(scenario: str, label: str, pod: dict) -> None:
+    psc = pod.get("securityContext", {})
+    if psc.get("runAsNonRoot") is not True or psc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+        fail(scenario, f"{label}: pod securityContext must set runAsNonRoot and seccomp RuntimeDefault")
+    if pod.get("automountServiceAccountToken") is not False:
+        fail(scenario, f"{label}: the service account token must not be mounted")
+    main = pod["containers"][0]
+    for c in pod["containers"]:
+        sc = c.get("securityContext", {})
+        if c is main or sc:
+            ok = (sc.get("readOnlyRootFilesystem") is True
+                  and sc.get("allowPrivilegeEscalation") is False
+                  and "ALL" in sc.get("capabilities", {}).get("drop", [])
+                  and sc.get("runAsNonRoot") is True)
+            if not ok:
+                fail(scenario, f"{label}/{c['name']}: container securityContext must be "
+                               "non-root, read-only root, no privilege escalation, drop ALL")
+
+
+def uses_postgres(values: dict, w: str) -> bool:
+    return bool(values[w].get("database", {}).get("urlSecret", {}).get("name"))
+
+
+def autoscaled(values: dict, w: str) -> bool:
+    return bool(values[w].get("autoscaling", {}).get("enabled"))
+
+
+def expected_replicas(values: dict, w: str) -> int:
+    """The Deployment's replicas: custody's "auto" is 2 on PostgreSQL, 1 on SQLite."""
+    replicas = values[w]["replicas"]
+    if replicas == "auto":
+        return 2 if uses_postgres(values, w) else 1
+    return int(replicas)
+
+
+def min_pods(values: dict, w: str) -> int:
+    if autoscaled(values, w):
+        return int(values[w]["autoscaling"]["minReplicas"])
+    return expected_replicas(values, w)
+
+
+def check_scaling(scenario: str, values: dict, by_kind: dict) -> None:
+    """Replicas, autoscalers, rollout strategies, readiness and disruption budgets."""
+    deployments = by_kind.get("Deployment", {})
+    hpas = by_kind.get("HorizontalPodAutoscaler", {})
+    pdbs = by_kind.get("PodDisruptionBudget", {})
+    for w in WORKLOADS:
+        name = f"{RELEASE}-{w}"
+        dep = deployments.get(name)
+        if dep is None:
+            continue
+        spec = dep["spec"]
+        hpa = hpas.get(name)
+        if autoscaled(values, w):
+            a = values[w]["autoscaling"]
+            if "replicas" in spec:
+                fail(scenario, f"{w}: autoscaled, but the Deployment sets replicas "
+                               "(every upgrade would reset the autoscaler's count)")
+            if hpa is None:
+                fail(scenario, f"{w}: autoscaling.enabled but no HorizontalPodAutoscaler")
+            else:
+                hs = hpa["spec"]
+                target = hs.get("scaleTargetRef", {})
+                if (hpa.get("apiVersion") != "autoscaling/v2" or target.get("kind") != "Deployment"
+                        or target.get("name") != name or target.get("apiVersion") != "apps/v1"):
+                    fail(scenario, f"{w}: the autoscaler does not scale Deployment {name} "
+                                   "(autoscaling/v2)")
+                if (hs.get("minReplicas"), hs.get("maxReplicas")) != (a["minReplicas"], a["maxReplicas"]):
+                    fail(scenario, f"{w}: autoscaler min/max {hs.get('minReplicas')}/"
+                                   f"{hs.get('maxReplicas')}")
+                metrics = {m["resource"]["name"]: m["resource"]["target"]["averageUtilization"]
+                           for m in hs.get("metrics", [])}
+                wanted = {k: v for k, v in (("cpu", a["targetCPUUtilizationPercentage"]),
+                                            ("memory", a["targetMemoryUtilizationPercentage"])) if v}
+                if metrics != wanted:
+                    fail(scenario, f"{w}: autoscaler metrics {metrics}, expected {wanted}")
+                requests = values[w].get("resources", {}).get("requests", {})
+                for resource in metrics:
+                    if resource not in requests:
+                        fail(scenario, f"{w}: autoscaled on {resource} without a request for it")
+        else:
+            if hpa is not None:
+                fail(scenario, f"{w}: HorizontalPodAutoscaler rendered without autoscaling.enabled")
+            if spec.get("replicas") != expected_replicas(values, w):
+                fail(scenario, f"{w}: replicas {spec.get('replicas')}, expected "
+                               f"{expected_replicas(values, w)}")
+        most = int(values[w]["autoscaling"]["maxReplicas"]) if autoscaled(values, w) \
+            else expected_replicas(values, w)
+        if w in DB_WORKLOADS and not uses_postgres(values, w) and most > 1:
+            fail(scenario, f"{w}: {most} pods on SQLite")
+        strategy = spec.get("strategy", {})
+        main = spec["template"]["spec"]["containers"][0]
+        ready = main.get("readinessProbe", {})
+        active_standby = w == "custody" and uses_postgres(values, w) and expected_replicas(values, w) > 1
+        if active_standby:
+            # Only the lease holder is Ready: a rollout that waits for new pods to become
+            # available while an old one holds the lease never ends.
+            if strategy != {"type": "RollingUpdate",
+                            "rollingUpdate": {"maxSurge": 0, "maxUnavailable": "100%"}}:
+                fail(scenario, f"custody: active/standby needs maxSurge 0 / maxUnavailable 100%, "
+                               f"got {strategy}")
+            if ready.get("periodSeconds", 10) > 2:
+                fail(scenario, "custody: readiness probed too rarely for a fast failover")
+        elif w in DB_WORKLOADS and not uses_postgres(values, w) and values[w]["persistence"]["enabled"]:
+            if strategy.get("type") != "Recreate":
+                fail(scenario, f"{w}: SQLite on a ReadWriteOnce volume needs the Recreate strategy")
+        elif strategy.get("rollingUpdate", {}).get("maxUnavailable") != 0:
+            fail(scenario, f"{w}: an active/active rollout must keep every pod until its "
+                           f"replacement is ready, got {strategy}")
+        annotations = spec["template"]["metadata"].get("annotations", {})
+        for key in ("checksum/config", "checksum/secrets"):
+            if len(str(annotations.get(key, ""))) != 64:
+                fail(scenario, f"{w}: pod annotation {key} missing")
+        want_pdb = (w in SCALED_WORKLOADS and values[w]["pdb"]["enabled"]
+                    and min_pods(values, w) > 1)
+        if want_pdb != (name in pdbs):
+            fail(scenario, f"{w}: PodDisruptionBudget rendered={name in pdbs}, expected {want_pdb}")
+        if name in pdbs and pdbs[name]["spec"]["selector"]["matchLabels"] != \
+                spec["selector"]["matchLabels"]:
+            fail(scenario, f"{w}: the PodDisruptionBudget selects other pods than the Deployment")
+    extra = set(hpas) - {f"{RELEASE}-{w}" for w in SCALED_WORKLOADS}
+    if extra:
+        fail(scenario, f"unexpected autoscalers {sorted(extra)}")
+
+
+def hook_of(obj: dict) -> tuple[set[str], int, set[str]] | None:
+    annotations = obj["metadata"].get("annotations", {})
+    if "helm.sh/hook" not in annotations:
+        return None
+    return (set(annotations["helm.sh/hook"].split(",")),
+            int(annotations.get("helm.sh/hook-weight", "0")),
+            set(annotations.get("helm.sh/hook-delete-policy", "").split(",")))
+
+
+def check_migrations(scenario: str, values: dict, by_kind: dict) -> None:
+    """The pre-install/pre-upgrade migration Jobs: one per workload on PostgreSQL, running the
+    workload's own binary, config and database Secret with --migrate-only, before anything."""
+    jobs = by_kind.get("Job", {})
+    deployments = by_kind.get("Deployment", {})
+    configmaps = by_kind.get("ConfigMap", {})
+    enabled = values["migrations"]["job"]["enabled"]
+    # The gateway migrates at start (its binary takes no --migrate-only yet).
+    expected = {f"{RELEASE}-{w}-migrate" for w in BACKENDS
+                if enabled and uses_postgres(values, w)}
+    if set(jobs) != expected:
+        fail(scenario, f"migration Jobs {sorted(jobs)}, expected {sorted(expected)}")
+    hooks = [(d, hook_of(d)) for kind in by_kind.values() for d in kind.values()]
+    hooks = [(d, h) for d, h in hooks if h is not None]
+    for d, (events, weight, policy) in hooks:
+        label = f"{d['kind']}/{d['metadata']['name']}"
+        if events != HOOK_EVENTS:
+            fail(scenario, f"{label}: hook on {sorted(events)}, expected {sorted(HOOK_EVENTS)}")
+        if not {"before-hook-creation", "hook-succeeded"} <= policy:
+            fail(scenario, f"{label}: hook-delete-policy {sorted(policy)} would leave it behind "
+                           "or block the next upgrade")
+        if d["kind"] != "Job" and weight >= 0:
+            fail(scenario, f"{label}: must be created before the Jobs (weight {weight})")
+    hook_names = {(d["kind"], d["metadata"]["name"]) for d, _ in hooks}
+    for name in sorted(expected):
+        job = jobs.get(name)
+        if job is None:
+            continue
+        w = name[len(RELEASE) + 1:-len("-migrate")]
+        if ("Job", name) not in hook_names:
+            fail(scenario, f"{name}: not a Helm hook")
+        pod = job["spec"]["template"]["spec"]
+        check_pod_security(scenario, name, pod)
+        if pod.get("restartPolicy") != "Never":
+            fail(scenario, f"{name}: restartPolicy must be Never (the Job retries)")
+        sa = pod.get("serviceAccountName")
+        if ("ServiceAccount", sa) not in hook_names:
+            fail(scenario, f"{name}: its ServiceAccount {sa} does not exist before the release's "
+                           "objects (it must be a hook too)")
+        dep = deployments.get(f"{RELEASE}-{w}")
+        if dep is None:
+            continue
+        main = dep["spec"]["template"]["spec"]["containers"][0]
+        job_main = pod["containers"][0]
+        if job_main.get("image") != main.get("image"):
+            fail(scenario, f"{name}: image {job_main.get('image')} is not the workload's")
+        if job_main.get("command") != main.get("command"):
+            fail(scenario, f"{name}: command {job_main.get('command')}")
+        if job_main.get("args") != main.get("args", []) + ["--migrate-only"]:
+            fail(scenario, f"{name}: args {job_main.get('args')}, expected the workload's + "
+                           "--migrate-only")
+        env_name = f"CMS_{w.upper()}__DATABASE__URL"
+        job_env = {e["name"]: e for e in job_main.get("env", [])}
+        main_env = {e["name"]: e for e in main.get("env", [])}
+        if job_env.get(env_name) != main_env.get(env_name) or env_name not in job_env:
+            fail(scenario, f"{name}: {env_name} is not the workload's Secret")
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        cm_name = volumes.get("config", {}).get("configMap", {}).get("name")
+        if ("ConfigMap", cm_name) not in hook_names:
+            fail(scenario, f"{name}: its ConfigMap {cm_name} is not a hook")
+        elif configmaps[cm_name]["data"] != configmaps[f"{RELEASE}-{w}"]["data"]:
+            fail(scenario, f"{name}: its config differs from the workload's")
+        mounts = {m["mountPath"]: m["name"] for m in job_main.get("volumeMounts", [])}
+        if mounts.get("/etc/cms/config") != "config":
+            fail(scenario, f"{name}: config not mounted at /etc/cms/config")
+        if "/etc/cms/tls" in mounts:
+            fail(scenario, f"{name}: a migration needs no TLS key")
+        labels = job["spec"]["template"]["metadata"].get("labels", {})
+        selector = dep["spec"]["selector"]["matchLabels"]
+        if all(labels.get(k) == v for k, v in selector.items()):
+            fail(scenario, f"{name}: its pod would count as a {w} pod (Service, budget)")
+
+
+def check_service_monitor(scenario: str, values: dict, by_kind: dict) -> None:
+    """metrics.serviceMonitor: one ServiceMonitor over a headless ops Service per workload."""
+    monitors = by_kind.get("ServiceMonitor", {})
+    services = by_kind.get("Service", {})
+    sm_values = values["metrics"]["serviceMonitor"]
+    if not sm_values["enabled"]:
+        if monitors or any(n.endswith("-metrics") for n in services):
+            fail(scenario, "ServiceMonitor or metrics Services rendered while disabled")
+        return
+    if list(monitors) != [RELEASE]:
+        fail(scenario, f"ServiceMonitors {sorted(monitors)}, expected [{RELEASE}]")
+        return
+    sm = monitors[RELEASE]
+    if sm.get("apiVersion") != CRD_KINDS["ServiceMonitor"]:
+        fail(scenario, f"ServiceMonitor apiVersion {sm.get('apiVersion')}")
+    unknown = set(sm["spec"]) - {"selector", "namespaceSelector", "endpoints", "targetLabels",
+                                  "podTargetLabels", "jobLabel", "sampleLimit"}
+    if unknown:
+        fail(scenario, f"ServiceMonitor: unknown spec fields {sorted(unknown)}")
+    for k, v in sm_values.get("labels", {}).items():
+        if sm["metadata"]["labels"].get(k) != v:
+            fail(scenario, f"ServiceMonitor lacks label {k}={v}")
+    endpoints = sm["spec"].get("endpoints", [])
+    if [(e.get("port"), e.get("path"), e.get("scheme")) for e in endpoints] != \
+            [("ops", "/metrics", "http")]:
+        fail(scenario, f"ServiceMonitor endpoints {endpoints}")
+    selector = sm["spec"]["selector"]["matchLabels"]
+    if sm["spec"].get("namespaceSelector", {}).get("matchNames") != [NAMESPACE]:
+        fail(scenario, "ServiceMonitor must watch the release's namespace")
+    selected = {n for n, svc in services.items()
+                if all(svc["metadata"]["labels"].get(k) == v for k, v in selector.items())}
+    wanted = {f"{RELEASE}-{w}-metrics" for w in WORKLOADS}
+    if selected != wanted:
+        fail(scenario, f"ServiceMonitor selects Services {sorted(selected)}, expected "
+                       f"{sorted(wanted)}")
+    for w in WORKLOADS:
+        svc = services.get(f"{RELEASE}-{w}-metrics")
+        if svc is None:
+            continue
+        spec = svc["spec"]
+        if spec.get("clusterIP") != "None" or spec.get("publishNotReadyAddresses") is not True:
+            fail(scenario, f"{w}: the metrics Service must be headless and list not-ready pods "
+                           "(custody's standbys)")
+        if [(p["name"], p["port"], p["targetPort"]) for p in spec["ports"]] != \
+                [("ops", values[w]["opsPort"], "ops")]:
+            fail(scenario, f"{w}: the metrics Service must expose the ops port only")
+        dep = by_kind.get("Deployment", {}).get(f"{RELEASE}-{w}")
+        if dep and spec.get("selector") != dep["spec"]["selector"]["matchLabels"]:
+            fail(scenario, f"{w}: the metrics Service selects other pods than the Deployment")
 
 
 def semantic_checks(scenario: str, values: dict, docs: list[dict]) -> None:
@@ -230,22 +510,8 @@ def semantic_checks(scenario: str, values: dict, docs: list[dict]) -> None:
         if dep is None:
             continue
         pod = dep["spec"]["template"]["spec"]
-        psc = pod.get("securityContext", {})
-        if psc.get("runAsNonRoot") is not True or psc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
-            fail(scenario, f"{w}: pod securityContext must set runAsNonRoot and seccomp RuntimeDefault")
-        if pod.get("automountServiceAccountToken") is not False:
-            fail(scenario, f"{w}: the service account token must not be mounted")
+        check_pod_security(scenario, w, pod)
         main = pod["containers"][0]
-        for c in pod["containers"]:
-            sc = c.get("securityContext", {})
-            if c is main or sc:
-                ok = (sc.get("readOnlyRootFilesystem") is True
-                      and sc.get("allowPrivilegeEscalation") is False
-                      and "ALL" in sc.get("capabilities", {}).get("drop", [])
-                      and sc.get("runAsNonRoot") is True)
-                if not ok:
-                    fail(scenario, f"{w}/{c['name']}: container securityContext must be "
-                                   "non-root, read-only root, no privilege escalation, drop ALL")
         if main.get("command") != [f"/usr/local/bin/cms-{w}"]:
             fail(scenario, f"{w}: command is {main.get('command')}")
         if main.get("args") != ["--config", f"/etc/cms/config/{w}.toml"]:
@@ -279,7 +545,7 @@ def semantic_checks(scenario: str, values: dict, docs: list[dict]) -> None:
             fail(scenario, f"{w}: data_dir /var/lib/cms is not mounted")
 
     # Allow-lists: backends allow the gateway, the gateway allows operators, agents, services.
-    for w in DB_WORKLOADS:
+    for w in BACKENDS:
         allow = dig(configs.get(w, {}), "access.allow") or []
         if f"spiffe://{td}/cms/gateway" not in allow:
             fail(scenario, f"{w}: the gateway is not on the allow-list")
@@ -300,7 +566,7 @@ def semantic_checks(scenario: str, values: dict, docs: list[dict]) -> None:
     services = by_kind.get("Service", {})
     if f"{fullname}-agent" in services or f"{fullname}-agent" in deployments:
         fail(scenario, "agents run on desktops: the chart must not deploy one")
-    for b in DB_WORKLOADS:
+    for b in BACKENDS:
         up = dig(configs.get("gateway", {}), f"backends.{b}") or {}
         host, _, port = str(up.get("address", "")).rpartition(":")
         svc = services.get(f"{fullname}-{b}")
@@ -314,7 +580,7 @@ def semantic_checks(scenario: str, values: dict, docs: list[dict]) -> None:
     # Network policies: custody (and the other backends) only from gateway pods on gRPC.
     if values["networkPolicy"]["enabled"]:
         policies = by_kind.get("NetworkPolicy", {})
-        for w in DB_WORKLOADS:
+        for w in BACKENDS:
             pol = policies.get(f"{fullname}-{w}")
             if pol is None:
                 fail(scenario, f"no NetworkPolicy for {w}")
@@ -339,10 +605,9 @@ def semantic_checks(scenario: str, values: dict, docs: list[dict]) -> None:
         if "NetworkPolicy" in by_kind and len(policies) != len(WORKLOADS):
             fail(scenario, f"expected {len(WORKLOADS)} NetworkPolicies, got {len(policies)}")
 
-    pdbs = by_kind.get("PodDisruptionBudget", {})
-    want_pdb = values["gateway"]["pdb"]["enabled"] and values["gateway"]["replicas"] > 1
-    if want_pdb != (f"{fullname}-gateway" in pdbs):
-        fail(scenario, f"gateway PodDisruptionBudget rendered={not want_pdb}, expected {want_pdb}")
+    check_scaling(scenario, values, by_kind)
+    check_migrations(scenario, values, by_kind)
+    check_service_monitor(scenario, values, by_kind)
 
     # Certificates (cert-manager): identity, EKUs, and the names clients dial.
     certs = by_kind.get("Certificate", {})
@@ -389,7 +654,11 @@ def semantic_checks(scenario: str, values: dict, docs: list[dict]) -> None:
 
     if len(failures) == errors_before:
         print(f"  ok   service configs, security contexts, probes, allow-lists, network "
-              f"policies{', certificates' if certs else ''}")
+              f"policies, replicas and rollouts, budgets"
+              f"{', autoscalers' if by_kind.get('HorizontalPodAutoscaler') else ''}"
+              f"{', migration hooks' if by_kind.get('Job') else ''}"
+              f"{', ServiceMonitor' if by_kind.get('ServiceMonitor') else ''}"
+              f"{', certificates' if certs else ''}")
 
 
 def run_scenario(scenario: str, overrides: dict | None, defaults: dict, out: Path) -> None:
@@ -407,6 +676,47 @@ def run_scenario(scenario: str, overrides: dict | None, defaults: dict, out: Pat
     print(f"  ok   helm template -> {rendered} ({len(docs)} objects)")
     kube_validate(scenario, rendered, docs)
     semantic_checks(scenario, values, docs)
+
+
+def pod_checksums(overrides: dict | None) -> dict[str, dict[str, str]]:
+    docs = [d for d in yaml.safe_load_all(render(overrides)) if d]
+    return {d["metadata"]["name"][len(RELEASE) + 1:]:
+            {k: v for k, v in d["spec"]["template"]["metadata"]["annotations"].items()
+             if k.startswith("checksum/")}
+            for d in docs if d["kind"] == "Deployment"}
+
+
+def check_rollouts() -> int:
+    """Pods roll (their template changes) exactly when their config or Secrets change."""
+    print("\n== rollouts: which changes roll which pods (checksum annotations)")
+    base = pod_checksums(None)
+    cases = [
+        ("telemetry.log for everyone", {"telemetry": {"log": "debug"}},
+         "checksum/config", set(WORKLOADS)),
+        ("a custody caller scope", {"custody": {
+            "access": {"extraAllow": ["spiffe://cms.local/cms/service/r"]},
+            "extraCallers": [{"identity": "spiffe://cms.local/cms/service/r"}]}},
+         "checksum/config", {"custody"}),
+        ("the directory's TLS Secret", {"directory": {"tlsSecretName": "other-tls"}},
+         "checksum/secrets", {"directory"}),
+        ("custody's database Secret", {"custody": {"database": {"urlSecret": {"name": "db"}}}},
+         "checksum/secrets", {"custody"}),
+    ]
+    failed = 0
+    for name, overrides, key, rolled in cases:
+        changed = pod_checksums(overrides)
+        moved = {w for w in WORKLOADS if changed[w][key] != base[w][key]}
+        if moved != rolled:
+            fail("rollouts", f"{name}: {key} changed for {sorted(moved)}, expected {sorted(rolled)}")
+            failed += 1
+        else:
+            print(f"  ok   {name}: rolls {', '.join(sorted(rolled))}")
+    return len(cases)
+
+
+def pg_url(workload: str) -> dict:
+    """`<workload>.database` values for PostgreSQL."""
+    return {"urlSecret": {"name": f"cms-{workload}-db"}}
 
 
 def must_refuse(name: str, overrides: dict, needle: str) -> None:
@@ -439,6 +749,19 @@ def main() -> int:
         "extraCallers": [{"identity": "spiffe://cms.local/cms/service/reports",
                           "keyReferences": ["mk-reports"]}],
     }}))
+    postgres = {w: {"database": pg_url(w)} for w in DB_WORKLOADS}
+    scenarios.append(("postgres", postgres))
+    scaled = deep_merge(postgres, {
+        w: {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 8}}
+        for w in SCALED_WORKLOADS})
+    scaled["gateway"]["autoscaling"]["targetMemoryUtilizationPercentage"] = 80
+    scaled["directory"]["autoscaling"]["behavior"] = {
+        "scaleDown": {"stabilizationWindowSeconds": 600}}
+    scenarios.append(("postgres-autoscaling", scaled))
+    scenarios.append(("service-monitor", {"metrics": {"serviceMonitor": {
+        "enabled": True, "labels": {"release": "prometheus"}}}}))
+    scenarios.append(("postgres-no-migration-job", deep_merge(postgres, {
+        "migrations": {"job": {"enabled": False}}, "custody": {"replicas": 3}})))
     for example in sorted(EXAMPLES.glob("*.yaml")):
         scenarios.append((f"example-{example.stem}", yaml.safe_load(example.read_text()) or {}))
     for scenario, overrides in scenarios:
@@ -450,6 +773,30 @@ def main() -> int:
         ("unknown workload key", {"custody": {"replica": 2}}, "replica"),
         ("custody with 2 replicas on SQLite", {"custody": {"replicas": 2}},
          "needs a PostgreSQL database"),
+        ("custody replicas neither a number nor auto", {"custody": {"replicas": "two"}},
+         "replicas"),
+        ("custody autoscaled", {"custody": {"autoscaling": {"enabled": True}}}, "autoscaling"),
+        ("directory autoscaled on SQLite", {"directory": {"autoscaling": {"enabled": True}}},
+         "needs a PostgreSQL database"),
+        ("template with 2 replicas on SQLite", {"template": {"replicas": 2}},
+         "needs a PostgreSQL database"),
+        ("gateway with 2 replicas on SQLite", {"gateway": {"replicas": 2}},
+         "needs a PostgreSQL database"),
+        ("autoscaler minReplicas above maxReplicas",
+         {"gateway": {"database": pg_url("gateway"),
+                      "autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 3}}},
+         "minReplicas"),
+        ("autoscaler without a metric",
+         {"gateway": {"database": pg_url("gateway"),
+                      "autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": 0}}},
+         "targetCPUUtilizationPercentage"),
+        ("CPU autoscaling without a CPU request",
+         {"gateway": {"database": pg_url("gateway"), "autoscaling": {"enabled": True},
+                      "resources": {"requests": {"cpu": None}}}},
+         "resources.requests.cpu"),
+        ("unknown migrations key", {"migrations": {"job": {"enable": True}}}, "enable"),
+        ("unknown serviceMonitor key",
+         {"metrics": {"serviceMonitor": {"enabled": True, "port": "ops"}}}, "port"),
         ("cert-manager without an issuer", {"certManager": {"enabled": True}}, "issuerRef.name"),
         ("allow-list entry that is not a SPIFFE ID",
          {"gateway": {"access": {"extraAllow": ["https://example.com"]}}}, "extraAllow"),
@@ -462,9 +809,12 @@ def main() -> int:
     for name, overrides, needle in refusals:
         must_refuse(name, overrides, needle)
 
-    failed_checks = {f.split(":", 1)[0] for f in failures if not f.startswith("refusals:")}
-    failed_checks |= {f for f in failures if f.startswith("refusals:")}
-    total = len(scenarios) + len(refusals)
+    rollout_cases = check_rollouts()
+
+    per_case = ("refusals:", "rollouts:")
+    failed_checks = {f.split(":", 1)[0] for f in failures if not f.startswith(per_case)}
+    failed_checks |= {f for f in failures if f.startswith(per_case)}
+    total = len(scenarios) + len(refusals) + rollout_cases
     print()
     if failures:
         print(f"helm chart check failed ({len(failures)} problem(s)):")

@@ -5,9 +5,11 @@
 #   helm-python-sdk     Helm's own Go SDK (v4) as a shared library with Python bindings:
 #                       `helm lint --strict` and `helm template`, values.schema.json included
 #   kubernetes-validate the Kubernetes OpenAPI schemas of many versions, checked --strict
-# helm/check.py drives them over several value sets and adds the checks specific to this
-# project (service config keys, security contexts, network policies, certificate SANs); read
-# its docstring for the list. Exits non-zero on any failure.
+#                       (here every minor version from 1.29 to 1.37)
+# helm/check.py drives them over several value sets (SQLite, PostgreSQL, autoscaling,
+# ServiceMonitor, the examples) and adds the checks specific to this project (service config
+# keys, security contexts, network policies, certificate SANs, replicas and rollouts,
+# migration hooks); read its docstring for the list. Exits non-zero on any failure.
 #
 # Environment: CMS_HELM_VENV (default ${TMPDIR:-/tmp}/cms-helm-venv) and CMS_HELM_OUT (where
 # the rendered manifests go; default ${TMPDIR:-/tmp}/cms-helm-rendered).

@@ -11,6 +11,7 @@ pub mod ldap;
 pub mod pcsc;
 pub mod pki;
 pub mod postgres;
+pub mod scale;
 pub mod softhsm;
 
 use std::path::PathBuf;

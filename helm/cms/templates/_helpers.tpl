@@ -10,8 +10,16 @@ helpers take a dict: (dict "root" $ "name" "custody").
 template directory custody gateway
 {{- end }}
 
-{{/* Workloads that own a database (and a data_dir). */}}
+{{/* Workloads that own a database (and a data_dir): the gateway keeps its workflow state. */}}
 {{- define "cms.dbWorkloads" -}}
+template directory custody gateway
+{{- end }}
+
+{{/*
+Workloads whose binary takes `--migrate-only`, migrated by the hook Job on PostgreSQL. The
+gateway (whose database is newer) migrates at start, under the same kind of advisory lock.
+*/}}
+{{- define "cms.migrateJobWorkloads" -}}
 template directory custody
 {{- end }}
 
@@ -122,15 +130,108 @@ true
 {{- end }}
 {{- end }}
 
+{{/*
+Replicas of a workload's Deployment. Custody's "auto": 2 on PostgreSQL (active/standby), 1 on
+SQLite.
+*/}}
+{{- define "cms.replicas" -}}
+{{- $w := index .root.Values .name }}
+{{- if eq (toString $w.replicas) "auto" }}
+{{- if include "cms.usesSqlite" . }}1{{ else }}2{{ end }}
+{{- else }}
+{{- int $w.replicas }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when a HorizontalPodAutoscaler owns the workload's replica count. */}}
+{{- define "cms.autoscaled" -}}
+{{- $w := index .root.Values .name }}
+{{- if and $w.autoscaling $w.autoscaling.enabled -}}
+true
+{{- end }}
+{{- end }}
+
+{{/* The most pods a workload may run: its replicas, or the autoscaler's maximum. */}}
+{{- define "cms.maxReplicas" -}}
+{{- $w := index .root.Values .name }}
+{{- if include "cms.autoscaled" . }}
+{{- int $w.autoscaling.maxReplicas }}
+{{- else }}
+{{- include "cms.replicas" . }}
+{{- end }}
+{{- end }}
+
+{{/* The fewest pods a workload runs outside a rollout: its replicas, or the autoscaler's minimum. */}}
+{{- define "cms.minReplicas" -}}
+{{- $w := index .root.Values .name }}
+{{- if include "cms.autoscaled" . }}
+{{- int $w.autoscaling.minReplicas }}
+{{- else }}
+{{- include "cms.replicas" . }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when custody runs active/standby (PostgreSQL, more than one replica). */}}
+{{- define "cms.activeStandby" -}}
+{{- if and (eq .name "custody") (gt (int (include "cms.replicas" .)) 1) -}}
+true
+{{- end }}
+{{- end }}
+
 {{/* Refuses values that cannot work; called from every workload's Deployment. */}}
 {{- define "cms.validate" -}}
 {{- $w := index .root.Values .name }}
-{{- if and (include "cms.usesSqlite" .) (gt (int $w.replicas) 1) }}
-{{- fail (printf "%s: replicas=%d needs a PostgreSQL database (%s.database.urlSecret.name): each replica would otherwise open its own SQLite file" .name (int $w.replicas) .name) }}
+{{- $most := int (include "cms.maxReplicas" .) }}
+{{- if and (include "cms.usesSqlite" .) (gt $most 1) }}
+{{- if eq .name "custody" }}
+{{- fail (printf "custody: replicas=%d needs a PostgreSQL database (custody.database.urlSecret.name): a second custody on one SQLite file refuses to start; with PostgreSQL the replicas run active/standby" $most) }}
+{{- else }}
+{{- fail (printf "%s: %d replicas needs a PostgreSQL database (%s.database.urlSecret.name): each replica would otherwise open its own SQLite file" .name $most .name) }}
+{{- end }}
+{{- end }}
+{{- if include "cms.autoscaled" . }}
+{{- $a := $w.autoscaling }}
+{{- if gt (int $a.minReplicas) (int $a.maxReplicas) }}
+{{- fail (printf "%s.autoscaling: minReplicas (%d) is above maxReplicas (%d)" .name (int $a.minReplicas) (int $a.maxReplicas)) }}
+{{- end }}
+{{- if not (or $a.targetCPUUtilizationPercentage $a.targetMemoryUtilizationPercentage) }}
+{{- fail (printf "%s.autoscaling: set targetCPUUtilizationPercentage or targetMemoryUtilizationPercentage" .name) }}
+{{- end }}
+{{- $requests := default dict (default dict $w.resources).requests }}
+{{- if and $a.targetCPUUtilizationPercentage (not $requests.cpu) }}
+{{- fail (printf "%s.autoscaling: targetCPUUtilizationPercentage needs %s.resources.requests.cpu (utilization is a percentage of it)" .name .name) }}
+{{- end }}
+{{- if and $a.targetMemoryUtilizationPercentage (not $requests.memory) }}
+{{- fail (printf "%s.autoscaling: targetMemoryUtilizationPercentage needs %s.resources.requests.memory (utilization is a percentage of it)" .name .name) }}
+{{- end }}
 {{- end }}
 {{- if and .root.Values.certManager.enabled (not .root.Values.certManager.issuerRef.name) }}
 {{- fail "certManager.enabled needs certManager.issuerRef.name (an Issuer or ClusterIssuer that can sign URI SANs, e.g. a CA or Vault issuer)" }}
 {{- end }}
+{{- end }}
+
+{{/*
+checksum/secrets of a workload's pods: a hash of the versions (uid and resourceVersion, never
+the contents) of the Secrets it reads, TLS and database URL, looked up in the cluster at
+install/upgrade time, so that `helm upgrade` rolls the pods when one of them changed.
+`helm template` (no cluster) sees none: the hash is then of their names only.
+*/}}
+{{- define "cms.secretsChecksum" -}}
+{{- $w := index .root.Values .name }}
+{{- $ns := .root.Release.Namespace }}
+{{- $names := list }}
+{{- if .root.Values.tls.mountSecret }}
+{{- $names = append $names (include "cms.tlsSecretName" .) }}
+{{- end }}
+{{- if and $w.database $w.database.urlSecret.name }}
+{{- $names = append $names $w.database.urlSecret.name }}
+{{- end }}
+{{- $versions := dict }}
+{{- range $names }}
+{{- $meta := default dict (lookup "v1" "Secret" $ns .).metadata }}
+{{- $_ := set $versions . (printf "%v/%v" (default "" $meta.uid) (default "" $meta.resourceVersion)) }}
+{{- end }}
+{{- toJson $versions | sha256sum }}
 {{- end }}
 
 {{/*
