@@ -1,7 +1,8 @@
 //! The local all-in-one deployment: a data directory with the dev PKI, one config per
 //! service, and the five services as supervised child processes. Used by `cms up` and by the
-//! end-to-end test harness.
+//! end-to-end test harness, and the `cms demo` walk-through.
 
 pub mod bootstrap;
+pub mod demo;
 pub mod layout;
 pub mod supervise;
