@@ -18,7 +18,8 @@ use cms_proto::directory::v1::{Credential, Operator, OperatorScope, User};
 use cms_proto::gateway::v1 as gw;
 use cms_proto::gateway::v1::admin_service_client::AdminServiceClient;
 use cms_proto::template::v1::{
-    AdminKeyConfig, CharacterClass, OperatorPolicy, PinPolicy, TemplateSpec, UnblockPolicy,
+    AdminKeyConfig, AuthMethod, AuthMethodGroup, AuthRequirement, CharacterClass, Combinator,
+    OneTimeCodeSettings, OperatorPolicy, PinPolicy, TemplateSpec, UnblockPolicy, UserAuthPolicy,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
@@ -115,8 +116,13 @@ pub async fn import_master_key(
     Ok(done.key.map(|k| k.version).unwrap_or(begun.version))
 }
 
+fn seconds(seconds: i64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration { seconds, nanos: 0 })
+}
+
 /// The demo's card template: minidriver cards with AES-128 admin keys diversified by
-/// SP 800-108 CMAC, unblocked online or offline through the helpdesk, no dual control.
+/// SP 800-108 CMAC, unblocked online or offline through the helpdesk, no dual control;
+/// self-service with a one-time code the helpdesk issues.
 pub fn template_spec(master_key_reference: &str) -> TemplateSpec {
     TemplateSpec {
         name: "Demo minidriver card".into(),
@@ -129,9 +135,27 @@ pub fn template_spec(master_key_reference: &str) -> TemplateSpec {
             master_key_version: 0,
         }),
         unblock_policy: Some(UnblockPolicy {
+            self_service_enabled: true,
+            self_service_session_ttl: seconds(600),
             online_unblock_allowed: true,
             offline_challenge_response_allowed: true,
             user_may_choose: true,
+            user_auth: Some(UserAuthPolicy {
+                requirement: Some(AuthRequirement {
+                    combinator: Combinator::AllOf as i32,
+                    groups: vec![AuthMethodGroup {
+                        combinator: Combinator::AnyOf as i32,
+                        methods: vec![AuthMethod::HelpdeskOneTimeCode as i32],
+                    }],
+                }),
+                one_time_code: Some(OneTimeCodeSettings {
+                    validity: seconds(900),
+                    length: 8,
+                }),
+                max_failed_attempts: 5,
+                lockout: seconds(900),
+                ..Default::default()
+            }),
             operator_policy: Some(OperatorPolicy {
                 unblock_roles: vec!["helpdesk".into()],
                 one_time_code_roles: vec!["helpdesk".into()],
