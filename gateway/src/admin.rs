@@ -35,7 +35,7 @@ pub struct Admin {
     pub custody: CustodyClient,
     pub template: TemplateClient,
     pub directory: DirectoryClient,
-    pub operators: OperatorAccounts,
+    pub operators: Arc<OperatorAccounts>,
     pub backends: Backends,
     pub agents: Registry,
     pub tls: Arc<TlsSource>,

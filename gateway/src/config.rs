@@ -1,5 +1,8 @@
+use std::path::PathBuf;
+
 use cms_kit::authz::AccessSettings;
 use cms_kit::client::UpstreamSettings;
+use cms_kit::db::DatabaseSettings;
 use cms_kit::server::ServerSettings;
 use cms_kit::service::ServiceConfig;
 use cms_kit::telemetry::TelemetrySettings;
@@ -10,6 +13,12 @@ use serde::Deserialize;
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// Directory of the SQLite file `gateway.sqlite3` (when `database.url` is unset).
+    pub data_dir: PathBuf,
+    /// The gateway's own database: approvals, one-time codes, rate-limit windows, decisions.
+    /// Replicas of the gateway must share it (PostgreSQL).
+    #[serde(default)]
+    pub database: DatabaseSettings,
     pub server: ServerSettings,
     pub tls: TlsSettings,
     /// Who may connect at all: operators, agents and services (`…/*` patterns allowed).
@@ -20,6 +29,8 @@ pub struct Config {
     pub agent_link: AgentLinkSettings,
     #[serde(default)]
     pub operators: OperatorSettings,
+    #[serde(default)]
+    pub helpdesk: crate::helpdesk::Settings,
     #[serde(default)]
     pub telemetry: TelemetrySettings,
 }

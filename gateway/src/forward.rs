@@ -361,7 +361,7 @@ where
 
 /// The caller's request id when it sent a usable one (visible ASCII, at most 64 bytes),
 /// else a fresh one.
-fn request_id_of<T>(request: &Request<T>) -> String {
+pub(crate) fn request_id_of<T>(request: &Request<T>) -> String {
     request
         .metadata()
         .get(REQUEST_ID)
@@ -374,7 +374,7 @@ fn request_id_of<T>(request: &Request<T>) -> String {
 }
 
 /// The caller's deadline, from its `grpc-timeout` header.
-fn deadline_of<T>(request: &Request<T>) -> Option<Duration> {
+pub(crate) fn deadline_of<T>(request: &Request<T>) -> Option<Duration> {
     request
         .metadata()
         .get("grpc-timeout")

@@ -4,19 +4,29 @@
 
 mod admin;
 mod agents;
+pub mod approvals;
+pub mod authz;
 mod backends;
 pub mod caller;
 mod config;
+pub mod db;
+mod decisions;
+mod downstream;
 mod error;
 mod forward;
+pub mod helpdesk;
 mod key_references;
 mod operators;
+mod ratelimit;
 mod roles;
 
+pub use approvals::Approvals;
 pub use config::{AgentLinkSettings, Backends as BackendSettings, Config, OperatorSettings};
 pub use error::Error;
+pub use helpdesk::{Helpdesk, Workflow};
 pub use roles::Role;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use cms_kit::metrics::Metrics;
@@ -26,6 +36,8 @@ use cms_kit::shutdown::Shutdown;
 use cms_kit::tls::TlsSource;
 use cms_proto::gateway::v1::admin_service_server::AdminServiceServer;
 use cms_proto::gateway::v1::agent_link_service_server::AgentLinkServiceServer;
+use cms_proto::gateway::v1::approval_service_server::ApprovalServiceServer;
+use cms_proto::gateway::v1::helpdesk_service_server::HelpdeskServiceServer;
 
 pub const NAME: &str = "gateway";
 
@@ -47,8 +59,21 @@ async fn serve_gateway(
     shutdown: Shutdown,
 ) -> Result<(), Error> {
     let cache_ttl = config.operators.cache_ttl()?;
+    let db = db::open(&config).await?;
     let tls = TlsSource::load(config.tls)?;
     let backends = backends::Backends::connect(&config.backends, &tls)?;
+    let operators = Arc::new(operators::OperatorAccounts::new(
+        backends.directory.channel.clone(),
+        cache_ttl,
+    ));
+    let workflow = Arc::new(Workflow {
+        directory: admin::DirectoryClient::new(backends.directory.channel.clone()),
+        template: admin::TemplateClient::new(backends.template.channel.clone()),
+        custody: admin::CustodyClient::new(backends.custody.channel.clone()),
+        operators: operators.clone(),
+        db,
+        settings: config.helpdesk,
+    });
     let registry = agents::Registry::default();
     let listen = listeners
         .grpc
@@ -59,7 +84,7 @@ async fn serve_gateway(
         custody: admin::CustodyClient::new(backends.custody.channel.clone()),
         template: admin::TemplateClient::new(backends.template.channel.clone()),
         directory: admin::DirectoryClient::new(backends.directory.channel.clone()),
-        operators: operators::OperatorAccounts::new(backends.directory.channel.clone(), cache_ttl),
+        operators,
         backends,
         agents: registry.clone(),
         tls: tls.clone(),
@@ -71,13 +96,17 @@ async fn serve_gateway(
         settings: config.agent_link.clone(),
     };
     let routes = tonic::service::Routes::new(AdminServiceServer::new(admin))
-        .add_service(AgentLinkServiceServer::new(link));
+        .add_service(AgentLinkServiceServer::new(link))
+        .add_service(HelpdeskServiceServer::new(Helpdesk::new(workflow.clone())))
+        .add_service(ApprovalServiceServer::new(Approvals::new(workflow)));
     let spec = Serve {
         name: NAME,
         version: env!("CARGO_PKG_VERSION"),
         grpc_services: &[
             "cms.gateway.v1.AdminService",
             "cms.gateway.v1.AgentLinkService",
+            "cms.gateway.v1.HelpdeskService",
+            "cms.gateway.v1.ApprovalService",
         ],
         descriptors: cms_proto::FILE_DESCRIPTOR_SET,
         settings: config.server,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use cms_kit::client::Channel;
 use cms_proto::common::v1::PageRequest;
 use cms_proto::directory::v1::directory_service_client::DirectoryServiceClient;
-use cms_proto::directory::v1::{ListOperatorsRequest, OperatorStatus};
+use cms_proto::directory::v1::{ListOperatorsRequest, Operator, OperatorStatus};
 use tokio::sync::Mutex;
 
 use crate::Error;
@@ -44,6 +44,8 @@ impl Authorized {
 struct Snapshot {
     fetched: Instant,
     accounts: HashMap<String, Account>,
+    /// The accounts as the directory holds them (scope, id, display name), by username.
+    operators: HashMap<String, Operator>,
 }
 
 /// What the last read of the directory left behind.
@@ -85,6 +87,26 @@ impl OperatorAccounts {
                 Err(Error::Forbidden(refusal.to_string()))
             }
         }
+    }
+
+    /// The active account of `operator` (its roles and scope), for the helpdesk workflow,
+    /// which decides per card from the template; no account or a disabled one is refused.
+    pub async fn active_account(&self, operator: &str) -> Result<Operator, Error> {
+        let snapshot = self.current(Action::ViewHelpdesk).await?;
+        let refusal = match (
+            snapshot.accounts.get(operator),
+            snapshot.operators.get(operator),
+        ) {
+            (Some(account), Some(found)) if account.active => return Ok(found.clone()),
+            (Some(_), Some(_)) => roles::Refusal::Disabled {
+                operator: operator.to_owned(),
+            },
+            _ => roles::Refusal::NoAccount {
+                operator: operator.to_owned(),
+            },
+        };
+        tracing::info!(%operator, reason = %refusal, "operator refused");
+        Err(Error::Forbidden(refusal.to_string()))
     }
 
     /// Forgets the cached accounts, after the gateway itself changed one: the next call reads
@@ -138,6 +160,7 @@ impl OperatorAccounts {
         };
         let mut client = self.directory.clone();
         let mut accounts = HashMap::new();
+        let mut operators = HashMap::new();
         let mut token = String::new();
         let started = Instant::now();
         loop {
@@ -176,15 +199,17 @@ impl OperatorAccounts {
                     return Ok(Snapshot {
                         fetched: Instant::now(),
                         accounts,
+                        operators,
                     });
                 }
                 accounts.insert(
-                    operator.username,
+                    operator.username.clone(),
                     Account {
                         active: operator.status == OperatorStatus::Active as i32,
-                        role_names: operator.roles,
+                        role_names: operator.roles.clone(),
                     },
                 );
+                operators.insert(operator.username.clone(), operator);
             }
             token = page.page.map(|p| p.next_page_token).unwrap_or_default();
             if token.is_empty() {
@@ -194,6 +219,7 @@ impl OperatorAccounts {
         Ok(Snapshot {
             fetched: Instant::now(),
             accounts,
+            operators,
         })
     }
 }

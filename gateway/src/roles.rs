@@ -90,6 +90,13 @@ pub enum Action {
     ManageOperators,
     /// Users (create, update, disable, CSV import, LDAP sync) and cards.
     ManageDirectory,
+    /// The helpdesk's reading: search users, see their cards (the card's template then
+    /// decides each action).
+    ViewHelpdesk,
+    /// Decide (approve or reject) dual-control requests.
+    DecideApprovals,
+    /// Mark cards lost, revoked or blocked.
+    ChangeCardStatus,
 }
 
 impl Action {
@@ -105,6 +112,9 @@ impl Action {
             Self::ReadOperators => &[Role::Admin, Role::Auditor],
             Self::ManageOperators => &[Role::Admin],
             Self::ManageDirectory => &[Role::Admin, Role::DirectoryAdmin],
+            Self::ViewHelpdesk => &[Role::Helpdesk, Role::Approver, Role::Auditor, Role::Admin],
+            Self::DecideApprovals => &[Role::Approver],
+            Self::ChangeCardStatus => &[Role::Helpdesk, Role::Admin],
         }
     }
 
@@ -119,6 +129,9 @@ impl Action {
             Self::ReadOperators => "read operator accounts",
             Self::ManageOperators => "change operator accounts",
             Self::ManageDirectory => "change users or cards",
+            Self::ViewHelpdesk => "use the helpdesk",
+            Self::DecideApprovals => "decide approvals",
+            Self::ChangeCardStatus => "change a card's status",
         }
     }
 
@@ -138,7 +151,7 @@ pub struct Account {
 }
 
 impl Account {
-    fn has_any(&self, roles: &[Role]) -> bool {
+    pub fn has_any(&self, roles: &[Role]) -> bool {
         self.role_names
             .iter()
             .filter_map(|n| Role::parse(n))

@@ -118,9 +118,7 @@ impl Layout {
         let td = &self.trust_domain;
         let path = |p: &Path| Value::from(p.display().to_string());
         let mut config = Table::new();
-        if service != "gateway" {
-            config.insert("data_dir".into(), path(&self.service_dir(service)));
-        }
+        config.insert("data_dir".into(), path(&self.service_dir(service)));
         config.insert(
             "server".into(),
             table([
