@@ -145,7 +145,7 @@ async fn scene() -> Scene {
     for (name, roles) in [
         ("helpdesk", &["helpdesk"][..]),
         ("approver", &["approver"][..]),
-        ("watcher", &["auditor"][..]),
+        ("editor", &["template-admin"][..]),
     ] {
         access::ensure_operator_cert(layout, name).unwrap();
         setup::create_operator(&mut admin, name, roles)
@@ -198,7 +198,7 @@ async fn helpdesk_commands_answer_refuse_and_print_json() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--status \"asleep\""), "{err}");
     // Without the helpdesk role: refused.
-    let (code, err) = fails(&s, "watcher", &["helpdesk", "search", "dana"], "");
+    let (code, err) = fails(&s, "editor", &["helpdesk", "search", "dana"], "");
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("permission denied"), "{err}");
 
