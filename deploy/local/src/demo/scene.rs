@@ -25,14 +25,29 @@ use super::setup::SoToken;
 
 /// Prints the steps; pauses between them when a person is at the terminal.
 pub struct Narrator {
-    interactive: bool,
+    /// One message per line typed; `None` when standard input is not a terminal.
+    enter: Option<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<()>>>,
 }
 
 impl Narrator {
-    /// Pauses only when standard input is a terminal.
+    /// Pauses only when standard input is a terminal. Lines are read on a thread of their
+    /// own, so that Ctrl-C during a pause stops the demo at once.
     pub fn new() -> Self {
+        if !std::io::stdin().is_terminal() {
+            return Narrator { enter: None };
+        }
+        let (lines, enter) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            while std::io::stdin().lock().read_line(&mut line).unwrap_or(0) > 0 {
+                line.clear();
+                if lines.send(()).is_err() {
+                    break;
+                }
+            }
+        });
         Narrator {
-            interactive: std::io::stdin().is_terminal(),
+            enter: Some(tokio::sync::Mutex::new(enter)),
         }
     }
 
@@ -42,25 +57,27 @@ impl Narrator {
 
     /// One line, said by `who`: user, operator, card, SO holder.
     pub fn say(&self, who: &str, text: &str) {
-        println!("{:<10} {text}", format!("[{who}]"));
+        println!("{:<WHO$} {text}", format!("[{who}]"));
     }
 
     /// A line the screen shows, indented under the last one.
     pub fn show(&self, text: &str) {
-        println!("{:<10}     {text}", "");
+        println!("{:<WHO$}     {text}", "");
     }
 
     /// Waits for Enter (at a terminal only).
-    pub fn pause(&self) {
-        if !self.interactive {
+    pub async fn pause(&self) {
+        let Some(enter) = &self.enter else {
             return;
-        }
-        print!("           (Enter to go on) ");
+        };
+        print!("{:<WHO$}     (Enter to go on) ", "");
         let _ = std::io::stdout().flush();
-        let mut line = String::new();
-        let _ = std::io::stdin().lock().read_line(&mut line);
+        enter.lock().await.recv().await;
     }
 }
+
+/// Width of the speaker column.
+const WHO: usize = 12;
 
 impl Default for Narrator {
     fn default() -> Self {
@@ -138,7 +155,7 @@ pub async fn offline_unblock(n: &Narrator, call: OfflineCall<'_>) -> Result<(), 
         "challenge {}   checksum {}",
         challenge.hex, challenge.checksum
     ));
-    n.pause();
+    n.pause().await;
 
     let mut helpdesk = HelpdeskServiceClient::new(call.helpdesk);
     n.say(
@@ -186,6 +203,7 @@ pub async fn offline_unblock(n: &Narrator, call: OfflineCall<'_>) -> Result<(), 
                         a.as_str_name()
                             .trim_start_matches("HELPDESK_ACTION_")
                             .to_lowercase()
+                            .replace('_', "-")
                     })
                     .unwrap_or_default()
             })
@@ -218,7 +236,7 @@ pub async fn offline_unblock(n: &Narrator, call: OfflineCall<'_>) -> Result<(), 
         "response  {}   checksum {}   (request id {})",
         response.hex, response.checksum, answer.request_id
     ));
-    n.pause();
+    n.pause().await;
 
     let pin = new_pin()?;
     n.say(
@@ -277,7 +295,7 @@ pub async fn so_unblock(
             }
         ),
     );
-    n.pause();
+    n.pause().await;
     let pin = new_pin()?;
     n.say(
         "SO holder",
