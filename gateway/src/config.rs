@@ -4,7 +4,6 @@ use cms_kit::authz::AccessSettings;
 use cms_kit::client::UpstreamSettings;
 use cms_kit::db::DatabaseSettings;
 use cms_kit::server::ServerSettings;
-use cms_kit::service::ServiceConfig;
 use cms_kit::telemetry::TelemetrySettings;
 use cms_kit::tls::TlsSettings;
 use serde::Deserialize;
@@ -112,15 +111,7 @@ impl OperatorSettings {
     }
 }
 
-impl ServiceConfig for Config {
-    fn server(&self) -> &ServerSettings {
-        &self.server
-    }
-
-    fn telemetry(&self) -> &TelemetrySettings {
-        &self.telemetry
-    }
-}
+cms_kit::impl_service_config!(Config);
 
 #[cfg(test)]
 mod tests {

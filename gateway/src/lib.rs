@@ -29,9 +29,8 @@ pub use roles::Role;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cms_kit::metrics::Metrics;
-use cms_kit::ops::Readiness;
-use cms_kit::server::{Listeners, Serve};
+use cms_kit::server::{Listeners, Server};
+use cms_kit::service::{Program, ServiceFuture};
 use cms_kit::shutdown::Shutdown;
 use cms_kit::tls::TlsSource;
 use cms_proto::gateway::v1::admin_service_server::AdminServiceServer;
@@ -41,15 +40,26 @@ use cms_proto::gateway::v1::helpdesk_service_server::HelpdeskServiceServer;
 
 pub const NAME: &str = "gateway";
 
+/// The `cms-gateway` binary: serves, or only migrates its database (`--migrate-only`).
+pub const PROGRAM: Program<Config, Error> = Program {
+    name: NAME,
+    run,
+    migrate: Some(migrate),
+};
+
+/// Applies pending migrations of the gateway's database and returns.
+pub fn migrate(config: Config) -> ServiceFuture<Error> {
+    Box::pin(async move {
+        db::open(&config).await?.close().await?;
+        Ok(())
+    })
+}
+
 /// Serves the gateway on `listeners` until `shutdown`.
 ///
 /// Boxed so that the service's async code is compiled once, in this crate: a binary or test
 /// that awaited the bare future would compile all of it again (minutes per binary).
-pub fn run(
-    config: Config,
-    listeners: Listeners,
-    shutdown: Shutdown,
-) -> cms_kit::service::ServiceFuture<Error> {
+pub fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> ServiceFuture<Error> {
     Box::pin(serve_gateway(config, listeners, shutdown))
 }
 
@@ -95,26 +105,12 @@ async fn serve_gateway(
         registry,
         settings: config.agent_link.clone(),
     };
-    let routes = tonic::service::Routes::new(AdminServiceServer::new(admin))
+    Server::new(NAME, config.server, config.access, tls)
+        .add_service(AdminServiceServer::new(admin))
         .add_service(AgentLinkServiceServer::new(link))
         .add_service(HelpdeskServiceServer::new(Helpdesk::new(workflow.clone())))
-        .add_service(ApprovalServiceServer::new(Approvals::new(workflow)));
-    let spec = Serve {
-        name: NAME,
-        version: env!("CARGO_PKG_VERSION"),
-        grpc_services: &[
-            "cms.gateway.v1.AdminService",
-            "cms.gateway.v1.AgentLinkService",
-            "cms.gateway.v1.HelpdeskService",
-            "cms.gateway.v1.ApprovalService",
-        ],
-        descriptors: cms_proto::FILE_DESCRIPTOR_SET,
-        settings: config.server,
-        access: config.access,
-        tls,
-        readiness: Readiness::new("starting"),
-        metrics: Metrics::new(NAME),
-    };
-    cms_kit::server::serve(spec, routes, listeners, shutdown).await?;
+        .add_service(ApprovalServiceServer::new(Approvals::new(workflow)))
+        .serve(listeners, shutdown)
+        .await?;
     Ok(())
 }

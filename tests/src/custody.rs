@@ -10,15 +10,14 @@ use cms_proto::custody::v1::{
 
 /// Bytes of a hex string (test data only: panics on bad input).
 pub fn hex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
+    data_encoding::HEXUPPER_PERMISSIVE
+        .decode(s.as_bytes())
+        .unwrap()
 }
 
 /// Upper-case hex of `bytes`.
 pub fn upper(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02X}")).collect()
+    data_encoding::HEXUPPER.encode(bytes)
 }
 
 pub fn proto_alg(alg: KeyAlgorithm) -> Alg {

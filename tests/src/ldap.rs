@@ -31,15 +31,11 @@ fn slapd_binary() -> PathBuf {
 
 /// Percent-encodes a socket path for an `ldapi://` URL.
 fn encode_path(path: &str) -> String {
-    path.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_') {
-                char::from(b).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    const KEPT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_');
+    percent_encoding::utf8_percent_encode(path, KEPT).to_string()
 }
 
 impl Slapd {

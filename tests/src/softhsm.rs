@@ -90,7 +90,7 @@ impl std::fmt::Debug for SoftHsm {
 fn random_hex(len: usize) -> String {
     let mut bytes = vec![0u8; len];
     cms_custody::wrap::random(&mut bytes).expect("random");
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    data_encoding::HEXLOWER.encode(&bytes)
 }
 
 impl SoftHsm {

@@ -370,7 +370,7 @@ async fn so_token_unblock_with_the_typed_key() {
             puk: vec![],
         };
         let agent = agent(&card);
-        let kcv: String = key.kcv().iter().map(|b| format!("{b:02X}")).collect();
+        let kcv = data_encoding::HEXUPPER.encode(&key.kcv());
         let typed = TypedCode {
             hex: key.display().to_string(),
             checksum: String::new(),

@@ -354,7 +354,7 @@ async fn so_token_unblock_with_every_server_stopped() {
         let s = setup(&state);
         let reader = s.card.reader();
         let mut api = s.api().await;
-        let kcv: String = key.kcv().iter().map(|b| format!("{b:02X}")).collect();
+        let kcv = data_encoding::HEXUPPER.encode(&key.kcv());
         let r = api
             .unblock_so_token(UnblockSoTokenRequest {
                 reader: reader.clone(),

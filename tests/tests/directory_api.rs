@@ -832,22 +832,9 @@ async fn operators(backend: Backend) {
 }
 
 fn base32_decode(s: &str) -> Vec<u8> {
-    let mut out = Vec::new();
-    let (mut buf, mut bits) = (0u32, 0);
-    for c in s.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'2'..=b'7' => c - b'2' + 26,
-            _ => panic!("not base32"),
-        };
-        buf = (buf << 5) | u32::from(v);
-        bits += 5;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buf >> bits) as u8);
-        }
-    }
-    out
+    data_encoding::BASE32_NOPAD
+        .decode(s.as_bytes())
+        .expect("base32")
 }
 
 async fn enrolment(backend: Backend) {
@@ -1100,7 +1087,7 @@ async fn enrolment(backend: Backend) {
         assert!(!dump.contains(&folded), "answer {a:?} stored in clear");
     }
     assert!(!dump.contains(&secret_b32.to_lowercase()));
-    let secret_hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    let secret_hex = data_encoding::HEXLOWER.encode(&secret);
     assert!(!dump.contains(&secret_hex));
     let secret_list = format!("{:?}", secret).replace(' ', "");
     assert!(

@@ -91,20 +91,13 @@ impl Process {
             .expect("VmRSS")
     }
 
-    /// The whole /metrics body (no size cap: the point is to see how big it got).
+    /// The whole /metrics body (up to 16 MiB: the point is to see how big it got).
     async fn metrics(&self) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(self.service.ops)
+        let (code, body) = cms_kit::ops::http_get(self.service.ops, "/metrics")
             .await
             .unwrap();
-        let request = "GET /metrics HTTP/1.1\r\nHost: ops\r\nConnection: close\r\n\r\n";
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.unwrap();
-        let text = String::from_utf8(response).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        body.to_owned()
+        assert_eq!(code, 200, "{body}");
+        body
     }
 }
 

@@ -110,12 +110,8 @@ async fn so_init_shows_the_unblock_key_once_and_so_info_reads_its_metadata() {
         "{groups}"
     );
     let key = cms_cardcrypto::parse_with_checksum(groups, checksum, &[16]).expect("checksum");
-    let kcv: String = SecretKey::new(KeyAlgorithm::Aes128, &key)
-        .unwrap()
-        .kcv()
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect();
+    let kcv =
+        data_encoding::HEXUPPER.encode(&SecretKey::new(KeyAlgorithm::Aes128, &key).unwrap().kcv());
     assert!(stdout.contains(&format!("KCV {kcv}")), "{stdout}");
     let shares = stdout.lines().filter(|l| l.starts_with("share ")).count();
     assert_eq!(shares, 3, "{stdout}");

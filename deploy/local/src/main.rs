@@ -152,14 +152,14 @@ fn main() -> ExitCode {
 mod demo_run;
 
 fn serve(service: &str, config: &Path) -> ExitCode {
-    use cms_kit::service::main;
+    use cms_kit::service::Mode::Serve;
     let config = Some(config);
     match service {
-        "template" => main("template", config, cms_template::run),
-        "directory" => main("directory", config, cms_directory::run),
-        "custody" => main("custody", config, cms_custody::run),
-        "gateway" => main("gateway", config, cms_gateway::run),
-        "agent" => main("agent", config, cms_agent::run),
+        "template" => cms_template::PROGRAM.start(config, Serve),
+        "directory" => cms_directory::PROGRAM.start(config, Serve),
+        "custody" => cms_custody::PROGRAM.start(config, Serve),
+        "gateway" => cms_gateway::PROGRAM.start(config, Serve),
+        "agent" => cms_agent::PROGRAM.start(config, Serve),
         other => {
             eprintln!("cms: unknown service {other:?}");
             ExitCode::from(2)

@@ -7,6 +7,7 @@ use clap::Subcommand;
 use cms_proto::common::v1::KeyAlgorithm;
 use cms_proto::custody::v1::{AuditHead, SealState, Share};
 use cms_proto::gateway::v1 as gw;
+use data_encoding::HEXUPPER;
 use zeroize::Zeroizing;
 
 use crate::messages::print_json;
@@ -154,10 +155,6 @@ fn read_secret_line(prompt: &str) -> Result<Zeroizing<String>, Error> {
     Ok(Zeroizing::new(line.trim().to_owned()))
 }
 
-pub(crate) fn bytes_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02X}")).collect()
-}
-
 pub async fn custody(cli: &Cli, command: &CustodyCmd) -> Result<bool, Error> {
     let mut s = connect(cli)?;
     match command {
@@ -186,7 +183,11 @@ pub async fn custody(cli: &Cli, command: &CustodyCmd) -> Result<bool, Error> {
                 r.master_key_count, r.active_key_version_count
             );
             if let Some(head) = r.audit_head {
-                println!("audit head:   #{} {}", head.sequence, bytes_hex(&head.hash));
+                println!(
+                    "audit head:   #{} {}",
+                    head.sequence,
+                    HEXUPPER.encode(&head.hash)
+                );
             }
             if !r.detail.is_empty() {
                 println!("detail:       {}", r.detail);
@@ -485,7 +486,7 @@ fn head_json(head: &AuditHead) -> String {
     serde_json::json!({
         "chain_id": head.chain_id,
         "sequence": head.sequence,
-        "hash": bytes_hex(&head.hash),
+        "hash": HEXUPPER.encode(&head.hash),
     })
     .to_string()
 }
@@ -545,7 +546,7 @@ pub async fn audit(cli: &Cli, command: &AuditCmd) -> Result<bool, Error> {
                     "audit chain OK: {} records, head #{} {}",
                     r.records_checked,
                     head.sequence,
-                    bytes_hex(&head.hash)
+                    HEXUPPER.encode(&head.hash)
                 );
             } else {
                 println!(

@@ -9,7 +9,7 @@ use cms_proto::gateway::v1 as gw;
 
 use std::io::IsTerminal;
 
-use crate::admin::{algorithm, bytes_hex, clear_when_written_down, show_shares};
+use crate::admin::{algorithm, clear_when_written_down, show_shares};
 use crate::{Error, Session};
 
 #[derive(Args)]
@@ -132,6 +132,9 @@ fn print_info(info: &SoTokenInfo) {
         println!("shares:     none");
     }
     if !info.card_id.is_empty() {
-        println!("card id:    {}", bytes_hex(&info.card_id));
+        println!(
+            "card id:    {}",
+            data_encoding::HEXUPPER.encode(&info.card_id)
+        );
     }
 }

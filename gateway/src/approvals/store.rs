@@ -170,3 +170,58 @@ pub async fn consume(db: &DatabaseConnection, wanted: &Use<'_>) -> Result<(), Er
     };
     Err(refused(format!("approval {id} {why}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(state: ApprovalState, expires_at: i64) -> approval::Model {
+        approval::Model {
+            id: "a".into(),
+            action: HelpdeskAction::OfflineResponse as i32,
+            state: state as i32,
+            requester_id: "h".into(),
+            requester_name: String::new(),
+            user_id: "u".into(),
+            user_display_name: String::new(),
+            user_org_unit: String::new(),
+            credential_id: "c".into(),
+            card_serial: String::new(),
+            template_id: "t".into(),
+            reason: String::new(),
+            ticket_reference: String::new(),
+            created_at: 0,
+            expires_at,
+            approval_ttl_ms: 1000,
+            decided_by: String::new(),
+            decided_by_name: String::new(),
+            decided_at: None,
+            decision_comment: String::new(),
+            used_at: None,
+        }
+    }
+
+    #[test]
+    fn pending_and_approved_expire_when_read_decided_ones_do_not() {
+        assert_eq!(
+            state_now(&row(ApprovalState::Pending, 100), 99),
+            ApprovalState::Pending
+        );
+        assert_eq!(
+            state_now(&row(ApprovalState::Pending, 100), 100),
+            ApprovalState::Expired
+        );
+        assert_eq!(
+            state_now(&row(ApprovalState::Approved, 100), 101),
+            ApprovalState::Expired
+        );
+        assert_eq!(
+            state_now(&row(ApprovalState::Consumed, 100), 101),
+            ApprovalState::Consumed
+        );
+        assert_eq!(
+            state_now(&row(ApprovalState::Rejected, 100), 101),
+            ApprovalState::Rejected
+        );
+    }
+}

@@ -223,3 +223,26 @@ pub async fn verify(
         attempts_left: u32::try_from(newest.attempts_left - 1).unwrap_or_default(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_use_the_unambiguous_alphabet_and_hash_as_typed() {
+        let code = generate(12).unwrap();
+        assert_eq!(code.len(), 12);
+        assert!(code.bytes().all(|b| ALPHABET.contains(&b)), "{}", *code);
+        let spaced: String = code
+            .chars()
+            .enumerate()
+            .flat_map(|(i, c)| {
+                let sep = (i > 0 && i % 4 == 0).then_some('-');
+                sep.into_iter()
+                    .chain(std::iter::once(c.to_ascii_lowercase()))
+            })
+            .collect();
+        assert_eq!(digest(&spaced), digest(&code));
+        assert_ne!(digest(&code), digest("ABCDEFGHJKLM"));
+    }
+}

@@ -282,16 +282,14 @@ pub fn check(actor: &Actor, card: &Card, action: HelpdeskAction) -> Result<(), D
                 return Err(offline_forbidden(name));
             }
         }
-        HelpdeskAction::IssueOneTimeCode => {
-            if !unblock.self_service_enabled {
-                return Err(precondition(
-                    "unblock_policy.self_service_enabled",
-                    ErrorReason::FlowNotAllowed,
-                    format!(
-                        "template {name:?} does not allow self-service, so a one-time code is of no use"
-                    ),
-                ));
-            }
+        HelpdeskAction::IssueOneTimeCode if !unblock.self_service_enabled => {
+            return Err(precondition(
+                "unblock_policy.self_service_enabled",
+                ErrorReason::FlowNotAllowed,
+                format!(
+                    "template {name:?} does not allow self-service, so a one-time code is of no use"
+                ),
+            ));
         }
         _ => {}
     }

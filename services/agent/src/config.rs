@@ -2,9 +2,7 @@ use std::path::PathBuf;
 
 use cms_kit::authz::AccessSettings;
 use cms_kit::client::UpstreamSettings;
-use cms_kit::db::DatabaseSettings;
 use cms_kit::server::ServerSettings;
-use cms_kit::service::ServiceConfig;
 use cms_kit::telemetry::TelemetrySettings;
 use cms_kit::tls::TlsSettings;
 use serde::Deserialize;
@@ -13,15 +11,13 @@ use serde::Deserialize;
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Directory of the agent's SQLite file (pending PUK rotations and the like).
+    /// The agent's own files (the local API socket by default).
     pub data_dir: PathBuf,
     /// The agent's local API (for the local UI and CLI).
     pub server: ServerSettings,
     pub tls: TlsSettings,
     #[serde(default)]
     pub access: AccessSettings,
-    #[serde(default)]
-    pub database: DatabaseSettings,
     /// The gateway this agent links to. Unset: the agent works offline only.
     #[serde(default)]
     pub gateway: Option<UpstreamSettings>,
@@ -213,15 +209,7 @@ fn default_max_backoff_ms() -> u64 {
     10_000
 }
 
-impl ServiceConfig for Config {
-    fn server(&self) -> &ServerSettings {
-        &self.server
-    }
-
-    fn telemetry(&self) -> &TelemetrySettings {
-        &self.telemetry
-    }
-}
+cms_kit::impl_service_config!(Config);
 
 #[cfg(test)]
 mod tests {

@@ -8,8 +8,6 @@ pub enum Error {
     #[error(transparent)]
     Tls(#[from] cms_kit::tls::TlsError),
     #[error(transparent)]
-    Db(#[from] cms_kit::db::DbError),
-    #[error(transparent)]
     Serve(#[from] cms_kit::server::ServeError),
     #[error(transparent)]
     Client(#[from] cms_kit::client::ClientError),

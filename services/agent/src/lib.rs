@@ -24,8 +24,8 @@ pub use error::Error;
 use std::sync::Arc;
 
 use cms_kit::metrics::Metrics;
-use cms_kit::ops::Readiness;
-use cms_kit::server::{Listeners, Serve};
+use cms_kit::server::{Listeners, Server};
+use cms_kit::service::{Program, ServiceFuture};
 use cms_kit::shutdown::Shutdown;
 use cms_kit::tls::TlsSource;
 use cms_proto::agent::v1::agent_service_server::{AgentService, AgentServiceServer};
@@ -45,7 +45,14 @@ use crate::service::CardService;
 pub const NAME: &str = "agent";
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The gRPC services the agent serves, on its mTLS port and on its local socket.
-const SERVICES: &[&str] = &["cms.agent.v1.AgentService"];
+const SERVICES: &[&str] = &[<AgentServiceServer<Agent> as tonic::server::NamedService>::NAME];
+
+/// The agent's service (`cms-agent serve`); it has no database.
+pub const PROGRAM: Program<Config, Error> = Program {
+    name: NAME,
+    run,
+    migrate: None,
+};
 
 /// The AgentService implementation.
 pub struct Agent {
@@ -53,11 +60,10 @@ pub struct Agent {
     gateway_address: String,
     link: link::LinkState,
     cards: CardService,
-    _db: Option<sea_orm::DatabaseConnection>,
 }
 
 impl Agent {
-    /// An agent with no gateway link and no database: the card flows only (the CLI without
+    /// An agent with no gateway link: the card flows only (the CLI without
     /// a running agent, tests).
     pub fn offline(readers: Arc<dyn Readers>, settings: &CardSettings) -> Self {
         Agent {
@@ -65,7 +71,6 @@ impl Agent {
             gateway_address: String::new(),
             link: link::LinkState::default(),
             cards: CardService::new(readers, settings),
-            _db: None,
         }
     }
 
@@ -190,11 +195,7 @@ fn agent_id(tls: &TlsSource) -> Result<String, Error> {
 ///
 /// Boxed so that the service's async code is compiled once, in this crate: a binary or test
 /// that awaited the bare future would compile all of it again (minutes per binary).
-pub fn run(
-    config: Config,
-    listeners: Listeners,
-    shutdown: Shutdown,
-) -> cms_kit::service::ServiceFuture<Error> {
+pub fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> ServiceFuture<Error> {
     Box::pin(async move {
         let readers = readers_for(&config.cards)?;
         serve_agent(config, listeners, shutdown, readers).await
@@ -222,7 +223,7 @@ pub fn run_with_readers(
     listeners: Listeners,
     shutdown: Shutdown,
     readers: Arc<dyn Readers>,
-) -> cms_kit::service::ServiceFuture<Error> {
+) -> ServiceFuture<Error> {
     Box::pin(serve_agent(config, listeners, shutdown, readers))
 }
 
@@ -234,7 +235,6 @@ async fn serve_agent(
 ) -> Result<(), Error> {
     let tls = TlsSource::load(config.tls)?;
     let agent_id = agent_id(&tls)?;
-    let db = cms_kit::db::connect(&config.database, &config.data_dir, NAME).await?;
     let socket = if config.local_api.enabled {
         Some(local::bind(&config.local_api, &config.data_dir)?)
     } else {
@@ -270,7 +270,6 @@ async fn serve_agent(
             .unwrap_or_default(),
         link: state,
         cards: CardService::new(readers, &config.cards),
-        _db: Some(db),
     });
     let metrics = Metrics::new(NAME);
     let grace = std::time::Duration::from_millis(config.server.shutdown_grace_ms);
@@ -289,19 +288,12 @@ async fn serve_agent(
             shutdown.clone(),
         ))
     });
-    let routes = tonic::service::Routes::new(AgentServiceServer::from_arc(agent));
-    let spec = Serve {
-        name: NAME,
-        version: VERSION,
-        grpc_services: SERVICES,
-        descriptors: cms_proto::FILE_DESCRIPTOR_SET,
-        settings: config.server,
-        access: config.access,
-        tls,
-        readiness: Readiness::new("starting"),
-        metrics,
-    };
-    let served = cms_kit::server::serve(spec, routes, listeners, shutdown).await;
+    let served = Server::new(NAME, config.server, config.access, tls)
+        .with_version(VERSION)
+        .with_metrics(metrics)
+        .add_service(AgentServiceServer::from_arc(agent))
+        .serve(listeners, shutdown)
+        .await;
     if let Some(task) = link_task {
         task.abort();
     }

@@ -11,10 +11,9 @@ fn main() -> ExitCode {
     let args = cli::Args::parse();
     match args.command {
         None | Some(cli::Command::Serve) => {
-            let config_path = args
-                .config
-                .or_else(|| std::env::var_os("CMS_AGENT_CONFIG").map(Into::into));
-            cms_kit::service::main("agent", config_path.as_deref(), cms_agent::run)
+            let program = cms_agent::PROGRAM;
+            let config_path = args.config.or_else(|| program.config_from_env());
+            program.start(config_path.as_deref(), cms_kit::service::Mode::Serve)
         }
         Some(command) => cli::run(command, args.config.as_deref()),
     }

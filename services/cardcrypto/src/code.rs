@@ -12,9 +12,10 @@
 use std::fmt;
 
 use crc::{CRC_16_IBM_3740, Crc};
+use data_encoding::HEXUPPER;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::primitives::{ct_eq, hex_upper, lengths};
+use crate::primitives::{ct_eq, lengths};
 
 /// The checksum algorithm: poly 0x1021, init 0xFFFF, no reflection, xorout 0 (check value 29B1).
 static CHECKSUM: Crc<u16> = Crc::<u16>::new(&CRC_16_IBM_3740);
@@ -136,14 +137,6 @@ fn normalise(input: &str) -> Result<Zeroizing<Vec<u8>>, CodeError> {
     Ok(digits)
 }
 
-fn nibble(d: u8) -> u8 {
-    match d {
-        b'0'..=b'9' => d - b'0',
-        b'A'..=b'F' => d - b'A' + 10,
-        _ => 0, // normalise() lets only upper-case hex digits through
-    }
-}
-
 /// Parses a hex code as typed.
 ///
 /// `expected_lengths` lists the accepted lengths in **bytes** (e.g. `&[8, 16]` for a minidriver
@@ -161,11 +154,12 @@ pub fn parse_hex(input: &str, expected_lengths: &[usize]) -> Result<Zeroizing<Ve
     if got_digits % 2 != 0 {
         return Err(CodeError::OddDigits { got_digits });
     }
-    let bytes = digits
-        .chunks_exact(2)
-        .map(|pair| (nibble(pair[0]) << 4) | nibble(pair[1]))
-        .collect::<Vec<u8>>();
-    Ok(Zeroizing::new(bytes))
+    // normalise() let only upper-case hex digits through, an even number of them.
+    let mut bytes = Zeroizing::new(vec![0; got_digits / 2]);
+    HEXUPPER
+        .decode_mut(&digits, &mut bytes)
+        .map_err(|_| CodeError::OddDigits { got_digits })?;
+    Ok(bytes)
 }
 
 /// Parses the 4-hex-character checksum field (separators ignored, any case). An empty or
@@ -216,7 +210,7 @@ pub fn checksum(bytes: &[u8]) -> String {
 
 /// Upper-case hex in groups of 4 separated by single spaces: `1603 EBDF 1C8A 2E72`.
 pub fn format_groups(bytes: &[u8]) -> String {
-    let mut flat = Zeroizing::new(hex_upper(bytes));
+    let mut flat = Zeroizing::new(HEXUPPER.encode(bytes));
     let mut out = String::with_capacity(flat.len() + flat.len() / GROUP_DIGITS);
     for (i, c) in flat.chars().enumerate() {
         if i > 0 && i % GROUP_DIGITS == 0 {

@@ -495,20 +495,9 @@ impl fmt::Debug for SecretKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SecretKey")
             .field("algorithm", &self.algorithm)
-            .field("kcv", &hex_upper(&self.kcv()))
+            .field("kcv", &data_encoding::HEXUPPER.encode(&self.kcv()))
             .finish_non_exhaustive()
     }
-}
-
-/// Upper-case hex without separators.
-pub(crate) fn hex_upper(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0F)]));
-    }
-    s
 }
 
 /// Constant-time equality of two byte strings (lengths are not secret).
@@ -521,10 +510,9 @@ mod tests {
     use super::*;
 
     fn hex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
+        data_encoding::HEXUPPER_PERMISSIVE
+            .decode(s.as_bytes())
+            .unwrap()
     }
 
     /// CMAC through an encrypt-only oracle, as an HSM backend computes it.

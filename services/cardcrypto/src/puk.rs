@@ -218,10 +218,9 @@ mod tests {
     use crate::primitives::{KeyAlgorithm, aes_cmac};
 
     fn hex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
+        data_encoding::HEXUPPER_PERMISSIVE
+            .decode(s.as_bytes())
+            .unwrap()
     }
 
     const MASTER: &str = "404142434445464748494A4B4C4D4E4F";

@@ -83,7 +83,7 @@ impl SoUnblockKey {
         let all = parse_hex(text, &[key_len + CHECKSUM_DIGITS / 2])?;
         let (key_bytes, typed_checksum) = all.split_at(key_len);
         let computed = checksum(key_bytes);
-        let typed = Zeroizing::new(crate::primitives::hex_upper(typed_checksum));
+        let typed = Zeroizing::new(data_encoding::HEXUPPER.encode(typed_checksum));
         if !ct_eq(computed.as_bytes(), typed.as_bytes()) {
             return Err(CodeError::ChecksumMismatch.into());
         }

@@ -79,10 +79,9 @@ mod tests {
     use crate::primitives::KeyAlgorithm;
 
     fn key(algorithm: KeyAlgorithm, hex: &str) -> SecretKey {
-        let bytes: Vec<u8> = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-            .collect();
+        let bytes = data_encoding::HEXUPPER_PERMISSIVE
+            .decode(hex.as_bytes())
+            .unwrap();
         SecretKey::new(algorithm, &bytes).unwrap()
     }
 

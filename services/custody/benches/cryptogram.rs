@@ -16,10 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cms_kit::client::{Channel, UpstreamSettings};
-use cms_kit::metrics::Metrics;
-use cms_kit::ops::Readiness;
 use cms_kit::pki::DevPki;
-use cms_kit::server::{Listeners, Serve};
+use cms_kit::server::{Listeners, Server};
 use cms_kit::shutdown;
 use cms_kit::tls::TlsSource;
 use cms_proto::common::v1::{ActorKind, AuthContext, DiversificationScheme, KeyAlgorithm};
@@ -297,7 +295,7 @@ fn softhsm() -> Result<SoftHsm, String> {
     let secret = || {
         let mut bytes = [0u8; 8];
         cms_custody::wrap::random(&mut bytes).expect("random");
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        data_encoding::HEXLOWER.encode(&bytes)
     };
     let (pin, so_pin) = (secret(), secret());
     let out = std::process::Command::new("softhsm2-util")
@@ -399,23 +397,14 @@ async fn start_servers(dir: &Path, hsm: Result<SoftHsm, String>) -> Started {
     let (trigger, stop) = shutdown::channel();
     let echo_listeners = Listeners::loopback().await.expect("bind");
     let echo = echo_listeners.grpc.local_addr().expect("addr");
-    let echo_spec = Serve {
-        name: "echo",
-        version: "bench",
-        grpc_services: &[],
-        descriptors: cms_proto::FILE_DESCRIPTOR_SET,
-        settings: custody_config(dir, &pki).server,
-        access: Default::default(),
-        tls: TlsSource::load(pki.tls_settings("custody")).expect("tls"),
-        readiness: Readiness::new("starting"),
-        metrics: Metrics::new("echo"),
-    };
-    tokio::spawn(cms_kit::server::serve(
-        echo_spec,
-        tonic::service::Routes::default(),
-        echo_listeners,
-        stop.clone(),
-    ));
+    let echo_server = Server::new(
+        "echo",
+        custody_config(dir, &pki).server,
+        Default::default(),
+        TlsSource::load(pki.tls_settings("custody")).expect("tls"),
+    )
+    .with_version("bench");
+    tokio::spawn(echo_server.serve(echo_listeners, stop.clone()));
 
     // Custody with a durable audit in an SQLite file.
     let soft_listeners = Listeners::loopback().await.expect("bind");

@@ -3,7 +3,6 @@ use std::path::PathBuf;
 use cms_kit::authz::{AccessSettings, IdentityPattern};
 use cms_kit::db::DatabaseSettings;
 use cms_kit::server::ServerSettings;
-use cms_kit::service::ServiceConfig;
 use cms_kit::telemetry::TelemetrySettings;
 use cms_kit::tls::TlsSettings;
 use serde::Deserialize;
@@ -191,12 +190,4 @@ fn default_max_outstanding() -> usize {
     1_024
 }
 
-impl ServiceConfig for Config {
-    fn server(&self) -> &ServerSettings {
-        &self.server
-    }
-
-    fn telemetry(&self) -> &TelemetrySettings {
-        &self.telemetry
-    }
-}
+cms_kit::impl_service_config!(Config);

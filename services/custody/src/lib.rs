@@ -30,13 +30,12 @@ pub use config::{
 pub use error::Error;
 pub use service::{Custody, Options};
 
-use cms_kit::metrics::Metrics;
 use cms_kit::ops::Readiness;
-use cms_kit::server::{Listeners, Serve};
+use cms_kit::server::{Listeners, Server};
+use cms_kit::service::{Program, ServiceFuture};
 use cms_kit::shutdown::Shutdown;
 use cms_kit::tls::TlsSource;
 use cms_proto::custody::v1::custody_service_server::CustodyServiceServer;
-use sea_orm_migration::MigratorTrait;
 use std::sync::Arc;
 
 use replica::Replica;
@@ -47,16 +46,43 @@ pub const NAME: &str = "custody";
 /// a tail cut off the audit table is caught at start (see `audit::HeadFile`).
 pub const AUDIT_HEAD_FILE: &str = "custody-audit.head";
 
+/// The `cms-custody` binary: serves, or only migrates (`--migrate-only`).
+pub const PROGRAM: Program<Config, Error> = Program {
+    name: NAME,
+    run,
+    migrate: Some(migrate),
+};
+
 /// Serves the custody API on `listeners` until `shutdown`.
 ///
 /// Boxed so that the service's async code is compiled once, in this crate: a binary or test
 /// that awaited the bare future would compile all of it again (minutes per binary).
-pub fn run(
-    config: Config,
-    listeners: Listeners,
-    shutdown: Shutdown,
-) -> cms_kit::service::ServiceFuture<Error> {
+pub fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> ServiceFuture<Error> {
     Box::pin(serve_custody(config, listeners, shutdown))
+}
+
+/// Applies pending migrations and returns: no keystore, no unsealing, no serving.
+pub fn migrate(config: Config) -> ServiceFuture<Error> {
+    Box::pin(async move {
+        let db = cms_kit::db::connect(&config.database, &config.data_dir, NAME).await?;
+        // Not while a serving instance uses the SQLite file (see `lease`).
+        let _file_lock = match db.get_database_backend() {
+            sea_orm::DbBackend::Sqlite => {
+                Some(lease::FileLock::acquire(&audit::sqlite_file(&db).await?)?)
+            }
+            _ => None,
+        };
+        migrate_database(&db).await?;
+        db.close().await.map_err(Error::Migrate)?;
+        Ok(())
+    })
+}
+
+/// Applies pending migrations, once (under an advisory lock on PostgreSQL).
+async fn migrate_database(db: &sea_orm::DatabaseConnection) -> Result<(), Error> {
+    cms_kit::db::migrate::<store::migration::Migrator>(db, NAME)
+        .await
+        .map_err(Error::Migrate)
 }
 
 async fn serve_custody(
@@ -76,9 +102,7 @@ async fn serve_custody(
         }
         _ => None,
     };
-    store::migration::Migrator::up(&db, None)
-        .await
-        .map_err(Error::Migrate)?;
+    migrate_database(&db).await?;
     // The audit head file lives there, also when the database is PostgreSQL.
     cms_kit::db::prepare_data_dir(&config.data_dir)?;
     let options = Options {
@@ -110,19 +134,11 @@ async fn serve_custody(
             None,
         ),
     };
-    let routes = tonic::service::Routes::new(CustodyServiceServer::from_arc(replica));
-    let spec = Serve {
-        name: NAME,
-        version: env!("CARGO_PKG_VERSION"),
-        grpc_services: &["cms.custody.v1.CustodyService"],
-        descriptors: cms_proto::FILE_DESCRIPTOR_SET,
-        settings: config.server,
-        access: config.access,
-        tls,
-        readiness,
-        metrics: Metrics::new(NAME),
-    };
-    let served = cms_kit::server::serve(spec, routes, listeners, shutdown).await;
+    let served = Server::new(NAME, config.server, config.access, tls)
+        .with_readiness(readiness)
+        .add_service(CustodyServiceServer::from_arc(replica))
+        .serve(listeners, shutdown)
+        .await;
     // Ends the lease session, so that a standby takes over now rather than when it times out.
     if let Some(follower) = follower {
         follower.abort();

@@ -5,7 +5,6 @@ use cms_kit::authz::AccessSettings;
 use cms_kit::client::UpstreamSettings;
 use cms_kit::db::DatabaseSettings;
 use cms_kit::server::ServerSettings;
-use cms_kit::service::ServiceConfig;
 use cms_kit::telemetry::TelemetrySettings;
 use cms_kit::tls::TlsSettings;
 use serde::Deserialize;
@@ -221,12 +220,4 @@ impl Default for LdapAttributes {
     }
 }
 
-impl ServiceConfig for Config {
-    fn server(&self) -> &ServerSettings {
-        &self.server
-    }
-
-    fn telemetry(&self) -> &TelemetrySettings {
-        &self.telemetry
-    }
-}
+cms_kit::impl_service_config!(Config);

@@ -27,7 +27,7 @@ fn first(entry: &SearchEntry, attribute: &str) -> Option<String> {
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case(attribute))
         .and_then(|(_, v)| v.first())
-        .map(|b| crate::util::hex(b))
+        .map(|b| data_encoding::HEXLOWER.encode(b))
 }
 
 /// `Finance/Payroll` from `uid=x,ou=Payroll,ou=Finance,dc=example,dc=org`.

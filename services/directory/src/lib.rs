@@ -32,9 +32,8 @@ pub use config::{
 pub use error::Error;
 
 use cms_kit::client::Channel;
-use cms_kit::metrics::Metrics;
-use cms_kit::ops::Readiness;
-use cms_kit::server::{Listeners, Serve};
+use cms_kit::server::{Listeners, Server};
+use cms_kit::service::{Program, ServiceFuture};
 use cms_kit::shutdown::Shutdown;
 use cms_kit::tls::TlsSource;
 use cms_proto::directory::v1::directory_service_server::{
@@ -528,16 +527,29 @@ pub async fn open_database(config: &Config) -> Result<DatabaseConnection, Error>
     Ok(cms_kit::db::connect(&config.database, &config.data_dir, NAME).await?)
 }
 
+/// The `cms-directory` binary: serves, or only migrates (`--migrate-only`).
+pub const PROGRAM: Program<Config, Error> = Program {
+    name: NAME,
+    run,
+    migrate: Some(migrate),
+};
+
 /// Serves the directory API on `listeners` until `shutdown`.
 ///
 /// Boxed so that the service's async code is compiled once, in this crate: a binary or test
 /// that awaited the bare future would compile all of it again (minutes per binary).
-pub fn run(
-    config: Config,
-    listeners: Listeners,
-    shutdown: Shutdown,
-) -> cms_kit::service::ServiceFuture<Error> {
+pub fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> ServiceFuture<Error> {
     Box::pin(serve_directory(config, listeners, shutdown))
+}
+
+/// Applies pending migrations and returns.
+pub fn migrate(config: Config) -> ServiceFuture<Error> {
+    Box::pin(async move {
+        let db = cms_kit::db::connect(&config.database, &config.data_dir, NAME).await?;
+        migration::run(&db).await.map_err(Error::Migrate)?;
+        db.close().await?;
+        Ok(())
+    })
 }
 
 async fn serve_directory(
@@ -559,18 +571,9 @@ async fn serve_directory(
     directory.import = config.import.clone();
     directory.ldap = config.ldap.clone();
     directory.templates = templates;
-    let routes = tonic::service::Routes::new(DirectoryServiceServer::new(directory));
-    let spec = Serve {
-        name: NAME,
-        version: env!("CARGO_PKG_VERSION"),
-        grpc_services: &["cms.directory.v1.DirectoryService"],
-        descriptors: cms_proto::FILE_DESCRIPTOR_SET,
-        settings: config.server,
-        access: config.access,
-        tls,
-        readiness: Readiness::new("starting"),
-        metrics: Metrics::new(NAME),
-    };
-    cms_kit::server::serve(spec, routes, listeners, shutdown).await?;
+    Server::new(NAME, config.server, config.access, tls)
+        .add_service(DirectoryServiceServer::new(directory))
+        .serve(listeners, shutdown)
+        .await?;
     Ok(())
 }

@@ -6,6 +6,7 @@ use cms_proto::directory::v1::{
     CertificateBinding, GetOperatorByCertificateRequest, IssuerSerial, ListOperatorsRequest,
     ListOperatorsResponse, Operator, OperatorScope, OperatorStatus,
 };
+use data_encoding::{HEXLOWER, HEXLOWER_PERMISSIVE};
 use sea_orm::ActiveValue::Set;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, TransactionTrait,
@@ -13,7 +14,7 @@ use sea_orm::{
 
 use crate::entity::{operator, operator_certificate};
 use crate::normalize;
-use crate::util::{self, check_text, hex, now_micros, timestamp};
+use crate::util::{self, check_text, now_micros, timestamp};
 use crate::{Directory, Error, token};
 
 const MAX_ROLE: usize = 64;
@@ -31,14 +32,14 @@ fn unjson(text: &str) -> Vec<String> {
 /// Serial number bytes as lower-case hex without leading zero bytes (DER may add one).
 fn serial_hex(serial: &[u8]) -> String {
     let start = serial.iter().position(|b| *b != 0).unwrap_or(serial.len());
-    hex(&serial[start..])
+    HEXLOWER.encode(&serial[start..])
 }
 
+/// The bytes of a hex column this service wrote (empty if it was altered into non-hex).
 fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len())
-        .step_by(2)
-        .filter_map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
+    HEXLOWER_PERMISSIVE
+        .decode(text.as_bytes())
+        .unwrap_or_default()
 }
 
 fn to_proto(m: &operator::Model, certs: &[operator_certificate::Model]) -> Operator {
@@ -146,7 +147,7 @@ fn cert_rows(
                         format!("spki_sha256 has {} bytes; a SHA-256 has 32", h.len()),
                     ));
                 }
-                (String::new(), String::new(), hex(h))
+                (String::new(), String::new(), HEXLOWER.encode(h))
             }
             None => {
                 return Err(Error::invalid(
@@ -487,7 +488,8 @@ impl Directory {
             any = true;
         }
         if req.spki_sha256.len() == 32 {
-            cond = cond.add(operator_certificate::Column::SpkiHex.eq(hex(&req.spki_sha256)));
+            cond = cond
+                .add(operator_certificate::Column::SpkiHex.eq(HEXLOWER.encode(&req.spki_sha256)));
             any = true;
         }
         if !any {

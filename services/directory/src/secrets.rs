@@ -1,10 +1,12 @@
 //! Secrets of the directory: the key that seals TOTP secrets at rest (AES-256-GCM via
 //! `ring::aead`, bound to the user id), argon2id hashes of security answers, and RFC 6238
-//! TOTP codes (HMAC via `ring::hmac`).
+//! TOTP codes (`totp-rs`).
 
 use std::path::{Path, PathBuf};
 
 use argon2::{Algorithm, Argon2, Params, Version};
+use data_encoding::{HEXLOWER, HEXLOWER_PERMISSIVE};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use subtle::ConstantTimeEq;
@@ -28,18 +30,8 @@ impl std::fmt::Debug for SecretKey {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
+    HEXLOWER_PERMISSIVE.decode(text.as_bytes()).ok()
 }
 
 impl SecretKey {
@@ -59,7 +51,8 @@ impl SecretKey {
             rng.fill(key.as_mut())
                 .map_err(|_| fail("no randomness".into()))?;
             std::fs::create_dir_all(data_dir).map_err(|e| fail(e.to_string()))?;
-            write_private(&path, &hex(key.as_ref())).map_err(|e| fail(e.to_string()))?;
+            write_private(&path, &Zeroizing::new(HEXLOWER.encode(key.as_ref())))
+                .map_err(|e| fail(e.to_string()))?;
             tracing::warn!(path = %path.display(), "generated a new secrets key; back it up with the database");
         }
         let text = Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| fail(e.to_string()))?);
@@ -195,8 +188,8 @@ impl AnswerHasher {
             "argon2id$v=19$m={},t={},p=1${}${}",
             self.memory_kib,
             self.iterations,
-            hex(&salt),
-            hex(&hash)
+            HEXLOWER.encode(&salt),
+            HEXLOWER.encode(&hash)
         ))
     }
 
@@ -281,74 +274,52 @@ impl TotpParams {
         }
     }
 
-    /// The code for time step `step`.
-    pub fn code(&self, secret: &[u8], step: u64) -> String {
-        let alg = match self.alg {
-            TotpAlg::Sha1 => ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY,
-            TotpAlg::Sha256 => ring::hmac::HMAC_SHA256,
-            TotpAlg::Sha512 => ring::hmac::HMAC_SHA512,
+    /// The generator for `secret`, accepting codes `skew` steps around the current one.
+    fn totp(&self, secret: &[u8], skew: u64) -> totp_rs::Totp {
+        let algorithm = match self.alg {
+            TotpAlg::Sha1 => totp_rs::Algorithm::SHA1,
+            TotpAlg::Sha256 => totp_rs::Algorithm::SHA256,
+            TotpAlg::Sha512 => totp_rs::Algorithm::SHA512,
         };
-        let key = ring::hmac::Key::new(alg, secret);
-        let tag = ring::hmac::sign(&key, &step.to_be_bytes());
-        let mac = tag.as_ref();
-        let offset = usize::from(mac[mac.len() - 1] & 0x0f);
-        let binary = (u32::from(mac[offset]) & 0x7f) << 24
-            | u32::from(mac[offset + 1]) << 16
-            | u32::from(mac[offset + 2]) << 8
-            | u32::from(mac[offset + 3]);
-        let modulo = 10u64.pow(self.digits);
-        format!(
-            "{:0width$}",
-            u64::from(binary) % modulo,
-            width = self.digits as usize
-        )
+        // Parameters are checked at enrolment (6 or 8 digits, 15 to 300 s, a full-size secret);
+        // stored ones are ours.
+        totp_rs::Builder::new()
+            .with_algorithm(algorithm)
+            .with_digits(u8::try_from(self.digits).unwrap_or(u8::MAX))
+            .with_step_duration(self.period.max(1))
+            .with_skew(u16::try_from(skew).unwrap_or(u16::MAX))
+            .with_secret(secret)
+            .build_noncompliant()
     }
 
-    /// The accepted step matching `code` within `skew` steps of `now_secs`, if any.
+    /// The code for time step `step`.
+    pub fn code(&self, secret: &[u8], step: u64) -> String {
+        let time = step.saturating_mul(self.period.max(1));
+        self.totp(secret, 0).generate(time).to_string()
+    }
+
+    /// The accepted step matching `code` within `skew` steps of `now_secs`, if any (compared
+    /// in constant time).
     pub fn verify(&self, secret: &[u8], code: &str, now_secs: u64, skew: u64) -> Option<u64> {
-        let step = now_secs / self.period.max(1);
-        let mut found = None;
-        for s in step.saturating_sub(skew)..=step + skew {
-            let candidate = self.code(secret, s);
-            if bool::from(candidate.as_bytes().ct_eq(code.as_bytes())) {
-                found = Some(s);
-            }
-        }
-        found
+        self.totp(secret, skew).check(code, now_secs)
     }
 }
 
 /// RFC 4648 base32 without padding (as authenticator apps expect).
 pub fn base32(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let mut out = String::new();
-    let mut buffer: u32 = 0;
-    let mut bits = 0;
-    for &b in bytes {
-        buffer = (buffer << 8) | u32::from(b);
-        bits += 8;
-        while bits >= 5 {
-            bits -= 5;
-            out.push(char::from(ALPHABET[((buffer >> bits) & 31) as usize]));
-        }
-    }
-    if bits > 0 {
-        out.push(char::from(ALPHABET[((buffer << (5 - bits)) & 31) as usize]));
-    }
-    out
+    data_encoding::BASE32_NOPAD.encode(bytes)
 }
+
+/// Characters left as they are in a URI component: RFC 3986's unreserved set.
+const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// Percent-encoding of everything but unreserved characters (RFC 3986).
 pub fn percent(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    utf8_percent_encode(s, UNRESERVED).to_string()
 }
 
 #[cfg(test)]
@@ -381,6 +352,15 @@ mod tests {
     fn base32_rfc4648() {
         assert_eq!(base32(b"foobar"), "MZXW6YTBOI");
         assert_eq!(base32(b"f"), "MY");
+    }
+
+    #[test]
+    fn percent_leaves_only_unreserved_characters() {
+        assert_eq!(percent("A-z0.9_~"), "A-z0.9_~");
+        assert_eq!(
+            percent("Acme Corp:ü/?&="),
+            "Acme%20Corp%3A%C3%BC%2F%3F%26%3D"
+        );
     }
 
     #[test]

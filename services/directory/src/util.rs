@@ -113,10 +113,6 @@ pub fn busy(err: &sea_orm::DbErr) -> bool {
     }
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// `text` escaped for LIKE with `\` as the escape character.
 pub fn like_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);

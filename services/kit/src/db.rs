@@ -166,6 +166,17 @@ pub async fn begin_migration(
     Ok(txn)
 }
 
+/// Applies every pending migration of `M`, once: inside [`begin_migration`]'s transaction, so
+/// that replicas (or migration jobs) starting together on one PostgreSQL database do not race.
+pub async fn migrate<M: sea_orm_migration::MigratorTrait>(
+    db: &DatabaseConnection,
+    service: &str,
+) -> Result<(), sea_orm::DbErr> {
+    let txn = begin_migration(db, service).await?;
+    M::up(&txn, None).await?;
+    txn.commit().await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

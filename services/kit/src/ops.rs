@@ -98,28 +98,39 @@ async fn metrics_text(
     )
 }
 
-/// GETs `path` on a plaintext ops port and returns the HTTP status code and body. Used by
-/// the launcher and tests to wait for readiness without an HTTP client library.
+/// The largest body [`http_get`] reads.
+const MAX_BODY: usize = 16 << 20;
+
+/// GETs `path` on a plaintext ops port (HTTP/1.1, hyper's client) and returns the HTTP status
+/// code and body. Used by the launcher and tests to wait for readiness and read metrics.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    stream.take(1 << 20).read_to_end(&mut response).await?;
-    let text = String::from_utf8_lossy(&response);
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response")
-        })?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((code, body))
+    let invalid = |e: &dyn std::fmt::Display| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
+    };
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| invalid(&e))?;
+    let connection = tokio::spawn(connection);
+    let request = axum::http::Request::get(path)
+        .header(axum::http::header::HOST, addr.to_string())
+        .body(axum::body::Body::empty())
+        .map_err(|e| invalid(&e))?;
+    let outcome = async {
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| invalid(&e))?;
+        let code = response.status().as_u16();
+        let body = axum::body::to_bytes(axum::body::Body::new(response.into_body()), MAX_BODY)
+            .await
+            .map_err(|e| invalid(&e))?;
+        Ok((code, String::from_utf8_lossy(&body).into_owned()))
+    }
+    .await;
+    connection.abort();
+    outcome
 }
 
 #[cfg(test)]

@@ -8,8 +8,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::net::TcpListener;
+use tonic::server::NamedService;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::accept::{self, AcceptLimits};
 use crate::authz::{AccessSettings, AllowListLayer};
@@ -99,23 +102,135 @@ impl Listeners {
     }
 }
 
-/// Everything `serve` needs besides the routes.
-pub struct Serve {
-    /// Short service name, e.g. "custody".
-    pub name: &'static str,
+/// One service's gRPC server, built in a few lines by every service:
+///
+/// ```ignore
+/// Server::new(NAME, config.server, config.access, tls)
+///     .add_service(TemplateServiceServer::new(templates))
+///     .serve(listeners, shutdown)
+///     .await?;
+/// ```
+///
+/// The served services are named once, by the generated code (`NamedService::NAME`): health
+/// reports them SERVING, reflection lists them, and metrics and spans name only their methods.
+pub struct Server {
+    /// Short service name, e.g. "custody" (also the `cms.<name>` allow-list scope).
+    name: &'static str,
     /// Software version, sent back in the `x-cms-version` response header.
-    pub version: &'static str,
-    /// Fully qualified names of the gRPC services `routes` holds: reported SERVING by the
-    /// health service, listed by reflection, and the only methods metrics and spans name.
-    pub grpc_services: &'static [&'static str],
-    /// Encoded FileDescriptorSet describing `grpc_services` (it may describe more; reflection
-    /// serves only the files those services need).
-    pub descriptors: &'static [u8],
-    pub settings: ServerSettings,
-    pub access: AccessSettings,
-    pub tls: Arc<TlsSource>,
-    pub readiness: Readiness,
-    pub metrics: Metrics,
+    version: &'static str,
+    /// Encoded FileDescriptorSet describing the served services (it may describe more;
+    /// reflection serves only the files those services need).
+    descriptors: &'static [u8],
+    settings: ServerSettings,
+    access: AccessSettings,
+    tls: Arc<TlsSource>,
+    readiness: Readiness,
+    metrics: Metrics,
+    routes: Routes,
+    grpc_services: Vec<&'static str>,
+    health: HealthReporter,
+    /// Services whose health the service itself reports (they start NOT_SERVING).
+    self_reported: Vec<&'static str>,
+}
+
+impl Server {
+    /// A server for service `name` serving nothing yet; readiness starts not ready
+    /// ("starting") and metrics are the service's own.
+    pub fn new(
+        name: &'static str,
+        settings: ServerSettings,
+        access: AccessSettings,
+        tls: Arc<TlsSource>,
+    ) -> Self {
+        Self {
+            name,
+            version: env!("CARGO_PKG_VERSION"),
+            descriptors: cms_proto::FILE_DESCRIPTOR_SET,
+            settings,
+            access,
+            tls,
+            readiness: Readiness::new("starting"),
+            metrics: Metrics::new(name),
+            routes: Routes::default(),
+            grpc_services: Vec::new(),
+            health: HealthReporter::new(),
+            self_reported: Vec::new(),
+        }
+    }
+
+    /// Serves `service` too, under the name its generated code gives it.
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: tower_service::Service<
+                http::Request<tonic::body::Body>,
+                Error = std::convert::Infallible,
+            > + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.grpc_services.push(S::NAME);
+        self.routes = self.routes.add_service(service);
+        self
+    }
+
+    /// Routes that are not gRPC services of their own (e.g. an HTTP API on the same port).
+    pub fn map_routes(mut self, map: impl FnOnce(Routes) -> Routes) -> Self {
+        self.routes = map(self.routes);
+        self
+    }
+
+    /// Uses `readiness` (which the service may hold not ready for reasons of its own).
+    pub fn with_readiness(mut self, readiness: Readiness) -> Self {
+        self.readiness = readiness;
+        self
+    }
+
+    /// Uses `metrics` (shared with another listener of the same service).
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Overrides the version reported in `x-cms-version` (default: the workspace version).
+    pub fn with_version(mut self, version: &'static str) -> Self {
+        self.version = version;
+        self
+    }
+
+    /// Leaves the health of service `S` to the service: it starts NOT_SERVING (instead of
+    /// SERVING once the port is up) and changes through [`Server::health_reporter`].
+    pub fn reports_own_health<S: NamedService>(mut self) -> Self {
+        self.self_reported.push(S::NAME);
+        self
+    }
+
+    /// The reporter of this port's gRPC health service.
+    pub fn health_reporter(&self) -> HealthReporter {
+        self.health.clone()
+    }
+
+    /// Fully qualified names of the gRPC services added so far.
+    pub fn grpc_services(&self) -> &[&'static str] {
+        &self.grpc_services
+    }
+
+    pub fn readiness(&self) -> &Readiness {
+        &self.readiness
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Serves until `shutdown`, then lets in-flight requests finish for at most
+    /// `shutdown_grace_ms`.
+    pub async fn serve(self, listeners: Listeners, shutdown: Shutdown) -> Result<(), ServeError> {
+        serve(self, listeners, shutdown).await
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,26 +269,22 @@ pub fn read_announce(path: &std::path::Path) -> Option<(SocketAddr, SocketAddr)>
     Some((grpc?, ops?))
 }
 
-/// The service's own API plus health and reflection (v1 and v1alpha).
-fn served_api(spec: &Serve) -> Result<ServedApi, crate::served::ServedError> {
-    ServedApi::with_standard(spec.descriptors, spec.grpc_services)
-}
-
-/// Serves until `shutdown`, then lets in-flight requests finish for at most
-/// `shutdown_grace_ms`.
-pub async fn serve(
-    spec: Serve,
-    routes: Routes,
-    listeners: Listeners,
-    shutdown: Shutdown,
-) -> Result<(), ServeError> {
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    for name in spec.grpc_services {
-        health_reporter
-            .set_service_status(*name, ServingStatus::Serving)
+/// See [`Server::serve`].
+async fn serve(spec: Server, listeners: Listeners, shutdown: Shutdown) -> Result<(), ServeError> {
+    for name in &spec.self_reported {
+        spec.health
+            .set_service_status(*name, ServingStatus::NotServing)
             .await;
     }
-    let api = served_api(&spec)?;
+    for name in &spec.grpc_services {
+        if !spec.self_reported.contains(name) {
+            spec.health
+                .set_service_status(*name, ServingStatus::Serving)
+                .await;
+        }
+    }
+    // The service's own API plus health and reflection (v1 and v1alpha).
+    let api = ServedApi::with_standard(spec.descriptors, &spec.grpc_services)?;
     let reflection = || {
         let builder = tonic_reflection::server::Builder::configure()
             .include_reflection_service(false)
@@ -182,8 +293,11 @@ pub async fn serve(
             .iter()
             .fold(builder, |b, name| b.with_service_name(name))
     };
-    let routes = routes
-        .add_service(health_service)
+    let routes = spec
+        .routes
+        .add_service(HealthServer::new(HealthService::from_health_reporter(
+            spec.health.clone(),
+        )))
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?);
 

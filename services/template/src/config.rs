@@ -3,7 +3,6 @@ use std::path::PathBuf;
 use cms_kit::authz::AccessSettings;
 use cms_kit::db::DatabaseSettings;
 use cms_kit::server::ServerSettings;
-use cms_kit::service::ServiceConfig;
 use cms_kit::telemetry::TelemetrySettings;
 use cms_kit::tls::TlsSettings;
 use serde::Deserialize;
@@ -24,12 +23,4 @@ pub struct Config {
     pub telemetry: TelemetrySettings,
 }
 
-impl ServiceConfig for Config {
-    fn server(&self) -> &ServerSettings {
-        &self.server
-    }
-
-    fn telemetry(&self) -> &TelemetrySettings {
-        &self.telemetry
-    }
-}
+cms_kit::impl_service_config!(Config);

@@ -17,9 +17,8 @@ mod token;
 pub use config::Config;
 pub use error::Error;
 
-use cms_kit::metrics::Metrics;
-use cms_kit::ops::Readiness;
-use cms_kit::server::{Listeners, Serve};
+use cms_kit::server::{Listeners, Server};
+use cms_kit::service::{Program, ServiceFuture};
 use cms_kit::shutdown::Shutdown;
 use cms_kit::tls::TlsSource;
 use cms_proto::common::v1::{CardProfile, PageResponse};
@@ -598,16 +597,27 @@ pub async fn open_database(config: &Config) -> Result<DatabaseConnection, Error>
     Ok(db)
 }
 
+/// The `cms-template` binary: serves, or only migrates (`--migrate-only`).
+pub const PROGRAM: Program<Config, Error> = Program {
+    name: NAME,
+    run,
+    migrate: Some(migrate),
+};
+
 /// Serves the template API on `listeners` until `shutdown`.
 ///
 /// Boxed so that the service's async code is compiled once, in this crate: a binary or test
 /// that awaited the bare future would compile all of it again (minutes per binary).
-pub fn run(
-    config: Config,
-    listeners: Listeners,
-    shutdown: Shutdown,
-) -> cms_kit::service::ServiceFuture<Error> {
+pub fn run(config: Config, listeners: Listeners, shutdown: Shutdown) -> ServiceFuture<Error> {
     Box::pin(serve_template(config, listeners, shutdown))
+}
+
+/// Applies pending migrations and returns (see [`open_database`]).
+pub fn migrate(config: Config) -> ServiceFuture<Error> {
+    Box::pin(async move {
+        open_database(&config).await?.close().await?;
+        Ok(())
+    })
 }
 
 async fn serve_template(
@@ -617,18 +627,9 @@ async fn serve_template(
 ) -> Result<(), Error> {
     let tls = TlsSource::load(config.tls.clone())?;
     let db = open_database(&config).await?;
-    let routes = tonic::service::Routes::new(TemplateServiceServer::new(Templates::new(db)));
-    let spec = Serve {
-        name: NAME,
-        version: env!("CARGO_PKG_VERSION"),
-        grpc_services: &["cms.template.v1.TemplateService"],
-        descriptors: cms_proto::FILE_DESCRIPTOR_SET,
-        settings: config.server,
-        access: config.access,
-        tls,
-        readiness: Readiness::new("starting"),
-        metrics: Metrics::new(NAME),
-    };
-    cms_kit::server::serve(spec, routes, listeners, shutdown).await?;
+    Server::new(NAME, config.server, config.access, tls)
+        .add_service(TemplateServiceServer::new(Templates::new(db)))
+        .serve(listeners, shutdown)
+        .await?;
     Ok(())
 }

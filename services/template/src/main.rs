@@ -1,12 +1,3 @@
-use std::process::ExitCode;
-
-fn main() -> ExitCode {
-    let config_path = match cms_kit::service::config_path_from_args("template") {
-        Ok(path) => path,
-        Err(usage) => {
-            eprintln!("{usage}");
-            return ExitCode::from(2);
-        }
-    };
-    cms_kit::service::main("template", config_path.as_deref(), cms_template::run)
+fn main() -> std::process::ExitCode {
+    cms_template::PROGRAM.main()
 }

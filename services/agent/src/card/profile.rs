@@ -78,11 +78,6 @@ impl CardFacts {
     }
 }
 
-/// Upper-case hex of a card id or serial (not secret).
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02X}")).collect()
-}
-
 /// What the ATR's historical bytes say about the product, where we know it.
 fn product_from_atr(atr: &[u8]) -> Option<&'static str> {
     let contains = |needle: &[u8]| atr.windows(needle.len()).any(|w| w == needle);
@@ -120,7 +115,7 @@ pub fn detect(tx: &mut dyn CardTransaction, reader: &str) -> Result<CardFacts, C
     }
     if let Some(id) = minidriver::card_id(tx)? {
         facts.profile = Some(Profile::Minidriver);
-        facts.serial = hex(&id);
+        facts.serial = data_encoding::HEXUPPER.encode(&id);
         facts.card_id = id;
         facts.pin_tries_left = minidriver::pin_tries(tx)?;
         facts.admin_tries_left = minidriver::admin_tries(tx)?;

@@ -5,17 +5,14 @@ use cms_proto::agent::v1::{
     CardInfo, Reader, ReaderEvent, ReaderEventKind, UnblockOutcome, UnblockResult,
 };
 use cms_proto::common::v1::CardProfile;
+use data_encoding::HEXUPPER;
 use serde_json::json;
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02X}")).collect()
-}
 
 pub fn readers(readers: &[Reader], as_json: bool) {
     if as_json {
         let list: Vec<_> = readers
             .iter()
-            .map(|r| json!({"name": r.name, "card_present": r.card_present, "atr": hex(&r.atr), "in_use": r.in_use}))
+            .map(|r| json!({"name": r.name, "card_present": r.card_present, "atr": HEXUPPER.encode(&r.atr), "in_use": r.in_use}))
             .collect();
         println!("{}", json!({ "readers": list }));
         return;
@@ -26,7 +23,7 @@ pub fn readers(readers: &[Reader], as_json: bool) {
     for r in readers {
         let state = match (r.card_present, r.in_use) {
             (false, _) => "no card".to_owned(),
-            (true, false) => format!("card present (ATR {})", hex(&r.atr)),
+            (true, false) => format!("card present (ATR {})", HEXUPPER.encode(&r.atr)),
             (true, true) => "card present, in use by another application".to_owned(),
         };
         println!("{}: {state}", r.name);
@@ -48,9 +45,9 @@ pub fn card(card: &CardInfo, as_json: bool) {
             json!({
                 "reader": card.reader,
                 "profile": profile_name(card.profile),
-                "card_id": hex(&card.card_id),
+                "card_id": HEXUPPER.encode(&card.card_id),
                 "serial": card.serial,
-                "atr": hex(&card.atr),
+                "atr": HEXUPPER.encode(&card.atr),
                 "pin_tries_left": card.pin_tries_left,
                 "pin_blocked": card.pin_blocked,
                 "admin_tries_left": card.admin_tries_left,
@@ -69,8 +66,8 @@ pub fn card(card: &CardInfo, as_json: bool) {
     let tries = |t: Option<u32>| t.map_or("unknown".to_owned(), |t| t.to_string());
     println!("reader:      {}", card.reader);
     println!("card:        {}", card.description);
-    println!("card id:     {}", hex(&card.card_id));
-    if !card.serial.is_empty() && card.serial != hex(&card.card_id) {
+    println!("card id:     {}", HEXUPPER.encode(&card.card_id));
+    if !card.serial.is_empty() && card.serial != HEXUPPER.encode(&card.card_id) {
         println!("serial:      {}", card.serial);
     }
     println!(

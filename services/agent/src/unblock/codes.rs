@@ -281,7 +281,7 @@ mod tests {
             outcome(so_key(Some(&typed), Some(KeyAlgorithm::Aes128), 8).unwrap_err()),
             UnblockOutcome::Unsupported
         );
-        let kcv: String = key.kcv().iter().map(|b| format!("{b:02x}")).collect();
+        let kcv = data_encoding::HEXLOWER.encode(&key.kcv());
         check_kcv(&parsed, &kcv).unwrap();
         assert_eq!(
             outcome(check_kcv(&parsed, "000000").unwrap_err()),

@@ -80,25 +80,17 @@ pub fn column(section: &Section, name: &str) -> usize {
         .unwrap_or_else(|| panic!("section {} has no column {name:?}", section.heading))
 }
 
-/// Plain hex (spaces allowed) to bytes; an independent decoder, not the crate's parser.
+/// Plain hex (spaces allowed) to bytes; not the crate's code parser.
 pub fn hex(s: &str) -> Vec<u8> {
-    let digits: Vec<u8> = s
-        .bytes()
-        .filter(|b| !b.is_ascii_whitespace())
-        .map(|b| match b {
-            b'0'..=b'9' => b - b'0',
-            b'a'..=b'f' => b - b'a' + 10,
-            b'A'..=b'F' => b - b'A' + 10,
-            _ => panic!("not hex in vector: {s:?}"),
-        })
-        .collect();
-    assert!(digits.len().is_multiple_of(2), "odd hex in vector: {s:?}");
-    digits.chunks(2).map(|p| (p[0] << 4) | p[1]).collect()
+    let digits: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    data_encoding::HEXUPPER_PERMISSIVE
+        .decode(&digits)
+        .unwrap_or_else(|e| panic!("not hex in vector {s:?}: {e}"))
 }
 
-/// Upper-case hex, independent of the crate.
+/// Upper-case hex.
 pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02X}")).collect()
+    data_encoding::HEXUPPER.encode(bytes)
 }
 
 /// The note in parentheses of a cell, e.g. `3DES` from `24 x 00 (3DES)`.
