@@ -94,7 +94,7 @@ fn usage_error(scene: &Scene, who: &str, args: &[&str]) -> String {
 }
 
 fn upper(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02X}")).collect()
+    data_encoding::HEXUPPER.encode(bytes)
 }
 
 async fn scene() -> Scene {

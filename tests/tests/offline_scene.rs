@@ -103,8 +103,8 @@ impl AgentProcess {
 
 /// VERIFY of the user PIN through OpenSC: the card's status word.
 fn verify_pin(card: &CardInReader, pin: &str) -> String {
-    let data: Vec<String> = pin.bytes().map(|b| format!("{b:02X}")).collect();
-    let apdu = format!("00:20:00:80:{:02X}:{}", pin.len(), data.join(":"));
+    let data = data_encoding::HEXUPPER.encode(pin.as_bytes());
+    let apdu = format!("00 20 00 80 {:02X} {data}", pin.len());
     let out = card
         .client("opensc-tool")
         .args(["-r", &card.reader(), "-s", &apdu])
@@ -148,7 +148,7 @@ async fn the_helpdesk_unblocks_a_card_in_a_real_reader_through_the_gateway() {
         &setup::CardRecord {
             user_id: user.id.clone(),
             card_id: card_id.clone(),
-            serial: card_id.iter().map(|b| format!("{b:02X}")).collect(),
+            serial: data_encoding::HEXUPPER.encode(&card_id),
             template_id: template,
             template_version,
             master_key_version: version,

@@ -118,7 +118,7 @@ pub async fn prepare(
     // The personalisation bureau: the card gets its diversified admin key, and (for the demo)
     // a PIN the user has already forgotten.
     let card_id = setup::random(cms_card::minidriver::CARD_ID_LEN)?;
-    let serial: String = card_id.iter().map(|b| format!("{b:02X}")).collect();
+    let serial = data_encoding::HEXUPPER.encode(&card_id);
     let user_card = user_card_file(layout);
     card::write_blocked_card(
         &user_card,

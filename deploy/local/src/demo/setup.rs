@@ -64,7 +64,7 @@ pub fn random(len: usize) -> Result<Zeroizing<Vec<u8>>, DemoError> {
 fn kcv(key: &[u8]) -> Result<String, DemoError> {
     let key = SecretKey::new(KeyAlgorithm::Aes128, key)
         .map_err(|e| DemoError::Failed(format!("master key: {e}")))?;
-    Ok(key.kcv().iter().map(|b| format!("{b:02X}")).collect())
+    Ok(data_encoding::HEXUPPER.encode(&key.kcv()))
 }
 
 /// Imports `master` (AES-128) under `reference` in a two-component key ceremony; returns the
