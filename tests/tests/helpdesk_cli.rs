@@ -9,8 +9,10 @@ use std::process::Output;
 
 use cms_cardcrypto::{KeyAlgorithm, SecretKey};
 use cms_launcher::demo::{access, setup};
+use cms_proto::common::v1::CardProfile;
 use cms_proto::directory::v1::Credential;
 use cms_proto::gateway::v1::admin_service_client::AdminServiceClient;
+use cms_proto::template::v1::{PinPolicy, PukConfig};
 use cms_tests::cluster::Cluster;
 
 const MASTER_KEY: &str = "mk-cli";
@@ -24,6 +26,8 @@ struct Scene {
     card: Credential,
     /// A card whose template asks for dual control.
     dual_card: Credential,
+    /// A PIV card (offline: its PUK is read to the user).
+    piv_card: Credential,
 }
 
 fn text(out: &Output) -> String {
@@ -124,12 +128,37 @@ async fn scene() -> Scene {
         nanos: 0,
     });
     let (dual_template, dual_version) = setup::create_template(&mut admin, dual).await.unwrap();
+    let mut piv = setup::template_spec(MASTER_KEY);
+    piv.name = "PIV card".into();
+    piv.card_profile = CardProfile::Piv as i32;
+    piv.puk = Some(PukConfig {
+        master_key_reference: MASTER_KEY.into(),
+        length: 8,
+        rotate_after_online_use: true,
+        rotate_after_offline_exposure: true,
+    });
+    piv.pin_policy = Some(PinPolicy {
+        max_length: 8,
+        ..piv.pin_policy.unwrap()
+    });
+    piv.unblock_policy
+        .as_mut()
+        .and_then(|p| p.operator_policy.as_mut())
+        .unwrap()
+        .puk_read_roles = vec!["helpdesk".into()];
+    let (piv_template, piv_version) = setup::create_template(&mut admin, piv).await.unwrap();
     let user = setup::create_user(&mut admin, "demo.user").await.unwrap();
     let mut register = async |card_id: [u8; 16], template_id: &str, version: u32| {
+        let profile = if template_id == piv_template {
+            CardProfile::Piv
+        } else {
+            CardProfile::Minidriver
+        };
         setup::register_card(
             &mut admin,
             &setup::CardRecord {
                 user_id: user.id.clone(),
+                profile,
                 card_id: card_id.to_vec(),
                 serial: upper(&card_id),
                 template_id: template_id.to_owned(),
@@ -142,6 +171,7 @@ async fn scene() -> Scene {
     };
     let card = register([0x11; 16], &template, template_version).await;
     let dual_card = register([0x22; 16], &dual_template, dual_version).await;
+    let piv_card = register([0x33; 16], &piv_template, piv_version).await;
     for (name, roles) in [
         ("helpdesk", &["helpdesk"][..]),
         ("approver", &["approver"][..]),
@@ -159,6 +189,7 @@ async fn scene() -> Scene {
         user_id: user.id,
         card,
         dual_card,
+        piv_card,
     }
 }
 
@@ -286,6 +317,27 @@ async fn helpdesk_commands_answer_refuse_and_print_json() {
         !answer["request_id"].as_str().unwrap_or_default().is_empty(),
         "{answer}"
     );
+    // From the Windows unblock screen: no checksum to type.
+    let (challenge, expected) = s.challenge(&s.card, 5);
+    let out = ok(
+        &s,
+        "helpdesk",
+        &[
+            "helpdesk",
+            "offline-response",
+            "--user",
+            user,
+            "--card",
+            card,
+            "--windows",
+            "--challenge",
+            &upper(&challenge),
+        ],
+    );
+    assert!(
+        out.contains(&cms_cardcrypto::format_groups(&expected)),
+        "{out}"
+    );
     // A typing error in the checksum: refused here, nothing sent.
     let (challenge, _) = s.challenge(&s.card, 3);
     let wrong = format!(
@@ -332,7 +384,33 @@ async fn helpdesk_commands_answer_refuse_and_print_json() {
     );
     assert_eq!(code, 3, "{err}");
 
-    // puk: a minidriver card has none.
+    // puk: the PIV card's PUK with its checksum, exposed from now on; a minidriver card has
+    // none.
+    let piv = s.piv_card.id.as_str();
+    let out = ok(
+        &s,
+        "helpdesk",
+        &["helpdesk", "puk", "--user", user, "--card", piv],
+    );
+    assert!(out.contains("PUK (read it to the user): "), "{out}");
+    assert!(out.contains("is now exposed"), "{out}");
+    let puk = json(
+        &s,
+        "helpdesk",
+        &["helpdesk", "puk", "--user", user, "--card", piv],
+    );
+    let digits = puk["puk"].as_str().unwrap();
+    assert!(
+        digits.len() == 8 && digits.bytes().all(|b| b.is_ascii_digit()),
+        "{puk}"
+    );
+    cms_cardcrypto::parse_with_checksum(
+        puk["puk_code"]["hex"].as_str().unwrap(),
+        puk["puk_code"]["checksum"].as_str().unwrap(),
+        &[8],
+    )
+    .unwrap();
+    assert_eq!(puk["exposed"], true, "{puk}");
     let (code, err) = fails(
         &s,
         "helpdesk",

@@ -147,6 +147,7 @@ async fn the_helpdesk_unblocks_a_card_in_a_real_reader_through_the_gateway() {
         &mut admin,
         &setup::CardRecord {
             user_id: user.id.clone(),
+            profile: cms_proto::common::v1::CardProfile::Minidriver,
             card_id: card_id.clone(),
             serial: data_encoding::HEXUPPER.encode(&card_id),
             template_id: template,

@@ -131,6 +131,7 @@ pub async fn prepare(
         &mut admin,
         &CardRecord {
             user_id: user.id.clone(),
+            profile: cms_proto::common::v1::CardProfile::Minidriver,
             card_id: card_id.to_vec(),
             serial,
             template_id,

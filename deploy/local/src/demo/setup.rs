@@ -223,6 +223,7 @@ pub async fn create_user(admin: &mut Admin, username: &str) -> Result<User, Demo
 #[derive(Clone, Debug)]
 pub struct CardRecord {
     pub user_id: String,
+    pub profile: CardProfile,
     pub card_id: Vec<u8>,
     pub serial: String,
     pub template_id: String,
@@ -238,7 +239,7 @@ pub async fn register_card(admin: &mut Admin, card: &CardRecord) -> Result<Crede
                 user_id: card.user_id.clone(),
                 card_id: card.card_id.clone(),
                 serial: card.serial.clone(),
-                profile: CardProfile::Minidriver as i32,
+                profile: card.profile as i32,
                 template_id: card.template_id.clone(),
                 template_version: card.template_version,
                 master_key_version: card.master_key_version,
