@@ -178,6 +178,20 @@ mod tests {
     }
 
     #[test]
+    fn help_lists_the_exit_codes() {
+        use clap::CommandFactory;
+        let help = crate::Cli::command().render_long_help().to_string();
+        for line in [
+            "Exit codes:",
+            "3  refused",
+            "4  not found",
+            "5  unavailable",
+        ] {
+            assert!(help.contains(line), "{line:?} missing from:\n{help}");
+        }
+    }
+
+    #[test]
     fn try_again_codes_read_as_plain_sentences() {
         let e = rpc(tonic::Status::resource_exhausted(
             "operator \"h\" made too many requests",
