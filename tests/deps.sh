@@ -22,11 +22,13 @@ need() {
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 }
-need pkg-config:pkg-config npm:npm /usr/lib/postgresql/15/bin/initdb:postgresql-15 /usr/sbin/slapd:slapd ldapadd:ldap-utils softhsm2-util:softhsm2
+need pkg-config:pkg-config node:nodejs npm:npm /usr/lib/postgresql/15/bin/initdb:postgresql-15 /usr/sbin/slapd:slapd ldapadd:ldap-utils softhsm2-util:softhsm2
 # Cards: pcsc-lite with vsmartcard's vpcd driver, the PC/SC headers (the pcsc crate), and the
 # independent clients the virtual card is tested with. Card tests start and stop their own
 # pcscd (as root, in the foreground, in a private mount namespace: tests/src/pcsc.rs), so no
 # system pcscd is needed or disturbed.
 need /usr/sbin/pcscd:pcscd vpcd-config:vsmartcard-vpcd /usr/include/PCSC/winscard.h:libpcsclite-dev \
     opensc-tool:opensc yubico-piv-tool:yubico-piv-tool unshare:util-linux
-
+# The console's browser test (tests/tests/console_browser.rs): Debian's Chromium, driven by
+# playwright-core from tests/browser (npm ci in tests/run.sh; Playwright downloads no browser).
+need chromium:chromium

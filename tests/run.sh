@@ -9,6 +9,10 @@ step() { printf '\n==> %s\n' "$*"; }
 
 bash tests/deps.sh
 
+step "browser test dependencies (tests/browser: playwright-core, axe-core) and the console's checksum code"
+PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --prefix tests/browser --no-audit --no-fund
+node --test tests/browser/code.test.mjs
+
 step "building every workspace binary (the end-to-end tests start them)"
 cargo build --workspace --bins --locked
 

@@ -14,6 +14,7 @@ use futures_util::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::admin_scope::Target;
 use crate::agents::Registry;
 use crate::backends::Backends;
 use crate::forward::{self, Call};
@@ -375,6 +376,14 @@ impl AdminService for Admin {
         &self,
         r: Request<gw::RetireTemplateRequest>,
     ) -> Result<Response<gw::RetireTemplateResponse>, Status> {
+        let id = r.get_ref().id.clone();
+        self.require_scope(
+            "retire_template",
+            Action::ManageTemplates,
+            &r,
+            Target::Template(&id),
+        )
+        .await?;
         pass!(self, r, Action::ManageTemplates, template.retire_template)
     }
 
@@ -446,6 +455,10 @@ impl AdminService for Admin {
         &self,
         r: Request<gw::CreateUserRequest>,
     ) -> Result<Response<gw::CreateUserResponse>, Status> {
+        let unit = r.get_ref().user.as_ref().map(|u| u.org_unit.clone());
+        let target = Target::OrgUnit(unit.as_deref().unwrap_or_default());
+        self.require_scope("create_user", Action::ManageDirectory, &r, target)
+            .await?;
         pass!(self, r, Action::ManageDirectory, directory.create_user)
     }
 
@@ -453,6 +466,15 @@ impl AdminService for Admin {
         &self,
         r: Request<gw::UpdateUserRequest>,
     ) -> Result<Response<gw::UpdateUserResponse>, Status> {
+        let user = r.get_ref().user.clone().unwrap_or_default();
+        let moves = r
+            .get_ref()
+            .update_mask
+            .as_ref()
+            .is_none_or(|m| m.paths.is_empty() || m.paths.iter().any(|p| p == "org_unit"));
+        let target = Target::User(&user.id, moves.then_some(user.org_unit.as_str()));
+        self.require_scope("update_user", Action::ManageDirectory, &r, target)
+            .await?;
         pass!(self, r, Action::ManageDirectory, directory.update_user)
     }
 
@@ -460,6 +482,14 @@ impl AdminService for Admin {
         &self,
         r: Request<gw::DisableUserRequest>,
     ) -> Result<Response<gw::DisableUserResponse>, Status> {
+        let id = r.get_ref().id.clone();
+        self.require_scope(
+            "disable_user",
+            Action::ManageDirectory,
+            &r,
+            Target::User(&id, None),
+        )
+        .await?;
         pass!(self, r, Action::ManageDirectory, directory.disable_user)
     }
 
@@ -467,6 +497,13 @@ impl AdminService for Admin {
         &self,
         r: Request<gw::RegisterCredentialRequest>,
     ) -> Result<Response<gw::RegisterCredentialResponse>, Status> {
+        let card = r.get_ref().credential.clone().unwrap_or_default();
+        let target = Target::NewCard {
+            user_id: &card.user_id,
+            template_id: &card.template_id,
+        };
+        self.require_scope("register_credential", Action::ManageDirectory, &r, target)
+            .await?;
         pass!(
             self,
             r,
@@ -479,6 +516,14 @@ impl AdminService for Admin {
         &self,
         r: Request<gw::UpdateCredentialStatusRequest>,
     ) -> Result<Response<gw::UpdateCredentialStatusResponse>, Status> {
+        let id = r.get_ref().id.clone();
+        self.require_scope(
+            "update_credential_status",
+            Action::ManageDirectory,
+            &r,
+            Target::Card(&id),
+        )
+        .await?;
         pass!(
             self,
             r,
@@ -508,6 +553,14 @@ impl AdminService for Admin {
         &self,
         r: Request<gw::UpdateTemplateRequest>,
     ) -> Result<Response<gw::UpdateTemplateResponse>, Status> {
+        let id = r.get_ref().id.clone();
+        self.require_scope(
+            "update_template",
+            Action::ManageTemplates,
+            &r,
+            Target::Template(&id),
+        )
+        .await?;
         let call = self
             .begin("update_template", Action::ManageTemplates, &r)
             .await?;
@@ -554,6 +607,13 @@ impl AdminService for Admin {
         // The upload stream is not Sync: authorise on the request's head alone.
         let (metadata, extensions, upload) = r.into_parts();
         let head = Request::from_parts(metadata, extensions, ());
+        self.require_scope(
+            "import_users",
+            Action::ManageDirectory,
+            &head,
+            Target::Everything,
+        )
+        .await?;
         let call = self
             .begin_owned("import_users", Action::ManageDirectory, head)
             .await?;
@@ -578,6 +638,8 @@ impl AdminService for Admin {
         &self,
         r: Request<gw::SyncLdapRequest>,
     ) -> Result<Response<SyncLdapStream>, Status> {
+        self.require_scope("sync_ldap", Action::ManageDirectory, &r, Target::Everything)
+            .await?;
         let call = self.begin("sync_ldap", Action::ManageDirectory, &r).await?;
         let mut message: cms_proto::directory::v1::SyncLdapRequest =
             forward::transcode(r.get_ref())?;

@@ -3,12 +3,14 @@
 //! template, directory and custody services on their behalf.
 
 mod admin;
+mod admin_scope;
 mod agents;
 pub mod approvals;
 pub mod authz;
 mod backends;
 pub mod caller;
 mod config;
+mod console;
 pub mod db;
 mod decisions;
 mod downstream;
@@ -37,6 +39,7 @@ use cms_proto::gateway::v1::admin_service_server::AdminServiceServer;
 use cms_proto::gateway::v1::agent_link_service_server::AgentLinkServiceServer;
 use cms_proto::gateway::v1::approval_service_server::ApprovalServiceServer;
 use cms_proto::gateway::v1::helpdesk_service_server::HelpdeskServiceServer;
+use tonic::service::Routes;
 
 pub const NAME: &str = "gateway";
 
@@ -105,11 +108,21 @@ async fn serve_gateway(
         registry,
         settings: config.agent_link.clone(),
     };
+    // One implementation, two transports: the gRPC servers and the console share these.
+    let admin = Arc::new(admin);
+    let helpdesk = Arc::new(Helpdesk::new(workflow.clone()));
+    let approvals = Arc::new(Approvals::new(workflow));
+    let console = console::Services {
+        helpdesk: helpdesk.clone(),
+        approvals: approvals.clone(),
+        audit: console::audit_query(admin.clone()),
+    };
     Server::new(NAME, config.server, config.access, tls)
-        .add_service(AdminServiceServer::new(admin))
+        .add_service(AdminServiceServer::from_arc(admin))
         .add_service(AgentLinkServiceServer::new(link))
-        .add_service(HelpdeskServiceServer::new(Helpdesk::new(workflow.clone())))
-        .add_service(ApprovalServiceServer::new(Approvals::new(workflow)))
+        .add_service(HelpdeskServiceServer::from_arc(helpdesk))
+        .add_service(ApprovalServiceServer::from_arc(approvals))
+        .map_routes(|routes| Routes::from(console::mount(routes.into_axum_router(), console)))
         .serve(listeners, shutdown)
         .await?;
     Ok(())

@@ -1008,4 +1008,50 @@ async fn one_time_codes_piv_puks_and_card_status() {
         Code::PermissionDenied,
         "outside the scope",
     );
+
+    // AdminService keeps to the scope too: a directory admin for Finance changes Finance only.
+    desk.operator("finance-admin", &["directory-admin"], &["Finance"])
+        .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut scoped = AdminServiceClient::new(channel(
+        &desk.cluster,
+        operator_tls(&desk.cluster, "finance-admin"),
+    ));
+    let new_user = |unit: &str| gw::CreateUserRequest {
+        user: Some(User {
+            username: format!("new-{}", unit.replace('/', "-").to_lowercase()),
+            display_name: "New Hire".into(),
+            org_unit: unit.into(),
+            ..Default::default()
+        }),
+    };
+    scoped
+        .create_user(new_user("Finance/Treasury"))
+        .await
+        .expect("a user in scope");
+    refused(
+        scoped.create_user(new_user("Sales")).await,
+        Code::PermissionDenied,
+        "org unit \"Sales\" is outside the scope of operator \"finance-admin\"",
+    );
+    refused(
+        scoped
+            .update_credential_status(gw::UpdateCredentialStatusRequest {
+                id: desk.bob_card.id.clone(),
+                status: cms_proto::directory::v1::CredentialStatus::Revoked as i32,
+                reason: "no".into(),
+            })
+            .await,
+        Code::PermissionDenied,
+        "outside the scope",
+    );
+    refused(
+        scoped
+            .import_users(futures_util::stream::iter(
+                Vec::<gw::ImportUsersRequest>::new(),
+            ))
+            .await,
+        Code::PermissionDenied,
+        "may touch any user",
+    );
 }

@@ -160,7 +160,8 @@ fn print_how_to_try(layout: &Layout, gateway: std::net::SocketAddr, p: &demo::Pr
         p.user.id, p.card.id
     );
     println!(
-        "The web console: https://{gateway}/ with an operator certificate from {} in the browser.",
-        pki.display()
+        "The web console (https://localhost:{}/, see above): import operator-helpdesk.p12 for the \
+         helpdesk, operator-approver.p12 for a second operator who approves.",
+        gateway.port()
     );
 }

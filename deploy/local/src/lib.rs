@@ -3,6 +3,7 @@
 //! end-to-end test harness, and the `cms demo` walk-through.
 
 pub mod bootstrap;
+pub mod browser_cert;
 pub mod demo;
 pub mod layout;
 pub mod supervise;

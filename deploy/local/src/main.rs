@@ -427,6 +427,22 @@ fn print_running(layout: &Layout, running: &[Service]) {
             s.ops.to_string()
         );
     }
+    if let Some(gateway) = running.iter().find(|s| s.name == "gateway") {
+        // The console is served on the gateway's mTLS port; browsers need the operator's
+        // certificate as PKCS#12. Not fatal: cmsctl works without it.
+        let console = format!("https://localhost:{}/", gateway.grpc.port());
+        match cms_launcher::browser_cert::ensure_operator_files(&layout.pki()) {
+            Ok(certs) => print!(
+                "{}",
+                cms_launcher::browser_cert::console_instructions(
+                    &console,
+                    &certs,
+                    &layout.pki().ca_path()
+                )
+            ),
+            Err(e) => eprintln!("note: console {console}: no PKCS#12 file for the browser: {e}"),
+        }
+    }
     println!("Logs: {}", layout.data_dir.join("logs").display());
 }
 
