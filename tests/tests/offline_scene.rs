@@ -318,3 +318,26 @@ fn cms_demo_walks_through_and_stops_on_sigint() {
     assert!(status.success(), "{status}: {}", rest.join("\n"));
     assert!(rest.iter().any(|l| l == "stopped"), "{}", rest.join("\n"));
 }
+
+#[test]
+fn cms_demo_leaves_a_directory_it_did_not_make_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let precious = dir.path().join("precious.txt");
+    std::fs::write(&precious, "keep me").unwrap();
+    let out = Command::new(cms_tests::binary("cms"))
+        .arg("demo")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("--base-port")
+        .arg(free_base_port().to_string())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run cms demo");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("was not made by `cms demo`; it is left alone"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me");
+}
