@@ -205,9 +205,11 @@ impl Scene {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helpdesk_commands_answer_refuse_and_print_json() {
-    let s = scene().await;
-    let user = s.user_id.as_str();
-    let card = s.card.id.as_str();
+    let mut s = scene().await;
+    let user = s.user_id.clone();
+    let user = user.as_str();
+    let card = s.card.id.clone();
+    let card = card.as_str();
 
     // search: a table, and the JSON mapping; an unknown status is an input error.
     let table = ok(&s, "helpdesk", &["helpdesk", "search", "dana"]);
@@ -439,13 +441,37 @@ async fn helpdesk_commands_answer_refuse_and_print_json() {
     );
     assert_eq!(code, 4, "{err}");
 
+    // Custody down behind the gateway: a plain sentence, exit 5.
+    s.cluster
+        .service("custody")
+        .stop(std::time::Duration::from_secs(10))
+        .await;
+    let (challenge, _) = s.challenge(&s.card, 6);
+    let (code, err) = fails(
+        &s,
+        "helpdesk",
+        &[
+            "helpdesk",
+            "offline-response",
+            "--user",
+            user,
+            "--card",
+            card,
+            "--challenge",
+            &upper(&challenge),
+            "--checksum",
+            &cms_cardcrypto::checksum(&challenge),
+        ],
+        "",
+    );
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains(": unavailable now; try again later"), "{err}");
+
     // The gateway gone: a plain sentence, exit 5.
-    let mut cluster = s.cluster;
-    cluster
+    s.cluster
         .service("gateway")
         .stop(std::time::Duration::from_secs(10))
         .await;
-    let s = Scene { cluster, ..s };
     let (code, err) = fails(&s, "helpdesk", &["helpdesk", "search", "dana"], "");
     assert_eq!(code, 5, "{err}");
     assert!(
