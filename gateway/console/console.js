@@ -474,7 +474,7 @@ function auditPage() {
           el("td", rec.outcome),
           el("td", rec.actor_id),
           el("td", rec.on_behalf_of_user_id),
-          el("td", humanise(rec.flow)),
+          el("td", rec.flow === "unspecified" ? "" : humanise(rec.flow)),
           el("td", rec.request_id, { class: "mono" }),
           el("td", rec.reason),
         );

@@ -42,6 +42,8 @@ pub struct Admin {
     pub tls: Arc<TlsSource>,
     pub listen: String,
     pub stale_after: Duration,
+    /// The gateway's database, for the decision log.
+    pub db: sea_orm::DatabaseConnection,
 }
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -58,13 +60,39 @@ impl Admin {
         request: &Request<T>,
     ) -> Result<Call, Status> {
         match self.operators.authorize(request, action).await {
-            Ok(who) => Ok(Call::new(rpc, action, &who, request)),
+            Ok(who) => Ok(Call::new(rpc, action, &who, request).logged_to(&self.db)),
             Err(err) => {
                 let status = Status::from(err);
-                forward::record_refusal(rpc, action, request, &status);
+                self.record_refusal(rpc, action, request, &status);
                 Err(status)
             }
         }
+    }
+
+    /// Logs a refusal before any backend was called, in the tracing log and the database.
+    pub fn record_refusal<T>(
+        &self,
+        rpc: &'static str,
+        action: Action,
+        request: &Request<T>,
+        status: &Status,
+    ) {
+        forward::record_refusal(rpc, action, request, status);
+        crate::decisions::Decision {
+            peer: cms_kit::PeerIdentity::of(request)
+                .map(|p| p.spiffe_id.to_string())
+                .unwrap_or_default(),
+            rpc,
+            action: "admin",
+            rule: "roles",
+            request_id: forward::request_id_of(request),
+            ..Default::default()
+        }
+        .spawn_record(
+            &self.db,
+            format!("{:?}", status.code()),
+            status.message().to_owned(),
+        );
     }
 
     /// As `begin`, for a request head that the caller does not need back.

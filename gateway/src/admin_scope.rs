@@ -13,7 +13,6 @@ use tonic::{Request, Status};
 use crate::admin::Admin;
 use crate::authz::org_unit_in;
 use crate::caller::require_operator;
-use crate::forward;
 use crate::roles::Action;
 
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -71,7 +70,7 @@ impl Admin {
             ))),
             Err(status) => status,
         };
-        forward::record_refusal(rpc, action, request, &denied);
+        self.record_refusal(rpc, action, request, &denied);
         Err(denied)
     }
 

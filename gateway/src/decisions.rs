@@ -49,7 +49,25 @@ impl Decision {
             result = %result,
             "helpdesk decision"
         );
-        let row = decision::ActiveModel {
+        let row = self.row(result, reason);
+        if let Err(err) = row.insert(db).await {
+            tracing::error!(error = %err, "cannot write the decision log");
+        }
+    }
+
+    /// Writes the decision in the background: for AdminService, whose calls log their own
+    /// tracing line (`forward`) and do not wait for this one.
+    pub fn spawn_record(self, db: &DatabaseConnection, result: String, reason: String) {
+        let db = db.clone();
+        tokio::spawn(async move {
+            if let Err(err) = self.row(result, reason).insert(&db).await {
+                tracing::error!(error = %err, "cannot write the decision log");
+            }
+        });
+    }
+
+    fn row(&self, result: String, reason: String) -> decision::ActiveModel {
+        decision::ActiveModel {
             id: NotSet,
             at: Set(db::now_ms()),
             actor: Set(self.actor.clone()),
@@ -65,9 +83,6 @@ impl Decision {
             request_id: Set(self.request_id.clone()),
             result: Set(result),
             reason: Set(reason.chars().take(500).collect()),
-        };
-        if let Err(err) = row.insert(db).await {
-            tracing::error!(error = %err, "cannot write the decision log");
         }
     }
 }

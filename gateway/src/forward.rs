@@ -9,8 +9,8 @@
 //! Every forwarded call carries the operator's authorization context (in the message, where
 //! the backend takes one, and as metadata), a request id, and the caller's deadline; and every
 //! call leaves one line in the decision log (tracing target `cms_gateway::decision`: who, what,
-//! request id, result; never message contents). The gateway has no database yet, so this log
-//! is where its decisions are recorded.
+//! request id, result; never message contents), written also to the `decisions` table of the
+//! gateway's database.
 
 use std::future::Future;
 use std::time::Duration;
@@ -122,6 +122,8 @@ pub struct Call {
     pub request_id: String,
     pub deadline: Option<Duration>,
     auth: AuthContext,
+    /// The gateway's database, where the decision is also recorded (in the background).
+    log: Option<sea_orm::DatabaseConnection>,
 }
 
 impl Call {
@@ -151,7 +153,14 @@ impl Call {
             request_id,
             deadline: deadline_of(request),
             auth,
+            log: None,
         }
+    }
+
+    /// Records this call's decision in `db` as well as in the tracing log.
+    pub fn logged_to(mut self, db: &sea_orm::DatabaseConnection) -> Self {
+        self.log = Some(db.clone());
+        self
     }
 
     pub fn auth(&self) -> AuthContext {
@@ -214,6 +223,22 @@ impl Call {
 
     /// One decision-log line: who did what, under which request id, with which result.
     pub fn record(&self, error: Option<&Status>) {
+        if let Some(db) = &self.log {
+            let (result, reason) = match error {
+                None => ("ok".to_owned(), String::new()),
+                Some(status) => (format!("{:?}", status.code()), status.message().to_owned()),
+            };
+            crate::decisions::Decision {
+                actor: self.operator.clone(),
+                peer: self.auth.peer_identity.clone(),
+                rpc: self.rpc,
+                action: "admin",
+                rule: "roles",
+                request_id: self.request_id.clone(),
+                ..Default::default()
+            }
+            .spawn_record(db, result, reason);
+        }
         match error {
             None => tracing::info!(
                 target: DECISION_LOG,
@@ -423,6 +448,7 @@ mod tests {
             request_id: "rid-1".into(),
             deadline,
             auth: AuthContext::default(),
+            log: None,
         }
     }
 

@@ -84,8 +84,9 @@ async fn serve_gateway(
         template: admin::TemplateClient::new(backends.template.channel.clone()),
         custody: admin::CustodyClient::new(backends.custody.channel.clone()),
         operators: operators.clone(),
-        db,
+        db: db.clone(),
         settings: config.helpdesk,
+        templates: Default::default(),
     });
     let registry = agents::Registry::default();
     let listen = listeners
@@ -103,6 +104,7 @@ async fn serve_gateway(
         tls: tls.clone(),
         listen,
         stale_after: Duration::from_millis(config.agent_link.stale_after_ms),
+        db,
     };
     let link = agents::AgentLink {
         registry,

@@ -23,7 +23,8 @@ pub async fn take(
     let window_ms = Ord::max(i64::try_from(window.as_millis()).unwrap_or(i64::MAX), 1);
     let now = db::now_ms();
     let start = now - now.rem_euclid(window_ms);
-    rate_window::Entity::insert(rate_window::ActiveModel {
+    // One statement counts and reads back: `INSERT … ON CONFLICT DO UPDATE … RETURNING`.
+    let count = rate_window::Entity::insert(rate_window::ActiveModel {
         bucket: Set(bucket.to_owned()),
         window_start: Set(start),
         count: Set(1),
@@ -39,12 +40,9 @@ pub async fn take(
         )
         .to_owned(),
     )
-    .exec_without_returning(db)
-    .await?;
-    let count = rate_window::Entity::find_by_id((bucket.to_owned(), start))
-        .one(db)
-        .await?
-        .map_or(1, |w| w.count);
+    .exec_with_returning(db)
+    .await?
+    .count;
     // Old windows of this bucket go as new ones start.
     if count == 1 {
         rate_window::Entity::delete_many()

@@ -85,6 +85,19 @@ const approver = await operatorContext(browser, env("APPROVER_P12"), env("APPROV
 const page = await helpdesk.newPage();
 const page2 = await approver.newPage();
 try {
+  // A browser without an operator certificate does not get past the TLS handshake (its
+  // server-certificate check is off here, so only the missing client certificate counts).
+  const anonymous = await browser.newContext({ ignoreHTTPSErrors: true });
+  let refusedWith = null;
+  try {
+    await (await anonymous.newPage()).goto(consoleUrl, { timeout: 15000 });
+  } catch (error) {
+    refusedWith = error.message.split("\n")[0];
+  }
+  await anonymous.close();
+  check(refusedWith !== null, "a browser without a client certificate got the console");
+  step(`a browser without a certificate is refused (${refusedWith})`);
+
   // Sign in: the browser presents operator 1's certificate; the console knows who it is.
   const response = await page.goto(consoleUrl);
   check(response.ok(), `GET / answered ${response.status()}`);

@@ -10,23 +10,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
-use cms_cardcrypto::KeyAlgorithm;
-use cms_kit::pki::LeafSpec;
-use cms_proto::common::v1::{CardProfile, KeyAlgorithm as Alg};
-use cms_proto::custody::v1::custody_service_client::CustodyServiceClient;
-use cms_proto::directory::v1::{
-    CreateOperatorRequest, CreateUserRequest, Credential, Operator, OperatorScope,
-    RegisterCredentialRequest, User,
-};
-use cms_proto::gateway::v1 as gw;
-use cms_proto::gateway::v1::admin_service_client::AdminServiceClient;
-use cms_tests::cluster::Cluster;
-use cms_tests::custody::{hex, import};
+mod console_common;
 
-const VECTORS: &str = include_str!("agent_common/diversification.json");
-const MASTER_KEY: &str = "mk-console";
+use console_common::groups;
 
 fn chromium() -> PathBuf {
     if let Some(path) = std::env::var_os("CHROMIUM") {
@@ -44,41 +31,6 @@ fn browser_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("browser")
 }
 
-fn groups(flat: &str) -> String {
-    flat.as_bytes()
-        .chunks(4)
-        .map(|c| std::str::from_utf8(c).expect("ascii"))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-async fn operator(cluster: &Cluster, name: &str, roles: &[&str], org_units: &[&str]) {
-    let mut directory =
-        cms_launcher::bootstrap::directory_client(&cluster.layout, cluster.grpc("directory"))
-            .expect("directory client");
-    directory
-        .create_operator(CreateOperatorRequest {
-            operator: Some(Operator {
-                username: name.into(),
-                display_name: format!("Operator {name}"),
-                roles: roles.iter().map(|r| (*r).to_owned()).collect(),
-                scope: Some(OperatorScope {
-                    org_units: org_units.iter().map(|u| (*u).to_owned()).collect(),
-                    template_ids: Vec::new(),
-                }),
-                ..Default::default()
-            }),
-            auth: None,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("operator {name}: {e:?}"));
-    // Its certificate, in the dev PKI's directory as `cms pki init` would name it.
-    cluster.pki.issue(
-        &format!("operator-{name}"),
-        &LeafSpec::new(cluster.pki.id(&format!("operator/{name}")), 30),
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_unblocks_offline_in_the_browser_with_a_second_approver() {
     let node_modules = browser_dir().join("node_modules");
@@ -88,101 +40,9 @@ async fn an_operator_unblocks_offline_in_the_browser_with_a_second_approver() {
     );
     let chromium = chromium();
 
-    let cluster = Cluster::start(|name| {
-        if name == "gateway" {
-            "[operators]\ncache_ttl_ms = 200\n".to_owned()
-        } else {
-            String::new()
-        }
-    })
-    .await;
-    let vectors: serde_json::Value = serde_json::from_str(VECTORS).expect("vectors");
-    let v = vectors
-        .as_array()
-        .expect("array")
-        .iter()
-        .find(|v| v["scheme"] == "gp-emv")
-        .expect("a gp-emv vector");
-    let s = |k: &str| v[k].as_str().expect(k).to_owned();
-
-    let mut custody = CustodyServiceClient::new(cms_tests::inproc::channel(
-        cluster.pki.tls("gateway"),
-        cluster.grpc("custody"),
-        cluster.pki.id("custody"),
-    ));
-    import(
-        &mut custody,
-        MASTER_KEY,
-        KeyAlgorithm::Tdes2Key,
-        &hex(&s("master_key")),
-    )
-    .await;
-
-    // A template with offline unblock under dual control, a user and the vector's card.
-    let mut admin = AdminServiceClient::new(cms_tests::inproc::channel(
-        cluster.pki.tls("operator/admin"),
-        cluster.grpc("gateway"),
-        cluster.pki.id("gateway"),
-    ));
-    let mut spec = cms_template::sample::minidriver("Console dual control");
-    let key = spec.admin_key.as_mut().expect("admin key");
-    key.master_key_reference = MASTER_KEY.into();
-    key.algorithm = Alg::Tdes2key as i32;
-    let policy = spec.unblock_policy.as_mut().expect("unblock policy");
-    policy.rate_limits.clear();
-    policy
-        .operator_policy
-        .as_mut()
-        .expect("operator policy")
-        .dual_control = true;
-    let template = admin
-        .create_template(gw::CreateTemplateRequest {
-            spec: Some(spec),
-            change_comment: "console browser test".into(),
-        })
-        .await
-        .expect("template")
-        .into_inner()
-        .template
-        .expect("template");
-    let mut directory =
-        cms_launcher::bootstrap::directory_client(&cluster.layout, cluster.grpc("directory"))
-            .expect("directory client");
-    let user = directory
-        .create_user(CreateUserRequest {
-            user: Some(User {
-                username: "alice".into(),
-                display_name: "Alice Vector".into(),
-                email: "alice@example.com".into(),
-                org_unit: "Finance/Payroll".into(),
-                ..Default::default()
-            }),
-            auth: None,
-        })
-        .await
-        .expect("user")
-        .into_inner()
-        .user
-        .expect("user");
-    directory
-        .register_credential(RegisterCredentialRequest {
-            credential: Some(Credential {
-                user_id: user.id.clone(),
-                card_id: hex(&s("card_id")),
-                serial: "SER-VECTOR".into(),
-                profile: CardProfile::Minidriver as i32,
-                template_id: template.id.clone(),
-                template_version: template.version,
-                master_key_version: 1,
-                ..Default::default()
-            }),
-            auth: None,
-        })
-        .await
-        .expect("card");
-    operator(&cluster, "helpdesk1", &["helpdesk"], &["Finance"]).await;
-    operator(&cluster, "approver1", &["approver", "auditor"], &[]).await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let desk = console_common::Desk::start(true).await;
+    let cluster = &desk.cluster;
+    let s = |k: &str| desk.code(k);
 
     // The browser files, as `cms up` writes them.
     let certs =
@@ -250,5 +110,5 @@ async fn an_operator_unblocks_offline_in_the_browser_with_a_second_approver() {
     ] {
         assert!(out_dir.join(artifact).exists(), "{artifact} was not kept");
     }
-    cluster.stop().await;
+    desk.cluster.stop().await;
 }

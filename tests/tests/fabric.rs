@@ -281,6 +281,8 @@ async fn reflection_lists_only_the_services_of_each_port_in_v1_and_v1alpha() {
             &[
                 "cms.gateway.v1.AdminService",
                 "cms.gateway.v1.AgentLinkService",
+                "cms.gateway.v1.ApprovalService",
+                "cms.gateway.v1.HelpdeskService",
             ],
         ),
         ("agent", &["cms.agent.v1.AgentService"]),

@@ -129,8 +129,9 @@ async fn a_system_is_set_up_from_nothing_through_cmsctl() {
     let work = cluster.dir.path().join("frontdoor");
     std::fs::create_dir_all(&work).unwrap();
 
-    // Operators: a template administrator and a directory administrator, with a certificate
-    // binding; listed, shown and updated.
+    // Operators: a template administrator (scoped to Finance, which limits no template) and a
+    // directory administrator for every user (CSV import and LDAP sync need an unscoped
+    // operator), with a certificate binding; listed, shown and updated.
     let templates_admin = As::operator(&cluster, "tina");
     let directory_admin = As::operator(&cluster, "dirk");
     let tina = json(
@@ -145,6 +146,8 @@ async fn a_system_is_set_up_from_nothing_through_cmsctl() {
             "template-admin",
             "--display-name",
             "Tina T.",
+            "--org-unit",
+            "Finance",
         ],
     );
     let dirk = json(
@@ -159,8 +162,6 @@ async fn a_system_is_set_up_from_nothing_through_cmsctl() {
             "helpdesk",
             "--bind-cert",
             directory_admin.cert(),
-            "--org-unit",
-            "Finance",
         ],
     );
     assert_eq!(

@@ -346,6 +346,40 @@ impl Desk {
     }
 }
 
+/// Every row of the gateway's decision log: rpc, actor, result, rule, user, template, reason.
+async fn decisions(desk: &Desk) -> Vec<[String; 7]> {
+    use sea_orm::ConnectionTrait;
+    let file = desk
+        .cluster
+        .layout
+        .service_dir("gateway")
+        .join("gateway.sqlite3");
+    let db = sea_orm::Database::connect(format!("sqlite://{}?mode=ro", file.display()))
+        .await
+        .expect("gateway database");
+    let rows = db
+        .query_all_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT rpc, actor, result, rule, user_id, template_id, reason FROM decisions ORDER BY id",
+        ))
+        .await
+        .expect("decisions");
+    rows.iter()
+        .map(|row| {
+            [
+                "rpc",
+                "actor",
+                "result",
+                "rule",
+                "user_id",
+                "template_id",
+                "reason",
+            ]
+            .map(|c| row.try_get::<String>("", c).expect(c))
+        })
+        .collect()
+}
+
 fn offline_request(
     user: &User,
     card: &Credential,
@@ -651,6 +685,54 @@ async fn an_operator_unblocks_offline_and_the_rules_hold() {
         )
     );
 
+    // The decision log in the gateway's database: who, what, for whom, which rule, result;
+    // AdminService calls too; never a challenge or a response.
+    let decisions = decisions(&desk).await;
+    let has = |rpc: &str, actor: &str, result: &str, rule: &str| {
+        decisions
+            .iter()
+            .any(|d| d[0] == rpc && d[1] == actor && d[2] == result && d[3] == rule)
+    };
+    assert!(
+        has("ComputeOfflineResponse", "helpdesk1", "ok", "custody"),
+        "{decisions:#?}"
+    );
+    assert!(
+        decisions.iter().any(|d| d[0] == "ComputeOfflineResponse"
+            && d[2] == "ok"
+            && d[4] == desk.alice.id
+            && d[5] == desk.alice_card.template_id),
+        "{decisions:#?}"
+    );
+    assert!(
+        has(
+            "ComputeOfflineResponse",
+            "helpdesk1",
+            "InvalidArgument",
+            "challenge"
+        ),
+        "{decisions:#?}"
+    );
+    assert!(
+        has(
+            "ComputeOfflineResponse",
+            "helpdesk1",
+            "FailedPrecondition",
+            "unblock_policy.offline_challenge_response_allowed"
+        ),
+        "{decisions:#?}"
+    );
+    assert!(
+        has("create_template", "admin", "ok", "roles"),
+        "{decisions:#?}"
+    );
+    let everything = format!("{decisions:?}");
+    for secret in [&desk.vector.challenge, &desk.vector.response] {
+        for shown in [secret.clone(), groups(secret), secret.to_lowercase()] {
+            assert!(!everything.contains(&shown), "a code in the decision log");
+        }
+    }
+
     // A backend down is a plain message, not a transport error.
     desk.cluster
         .service("custody")
@@ -729,6 +811,25 @@ async fn dual_control(
         .into_inner()
         .approvals;
     assert!(listed.iter().any(|a| a.id == pending.id), "{listed:?}");
+    // The requester sees its own request only when it asks for it.
+    let own = |include_own| gw::ListPendingApprovalsRequest {
+        page: None,
+        include_own,
+    };
+    let mine = requester
+        .list_pending_approvals(own(false))
+        .await
+        .expect("list")
+        .into_inner()
+        .approvals;
+    assert!(mine.iter().all(|a| a.id != pending.id), "{mine:?}");
+    let mine = requester
+        .list_pending_approvals(own(true))
+        .await
+        .expect("list")
+        .into_inner()
+        .approvals;
+    assert!(mine.iter().any(|a| a.id == pending.id), "{mine:?}");
     let approved = approver
         .approve(gw::ApproveRequest {
             id: pending.id.clone(),
@@ -794,6 +895,75 @@ async fn dual_control(
         Code::FailedPrecondition,
         "has expired",
     );
+
+    // A rejected approval authorises nothing; only the requester may cancel, and a cancelled
+    // request cannot be approved.
+    let third = requester
+        .request_approval(ask("third call"))
+        .await
+        .expect("request approval")
+        .into_inner()
+        .approval
+        .expect("approval");
+    let rejected = approver
+        .reject(gw::RejectRequest {
+            id: third.id.clone(),
+            reason: "caller could not be verified".into(),
+        })
+        .await
+        .expect("reject")
+        .into_inner()
+        .approval
+        .expect("approval");
+    assert_eq!(rejected.state, gw::ApprovalState::Rejected as i32);
+    refused(
+        helpdesk
+            .compute_offline_response(offline_request(
+                user,
+                card,
+                typed(&[6, 6, 6, 6, 6, 6, 6, 6]),
+                &third.id,
+            ))
+            .await,
+        Code::FailedPrecondition,
+        "was rejected",
+    );
+    let fourth = requester
+        .request_approval(ask("fourth call"))
+        .await
+        .expect("request approval")
+        .into_inner()
+        .approval
+        .expect("approval");
+    refused(
+        approver
+            .cancel_approval(gw::CancelApprovalRequest {
+                id: fourth.id.clone(),
+            })
+            .await,
+        Code::PermissionDenied,
+        "only the requester may cancel",
+    );
+    let cancelled = requester
+        .cancel_approval(gw::CancelApprovalRequest {
+            id: fourth.id.clone(),
+        })
+        .await
+        .expect("cancel")
+        .into_inner()
+        .approval
+        .expect("approval");
+    assert_eq!(cancelled.state, gw::ApprovalState::Cancelled as i32);
+    refused(
+        approver
+            .approve(gw::ApproveRequest {
+                id: fourth.id.clone(),
+                comment: String::new(),
+            })
+            .await,
+        Code::FailedPrecondition,
+        "is cancelled, not pending",
+    );
 }
 
 /// The gateway's database in PostgreSQL, shared by a second gateway replica (in this process,
@@ -801,9 +971,13 @@ async fn dual_control(
 /// used at the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_gateway_on_the_same_postgresql_sees_the_approvals() {
+    const LIMIT: u32 = 40;
     let pg = cms_tests::postgres::Postgres::shared();
     let url = pg.create_database();
-    let desk = start(format!("\n[database]\nurl = \"{url}\"\n")).await;
+    let desk = start(format!(
+        "[helpdesk]\noperator_requests_per_window = {LIMIT}\noperator_window_ms = 3600000\n\n[database]\nurl = \"{url}\"\n"
+    ))
+    .await;
 
     let text = std::fs::read_to_string(desk.cluster.layout.config_path("gateway")).expect("config");
     let config: cms_gateway::Config = cms_kit::config::from_toml(&text).expect("gateway config");
@@ -820,6 +994,32 @@ async fn a_second_gateway_on_the_same_postgresql_sees_the_approvals() {
     let mut requester = desk.approvals("helpdesk1");
     let mut approver = at_second("approver1");
     dual_control(&desk, &mut helpdesk, &mut requester, &mut approver).await;
+
+    // The per-operator limit is counted in the shared database: calls alternating between the
+    // replicas are refused once their sum reaches it.
+    let mut at_first = desk.helpdesk("auditor1");
+    let mut at_second_desk = HelpdeskServiceClient::new(cms_tests::inproc::channel(
+        operator_tls(&desk.cluster, "auditor1"),
+        second.grpc,
+        desk.cluster.pki.id("gateway"),
+    ));
+    for n in 0..LIMIT {
+        let client = if n % 2 == 0 {
+            &mut at_first
+        } else {
+            &mut at_second_desk
+        };
+        client
+            .who_am_i(gw::WhoAmIRequest {})
+            .await
+            .unwrap_or_else(|e| panic!("call {n}: {e:?}"));
+    }
+    let status = refused(
+        at_second_desk.who_am_i(gw::WhoAmIRequest {}).await,
+        Code::ResourceExhausted,
+        "operator request limit",
+    );
+    assert_eq!(reason(&status), ErrorReason::RateLimited);
     second.stop().await.expect("second gateway stops cleanly");
 }
 

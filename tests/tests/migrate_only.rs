@@ -12,10 +12,11 @@ use cms_tests::pki::{TRUST_DOMAIN, TestPki};
 use cms_tests::postgres::Postgres;
 
 /// The services with a database, and the table each keeps its applied migrations in.
-const WITH_DATABASE: [(&str, &str); 3] = [
+const WITH_DATABASE: [(&str, &str); 4] = [
     ("template", "seaql_migrations"),
     ("directory", "seaql_migrations"),
     ("custody", "custody_migrations"),
+    ("gateway", "seaql_migrations"),
 ];
 
 /// A fresh dev layout (PKI included) under a temp dir.
@@ -140,18 +141,4 @@ fn replicas_migrating_one_fresh_postgres_database_together_both_succeed() {
         assert_success(&again, &format!("{service} (second run)"));
         assert_eq!(count(), applied, "{service}: the second run applied more");
     }
-}
-
-#[test]
-fn a_service_without_a_database_refuses_migrate_only_in_one_line() {
-    let (_dir, layout) = layout();
-    let config = write_config(&layout, "gateway", "");
-    let out = finished(migrate_only("gateway", &config), "gateway");
-    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.starts_with("cms-gateway: error: --migrate-only"),
-        "{stderr}"
-    );
 }

@@ -168,6 +168,18 @@ fn cms_up_starts_reuses_data_and_stops_cleanly() {
     );
     assert_eq!(children(&data).len(), 5);
     let ca = std::fs::read(data.join("pki/ca.pem")).unwrap();
+    // The console's address and the dev operator's PKCS#12 file for a browser, with its
+    // password.
+    assert!(
+        banner.contains("Helpdesk console: https://localhost:"),
+        "{banner}"
+    );
+    let password = std::fs::read_to_string(data.join("pki/operator-admin.p12.password")).unwrap();
+    assert!(data.join("pki/operator-admin.p12").is_file());
+    assert!(
+        banner.contains(&format!("(password {}", password.trim())),
+        "{banner}"
+    );
 
     // SIGTERM stops everything cleanly.
     signal(&up, nix::sys::signal::Signal::SIGTERM);
@@ -178,11 +190,15 @@ fn cms_up_starts_reuses_data_and_stops_cleanly() {
     // Second run: reuses the data (same CA); a service that dies is restarted (see
     // launcher_restart.rs).
     let mut up = cms_up(&data);
-    wait_up(&mut up);
+    let banner = wait_up(&mut up);
     assert_eq!(
         std::fs::read(data.join("pki/ca.pem")).unwrap(),
         ca,
         "PKI was recreated"
+    );
+    assert!(
+        banner.contains(&format!("(password {}", password.trim())),
+        "the browser file's password changed: {banner}"
     );
     assert!(data.join("custody/custody.sqlite3").is_file());
     assert_all_serving(

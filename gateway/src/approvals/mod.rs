@@ -6,6 +6,7 @@
 
 pub mod store;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use cms_proto::common::v1::{ErrorReason, PageResponse};
@@ -158,20 +159,42 @@ async fn list(
 ) -> Result<gw::ListPendingApprovalsResponse, Error> {
     call.decision.rule = "roles";
     call.actor.require(Action::ViewHelpdesk)?;
-    let approver = call.actor.require(Action::DecideApprovals).is_ok();
     let now = db::now_ms();
     let rows = store::pending(&wf.db, now, 0, MAX_LISTED).await?;
     let me = call.actor.username().to_owned();
-    let visible: Vec<_> = rows
-        .into_iter()
-        .filter(|row| {
-            if row.requester_id == me {
-                req.include_own
-            } else {
-                approver && may_see(call, row)
-            }
-        })
-        .collect();
+    // Others' requests are listed to those who may decide them: within scope, holding one
+    // of the approver roles of the card's template (read once per template).
+    let mut decides: HashMap<String, bool> = HashMap::new();
+    let mut visible = Vec::new();
+    for row in rows {
+        let show = if row.requester_id == me {
+            req.include_own
+        } else if !may_see(call, &row) {
+            false
+        } else if let Some(known) = decides.get(&row.template_id) {
+            *known
+        } else {
+            let may = match policy::template(wf, call, &row.template_id, 0).await {
+                Ok(template) => {
+                    let policy = template
+                        .spec
+                        .and_then(|s| s.unblock_policy)
+                        .and_then(|p| p.operator_policy)
+                        .unwrap_or_default();
+                    call.actor.holds_any(&policy::approver_roles(&policy))
+                }
+                Err(err) => {
+                    tracing::warn!(template = %row.template_id, error = %err, "cannot read an approval's template");
+                    false
+                }
+            };
+            decides.insert(row.template_id.clone(), may);
+            may
+        };
+        if show {
+            visible.push(row);
+        }
+    }
     let page = req.page.unwrap_or_default();
     let offset: usize = if page.page_token.is_empty() {
         0

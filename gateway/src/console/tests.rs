@@ -161,7 +161,16 @@ impl HelpdeskService for FakeHelpdesk {
         r: tonic::Request<gw::ReadPivPukRequest>,
     ) -> Result<Response<gw::ReadPivPukResponse>, Status> {
         self.seen.record("ReadPivPuk", &r);
-        Err(Status::unimplemented("fake"))
+        Ok(Response::new(gw::ReadPivPukResponse {
+            puk: "12345678".into(),
+            puk_code: Some(TypedCode {
+                hex: "3132333435363738".into(),
+                checksum: "ABCD".into(),
+            }),
+            puk_version: 2,
+            exposed: true,
+            request_id: "req-puk".into(),
+        }))
     }
 
     async fn update_card_status(
@@ -597,4 +606,53 @@ async fn approvals_round_trip() {
         seen.methods(),
         ["RequestApproval", "ListPendingApprovals", "Reject"]
     );
+}
+
+#[tokio::test]
+async fn puk_read_out_and_cancel_reach_the_workflow() {
+    let (router, seen) = console();
+    let (status, headers, json) = call(
+        &router,
+        request(
+            Method::POST,
+            "/api/v1/users/u-1/cards/c-piv/piv-puk",
+            Some(serde_json::json!({ "ticket_reference": "INC-9" })),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["puk"], "12345678");
+    assert_eq!(json["puk_code"]["groups"], "3132 3334 3536 3738");
+    assert_eq!(json["exposed"], true);
+    assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+    // A write without parameters is still JSON: `{}`, nothing else.
+    let (status, _, _) = call(
+        &router,
+        request(Method::POST, "/api/v1/approvals/ap-1/cancel", None),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _, json) = call(
+        &router,
+        request(
+            Method::POST,
+            "/api/v1/approvals/ap-1/cancel",
+            Some(serde_json::json!({})),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["approval"]["state"], "cancelled");
+    let (status, _, json) = call(
+        &router,
+        request(
+            Method::POST,
+            "/api/v1/cards/c-1/status",
+            Some(serde_json::json!({ "status": "stolen" })),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(json["error"]["field"], "status");
+    assert_eq!(seen.methods(), ["ReadPivPuk", "CancelApproval"]);
 }

@@ -7,7 +7,7 @@ use cms_proto::custody::v1::{AuditEvent, AuditOutcome, AuditRecord};
 use cms_proto::directory::v1::{Credential, CredentialStatus, Operator, User, UserStatus};
 use cms_proto::gateway::v1 as gw;
 use gw::{ApprovalState, HelpdeskAction};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 /// `HELPDESK_ACTION_OFFLINE_RESPONSE` → `offline-response`.
 pub fn short_name(full: &str, prefix: &str) -> String {
@@ -463,12 +463,8 @@ pub struct CredentialResultView {
 }
 
 /// Paging a list page asks for (`?page_size=&page_token=`).
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 pub struct PageQuery {
-    #[serde(default)]
     pub page_size: u32,
-    #[serde(default)]
     pub page_token: String,
 }
 

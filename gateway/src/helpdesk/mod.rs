@@ -92,6 +92,8 @@ pub struct Workflow {
     pub operators: Arc<OperatorAccounts>,
     pub db: DatabaseConnection,
     pub settings: Settings,
+    /// Template versions already read (they never change).
+    pub templates: policy::TemplateCache,
 }
 
 /// One workflow call in progress: who acts, its budget towards the backends, and the decision

@@ -1,6 +1,7 @@
 //! A card as the workflow decides on it (its user, credential and template version), and the
 //! template's rules for each helpdesk action. Pure decisions, apart from `load`.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use cms_proto::common::v1::{CardProfile, ErrorReason};
@@ -81,15 +82,43 @@ pub async fn user(wf: &Workflow, call: &mut Call, user_id: &str) -> Result<User,
     Ok(user)
 }
 
-/// A template version.
+/// Template versions never change once written, so each is read from the template service
+/// once and kept (up to `MAX_CACHED` of them).
+#[derive(Default)]
+pub struct TemplateCache(std::sync::Mutex<HashMap<(String, u32), Template>>);
+
+const MAX_CACHED: usize = 1024;
+
+impl TemplateCache {
+    fn get(&self, id: &str, version: u32) -> Option<Template> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&(id.to_owned(), version)).cloned()
+    }
+
+    fn put(&self, template: &Template) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MAX_CACHED {
+            map.clear();
+        }
+        map.insert((template.id.clone(), template.version), template.clone());
+    }
+}
+
+/// A template version (a given one: the latest, version 0, is not cached).
 pub async fn template(
     wf: &Workflow,
     call: &Call,
     id: &str,
     version: u32,
 ) -> Result<Template, Error> {
+    if version != 0
+        && let Some(found) = wf.templates.get(id, version)
+    {
+        return Ok(found);
+    }
     let mut client = wf.template.clone();
-    call.budget
+    let found = call
+        .budget
         .call(
             "template",
             client.get_template(call.budget.request(GetTemplateRequest {
@@ -99,7 +128,11 @@ pub async fn template(
         )
         .await?
         .template
-        .ok_or_else(|| Error::not_found(format!("template {id} not found")))
+        .ok_or_else(|| Error::not_found(format!("template {id} not found")))?;
+    if version != 0 && found.version == version && found.id == id {
+        wf.templates.put(&found);
+    }
+    Ok(found)
 }
 
 /// Loads the user's card and checks both against the operator's scope.
@@ -109,19 +142,32 @@ pub async fn load(
     user_id: &str,
     credential_id: &str,
 ) -> Result<Card, Error> {
+    require_id("user_id", user_id)?;
     require_id("credential_id", credential_id)?;
+    call.decision.user_id = user_id.to_owned();
     call.decision.credential_id = credential_id.to_owned();
-    let user = user(wf, call, user_id).await?;
-    let mut directory = wf.directory.clone();
-    let credential = call
-        .budget
-        .call(
+    // The user and the card are read at once; the scope is checked before either is used.
+    let (mut users, mut cards) = (wf.directory.clone(), wf.directory.clone());
+    let (user, credential) = tokio::join!(
+        call.budget.call(
             "directory",
-            directory.get_credential(call.budget.request(GetCredentialRequest {
+            users.get_user(call.budget.request(GetUserRequest {
+                id: user_id.to_owned(),
+            })),
+        ),
+        call.budget.call(
+            "directory",
+            cards.get_credential(call.budget.request(GetCredentialRequest {
                 id: credential_id.to_owned(),
             })),
-        )
-        .await?
+        ),
+    );
+    let user = user?
+        .user
+        .ok_or_else(|| Error::not_found(format!("user {user_id} not found")))?;
+    call.decision.rule = "scope.org_units";
+    call.actor.require_user_in_scope(&user.id, &user.org_unit)?;
+    let credential = credential?
         .credential
         .ok_or_else(|| Error::not_found(format!("card {credential_id} not found")))?;
     if credential.user_id != user.id {
@@ -343,5 +389,140 @@ pub fn action_name(action: HelpdeskAction) -> &'static str {
         HelpdeskAction::IssueOneTimeCode => "issue_one_time_code",
         HelpdeskAction::UpdateStatus => "update_status",
         HelpdeskAction::Unspecified => "unspecified",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cms_proto::directory::v1::Operator;
+    use cms_proto::template::v1::TemplateSpec;
+
+    fn actor(roles: &[&str]) -> Actor {
+        Actor {
+            account: Operator {
+                username: "op".into(),
+                roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+                ..Default::default()
+            },
+            peer: "spiffe://t/cms/operator/op".into(),
+            via_service: None,
+        }
+    }
+
+    fn card(profile: CardProfile, policy: UnblockPolicy) -> Card {
+        Card {
+            user: User {
+                id: "u".into(),
+                status: UserStatus::Active as i32,
+                ..Default::default()
+            },
+            credential: Credential {
+                id: "c".into(),
+                profile: profile as i32,
+                status: CredentialStatus::Active as i32,
+                ..Default::default()
+            },
+            template: Template {
+                spec: Some(TemplateSpec {
+                    name: "T".into(),
+                    unblock_policy: Some(policy),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn offline(dual: bool) -> UnblockPolicy {
+        UnblockPolicy {
+            offline_challenge_response_allowed: true,
+            operator_policy: Some(OperatorPolicy {
+                dual_control: dual,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn offline_needs_the_flow_the_profile_and_a_role() {
+        let helpdesk = actor(&["helpdesk"]);
+        let action = HelpdeskAction::OfflineResponse;
+        assert!(
+            check(
+                &helpdesk,
+                &card(CardProfile::Minidriver, offline(false)),
+                action
+            )
+            .is_ok()
+        );
+
+        let denial = check(
+            &helpdesk,
+            &card(CardProfile::Minidriver, UnblockPolicy::default()),
+            action,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(
+            denial.rule,
+            "unblock_policy.offline_challenge_response_allowed"
+        );
+        assert_eq!(denial.error.code(), Code::FailedPrecondition);
+
+        let denial = check(&helpdesk, &card(CardProfile::Piv, offline(false)), action)
+            .err()
+            .unwrap();
+        assert_eq!(denial.rule, "card_profile");
+
+        let denial = check(
+            &actor(&["auditor"]),
+            &card(CardProfile::Minidriver, offline(false)),
+            action,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(denial.rule, "operator_policy.unblock_roles");
+        assert!(
+            denial
+                .error
+                .to_string()
+                .contains("needs the helpdesk role (it has: auditor)"),
+            "{}",
+            denial.error
+        );
+    }
+
+    #[test]
+    fn a_card_not_active_or_a_disabled_user_stops_everything_but_status_changes() {
+        let helpdesk = actor(&["helpdesk"]);
+        let mut lost = card(CardProfile::Minidriver, offline(false));
+        lost.credential.status = CredentialStatus::Lost as i32;
+        let denial = check(&helpdesk, &lost, HelpdeskAction::OfflineResponse)
+            .err()
+            .unwrap();
+        assert!(denial.error.to_string().contains("card c is lost"));
+        assert!(check(&helpdesk, &lost, HelpdeskAction::UpdateStatus).is_ok());
+        let mut disabled = card(CardProfile::Minidriver, offline(false));
+        disabled.user.status = UserStatus::Disabled as i32;
+        assert!(check(&helpdesk, &disabled, HelpdeskAction::OfflineResponse).is_err());
+    }
+
+    #[test]
+    fn dual_control_covers_unblocks_and_puk_reads_and_approvals_default_to_15_minutes() {
+        let dual = card(CardProfile::Minidriver, offline(true));
+        assert!(needs_approval(&dual, HelpdeskAction::OfflineResponse));
+        assert!(needs_approval(&dual, HelpdeskAction::ReadPivPuk));
+        assert!(!needs_approval(&dual, HelpdeskAction::IssueOneTimeCode));
+        assert!(!needs_approval(
+            &card(CardProfile::Minidriver, offline(false)),
+            HelpdeskAction::OfflineResponse
+        ));
+        assert_eq!(
+            approval_ttl(&OperatorPolicy::default(), &Settings::default()),
+            Duration::from_secs(900)
+        );
+        assert_eq!(approver_roles(&OperatorPolicy::default()), vec!["approver"]);
     }
 }
