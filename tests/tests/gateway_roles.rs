@@ -212,7 +212,8 @@ async fn admin_calls_need_an_active_account_with_the_role() {
         ],
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    // 3: refused (cmsctl --help lists the exit codes).
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     assert!(
         stderr.starts_with("cmsctl: error: gateway at ")
@@ -279,7 +280,7 @@ async fn cms_operator_add_creates_an_account_the_gateway_then_admits() {
     let cluster = cluster().await;
     let auditor = operator_cert(&cluster, "auditor2");
     let out = cmsctl_as(&cluster, &auditor, &["audit", "verify"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
 
     let out = tokio::task::block_in_place(|| {
         cms_operator_add(&cluster, &["auditor2", "--role", "superuser"])

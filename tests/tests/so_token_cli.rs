@@ -27,7 +27,8 @@ async fn so_init_shows_the_unblock_key_once_and_so_info_reads_its_metadata() {
 
     // Before initialisation: a clear NOT_FOUND, not UNIMPLEMENTED.
     let out = ctl(&cluster, &["custody", "so-info"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    // 4: not found (cmsctl --help lists the exit codes).
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
     assert!(text(&out).contains(": not found: "), "{}", text(&out));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr)

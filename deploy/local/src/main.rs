@@ -1,5 +1,6 @@
 //! `cms`: the local launcher. `cms up` runs the whole system on this machine with embedded
-//! defaults; `cms pki init` makes the dev PKI; `cms serve <service>` runs one service in the
+//! defaults; `cms demo` does the same on a fresh system and first walks through an offline
+//! unblock; `cms pki init` makes the dev PKI; `cms serve <service>` runs one service in the
 //! foreground (what `up` starts for each service).
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -35,6 +36,11 @@ enum Cmd {
         #[arg(long, default_value_t = 7400)]
         base_port: u16,
     },
+    /// The central scene on a fresh system: a user's blocked card unblocked offline with the
+    /// helpdesk through the gateway, then a System Owner token unblocked by the agent alone;
+    /// then the system stays up (Ctrl-C stops it) for the console, cmsctl and cms-agent.
+    /// Pauses between steps when standard input is a terminal.
+    Demo(demo_run::DemoArgs),
     /// Development PKI.
     Pki {
         #[command(subcommand)]
@@ -120,6 +126,8 @@ enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("demo: {0}")]
+    Demo(#[from] cms_launcher::demo::DemoError),
     #[error("{0}")]
     Failed(String),
 }
@@ -137,8 +145,11 @@ fn main() -> ExitCode {
         Cmd::Up { data, base_port } => {
             cms_kit::exit::run("cms", || async move { up(&data, base_port).await })
         }
+        Cmd::Demo(args) => cms_kit::exit::run("cms", || async move { demo_run::run(&args).await }),
     }
 }
+
+mod demo_run;
 
 fn serve(service: &str, config: &Path) -> ExitCode {
     use cms_kit::service::Mode::Serve;
@@ -289,6 +300,36 @@ async fn up(data: &DataArgs, base_port: u16) -> Result<(), Error> {
     if !written.is_empty() {
         println!("created the dev PKI in {}", layout.pki().dir.display());
     }
+    write_configs(&layout, base_port, |_| String::new())?;
+
+    let exe = current_exe()?;
+    let shutdown = signals()?;
+    let mut running: Vec<Service> = Vec::new();
+    if !start_services(&exe, &layout, &START_ORDER, &shutdown, &mut running).await? {
+        return Ok(());
+    }
+
+    println!("\nCMS is up. Data: {}", layout.data_dir.display());
+    print_running(&layout, &running);
+    println!(
+        "Status: cargo run --release --bin cmsctl -- --data-dir {} status",
+        layout.data_dir.display()
+    );
+    println!("Ctrl-C stops everything.");
+
+    let outcome = watch(&exe, &layout, &mut running, &shutdown).await;
+    println!("stopping ...");
+    supervise::stop_all(&mut running, Duration::from_secs(15)).await;
+    println!("stopped");
+    outcome
+}
+
+/// Writes each service's config unless it exists; `extra(service)` is appended to a new one.
+fn write_configs(
+    layout: &Layout,
+    base_port: u16,
+    extra: impl Fn(&str) -> String,
+) -> Result<(), Error> {
     let peers = Peers {
         template: Some(default_ports("template", base_port)?.grpc),
         directory: Some(default_ports("directory", base_port)?.grpc),
@@ -300,29 +341,47 @@ async fn up(data: &DataArgs, base_port: u16) -> Result<(), Error> {
         if path.exists() {
             continue;
         }
-        let text = layout.service_config(name, default_ports(name, base_port)?, &peers, "")?;
+        let text =
+            layout.service_config(name, default_ports(name, base_port)?, &peers, &extra(name))?;
         std::fs::write(&path, text).map_err(|source| Error::Io {
             path: path.clone(),
             source,
         })?;
     }
+    Ok(())
+}
 
-    let exe = std::env::current_exe().map_err(|source| Error::Io {
+fn current_exe() -> Result<PathBuf, Error> {
+    std::env::current_exe().map_err(|source| Error::Io {
         path: "current executable".into(),
         source,
-    })?;
-    let shutdown = cms_kit::shutdown::on_signals().map_err(|source| Error::Io {
+    })
+}
+
+fn signals() -> Result<cms_kit::shutdown::Shutdown, Error> {
+    cms_kit::shutdown::on_signals().map_err(|source| Error::Io {
         path: "signal handlers".into(),
         source,
-    })?;
-    let mut running: Vec<Service> = Vec::new();
-    for name in START_ORDER {
+    })
+}
+
+/// Starts `names` in order into `running`, making sure the dev operator has its account once
+/// the directory runs. Ok(false): a signal came first (everything started is stopped again).
+/// On an error, everything started is stopped too.
+async fn start_services(
+    exe: &Path,
+    layout: &Layout,
+    names: &[&'static str],
+    shutdown: &cms_kit::shutdown::Shutdown,
+    running: &mut Vec<Service>,
+) -> Result<bool, Error> {
+    for &name in names {
         println!("starting {name} ...");
         let started = tokio::select! {
-            r = supervise::start(&exe, &layout, name, Duration::from_secs(60)) => r,
+            r = supervise::start(exe, layout, name, Duration::from_secs(60)) => r,
             () = shutdown.wait() => {
-                supervise::stop_all(&mut running, Duration::from_secs(15)).await;
-                return Ok(());
+                supervise::stop_all(running, Duration::from_secs(15)).await;
+                return Ok(false);
             }
         };
         match started {
@@ -330,29 +389,32 @@ async fn up(data: &DataArgs, base_port: u16) -> Result<(), Error> {
                 let directory = service.grpc;
                 running.push(service);
                 // The dev operator needs its account before anyone uses cmsctl.
-                match bootstrap::ensure_dev_admin(&layout, directory).await {
+                match bootstrap::ensure_dev_admin(layout, directory).await {
                     Ok(Some(line)) => println!("{line}"),
                     Ok(None) => {}
                     Err(e) => {
-                        supervise::stop_all(&mut running, Duration::from_secs(15)).await;
+                        supervise::stop_all(running, Duration::from_secs(15)).await;
                         return Err(e.into());
                     }
                 }
             }
             Ok(service) => running.push(service),
             Err(e) => {
-                supervise::stop_all(&mut running, Duration::from_secs(15)).await;
+                supervise::stop_all(running, Duration::from_secs(15)).await;
                 return Err(e.into());
             }
         }
     }
+    Ok(true)
+}
 
-    println!("\nCMS is up. Data: {}", layout.data_dir.display());
+/// The table of running services: addresses and identities.
+fn print_running(layout: &Layout, running: &[Service]) {
     println!(
         "  {:<10} {:<22} {:<22} identity",
         "service", "gRPC (mTLS)", "ops (/readyz)"
     );
-    for s in &running {
+    for s in running {
         let id = layout
             .pki()
             .spiffe_id(s.name)
@@ -382,17 +444,6 @@ async fn up(data: &DataArgs, base_port: u16) -> Result<(), Error> {
         }
     }
     println!("Logs: {}", layout.data_dir.join("logs").display());
-    println!(
-        "Status: cargo run --release --bin cmsctl -- --data-dir {} status",
-        layout.data_dir.display()
-    );
-    println!("Ctrl-C stops everything.");
-
-    let outcome = watch(&exe, &layout, &mut running, &shutdown).await;
-    println!("stopping ...");
-    supervise::stop_all(&mut running, Duration::from_secs(15)).await;
-    println!("stopped");
-    outcome
 }
 
 /// Waits for a signal (Ok), restarting each service that dies with a backoff; Err when a

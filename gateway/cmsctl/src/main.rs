@@ -16,7 +16,8 @@ use cms_proto::gateway::v1::admin_service_client::AdminServiceClient;
 #[command(
     name = "cmsctl",
     version,
-    about = "Smart-card PIN unblock CMS: operator CLI"
+    about = "Smart-card PIN unblock CMS: operator CLI",
+    after_help = exit::HELP
 )]
 pub(crate) struct Cli {
     /// Data directory of a local `cms up`: supplies the defaults below.
@@ -95,73 +96,29 @@ enum Cmd {
         #[command(subcommand)]
         command: directory::CardsCmd,
     },
+    /// The helpdesk: find a user and their cards, answer an offline unblock, read a PIV PUK,
+    /// issue a self-service one-time code.
+    Helpdesk {
+        #[command(subcommand)]
+        command: helpdesk::HelpdeskCmd,
+    },
+    /// Dual control: request, list, approve, reject or cancel approvals.
+    Approvals {
+        #[command(subcommand)]
+        command: approvals::ApprovalsCmd,
+    },
 }
 
 mod admin;
+mod approvals;
 mod directory;
+mod exit;
+mod helpdesk;
 mod messages;
 mod so_token;
 mod templates;
 
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum Error {
-    #[error("{0}")]
-    Setup(String),
-    #[error(transparent)]
-    Tls(#[from] cms_kit::tls::TlsError),
-    #[error(transparent)]
-    Client(#[from] cms_kit::client::ClientError),
-    /// One line: the gateway's answer in words and its message, never tonic's debug dump of
-    /// the status (metadata, details).
-    #[error("gateway at {address}: {}", describe(status))]
-    Rpc {
-        address: String,
-        status: Box<tonic::Status>,
-    },
-}
-
-/// A gRPC status as `<code in words>: <message>: <causes>`, on one line.
-fn describe(status: &tonic::Status) -> String {
-    use std::error::Error as _;
-    let mut text = code_words(status.code()).to_owned();
-    let mut add = |part: &str| {
-        let part = part.split_whitespace().collect::<Vec<_>>().join(" ");
-        if !part.is_empty() && !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-    };
-    add(status.message());
-    let mut source = status.source();
-    while let Some(cause) = source {
-        add(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-fn code_words(code: tonic::Code) -> &'static str {
-    use tonic::Code;
-    match code {
-        Code::Ok => "ok",
-        Code::Cancelled => "cancelled",
-        Code::Unknown => "unknown error",
-        Code::InvalidArgument => "invalid argument",
-        Code::DeadlineExceeded => "no answer in time",
-        Code::NotFound => "not found",
-        Code::AlreadyExists => "already exists",
-        Code::PermissionDenied => "permission denied",
-        Code::ResourceExhausted => "resource exhausted",
-        Code::FailedPrecondition => "refused in the current state",
-        Code::Aborted => "aborted",
-        Code::OutOfRange => "out of range",
-        Code::Unimplemented => "not implemented by this gateway",
-        Code::Internal => "internal error",
-        Code::Unavailable => "unavailable",
-        Code::DataLoss => "data loss",
-        Code::Unauthenticated => "unauthenticated",
-    }
-}
+pub(crate) use exit::Error;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -170,19 +127,15 @@ fn main() -> ExitCode {
         let code = &mut code;
         cms_kit::exit::run("cmsctl", || async move {
             cms_kit::tls::install_crypto_provider();
-            let ok = match &cli.command {
-                Cmd::Status => status(&cli).await?,
-                Cmd::Custody { command } => admin::custody(&cli, command).await?,
-                Cmd::Keys { command } => admin::keys(&cli, command).await?,
-                Cmd::Audit { command } => admin::audit(&cli, command).await?,
-                Cmd::Templates { command } => templates::run(&cli, command).await?,
-                Cmd::Operators { command } => directory::operators(&cli, command).await?,
-                Cmd::Users { command } => directory::users(&cli, command).await?,
-                Cmd::Ldap { command } => directory::ldap(&cli, command).await?,
-                Cmd::Cards { command } => directory::cards(&cli, command).await?,
-            };
-            if !ok {
-                *code = ExitCode::from(1);
+            // Errors are reported here, not by the kit, so that the exit code says what kind
+            // of failure it was (see `exit::HELP`).
+            match dispatch(&cli).await {
+                Ok(true) => {}
+                Ok(false) => *code = ExitCode::from(exit::NEGATIVE),
+                Err(e) => {
+                    eprintln!("cmsctl: error: {}", cms_kit::exit::one_line(&e));
+                    *code = ExitCode::from(e.exit_code());
+                }
             }
             Ok::<(), Error>(())
         })
@@ -191,6 +144,23 @@ fn main() -> ExitCode {
         code
     } else {
         result
+    }
+}
+
+/// Runs the command; false when its answer is negative (exit code 1).
+async fn dispatch(cli: &Cli) -> Result<bool, Error> {
+    match &cli.command {
+        Cmd::Status => status(cli).await,
+        Cmd::Custody { command } => admin::custody(cli, command).await,
+        Cmd::Keys { command } => admin::keys(cli, command).await,
+        Cmd::Audit { command } => admin::audit(cli, command).await,
+        Cmd::Templates { command } => templates::run(cli, command).await,
+        Cmd::Operators { command } => directory::operators(cli, command).await,
+        Cmd::Users { command } => directory::users(cli, command).await,
+        Cmd::Ldap { command } => directory::ldap(cli, command).await,
+        Cmd::Cards { command } => directory::cards(cli, command).await,
+        Cmd::Helpdesk { command } => helpdesk::run(cli, command).await,
+        Cmd::Approvals { command } => approvals::run(cli, command).await,
     }
 }
 
@@ -249,6 +219,8 @@ fn gateway(cli: &Cli) -> Result<UpstreamSettings, Error> {
 /// An AdminService client as the operator, and who that operator is.
 pub(crate) struct Session {
     pub admin: AdminServiceClient<cms_kit::client::Channel>,
+    /// The same connection, for the other gateway services.
+    pub channel: cms_kit::client::Channel,
     pub address: String,
     pub identity: SpiffeId,
 }
@@ -272,7 +244,8 @@ pub(crate) fn connect(cli: &Cli) -> Result<Session, Error> {
     let upstream = gateway(cli)?;
     let channel = cms_kit::client::channel(&upstream, tls.clone())?;
     Ok(Session {
-        admin: AdminServiceClient::new(channel),
+        admin: AdminServiceClient::new(channel.clone()),
+        channel,
         address: upstream.address,
         identity: tls.identity(),
     })
