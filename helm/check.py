@@ -357,8 +357,7 @@ def check_migrations(scenario: str, values: dict, by_kind: dict) -> None:
     deployments = by_kind.get("Deployment", {})
     configmaps = by_kind.get("ConfigMap", {})
     enabled = values["migrations"]["job"]["enabled"]
-    # The gateway migrates at start (its binary takes no --migrate-only yet).
-    expected = {f"{RELEASE}-{w}-migrate" for w in BACKENDS
+    expected = {f"{RELEASE}-{w}-migrate" for w in BACKENDS + ["gateway"]
                 if enabled and uses_postgres(values, w)}
     if set(jobs) != expected:
         fail(scenario, f"migration Jobs {sorted(jobs)}, expected {sorted(expected)}")

@@ -16,11 +16,11 @@ template directory custody gateway
 {{- end }}
 
 {{/*
-Workloads whose binary takes `--migrate-only`, migrated by the hook Job on PostgreSQL. The
-gateway (whose database is newer) migrates at start, under the same kind of advisory lock.
+Workloads whose binary takes `--migrate-only`, migrated by the hook Job on PostgreSQL: every
+workload with a database.
 */}}
 {{- define "cms.migrateJobWorkloads" -}}
-template directory custody
+template directory custody gateway
 {{- end }}
 
 {{- define "cms.name" -}}
