@@ -66,6 +66,12 @@ impl Budget {
     }
 }
 
+fn unavailable(service: &str) -> Error {
+    Error::Unavailable(format!(
+        "the {service} service is unavailable at the moment; try again in a minute, or tell an administrator if it persists"
+    ))
+}
+
 fn too_slow(service: &str) -> Error {
     Error::Timeout(format!(
         "the {service} service did not answer in time; the request was not completed, try again"
@@ -75,9 +81,13 @@ fn too_slow(service: &str) -> Error {
 /// A backend's failure as the operator should read it.
 pub fn plain(service: &str, status: Status) -> Error {
     match status.code() {
-        Code::Unavailable => Error::Unavailable(format!(
-            "the {service} service is unavailable at the moment; try again in a minute, or tell an administrator if it persists"
-        )),
+        Code::Unavailable => unavailable(service),
+        // A connection that broke under the call (the backend died or was restarted) is
+        // reported by the client as UNKNOWN or CANCELLED with the transport error as its
+        // source; a status sent by the backend itself never has a source.
+        Code::Unknown | Code::Cancelled if std::error::Error::source(&status).is_some() => {
+            unavailable(service)
+        }
         Code::DeadlineExceeded => too_slow(service),
         Code::ResourceExhausted => {
             let retry = cms_kit::error_details::detail(&status)
@@ -101,5 +111,31 @@ pub fn plain(service: &str, status: Status) -> Error {
             ))
         }
         _ => Error::Backend(status),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_broken_under_the_call_reads_as_unavailable() {
+        let broken = Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        )));
+        assert_eq!(broken.code(), Code::Unknown);
+        match plain("custody", broken) {
+            Error::Unavailable(message) => assert!(message.contains("custody"), "{message}"),
+            other => panic!("expected UNAVAILABLE, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_unknown_sent_by_the_backend_passes_through() {
+        match plain("custody", Status::unknown("the backend said so")) {
+            Error::Backend(status) => assert_eq!(status.code(), Code::Unknown),
+            other => panic!("expected the backend's status, got {other:?}"),
+        }
     }
 }
