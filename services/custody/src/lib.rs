@@ -5,17 +5,22 @@
 //! * `api`: the one tonic adapter: decodes each RPC, calls its domain function, encodes.
 //! * `custody`: the instance: what it holds, how it opens, whether it serves.
 //! * `sealing`: GetStatus, InitSeal, Unseal, Seal: the key-encryption key in memory.
-//! * `master_keys`: the unwrapped key table, the one usable-key check, generate / rotate /
-//!   retire / list.
+//! * `master_keys`: GenerateMasterKey, RotateMasterKey, RetireMasterKeyVersion,
+//!   ListMasterKeys, and storing a new version.
+//! * `key_table`: the master key versions held unwrapped while unsealed, and the one check
+//!   of whether a version may be used.
 //! * `key_import`: the component import ceremony (begin, add, finish, abort) and its records.
 //! * `cryptogram`: ComputeCryptogram: guards, per-card budget, response, its record.
-//! * `puk`: PIV PUK release (`puk`), request checks (`puk::checks`), rotation and status
-//!   (`puk::rotation`).
+//! * `puk`: PIV PUK release; `puk::checks` (request checks), `puk::state` (per-card state),
+//!   `puk::rotation` (ConfirmPukRotation, GetPukStatus).
 //! * `so_token`: the System Owner token's unblock key, made once.
 //! * `audit_admin`: QueryAudit, VerifyAudit, ExportAuditHead.
-//! * [`audit`]: the hash-chained, group-committed audit log (with the per-card limit and
-//!   replay refusal); `audit::events` (a constructor per event kind), `audit::gate` (refused
-//!   administrative calls on the record), `audit::columns` (the record's columns, once).
+//! * [`audit`]: the hash-chained audit log's handle; `audit::writer` (group commit, claims
+//!   decided in order), `audit::usage` (per-card limit and replay index), `audit::verify`
+//!   (chain walk), `audit::columns` (the record's columns, once: hash and writers),
+//!   `audit::sink` (SQLite / PostgreSQL writes), `audit::events` (a constructor per event
+//!   kind), `audit::gate` (refused administrative calls on the record), `audit::query`,
+//!   `audit::head_file`, `audit::wal`.
 //! * [`guards`]: the verified peer, caller scopes, rate limits.
 //! * `health`: gRPC health of the custody API (NOT_SERVING unless it can answer).
 //! * `convert`: proto enums and hex at the domain's edge.
@@ -37,6 +42,7 @@ pub mod error;
 pub mod guards;
 mod health;
 mod key_import;
+mod key_table;
 mod keyrules;
 pub mod keystore;
 pub mod lease;

@@ -1,9 +1,8 @@
-//! Master keys: the versions custody holds unwrapped while unsealed ([`KeyTable`]), the one
-//! check of whether a version may be used, and the lifecycle RPCs (GenerateMasterKey,
-//! RotateMasterKey, RetireMasterKeyVersion, ListMasterKeys). Import ceremonies are in
+//! Master keys: their lifecycle RPCs (GenerateMasterKey, RotateMasterKey,
+//! RetireMasterKeyVersion, ListMasterKeys) over the table of unwrapped versions
+//! ([`crate::key_table`]). Import ceremonies are in
 //! `key_import`; both store a new version through [`Custody::store_key`].
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use cms_cardcrypto::{KeyAlgorithm, SecretKey};
@@ -12,122 +11,17 @@ use cms_proto::custody::v1 as pb;
 use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set};
 
 use crate::audit::{self, Event, events::NewKeyFacts};
-use crate::config::KeystoreBackend;
 use crate::convert::{algorithm_from_proto, hex_upper, stored_algorithm_to_proto};
 use crate::custody::{Custody, context};
 use crate::error::Error;
 use crate::guards::{Caller, Peer};
+use crate::key_table::{KeyTable, Loaded};
 use crate::keyrules;
-use crate::keystore::{KeystoreError, MasterKeyHandle};
+use crate::keystore::MasterKeyHandle;
 use crate::store::entities::master_key;
 use crate::store::states::{KeyOrigin, KeyState};
-use crate::wrap::Kek;
 
 const MAX_REFERENCE: usize = 64;
-
-/// One master key version as loaded at unseal.
-pub(crate) struct Loaded {
-    pub(crate) row: master_key::Model,
-    pub(crate) algorithm: KeyAlgorithm,
-    /// `None` when the stored form could not be opened (altered, moved or truncated).
-    handle: Option<Arc<MasterKeyHandle>>,
-    /// The backend that made it, when that is not the running one.
-    made_by: Option<KeystoreBackend>,
-}
-
-impl Loaded {
-    fn retired(&self) -> bool {
-        self.row.state == KeyState::Retired
-    }
-
-    /// The usable handle, or why the stored form cannot be used.
-    fn handle(&self) -> Result<Arc<MasterKeyHandle>, Error> {
-        let (reference, version) = (&self.row.reference, self.row.version);
-        let version = u32::try_from(version).unwrap_or(0);
-        if let Some(handle) = &self.handle {
-            return Ok(handle.clone());
-        }
-        Err(match self.made_by {
-            Some(made_by) => Error::OtherBackend {
-                reference: reference.clone(),
-                version,
-                made_by,
-                running: made_by.other(),
-            },
-            None => Error::Precondition(format!(
-                "master key {reference} version {version} cannot be opened: its stored form was altered"
-            )),
-        })
-    }
-}
-
-/// Every master key version, by reference and version, while unsealed (empty while sealed).
-#[derive(Default)]
-pub(crate) struct KeyTable(BTreeMap<(String, u32), Loaded>);
-
-impl KeyTable {
-    /// A usable, unretired master key version, or why not (unknown, retired, unreadable).
-    pub(crate) fn usable(
-        &self,
-        reference: &str,
-        version: u32,
-    ) -> Result<Arc<MasterKeyHandle>, Error> {
-        let loaded = self
-            .0
-            .get(&(reference.to_owned(), version))
-            .ok_or_else(|| Error::UnknownKey {
-                reference: reference.to_owned(),
-                version,
-            })?;
-        if loaded.retired() {
-            return Err(Error::Retired {
-                reference: reference.to_owned(),
-                version,
-            });
-        }
-        loaded.handle()
-    }
-
-    fn versions(&self, reference: &str) -> impl Iterator<Item = (u32, &Loaded)> {
-        self.0
-            .range((reference.to_owned(), 0)..=(reference.to_owned(), u32::MAX))
-            .map(|((_, v), k)| (*v, k))
-    }
-
-    /// The highest version not retired: what new cards are issued under.
-    pub(crate) fn current_version(&self, reference: &str) -> Option<u32> {
-        self.versions(reference)
-            .filter(|(_, k)| !k.retired())
-            .map(|(v, _)| v)
-            .max()
-    }
-
-    fn next_version(&self, reference: &str) -> u32 {
-        self.versions(reference).map(|(v, _)| v).max().unwrap_or(0) + 1
-    }
-
-    pub(crate) fn reference_count(&self) -> usize {
-        self.0
-            .keys()
-            .map(|(r, _)| r.as_str())
-            .collect::<BTreeSet<_>>()
-            .len()
-    }
-
-    pub(crate) fn active_count(&self) -> usize {
-        self.0.values().filter(|k| !k.retired()).count()
-    }
-
-    pub(crate) fn clear(&mut self) {
-        self.0.clear();
-    }
-
-    fn insert(&mut self, loaded: Loaded) {
-        let version = u32::try_from(loaded.row.version).unwrap_or(0);
-        self.0
-            .insert((loaded.row.reference.clone(), version), loaded);
-    }
-}
 
 /// Where a new master key version's bytes come from.
 pub(crate) enum Material {
@@ -216,38 +110,11 @@ impl Custody {
         let mut keys = KeyTable::default();
         if let Some(kek) = self.unsealed_kek() {
             for row in master_key::Entity::find().all(&self.db).await? {
-                keys.insert(self.load_row(&kek, row));
+                keys.insert(Loaded::open(&*self.keystore, &kek, row));
             }
         }
         self.write().keys = keys;
         Ok(())
-    }
-
-    fn load_row(&self, kek: &Kek, row: master_key::Model) -> Loaded {
-        let algorithm = row.algorithm.parse::<KeyAlgorithm>().ok();
-        let version = u32::try_from(row.version).unwrap_or(0);
-        let mut made_by = None;
-        let handle = algorithm.and_then(|algorithm| {
-            match self
-                .keystore
-                .load(kek, &row.reference, version, algorithm, &row.wrapped)
-            {
-                Ok(handle) => Some(Arc::new(handle)),
-                Err(e) => {
-                    if let KeystoreError::OtherBackend { made_by: by, .. } = e {
-                        made_by = Some(by);
-                    }
-                    tracing::error!(reference = %row.reference, version, error = %e, "master key cannot be opened");
-                    None
-                }
-            }
-        });
-        Loaded {
-            algorithm: algorithm.unwrap_or(KeyAlgorithm::Aes128),
-            handle,
-            made_by,
-            row,
-        }
     }
 
     pub(crate) fn info(&self, row: &master_key::Model) -> pb::MasterKeyVersion {
@@ -309,7 +176,7 @@ impl Custody {
             }
             other => Error::Store(other),
         })?;
-        let loaded = self.load_row(&kek, row.clone());
+        let loaded = Loaded::open(&*self.keystore, &kek, row.clone());
         self.write().keys.insert(loaded);
         Ok(row)
     }
@@ -434,14 +301,7 @@ impl Custody {
         active.state = Set(KeyState::Retired);
         active.retired_at = Set(Some(audit::now_ms()));
         let row = active.update(&self.db).await?;
-        if let Some(loaded) = self
-            .write()
-            .keys
-            .0
-            .get_mut(&(req.reference.clone(), req.version))
-        {
-            loaded.row = row.clone();
-        }
+        self.write().keys.update_row(&row);
         Ok(pb::RetireMasterKeyVersionResponse {
             key: Some(self.info(&row)),
         })
