@@ -376,13 +376,21 @@ where
     GR: Message + Default + Send + 'static,
     Fut: Future<Output = Result<Response<Streaming<R>>, Status>>,
 {
-    let (upload, mut broken) = client_stream::<G, B>(&call, upload);
+    let (upload, broken) = client_stream::<G, B>(&call, upload);
     let response = call.start(backend(call.outgoing(upload))).await?;
     let (metadata, inbound, _) = response.into_parts();
     let cut_call = call.clone();
     let mut events = Box::pin(server_stream::<R, GR>(call, inbound));
+    // Resolves only when the upload broke (an upload that ended well never cuts).
+    let broke = async move {
+        match broken.await {
+            Ok(cut) => cut,
+            Err(_) => std::future::pending().await,
+        }
+    };
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
+        tokio::pin!(broke);
         let cut = loop {
             tokio::select! {
                 event = events.next() => match event {
@@ -393,7 +401,7 @@ where
                     }
                     None => break None,
                 },
-                Ok(cut) = &mut broken => break Some(cut),
+                cut = &mut broke => break Some(cut),
             }
         };
         drop(events);

@@ -417,6 +417,8 @@ struct Tally {
     unchanged: u64,
     refused: u64,
     refusals: Vec<CardImportRefusal>,
+    /// The refusals of the batch being applied (found in several passes).
+    batch_refusals: Vec<CardImportRefusal>,
     changes: Changes,
     pending: usize,
     /// The templates looked up: their card profile (`None`: not checked) or why they are
@@ -427,9 +429,15 @@ struct Tally {
 impl Tally {
     fn refuse(&mut self, r: CardImportRefusal) {
         self.refused += 1;
-        if self.refusals.len() < MAX_REFUSALS {
-            self.refusals.push(r);
-        }
+        self.batch_refusals.push(r);
+    }
+
+    /// Lists the refusals of the batch just applied, in line order.
+    fn list_refusals(&mut self) {
+        let mut batch = std::mem::take(&mut self.batch_refusals);
+        batch.sort_by_key(|r| r.line);
+        let room = MAX_REFUSALS.saturating_sub(self.refusals.len());
+        self.refusals.extend(batch.into_iter().take(room));
     }
 
     fn progress(&self, phase: CardImportPhase, received: u64, applied: u64) -> CardImportProgress {
@@ -575,6 +583,7 @@ impl Directory {
         while let Some(batch) = batches.recv().await {
             let (lines, read) = batch?;
             self.apply_card_batch(&txn, lines, now, &mut tally).await?;
+            tally.list_refusals();
             progress(tally.progress(CardImportPhase::Applying, received, read));
         }
         reader
@@ -756,9 +765,8 @@ impl Directory {
         let mut holders = holders(txn, &ids).await?;
         let mut new_rows = Vec::new();
         let mut owners: HashMap<i64, &user::Model> = HashMap::new();
-        for (mut p, m) in owned.iter().map(|(p, m)| (p.card.clone(), (p.line, *m))) {
-            let (line, m) = m;
-            match holders.get(&p.card_id) {
+        for (Parsed { line, mut card, .. }, m) in owned {
+            match holders.get(&card.card_id) {
                 Some(holder) if *holder == m.id => tally.unchanged += 1,
                 Some(_) => tally.refuse(refusal(
                     line,
@@ -767,9 +775,9 @@ impl Directory {
                     "this card id is registered to another user",
                 )),
                 None => {
-                    holders.insert(p.card_id.clone(), m.id.clone());
-                    p.user_id = m.id.clone();
-                    new_rows.push(new_row(&p, crate::util::new_id(), now));
+                    holders.insert(card.card_id.clone(), m.id.clone());
+                    card.user_id = m.id.clone();
+                    new_rows.push(new_row(&card, crate::util::new_id(), now));
                     owners.insert(m.num, m);
                     tally.imported += 1;
                 }
