@@ -785,18 +785,18 @@ async fn import_cards(
             }
         };
         match event.event {
-            Some(gw::import_credentials_response::Event::Progress(p)) => {
-                if p.phase == CardImportPhase::Applying as i32 {
-                    progress.set_length(p.bytes_received);
-                    progress.set_position(p.bytes_applied);
-                    progress.set_message(format!(
-                        "applying: imported {}, unchanged {}, refused {}",
-                        p.imported, p.unchanged, p.refused
-                    ));
-                }
+            Some(gw::import_credentials_response::Event::Progress(p))
+                if p.phase == CardImportPhase::Applying as i32 =>
+            {
+                progress.set_length(p.bytes_received);
+                progress.set_position(p.bytes_applied);
+                progress.set_message(format!(
+                    "applying: imported {}, unchanged {}, refused {}",
+                    p.imported, p.unchanged, p.refused
+                ));
             }
             Some(gw::import_credentials_response::Event::Report(r)) => report = Some(r),
-            None => {}
+            Some(gw::import_credentials_response::Event::Progress(_)) | None => {}
         }
     }
     progress.finish_and_clear();
