@@ -464,7 +464,6 @@ async fn registrations_fail_alone_amid_many(backend: Backend) {
     let tasks = (0..16).map(|t| {
         let mut client = client.clone();
         let ids = ids.clone();
-        let card = card.clone();
         tokio::spawn(async move {
             for i in 0..30u32 {
                 let profile = if i % 2 == 0 {
