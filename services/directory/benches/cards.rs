@@ -201,17 +201,23 @@ fn upload(
     ))
 }
 
-/// This process's resident memory, MiB (Linux).
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+/// This process's resident memory, MiB (Linux): all of it, and its own (anonymous) part,
+/// without the database pages SQLite maps in.
+fn rss_mib() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let get = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    format!(
+        "{:.0} MiB ({:.0} MiB anonymous)",
+        get("VmRSS:"),
+        get("RssAnon:")
+    )
 }
 
 async fn run_on(db: DatabaseConnection, name: &str, a: &Args, notes: &mut Vec<String>) {
@@ -260,7 +266,7 @@ async fn run_on(db: DatabaseConnection, name: &str, a: &Args, notes: &mut Vec<St
                 .expect("import");
             let took = start.elapsed();
             note(format!(
-                "{name} card import ({pass}): {} lines in {:.1} s = {:.0} cards/s; imported {}, unchanged {}, refused {}; RSS {idle:.0} MiB before, {:.0} MiB after",
+                "{name} card import ({pass}): {} lines in {:.1} s = {:.0} cards/s; imported {}, unchanged {}, refused {}; RSS {idle} before, {} after",
                 a.cards,
                 took.as_secs_f64(),
                 a.cards as f64 / took.as_secs_f64(),

@@ -32,6 +32,10 @@ const BATCH: usize = 2_000;
 const APPLY_EVERY: usize = 100_000;
 /// Most refusals listed in a report (all are counted).
 pub const MAX_REFUSALS: usize = 1_000;
+/// SQLite page cache of the connection applying an import, KiB.
+const IMPORT_CACHE_KIB: u32 = 262_144;
+/// The page cache `cms_kit::db` gives pooled SQLite connections, KiB.
+const POOL_CACHE_KIB: u32 = 65_536;
 /// Keys per lookup statement.
 pub(crate) const LOOKUP_KEYS: usize = 1_000;
 
@@ -579,6 +583,13 @@ impl Directory {
         let (tx, mut batches) = mpsc::channel(2);
         let reader = tokio::task::spawn_blocking(move || read_batches(file, delimiter, tx));
         let txn = search_index::write_txn(&self.db).await?;
+        let sqlite = txn.get_database_backend() == DbBackend::Sqlite;
+        if sqlite {
+            // The owners of a large file are all over the users table: with SQLite's usual
+            // cache, dirty pages were spilled and written again and again.
+            txn.execute_unprepared(&format!("PRAGMA cache_size = -{IMPORT_CACHE_KIB}"))
+                .await?;
+        }
         let now = now_micros();
         while let Some(batch) = batches.recv().await {
             let (lines, read) = batch?;
@@ -590,6 +601,11 @@ impl Directory {
             .await
             .map_err(|e| Error::Internal(format!("reading the upload: {e}")))?;
         search_index::apply(&txn, std::mem::take(&mut tally.changes)).await?;
+        if sqlite {
+            // The connection goes back to the pool: with its usual cache.
+            txn.execute_unprepared(&format!("PRAGMA cache_size = -{POOL_CACHE_KIB}"))
+                .await?;
+        }
         if dry_run {
             txn.rollback().await?;
         } else {
