@@ -48,6 +48,10 @@ pub struct Admin {
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+type ImportCredentialsStream = std::pin::Pin<
+    Box<dyn Stream<Item = Result<gw::ImportCredentialsResponse, Status>> + Send + 'static>,
+>;
+
 type SyncLdapStream =
     std::pin::Pin<Box<dyn Stream<Item = Result<gw::SyncLdapResponse, Status>> + Send + 'static>>;
 
@@ -660,6 +664,32 @@ impl AdminService for Admin {
             }
         };
         Ok(Response::new(forward::transcode(response.get_ref())?))
+    }
+
+    async fn import_credentials(
+        &self,
+        r: Request<Streaming<gw::ImportCredentialsRequest>>,
+    ) -> Result<Response<ImportCredentialsStream>, Status> {
+        // The upload stream is not Sync: authorise on the request's head alone.
+        let (metadata, extensions, upload) = r.into_parts();
+        let head = Request::from_parts(metadata, extensions, ());
+        let call = self
+            .begin_owned("import_credentials", Action::ManageDirectory, head)
+            .await?;
+        let mut client = self.directory.clone();
+        let events = forward::upload_with_events::<
+            _,
+            cms_proto::directory::v1::ImportCredentialsRequest,
+            _,
+            _,
+            _,
+        >(call, upload, move |r| async move {
+            client.import_credentials(r).await
+        })
+        .await?;
+        let (metadata, events, extensions) = events.into_parts();
+        let events: ImportCredentialsStream = Box::pin(events);
+        Ok(Response::from_parts(metadata, events, extensions))
     }
 
     async fn sync_ldap(

@@ -73,6 +73,7 @@ mod requests {
         d::UpdateUserRequest,
         d::DisableUserRequest,
         d::ImportUsersRequest,
+        d::ImportCredentialsRequest,
         d::SyncLdapRequest,
         d::RegisterCredentialRequest,
         d::UpdateCredentialStatusRequest,
@@ -384,6 +385,67 @@ where
         })
 }
 
+/// Forwards an upload answered by a stream of events (client stream, then server stream): the
+/// upload as [`client_stream`] passes it, the events as [`server_stream`] does. When the
+/// caller's upload breaks, the backend call is dropped first (which resets it, so nothing is
+/// applied), then the upload's sender, and the caller's stream ends with CANCELLED.
+pub async fn upload_with_events<G, B, R, GR, Fut>(
+    call: Call,
+    upload: Streaming<G>,
+    backend: impl FnOnce(Request<ReceiverStream<B>>) -> Fut,
+) -> Result<Response<ReceiverStream<Result<GR, Status>>>, Status>
+where
+    G: Message + Default + Send + 'static,
+    B: BackendRequest + Send + 'static,
+    R: Message + Default + Send + 'static,
+    GR: Message + Default + Send + 'static,
+    Fut: Future<Output = Result<Response<Streaming<R>>, Status>>,
+{
+    let (upload, broken) = client_stream::<G, B>(&call, upload);
+    let response = call.start(backend(call.outgoing(upload))).await?;
+    let (metadata, inbound, _) = response.into_parts();
+    let cut_call = call.clone();
+    let mut events = Box::pin(server_stream::<R, GR>(call, inbound));
+    // Resolves only when the upload broke (an upload that ended well never cuts).
+    let broke = async move {
+        match broken.await {
+            Ok(cut) => cut,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        tokio::pin!(broke);
+        let cut = loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(event) => {
+                        if tx.send(event).await.is_err() {
+                            break None;
+                        }
+                    }
+                    None => break None,
+                },
+                cut = &mut broke => break Some(cut),
+            }
+        };
+        drop(events);
+        if let Some((status, open)) = cut {
+            drop(open);
+            cut_call.record(Some(&status));
+            let _ = tx
+                .send(Err(Status::cancelled(format!(
+                    "the upload broke off: {}",
+                    status.message()
+                ))))
+                .await;
+        }
+    });
+    let mut out = Response::new(ReceiverStream::new(rx));
+    *out.metadata_mut() = metadata;
+    Ok(out)
+}
+
 /// The caller's request id when it sent a usable one (visible ASCII, at most 64 bytes),
 /// else a fresh one.
 pub(crate) fn request_id_of<T>(request: &Request<T>) -> String {
@@ -570,6 +632,7 @@ mod tests {
                     "UpdateUser",
                     "DisableUser",
                     "ImportUsers",
+                    "ImportCredentials",
                     "SyncLdap",
                     "RegisterCredential",
                     "UpdateCredentialStatus",

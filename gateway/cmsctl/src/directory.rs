@@ -6,8 +6,9 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use cms_proto::common::v1::{CardProfile, PageRequest};
 use cms_proto::directory::v1::{
-    CertificateBinding, Credential, CredentialStatus, ImportReport, ImportUsersOptions, Operator,
-    OperatorScope, OperatorStatus, User, certificate_binding,
+    CardImportPhase, CardImportReport, CardRefusal, CertificateBinding, Credential,
+    CredentialStatus, ImportCredentialsEnd, ImportCredentialsOptions, ImportReport,
+    ImportUsersOptions, Operator, OperatorScope, OperatorStatus, User, certificate_binding,
 };
 use cms_proto::gateway::v1 as gw;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -182,8 +183,17 @@ pub enum CardsCmd {
         #[arg(long, default_value = "")]
         reason: String,
     },
-    // TODO(directory): `cards import FILE` once the directory's bulk card import (branch
-    // `directory`) is on main and the gateway forwards it.
+    /// Import cards (an existing inventory) from a CSV file with a header (columns in
+    /// deploy/README.md): progress, then the report. Importing a file again changes nothing.
+    /// Exits 1 when a line was refused.
+    Import {
+        file: PathBuf,
+        /// Report what would happen; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, default_value = ",")]
+        delimiter: String,
+    },
 }
 
 fn mask(paths: &[&str]) -> prost_types::FieldMask {
@@ -687,6 +697,149 @@ pub async fn cards(cli: &Cli, command: &CardsCmd) -> Result<bool, Error> {
                 .into_inner();
             print_card(cli.json, r.credential.as_ref(), "updated")?;
         }
+        CardsCmd::Import {
+            file,
+            dry_run,
+            delimiter,
+        } => return import_cards(&mut session, cli.json, file, *dry_run, delimiter).await,
     }
     Ok(true)
+}
+
+/// `cards import`: the file streamed in chunks (never whole in memory), then the directory's
+/// progress, then its report.
+async fn import_cards(
+    session: &mut crate::Session,
+    json: bool,
+    file: &PathBuf,
+    dry_run: bool,
+    delimiter: &str,
+) -> Result<bool, Error> {
+    use gw::import_credentials_request::Payload;
+    use std::io::Read;
+    use std::sync::{Arc, Mutex};
+    const CHUNK: usize = 64 * 1024;
+    let fail = |e: &dyn std::fmt::Display| Error::Setup(format!("{}: {e}", file.display()));
+    let mut reader = std::fs::File::open(file).map_err(|e| fail(&e))?;
+    let size = reader.metadata().map_err(|e| fail(&e))?.len();
+    let progress = if json {
+        ProgressBar::hidden()
+    } else {
+        bar(size, "{msg} [{bar:40}] {bytes}/{total_bytes}")
+    };
+    progress.set_message(format!("uploading {}", file.display()));
+    // A read error ends the upload without its end message (the directory then changes
+    // nothing) and is reported here.
+    let read_error: Arc<Mutex<Option<std::io::Error>>> = Arc::default();
+    let (sent, failed) = (progress.clone(), read_error.clone());
+    let mut total = 0u64;
+    let mut done = false;
+    let chunks = std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        let mut chunk = vec![0; CHUNK];
+        let payload = match reader.read(&mut chunk) {
+            Ok(0) => {
+                done = true;
+                Payload::End(ImportCredentialsEnd { total_bytes: total })
+            }
+            Ok(n) => {
+                chunk.truncate(n);
+                total += n as u64;
+                sent.inc(n as u64);
+                Payload::CsvChunk(chunk)
+            }
+            Err(e) => {
+                *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                return None;
+            }
+        };
+        Some(gw::ImportCredentialsRequest {
+            payload: Some(payload),
+        })
+    });
+    let options = gw::ImportCredentialsRequest {
+        payload: Some(Payload::Options(ImportCredentialsOptions {
+            dry_run,
+            delimiter: delimiter.to_owned(),
+        })),
+    };
+    let upload = tokio_stream::iter(std::iter::once(options).chain(chunks));
+    let mut events = session
+        .admin
+        .import_credentials(upload)
+        .await
+        .map_err(|s| session.rpc_error(s))?
+        .into_inner();
+    let mut report = None;
+    while let Some(event) = events.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(status) => {
+                progress.finish_and_clear();
+                if let Some(e) = read_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    return Err(fail(&e));
+                }
+                return Err(session.rpc_error(status));
+            }
+        };
+        match event.event {
+            Some(gw::import_credentials_response::Event::Progress(p))
+                if p.phase == CardImportPhase::Applying as i32 =>
+            {
+                progress.set_length(p.bytes_received);
+                progress.set_position(p.bytes_applied);
+                progress.set_message(format!(
+                    "applying: imported {}, unchanged {}, refused {}",
+                    p.imported, p.unchanged, p.refused
+                ));
+            }
+            Some(gw::import_credentials_response::Event::Report(r)) => report = Some(r),
+            Some(gw::import_credentials_response::Event::Progress(_)) | None => {}
+        }
+    }
+    progress.finish_and_clear();
+    if let Some(e) = read_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(fail(&e));
+    }
+    let report = report.ok_or_else(|| {
+        Error::Setup(
+            "cards import: the stream ended without a report; the import may not have finished"
+                .into(),
+        )
+    })?;
+    print_card_report(json, &report)
+}
+
+fn print_card_report(json: bool, report: &CardImportReport) -> Result<bool, Error> {
+    if json {
+        print_json(report, "cms.directory.v1.CardImportReport")?;
+    } else {
+        for r in &report.refusals {
+            let reason = CardRefusal::try_from(r.reason)
+                .map(|r| r.as_str_name().trim_start_matches("CARD_REFUSAL_"))
+                .unwrap_or("?");
+            let column = if r.column.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", r.column)
+            };
+            eprintln!("line {}{column}: {reason}: {}", r.line, r.message);
+        }
+        if (report.refusals.len() as u64) < report.refused {
+            eprintln!(
+                "… and {} more refused lines",
+                report.refused - report.refusals.len() as u64
+            );
+        }
+        println!(
+            "{}imported {}, unchanged {}, refused {}",
+            if report.dry_run { "dry run: " } else { "" },
+            report.imported,
+            report.unchanged,
+            report.refused
+        );
+    }
+    Ok(report.refused == 0)
 }

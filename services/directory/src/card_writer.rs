@@ -1,23 +1,36 @@
-//! Card registrations go through one writer task that commits them in groups: each waiting
-//! registration is one savepoint of the group's transaction, and the group is one commit (one
-//! WAL sync on SQLite) and one update of the search index. Concurrent registrations so never
-//! wait on each other's database lock (where SQLite's busy timeout ran out, they failed), and
-//! many in flight cost about as much as a few.
+//! Card registrations go through one writer task that commits them in groups: the group's
+//! owners and card ids are checked with one lookup each, its cards written with multi-row
+//! INSERTs, and it is one commit (one WAL sync on SQLite) and one update of the search index.
+//! Concurrent registrations so never wait on each other's database lock (where SQLite's busy
+//! timeout ran out, they failed), and many in flight cost about as much as a few. The card
+//! import ([`crate::card_import`]) writes its rows and search documents with the same code.
 //!
 //! A registration waits at most [`WAIT`] to be started, and the queue holds at most [`QUEUE`]:
 //! past that it is refused as busy (UNAVAILABLE with a retry hint), never written, so a
 //! client may retry it safely.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::time::Duration;
 
-use sea_orm::{DatabaseConnection, TransactionTrait};
+use cms_proto::directory::v1::UserStatus;
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, FromQueryResult, TransactionTrait,
+    Value,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::Error;
-use crate::entity::credential;
+use crate::card_import::{LOOKUP_KEYS, json_list};
+use crate::entity::{credential, user};
 use crate::search_index::{self, Changes};
+use crate::users::UserFields;
+use crate::util::Sql;
+
+/// Rows per multi-row INSERT of cards (20 parameters each).
+const INSERT_ROWS: usize = 100;
+/// Users per multi-row UPDATE of search documents (3 parameters each).
+const UPDATE_ROWS: usize = 300;
 
 /// Registrations waiting for the writer, at most.
 const QUEUE: usize = 8_192;
@@ -29,8 +42,7 @@ pub const WAIT: Duration = Duration::from_secs(10);
 /// A registration, checked except for what needs the database: the owner's state and the
 /// card id's uniqueness.
 pub(crate) struct NewCard {
-    pub row: credential::ActiveModel,
-    pub user_id: String,
+    pub row: credential::Model,
 }
 
 struct Job {
@@ -107,39 +119,223 @@ async fn run(db: DatabaseConnection, mut queue: mpsc::Receiver<Job>) {
     }
 }
 
-/// Writes `cards` in one transaction, each in a savepoint of its own: the result of each (a
-/// card refused leaves the others), or the error that kept the whole group from committing.
+/// Writes `cards` in one transaction: the result of each (a card refused leaves the others),
+/// or the error that kept the whole group from committing. The owners and the card ids are
+/// looked up for the whole group at once, the new rows written in multi-row INSERTs, and the
+/// owners' search documents rebuilt together: a handful of statements per group instead of
+/// several per card.
 async fn commit(
     db: &DatabaseConnection,
     cards: &[NewCard],
 ) -> Result<Vec<Result<(), Error>>, Error> {
     let txn = search_index::write_txn(db).await?;
-    let mut changes = Changes::default();
-    let mut owners: HashSet<&str> = HashSet::new();
+    let ids: Vec<&str> = cards.iter().map(|c| c.row.user_id.as_str()).collect();
+    let owners: HashMap<String, user::Model> = users_by_id(&txn, &ids)
+        .await?
+        .into_iter()
+        .map(|m| (m.id.clone(), m))
+        .collect();
+    let card_ids: Vec<&[u8]> = cards.iter().map(|c| c.row.card_id.as_slice()).collect();
+    let mut taken = holders(&txn, &card_ids).await?;
     let mut results = Vec::with_capacity(cards.len());
+    let mut rows = Vec::with_capacity(cards.len());
+    let mut changed: HashMap<i64, &user::Model> = HashMap::new();
     for card in cards {
-        if !owners.insert(&card.user_id) {
-            // A second card of an owner: its document is read back, so index the first.
-            search_index::apply(&txn, std::mem::take(&mut changes)).await?;
-            owners.clear();
-            owners.insert(&card.user_id);
-        }
-        let savepoint = txn.begin().await?;
-        let mut own = Changes::default();
-        match crate::Directory::register_in(&savepoint, card, &mut own).await {
-            Ok(()) => {
-                savepoint.commit().await?;
-                changes.merge(own);
-                results.push(Ok(()));
+        let result = match owners.get(&card.row.user_id) {
+            None => Err(Error::NotFound(format!("user {}", card.row.user_id))),
+            Some(m) if m.status == UserStatus::Disabled as i32 => {
+                Err(Error::FailedPrecondition(format!(
+                    "user {} is disabled: no card may be registered for it",
+                    card.row.user_id
+                )))
             }
-            Err(e @ Error::Storage(_)) => return Err(e),
-            Err(e) => {
-                savepoint.rollback().await?;
-                results.push(Err(e));
+            Some(_) if taken.contains_key(&card.row.card_id) => Err(Error::AlreadyExists(
+                "a credential with this card_id is already registered".into(),
+            )),
+            Some(m) => {
+                taken.insert(card.row.card_id.clone(), m.id.clone());
+                changed.insert(m.num, m);
+                rows.push(card.row.clone());
+                Ok(())
+            }
+        };
+        results.push(result);
+    }
+    // The write lock keeps other registrations and imports out, so the card ids checked above
+    // stay new. Should one be taken all the same, each card is written alone, in a savepoint
+    // of its own, so that only that one is refused.
+    let mut changes = Changes::default();
+    let savepoint = txn.begin().await?;
+    match insert_cards(&savepoint, &rows).await {
+        Ok(()) => {
+            savepoint.commit().await?;
+            let owners: Vec<&user::Model> = changed.into_values().collect();
+            refresh_documents(&txn, &owners, &mut changes).await?;
+        }
+        Err(Error::Storage(e)) if crate::util::unique_violation(&e) => {
+            savepoint.rollback().await?;
+            for (card, result) in cards.iter().zip(results.iter_mut()) {
+                if result.is_ok() {
+                    *result = one_by_one(&txn, card, &mut changes).await?;
+                }
             }
         }
+        Err(e) => return Err(e),
     }
     search_index::apply(&txn, changes).await?;
     txn.commit().await?;
     Ok(results)
+}
+
+/// Writes `card` in a savepoint of `txn`: its result, or the storage error that stops the
+/// group.
+async fn one_by_one(
+    txn: &DatabaseTransaction,
+    card: &NewCard,
+    changes: &mut Changes,
+) -> Result<Result<(), Error>, Error> {
+    let savepoint = txn.begin().await?;
+    let mut own = Changes::default();
+    match crate::Directory::register_in(&savepoint, card, &mut own).await {
+        Ok(()) => {
+            savepoint.commit().await?;
+            changes.merge(own);
+            Ok(Ok(()))
+        }
+        Err(e @ Error::Storage(_)) => Err(e),
+        Err(e) => {
+            savepoint.rollback().await?;
+            Ok(Err(e))
+        }
+    }
+}
+
+/// The users with the ids `ids`.
+async fn users_by_id(db: &DatabaseTransaction, ids: &[&str]) -> Result<Vec<user::Model>, Error> {
+    let mut out = Vec::new();
+    for chunk in ids.chunks(LOOKUP_KEYS) {
+        let mut sql = Sql::new(db.get_database_backend());
+        sql.push("SELECT * FROM users WHERE id IN ");
+        json_list(&mut sql, chunk)?;
+        for row in db.query_all_raw(sql.statement()).await? {
+            out.push(user::Model::from_query_result(&row, "")?);
+        }
+    }
+    Ok(out)
+}
+
+/// Who holds each of the card ids `card_ids` that is registered: card id -> user id.
+pub(crate) async fn holders(
+    txn: &DatabaseTransaction,
+    card_ids: &[&[u8]],
+) -> Result<HashMap<Vec<u8>, String>, Error> {
+    let mut out = HashMap::new();
+    for chunk in card_ids.chunks(LOOKUP_KEYS) {
+        let mut sql = Sql::new(txn.get_database_backend());
+        sql.push("SELECT card_id, user_id FROM credentials WHERE card_id IN ");
+        sql.tuple(true, chunk.iter().map(|id| Value::from(id.to_vec())));
+        for row in txn.query_all_raw(sql.statement()).await? {
+            out.insert(row.try_get("", "card_id")?, row.try_get("", "user_id")?);
+        }
+    }
+    Ok(out)
+}
+
+/// Multi-row INSERTs of new card rows.
+pub(crate) async fn insert_cards(
+    txn: &DatabaseTransaction,
+    rows: &[credential::Model],
+) -> Result<(), Error> {
+    for chunk in rows.chunks(INSERT_ROWS) {
+        let mut sql = Sql::new(txn.get_database_backend());
+        sql.push(
+            "INSERT INTO credentials (id, user_id, card_id, serial, serial_key, atr, profile, \
+             template_id, template_version, master_key_version, puk_version, \
+             puk_rotation_pending, status, status_reason, issued_at, last_unblock_at, \
+             last_unblock_flow, unblock_count, updated_at, label) VALUES ",
+        );
+        for (i, c) in chunk.iter().enumerate() {
+            sql.tuple(
+                i == 0,
+                [
+                    Value::from(c.id.clone()),
+                    c.user_id.clone().into(),
+                    c.card_id.clone().into(),
+                    c.serial.clone().into(),
+                    c.serial_key.clone().into(),
+                    c.atr.clone().into(),
+                    c.profile.into(),
+                    c.template_id.clone().into(),
+                    c.template_version.into(),
+                    c.master_key_version.into(),
+                    c.puk_version.into(),
+                    c.puk_rotation_pending.into(),
+                    c.status.into(),
+                    c.status_reason.clone().into(),
+                    c.issued_at.into(),
+                    c.last_unblock_at.into(),
+                    c.last_unblock_flow.into(),
+                    c.unblock_count.into(),
+                    c.updated_at.into(),
+                    c.label.clone().into(),
+                ],
+            );
+        }
+        txn.execute_raw(sql.statement()).await?;
+    }
+    Ok(())
+}
+
+/// Rebuilds the search documents of `owners` (whose cards changed) from their cards' serials,
+/// writes them, and records the posting list changes in `changes`.
+pub(crate) async fn refresh_documents(
+    txn: &DatabaseTransaction,
+    owners: &[&user::Model],
+    changes: &mut Changes,
+) -> Result<(), Error> {
+    let mut serials: HashMap<String, Vec<String>> = HashMap::new();
+    let ids: Vec<&str> = owners.iter().map(|m| m.id.as_str()).collect();
+    for chunk in ids.chunks(LOOKUP_KEYS) {
+        let mut sql = Sql::new(txn.get_database_backend());
+        sql.push("SELECT user_id, serial FROM credentials WHERE user_id IN ");
+        json_list(&mut sql, chunk)?;
+        // The order of `users::serials_of`, ties broken by id (new cards come last).
+        sql.push(" ORDER BY user_id, issued_at, id");
+        for row in txn.query_all_raw(sql.statement()).await? {
+            let owner: String = row.try_get("", "user_id")?;
+            serials
+                .entry(owner)
+                .or_default()
+                .push(row.try_get("", "serial")?);
+        }
+    }
+    let mut docs = Vec::with_capacity(owners.len());
+    for m in owners {
+        let mut am = user::ActiveModel::default();
+        let theirs = serials.get(&m.id).map(Vec::as_slice).unwrap_or_default();
+        UserFields::of(m).apply(&mut am, theirs);
+        let (sea_orm::ActiveValue::Set(doc), sea_orm::ActiveValue::Set(prefix)) =
+            (am.search_doc, am.prefix_doc)
+        else {
+            return Err(Error::Internal("a search document was not made".into()));
+        };
+        changes.replace((m.sort_rank, &m.search_doc), (m.sort_rank, &doc));
+        docs.push((m.num, doc, prefix));
+    }
+    for chunk in docs.chunks(UPDATE_ROWS) {
+        let mut sql = Sql::new(txn.get_database_backend());
+        sql.push("WITH v (num, doc, prefix) AS (VALUES ");
+        for (i, (num, doc, prefix)) in chunk.iter().enumerate() {
+            sql.tuple(
+                i == 0,
+                [Value::from(*num), doc.clone().into(), prefix.clone().into()],
+            );
+        }
+        sql.push(
+            ") UPDATE users SET search_doc = v.doc, prefix_doc = v.prefix FROM v \
+             WHERE users.num = v.num",
+        );
+        txn.execute_raw(sql.statement()).await?;
+    }
+    Ok(())
 }

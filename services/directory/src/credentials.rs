@@ -47,6 +47,98 @@ pub fn to_proto(c: &credential::Model) -> Credential {
     }
 }
 
+/// Checks a card to register, except for its owner, what needs the database (the card id's
+/// uniqueness) and its template ([`Directory::check_template`]); returns its profile.
+pub(crate) fn check_card(c: &Credential) -> Result<CardProfile, Error> {
+    if c.card_id.is_empty() || c.card_id.len() > MAX_CARD_ID {
+        return Err(Error::invalid(
+            "credential.card_id",
+            format!("credential.card_id must have 1 to {MAX_CARD_ID} bytes"),
+        ));
+    }
+    check_text("credential.serial", &c.serial, MAX_SERIAL, true)?;
+    if c.atr.len() > MAX_ATR {
+        return Err(Error::invalid(
+            "credential.atr",
+            format!(
+                "credential.atr has {} bytes; an ATR has at most {MAX_ATR}",
+                c.atr.len()
+            ),
+        ));
+    }
+    check_text("credential.label", &c.label, 128, false)?;
+    let profile = CardProfile::try_from(c.profile).unwrap_or(CardProfile::Unspecified);
+    if profile == CardProfile::Unspecified {
+        return Err(Error::invalid(
+            "credential.profile",
+            "credential.profile is required (CARD_PROFILE_MINIDRIVER or CARD_PROFILE_PIV)",
+        ));
+    }
+    if c.template_version == 0 {
+        return Err(Error::invalid(
+            "credential.template_version",
+            "credential.template_version is required (the version the card is issued under)",
+        ));
+    }
+    Ok(profile)
+}
+
+/// Refuses a card whose profile is not its template's (`template_profile`).
+pub(crate) fn check_profile(c: &Credential, template_profile: i32) -> Result<(), Error> {
+    if template_profile == c.profile {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "credential.profile",
+        format!(
+            "credential.profile {} differs from the card profile of template {} ({})",
+            CardProfile::try_from(c.profile)
+                .map(|p| p.as_str_name())
+                .unwrap_or("?"),
+            c.template_id,
+            CardProfile::try_from(template_profile)
+                .map(|p| p.as_str_name())
+                .unwrap_or("?")
+        ),
+    ))
+}
+
+/// The stored row of a new card `c` (checked by [`check_card`]) with id `id`, issued at
+/// `now` unless `c` says when.
+pub(crate) fn new_row(c: &Credential, id: String, now: i64) -> credential::Model {
+    let piv = c.profile == CardProfile::Piv as i32;
+    credential::Model {
+        id,
+        user_id: c.user_id.clone(),
+        card_id: c.card_id.clone(),
+        serial: c.serial.clone(),
+        serial_key: normalize::serial(&c.serial),
+        atr: c.atr.clone(),
+        profile: c.profile,
+        template_id: c.template_id.clone(),
+        template_version: i64::from(c.template_version),
+        master_key_version: i64::from(c.master_key_version),
+        puk_version: if piv {
+            i64::from(Ord::max(c.puk_version, 1))
+        } else {
+            0
+        },
+        puk_rotation_pending: false,
+        status: CredentialStatus::Active as i32,
+        status_reason: String::new(),
+        issued_at: c
+            .issued_at
+            .as_ref()
+            .map(util::from_timestamp)
+            .unwrap_or(now),
+        last_unblock_at: None,
+        last_unblock_flow: Flow::Unspecified as i32,
+        unblock_count: 0,
+        updated_at: now,
+        label: c.label.clone(),
+    }
+}
+
 impl Directory {
     /// Checks that template `id` (version `version`, 0: any) exists: through the template
     /// service when configured, else only its form. `issuing` also refuses retired templates
@@ -101,36 +193,7 @@ impl Directory {
     pub async fn register_credential(&self, c: Option<Credential>) -> Result<Credential, Error> {
         let c = c.ok_or_else(|| Error::invalid("credential", "credential is required"))?;
         util::check_uuid("credential.user_id", &c.user_id)?;
-        if c.card_id.is_empty() || c.card_id.len() > MAX_CARD_ID {
-            return Err(Error::invalid(
-                "credential.card_id",
-                format!("credential.card_id must have 1 to {MAX_CARD_ID} bytes"),
-            ));
-        }
-        check_text("credential.serial", &c.serial, MAX_SERIAL, true)?;
-        if c.atr.len() > MAX_ATR {
-            return Err(Error::invalid(
-                "credential.atr",
-                format!(
-                    "credential.atr has {} bytes; an ATR has at most {MAX_ATR}",
-                    c.atr.len()
-                ),
-            ));
-        }
-        check_text("credential.label", &c.label, 128, false)?;
-        let profile = CardProfile::try_from(c.profile).unwrap_or(CardProfile::Unspecified);
-        if profile == CardProfile::Unspecified {
-            return Err(Error::invalid(
-                "credential.profile",
-                "credential.profile is required (CARD_PROFILE_MINIDRIVER or CARD_PROFILE_PIV)",
-            ));
-        }
-        if c.template_version == 0 {
-            return Err(Error::invalid(
-                "credential.template_version",
-                "credential.template_version is required (the version the card is issued under)",
-            ));
-        }
+        check_card(&c)?;
         if let Some(template_profile) = self
             .check_template(
                 "credential.template_id",
@@ -139,59 +202,15 @@ impl Directory {
                 true,
             )
             .await?
-            && template_profile != c.profile
         {
-            return Err(Error::invalid(
-                "credential.profile",
-                format!(
-                    "credential.profile {} differs from the card profile of template {} ({})",
-                    profile.as_str_name(),
-                    c.template_id,
-                    CardProfile::try_from(template_profile)
-                        .map(|p| p.as_str_name())
-                        .unwrap_or("?")
-                ),
-            ));
+            check_profile(&c, template_profile)?;
         }
-        let now = now_micros();
-        let id = util::new_id();
-        let row = credential::ActiveModel {
-            id: Set(id.clone()),
-            user_id: Set(c.user_id.clone()),
-            card_id: Set(c.card_id.clone()),
-            serial: Set(c.serial.clone()),
-            serial_key: Set(normalize::serial(&c.serial)),
-            atr: Set(c.atr.clone()),
-            profile: Set(c.profile),
-            template_id: Set(c.template_id.clone()),
-            template_version: Set(i64::from(c.template_version)),
-            master_key_version: Set(i64::from(c.master_key_version)),
-            puk_version: Set(if profile == CardProfile::Piv {
-                i64::from(Ord::max(c.puk_version, 1))
-            } else {
-                0
-            }),
-            puk_rotation_pending: Set(false),
-            status: Set(CredentialStatus::Active as i32),
-            status_reason: Set(String::new()),
-            issued_at: Set(c
-                .issued_at
-                .as_ref()
-                .map(util::from_timestamp)
-                .unwrap_or(now)),
-            last_unblock_at: Set(None),
-            last_unblock_flow: Set(Flow::Unspecified as i32),
-            unblock_count: Set(0),
-            updated_at: Set(now),
-            label: Set(c.label.clone()),
-        };
-        let card = NewCard {
-            row,
-            user_id: c.user_id.clone(),
-        };
+        let row = new_row(&c, util::new_id(), now_micros());
+        let registered = to_proto(&row);
+        let card = NewCard { row };
         self.card_writer().register(card).await?;
-        tracing::info!(credential = %id, user = %c.user_id, "credential registered");
-        Ok(to_proto(&self.credential(&id).await?))
+        tracing::info!(credential = %registered.id, user = %c.user_id, "credential registered");
+        Ok(registered)
     }
 
     /// Writes a registration on `db` (a savepoint of the card writer's group): the owner must
@@ -201,21 +220,22 @@ impl Directory {
         card: &NewCard,
         changes: &mut Changes,
     ) -> Result<(), Error> {
-        let owner = Self::user_by_id(db, &card.user_id)
+        let owner = Self::user_by_id(db, &card.row.user_id)
             .await
             .map_err(|e| match e {
                 Error::Invalid { .. } | Error::NotFound(_) => {
-                    Error::NotFound(format!("user {}", card.user_id))
+                    Error::NotFound(format!("user {}", card.row.user_id))
                 }
                 other => other,
             })?;
         if owner.status == UserStatus::Disabled as i32 {
             return Err(Error::FailedPrecondition(format!(
                 "user {} is disabled: no card may be registered for it",
-                card.user_id
+                card.row.user_id
             )));
         }
-        match credential::Entity::insert(card.row.clone()).exec(db).await {
+        let row = credential::ActiveModel::from(card.row.clone());
+        match credential::Entity::insert(row).exec(db).await {
             Ok(_) => {}
             Err(e) if util::unique_violation(&e) => {
                 return Err(Error::AlreadyExists(

@@ -7,6 +7,7 @@
 //! Secrets never leave in clear: security answers are argon2id hashes, TOTP secrets are sealed
 //! with AES-256-GCM under a key from config ([`secrets`]).
 
+pub mod card_import;
 mod card_writer;
 mod config;
 mod credentials;
@@ -58,6 +59,8 @@ pub struct Directory {
     templates: Option<TemplateServiceClient<Channel>>,
     /// Started on first use (it needs the runtime); shared by the clones.
     card_writer: Arc<std::sync::OnceLock<card_writer::CardWriter>>,
+    /// Where card imports keep their upload until it is whole (anonymous files).
+    spool_dir: std::path::PathBuf,
 }
 
 impl Directory {
@@ -76,6 +79,7 @@ impl Directory {
             ldap: Default::default(),
             templates: None,
             card_writer: Default::default(),
+            spool_dir: std::env::temp_dir(),
         }
     }
 
@@ -329,6 +333,33 @@ impl DirectoryService for Directory {
         )))
     }
 
+    async fn import_credentials(
+        &self,
+        request: Request<tonic::Streaming<ImportCredentialsRequest>>,
+    ) -> Result<Response<tonic::codegen::BoxStream<ImportCredentialsResponse>>, Status> {
+        let stream = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let this = self.clone();
+        tokio::spawn(async move {
+            let events = tx.clone();
+            let mut progress = move |p: CardImportProgress| {
+                let _ = events.send(Ok(ImportCredentialsResponse {
+                    event: Some(import_credentials_response::Event::Progress(p)),
+                }));
+            };
+            let outcome = this.import_credentials(stream, &mut progress).await;
+            let _ = tx.send(match outcome {
+                Ok(report) => Ok(ImportCredentialsResponse {
+                    event: Some(import_credentials_response::Event::Report(report)),
+                }),
+                Err(e) => Err(Status::from(e)),
+            });
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        )))
+    }
+
     async fn sync_ldap(
         &self,
         request: Request<SyncLdapRequest>,
@@ -430,16 +461,7 @@ impl Directory {
             Some(Err(status)) => return Err(Error::invalid("csv_chunk", status.message())),
             None => return Err(Error::invalid("options", "the import stream was empty")),
         };
-        let delimiter = match options.delimiter.as_bytes() {
-            [] => b',',
-            [d] if d.is_ascii() && !d.is_ascii_alphanumeric() && *d != b'"' && *d != b'\n' => *d,
-            _ => {
-                return Err(Error::invalid(
-                    "options.delimiter",
-                    "the delimiter must be one ASCII punctuation or tab character",
-                ));
-            }
-        };
+        let delimiter = card_import::delimiter(&options.delimiter)?;
         let mut csv = Vec::new();
         let mut next_report = 1 << 20;
         while let Some(message) = stream.next().await {
@@ -571,6 +593,7 @@ async fn serve_directory(
     directory.import = config.import.clone();
     directory.ldap = config.ldap.clone();
     directory.templates = templates;
+    directory.spool_dir = config.data_dir.clone();
     Server::new(NAME, config.server, config.access, tls)
         .add_service(DirectoryServiceServer::new(directory))
         .serve(listeners, shutdown)
