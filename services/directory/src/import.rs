@@ -10,7 +10,7 @@ use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryF
 
 use crate::entity::{credential, user};
 use crate::normalize;
-use crate::search_index::{self, Changes};
+use crate::search::{self, Changes};
 use crate::users::{INSERT_BATCH, UserFields, insert_new_users, reindex};
 use crate::util::{Sql, now_micros, timestamp};
 use crate::{Directory, Error};
@@ -349,7 +349,7 @@ impl Directory {
             applied: 0,
             total,
         });
-        let txn = search_index::write_txn(&self.db).await?;
+        let txn = search::write_txn(&self.db).await?;
         if txn.get_database_backend() == sea_orm::DbBackend::Sqlite {
             // A bulk write touches far more pages than SQLite's default 2 MiB cache holds;
             // without room, dirty index pages are spilled and rewritten over and over.
@@ -558,7 +558,7 @@ impl Directory {
                     });
                 }
             }
-            search_index::apply(&txn, changes).await?;
+            search::apply(&txn, changes).await?;
         }
         for (status, nums) in [UserStatus::Active, UserStatus::Disabled].map(|status| {
             let nums: Vec<i64> = statuses
@@ -594,7 +594,7 @@ impl Directory {
         drop((creates, fields, updates));
         crate::users::drop_later((records, by_name, by_external));
         txn.commit().await?;
-        search_index::checkpoint(&self.db).await;
+        search::checkpoint(&self.db).await;
         progress(Progress {
             phase: "done",
             read: total,
