@@ -27,12 +27,12 @@ mod tier;
 mod txn;
 
 pub use changes::Changes;
-pub use grams::{Gram, GramMap, doc_grams, query_grams};
+pub use grams::{Gram, GramMap, SHORT_QUERY, doc_grams, is_short, query_grams};
 pub use plan::{Lists, intersect, lists_to_read};
 pub use rank::{Key, SPACE, even_ranks, place, set_ranks, unrank};
 pub(crate) use store::run_overlapped;
 pub use store::{
-    apply, counts, counts_and_span, fill, fill_spans, grams_starting, union_from, window,
+    apply, counts, counts_and_span, fill, fill_first_chars, fill_short, fill_spans, window,
 };
 pub use txn::{checkpoint, read_txn, write_txn};
 

@@ -219,15 +219,21 @@ impl Matches<'_> {
 /// counted): at most as many as have the rarest of the grams every substring match has;
 /// without such grams (empty and short queries), the number of users.
 async fn estimate<C: ConnectionTrait>(db: &C, view: &IndexView, q: &str) -> Result<u64, Error> {
-    let grams = if q.is_empty() {
-        Vec::new()
+    let count = |g: &search::Gram| view.counts.get(g).copied().unwrap_or(0);
+    let rarest = if q.is_empty() {
+        None
+    } else if search::is_short(q) {
+        // The short grams of both tiers hold exactly the matches.
+        Some(
+            [0, 1]
+                .iter()
+                .flat_map(|t| search::query_grams(q, *t))
+                .map(|g| count(&g))
+                .sum(),
+        )
     } else {
-        search::query_grams(q, 1)
+        search::query_grams(q, 1).iter().map(count).min()
     };
-    let rarest = grams
-        .iter()
-        .map(|g| view.counts.get(g).copied().unwrap_or(0))
-        .min();
     let count = match rarest {
         Some(n) => n,
         None => {

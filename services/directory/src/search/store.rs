@@ -6,7 +6,9 @@ use sea_orm::{ConnectionTrait, Value};
 
 use super::changes::Changes;
 use super::codec::{decode, decode_into, encode, pieces};
-use super::grams::{Gram, GramMap, boundary_as_sep, gram_of_text, gram_text, span_grams};
+use super::grams::{
+    Gram, GramMap, first_char_grams, gram_of_text, gram_text, short_grams, span_grams,
+};
 use super::{json, pg};
 use crate::Error;
 use crate::util::Sql;
@@ -82,55 +84,6 @@ async fn counts_and_ranks<C: ConnectionTrait>(
     Ok((out, first, last))
 }
 
-/// The grams whose text starts with short query `q` (its word boundaries as one), and how many
-/// users have each; `None` when `q` is empty or ends in the last character there is. Every
-/// document with `q` in a field has one of them: a three-character gram starts at each
-/// character, and a field is followed at least by its separator.
-pub async fn grams_starting<C: ConnectionTrait>(
-    db: &C,
-    q: &str,
-) -> Result<Option<Vec<(Gram, i64)>>, Error> {
-    let low: String = q.chars().map(boundary_as_sep).collect();
-    let mut chars: Vec<char> = low.chars().collect();
-    let Some(next) = chars.pop().and_then(|c| char::from_u32(u32::from(c) + 1)) else {
-        return Ok(None);
-    };
-    chars.push(next);
-    let high: String = chars.into_iter().collect();
-    let mut sql = Sql::new(db.get_database_backend());
-    sql.push("SELECT gram, n FROM search_grams WHERE gram >= ")
-        .bind(low)
-        .push(" AND gram < ")
-        .bind(high);
-    let mut out = Vec::new();
-    for row in db.query_all_raw(sql.statement()).await? {
-        let text: String = row.try_get("", "gram")?;
-        if let Some(g) = gram_of_text(&text) {
-            out.push((g, row.try_get::<i64>("", "n")?));
-        }
-    }
-    Ok(Some(out))
-}
-
-/// The ranks from `from` on that are in any of the lists of `grams`, ascending and distinct.
-pub async fn union_from<C: ConnectionTrait>(
-    db: &C,
-    grams: &[Gram],
-    from: i64,
-) -> Result<Vec<i64>, Error> {
-    let probes: Vec<(Gram, i64, i64)> = grams.iter().map(|g| (*g, from, i64::MAX)).collect();
-    let mut out: Vec<i64> = load(db, &probes)
-        .await?
-        .into_values()
-        .flatten()
-        .flat_map(|c| c.ranks)
-        .filter(|r| *r >= from)
-        .collect();
-    out.sort_unstable();
-    out.dedup();
-    Ok(out)
-}
-
 /// Reads the chunks of `gram` that cover ranks `a..=b` (and the first chunk when all start
 /// after `a`), for each `(gram, a, b)`.
 async fn load<C: ConnectionTrait>(
@@ -204,6 +157,27 @@ pub async fn fill_spans<C: ConnectionTrait>(db: &C) -> Result<(), Error> {
     fill_with(db, |changes, docs| {
         for (rank, doc) in docs {
             changes.add(*rank, &span_grams(doc));
+        }
+    })
+    .await
+}
+
+/// Adds the short grams (see [`short_grams`]) of every ranked user's search document to
+/// posting lists built before there were any.
+pub async fn fill_short<C: ConnectionTrait>(db: &C) -> Result<(), Error> {
+    fill_with(db, |changes, docs| {
+        for (rank, doc) in docs {
+            changes.add(*rank, &short_grams(doc));
+        }
+    })
+    .await
+}
+
+/// Adds back the grams of one word-start character (see [`first_char_grams`]).
+pub async fn fill_first_chars<C: ConnectionTrait>(db: &C) -> Result<(), Error> {
+    fill_with(db, |changes, docs| {
+        for (rank, doc) in docs {
+            changes.add(*rank, &first_char_grams(doc));
         }
     })
     .await

@@ -154,42 +154,6 @@ async fn start_rank<C: ConnectionTrait>(
     })
 }
 
-/// The matches of a two-character substring query (tier 1), from the lists of every gram
-/// that starts with it, when those hold few users (`None` when they hold many: then matches
-/// are many, and walking the users in page order finds a page sooner).
-async fn short_substring<C: ConnectionTrait>(
-    db: &C,
-    q: &str,
-    conditions: &(dyn Fn(&mut Sql) + Sync),
-    after: Option<&[String; 3]>,
-    need: usize,
-) -> Result<Option<Vec<user::Model>>, Error> {
-    let Some(lists) = search::grams_starting(db, q).await? else {
-        return Ok(None);
-    };
-    if lists.iter().map(|(_, n)| *n).sum::<i64>() > SHORT_LISTS_MAX {
-        return Ok(None);
-    }
-    let grams: Vec<search::Gram> = lists.into_iter().map(|(g, _)| g).collect();
-    let from = start_rank(db, after).await?.unwrap_or(1);
-    let candidates = search::union_from(db, &grams, from).await?;
-    let mut out = Vec::with_capacity(need);
-    let (mut rest, mut checked) = (candidates.as_slice(), 0);
-    while !rest.is_empty() && out.len() < need {
-        let batch = check_batch(need - out.len(), checked, out.len());
-        let (now, later) = rest.split_at(batch.min(rest.len()));
-        checked += now.len();
-        out.extend(check(db, now, conditions, need - out.len()).await?);
-        rest = later;
-    }
-    Ok(Some(out))
-}
-
-/// Most users the lists of a short substring query may hold together for the search to read
-/// them all; more, and the matches are so many that walking the users in page order finds a
-/// page sooner.
-const SHORT_LISTS_MAX: i64 = 60_000;
-
 /// Candidates to check next for `missing` more matches, after `passed` of `checked` passed:
 /// enough for the matches at the rate seen so far (and half as many again), so that one
 /// statement usually finishes the page without reading rows far past it.
@@ -202,10 +166,9 @@ fn check_batch(missing: usize, checked: usize, passed: usize) -> usize {
 /// `q` (tier 0) or whose search document has `q` elsewhere (tier 1), after `after`.
 ///
 /// The candidates come from the search index in page order (see [`crate::search`]), so this
-/// reads about `need` users however many match. Two characters in tier 1 read the lists of
-/// the grams that start with them ([`short_substring`]) unless those are long; one character
-/// in tier 1, an empty query, and such long lists walk the (display name, username, id) index
-/// instead.
+/// reads about `need` users however many match; one or two characters read one list, of
+/// exactly their matches (see [`search::is_short`]). An empty query walks the (display name,
+/// username, id) index instead.
 pub(super) async fn search_tier<C: ConnectionTrait>(
     db: &C,
     view: &mut IndexView,
@@ -230,12 +193,6 @@ pub(super) async fn search_tier<C: ConnectionTrait>(
         search::query_grams(q, tier)
     };
     if grams.is_empty() {
-        if tier == 1
-            && q.chars().count() == 2
-            && let Some(found) = short_substring(db, q, &conditions, after, need).await?
-        {
-            return Ok(found);
-        }
         return walk_names(db, &conditions, need).await;
     }
     let Some(plan) = plan_lists(view, q, tier, &grams) else {
@@ -248,7 +205,7 @@ pub(super) async fn search_tier<C: ConnectionTrait>(
 }
 
 /// The users that meet `conditions` in page order, at most `need`, walking the (display
-/// name, username, id) index: for queries without grams (empty, or too short to narrow).
+/// name, username, id) index: for the empty query (every user).
 async fn walk_names<C: ConnectionTrait>(
     db: &C,
     conditions: &(dyn Fn(&mut Sql) + Sync),
