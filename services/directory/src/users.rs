@@ -310,66 +310,73 @@ pub async fn insert_new_users<C: ConnectionTrait>(
         .unzip();
     let mut changes = Changes::default();
     let ranks = search::place(db, &keys, &mut changes).await?;
-    let docs: Vec<String> = keys
-        .iter()
-        .zip(&slots)
-        .map(|(k, i)| {
-            let email = normalize::fold(&fields[*i].email);
-            normalize::search_doc_of_folded(&k.display, &k.username, &email, &[])
-        })
-        .collect();
-    // The posting lists are gathered on another thread meanwhile (CPU work only).
-    let docs = std::sync::Arc::new(docs);
-    let ranks = std::sync::Arc::new(ranks);
-    let gathered = {
-        let (docs, ranks) = (docs.clone(), ranks.clone());
-        tokio::task::spawn_blocking(move || {
-            changes.add_docs(ranks.iter().copied().zip(docs.iter().map(String::as_str)));
-            changes
-        })
-    };
-
     let columns: Vec<&str> = shared
         .iter()
         .map(|(name, _)| *name)
         .chain(OWN_COLUMNS.iter().map(|c| c.as_str()))
         .collect();
     let backend = db.get_database_backend();
-    let statements = (0..keys.len()).step_by(INSERT_BATCH).map(|start| {
-        let end = (start + INSERT_BATCH).min(keys.len());
-        let rows = (start..end).map(|j| {
-            let (k, f, doc) = (&keys[j], fields[slots[j]], &docs[j]);
-            [
-                Value::from(k.id.clone()),
-                f.username.clone().into(),
-                k.username.clone().into(),
-                f.display_name.clone().into(),
-                k.display.clone().into(),
-                f.email.clone().into(),
-                f.phone.clone().into(),
-                f.org_unit.clone().into(),
-                f.external_id.clone().into(),
-                doc.clone().into(),
-                normalize::prefix_doc(doc).into(),
-                ranks[j].into(),
-            ]
-        });
-        let fixed = shared.iter().map(|(_, v)| v.clone());
-        table_insert(backend, &columns, fixed, rows)
-    });
-    // Each statement is built while SQLite runs the one before.
     let total = keys.len();
-    search::run_overlapped(db, statements, &mut |ran| {
-        progress((ran * INSERT_BATCH).min(total));
-    })
-    .await?;
-    let changes = gathered
-        .await
-        .map_err(|e| Error::Internal(format!("gathering posting lists: {e}")))?;
-    search::apply(db, changes).await?;
-    drop_later((keys, slots, docs));
+    for round in (0..total).step_by(BULK_ROUND) {
+        let round = round..(round + BULK_ROUND).min(total);
+        let docs: Vec<String> = round
+            .clone()
+            .map(|j| {
+                let (k, email) = (&keys[j], normalize::fold(&fields[slots[j]].email));
+                normalize::search_doc_of_folded(&k.display, &k.username, &email, &[])
+            })
+            .collect();
+        // The posting lists are gathered on another thread meanwhile (CPU work only).
+        let docs = std::sync::Arc::new(docs);
+        let gathered = {
+            let docs = docs.clone();
+            let ranks = ranks[round.clone()].to_vec();
+            let mut changes = std::mem::take(&mut changes);
+            tokio::task::spawn_blocking(move || {
+                changes.add_docs(ranks.into_iter().zip(docs.iter().map(String::as_str)));
+                changes
+            })
+        };
+        let statements = round.clone().step_by(INSERT_BATCH).map(|start| {
+            let end = (start + INSERT_BATCH).min(round.end);
+            let rows = (start..end).map(|j| {
+                let (k, f, doc) = (&keys[j], fields[slots[j]], &docs[j - round.start]);
+                [
+                    Value::from(k.id.clone()),
+                    f.username.clone().into(),
+                    k.username.clone().into(),
+                    f.display_name.clone().into(),
+                    k.display.clone().into(),
+                    f.email.clone().into(),
+                    f.phone.clone().into(),
+                    f.org_unit.clone().into(),
+                    f.external_id.clone().into(),
+                    doc.clone().into(),
+                    normalize::prefix_doc(doc).into(),
+                    ranks[j].into(),
+                ]
+            });
+            let fixed = shared.iter().map(|(_, v)| v.clone());
+            table_insert(backend, &columns, fixed, rows)
+        });
+        // Each statement is built while SQLite runs the one before.
+        search::run_overlapped(db, statements, &mut |ran| {
+            progress((round.start + ran * INSERT_BATCH).min(round.end));
+        })
+        .await?;
+        let round_changes = gathered
+            .await
+            .map_err(|e| Error::Internal(format!("gathering posting lists: {e}")))?;
+        search::apply(db, round_changes).await?;
+    }
     Ok(())
 }
+
+/// Users per round of [`insert_new_users`]: their rows are written and their postings
+/// gathered and written before the next round's, so that a bulk import holds the postings of
+/// this many users at a time (for a million at once, they took gigabytes). Each round
+/// rewrites the last chunk of the lists it adds to: fewer rounds are faster.
+const BULK_ROUND: usize = 100_000;
 
 /// `n` new ids, ascending: UUIDv7s of this millisecond, as [`util::new_id`] makes them, but
 /// with their random bits from one read of the system's generator instead of one per id.
@@ -391,12 +398,6 @@ fn new_ids(n: usize) -> Result<Vec<String>, Error> {
         .collect();
     ids.sort_unstable();
     Ok(ids)
-}
-
-/// Drops `value` on a blocking thread: freeing the hundreds of thousands of strings of a bulk
-/// import takes a while, which the caller spends committing instead.
-pub(crate) fn drop_later<T: Send + 'static>(value: T) {
-    drop(tokio::task::spawn_blocking(move || drop(value)));
 }
 
 /// One multi-row INSERT of `rows` (the same columns set in each), written out directly: the
