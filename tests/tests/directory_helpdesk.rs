@@ -460,8 +460,10 @@ async fn short_and_absent_queries_find_what_a_scan_finds(backend: Backend) {
         }
     }
     queries.extend(
-        ["zzqx", "qqqqq", "@@@", "xq", "q.q.q", "$$", "@@", "..", "+0", "’", "o’n", "'"]
-            .map(String::from),
+        [
+            "zzqx", "qqqqq", "@@@", "xq", "q.q.q", "$$", "@@", "..", "+0", "’", "o’n", "'",
+        ]
+        .map(String::from),
     );
     matches_scan(&d, &users, &queries).await;
 
