@@ -330,8 +330,13 @@ async fn a_registration_that_cannot_proceed_is_unavailable(backend: Backend) {
     env.stop().await;
 }
 
-/// Every page of a search through the directory itself (no gRPC): usernames.
-async fn all_pages(d: &cms_directory::Directory, query: &str, page_size: u32) -> Vec<String> {
+/// Every page of a search through the directory itself (no gRPC): usernames, each with
+/// whether it matched by a word start (`prefix_match`).
+async fn all_pages(
+    d: &cms_directory::Directory,
+    query: &str,
+    page_size: u32,
+) -> Vec<(String, bool)> {
     let mut out = Vec::new();
     let mut token = String::new();
     loop {
@@ -346,7 +351,11 @@ async fn all_pages(d: &cms_directory::Directory, query: &str, page_size: u32) ->
             })
             .await
             .unwrap();
-        out.extend(names(&r.results));
+        out.extend(
+            r.results
+                .iter()
+                .map(|x| (x.user.as_ref().unwrap().username.clone(), x.prefix_match)),
+        );
         token = r.page.unwrap().next_page_token;
         if token.is_empty() {
             return out;
@@ -354,8 +363,51 @@ async fn all_pages(d: &cms_directory::Directory, query: &str, page_size: u32) ->
     }
 }
 
+/// Checks every query against a scan of `users` (username, display name, email): the word
+/// starts first, then the other substrings, each exactly the users whose search document has
+/// the query so, each user once.
+async fn matches_scan(
+    d: &cms_directory::Directory,
+    users: &[(String, String, String)],
+    queries: &[String],
+) {
+    use cms_directory::normalize;
+    for q in queries {
+        let found = all_pages(d, q, 7).await;
+        let folded = normalize::query(&normalize::fold(q));
+        let (mut starts, mut inside) = (Vec::new(), Vec::new());
+        for (u, n, e) in users {
+            let doc = normalize::search_doc(n, u, e, &[]);
+            if normalize::prefix_doc(&doc).contains(&format!("\u{1f}{folded}")) {
+                starts.push(u.clone());
+            } else if doc.contains(&folded) {
+                inside.push(u.clone());
+            }
+        }
+        let tier = |first: bool| {
+            let mut v: Vec<String> = found
+                .iter()
+                .filter(|(_, p)| *p == first)
+                .map(|(u, _)| u.clone())
+                .collect();
+            v.sort();
+            v
+        };
+        starts.sort();
+        inside.sort();
+        assert_eq!(tier(true), starts, "{q:?}: word starts");
+        assert_eq!(tier(false), inside, "{q:?}: other substrings");
+        let first_other = found.iter().position(|(_, p)| !p).unwrap_or(found.len());
+        assert!(
+            found[first_other..].iter().all(|(_, p)| !p),
+            "{q:?}: a word start after other matches"
+        );
+    }
+}
+
 /// Queries of one and two characters, rare and common (with punctuation), and strings no
-/// user has, find exactly the users whose text has them: checked against every user.
+/// user has, find exactly the users whose text has them (word starts first): checked against
+/// every user, then again after users were renamed and their emails changed.
 async fn short_and_absent_queries_find_what_a_scan_finds(backend: Backend) {
     let env = start(&backend).await;
     let db = cms_directory::open_database(&env.config).await.unwrap();
@@ -367,6 +419,7 @@ async fn short_and_absent_queries_find_what_a_scan_finds(backend: Backend) {
     const FIRST: &[&str] = &["Ann", "Qasim", "Xavier", "Zoë", "Jo", "Åsa", "Bob"];
     const LAST: &[&str] = &["O'Neil", "Smith-Qx", "Berg", "Eze", "Lüx", "Wq", "Ma"];
     let mut users = Vec::new();
+    let mut ids = Vec::new();
     let mut seed = 7u64;
     for i in 0..160 {
         seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
@@ -386,14 +439,16 @@ async fn short_and_absent_queries_find_what_a_scan_finds(backend: Backend) {
                 ["ex.com", "w.q"][pick(2, 58)]
             )
         };
-        d.create_user(Some(User {
-            username: username.clone(),
-            display_name: display.clone(),
-            email: email.clone(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
+        let user = d
+            .create_user(Some(User {
+                username: username.clone(),
+                display_name: display.clone(),
+                email: email.clone(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+        ids.push(user.id);
         users.push((username, display, email));
     }
     let mut queries: Vec<String> = Vec::new();
@@ -404,24 +459,39 @@ async fn short_and_absent_queries_find_what_a_scan_finds(backend: Backend) {
             queries.push(format!("{a}{b}"));
         }
     }
-    queries.extend(["zzqx", "qqqqq", "@@@", "xq", "q.q.q", "$$"].map(String::from));
-    for q in &queries {
-        let mut found = all_pages(&d, q, 7).await;
-        let count = found.len();
-        found.sort();
-        found.dedup();
-        assert_eq!(found.len(), count, "{q:?}: a user twice");
-        let folded = cms_directory::normalize::query(&cms_directory::normalize::fold(q));
-        let mut expected: Vec<String> = users
-            .iter()
-            .filter(|(u, n, e)| {
-                cms_directory::normalize::search_doc(n, u, e, &[]).contains(&folded)
-            })
-            .map(|(u, _, _)| u.clone())
-            .collect();
-        expected.sort();
-        assert_eq!(found, expected, "{q:?}");
+    queries.extend(
+        [
+            "zzqx", "qqqqq", "@@@", "xq", "q.q.q", "$$", "@@", "..", "+0", "’", "o’n", "'",
+        ]
+        .map(String::from),
+    );
+    matches_scan(&d, &users, &queries).await;
+
+    // Renamed users and changed emails move between the lists of their old and new text.
+    for (i, id) in ids.iter().enumerate().step_by(3) {
+        let (username, display, email) = &mut users[i];
+        *display = format!("{display} Qu'x");
+        *email = if email.is_empty() {
+            format!("new{i}@q.q")
+        } else {
+            String::new()
+        };
+        d.update_user(
+            Some(User {
+                id: id.clone(),
+                username: username.clone(),
+                display_name: display.clone(),
+                email: email.clone(),
+                ..Default::default()
+            }),
+            Some(prost_types::FieldMask {
+                paths: vec!["display_name".into(), "email".into()],
+            }),
+        )
+        .await
+        .unwrap();
     }
+    matches_scan(&d, &users, &queries).await;
     env.stop().await;
 }
 

@@ -1,9 +1,10 @@
 //! Helpdesk search benchmark: 1,000,000 users and 1,200,000 credentials on SQLite and on a
 //! throwaway PostgreSQL (initdb + pg_ctl, Unix socket only), then p50/p99 of surname-prefix,
-//! email-substring, exact-serial, short (1-2 characters), absent-string and employee-id
-//! searches (first page of 20, through `Directory::search_users`, the code the gRPC handler
+//! email-substring (within the local part, across the "@", and in the domain), exact-serial,
+//! one- and two-character, absent-string and employee-id searches (first page of 20, through `Directory::search_users`, the code the gRPC handler
 //! runs), one client at a time and 8 at once; card registrations one at a time and 16 in
-//! flight; and the CSV import rate on SQLite with the process's RSS before, during and after.
+//! flight; and the CSV import rate on SQLite with the process's RSS (all, and its own memory
+//! without mapped files) before, during and after, measured before the search data is made.
 //!
 //!     cargo bench -p cms-directory --bench search                 # full size
 //!     cargo bench -p cms-directory --bench search -- --users 100000 --credentials 120000 --no-postgres
@@ -406,6 +407,8 @@ fn query_sets(people: &[Person], n: usize, seed: u64) -> Vec<(&'static str, Vec<
     let mut rng = Rng(seed);
     let mut prefix = Vec::new();
     let mut email = Vec::new();
+    let mut across = Vec::new();
+    let mut domain = Vec::new();
     let mut serial = Vec::new();
     while prefix.len() < n {
         let p = &people[rng.below(people.len())];
@@ -414,6 +417,17 @@ fn query_sets(people: &[Person], n: usize, seed: u64) -> Vec<(&'static str, Vec<
         let chars: Vec<char> = local.chars().collect();
         let from = chars.len().saturating_sub(9).min(3);
         email.push(chars[from..(from + 8).min(chars.len())].iter().collect());
+        // Across the "@": one to four characters on each side ("u@eu.e", "berg@ex").
+        let all: Vec<char> = p.fields.email.chars().collect();
+        let at = all.iter().position(|c| *c == '@').unwrap_or(0);
+        let (before, after) = (1 + rng.below(4), 1 + rng.below(4));
+        let start = at.saturating_sub(before);
+        across.push(all[start..(at + 1 + after).min(all.len())].iter().collect());
+        // Within the domain: 4 to 8 characters from anywhere in it ("ample.co", "l.exam").
+        let host: Vec<char> = all[at + 1..].to_vec();
+        let len = (4 + rng.below(5)).min(host.len());
+        let start = rng.below(host.len() - len + 1);
+        domain.push(host[start..start + len].iter().collect());
         if let Some(s) = p.serials.first() {
             serial.push(s.clone());
         }
@@ -423,12 +437,13 @@ fn query_sets(people: &[Person], n: usize, seed: u64) -> Vec<(&'static str, Vec<
     const SHORT: &[char] = &[
         'a', 'e', 'q', 'x', 'z', 'w', '1', '0', '@', '.', '$', '+', '-', 'k', 'ö', 'y',
     ];
-    let mut short = Vec::new();
+    let mut one = Vec::new();
+    let mut two = Vec::new();
     let mut absent = Vec::new();
     let mut employee = Vec::new();
-    while short.len() < n {
-        let len = 1 + rng.below(2);
-        short.push((0..len).map(|_| SHORT[rng.below(SHORT.len())]).collect());
+    while one.len() < n {
+        one.push(SHORT[rng.below(SHORT.len())].to_string());
+        two.push((0..2).map(|_| SHORT[rng.below(SHORT.len())]).collect());
         absent.push(format!(
             "{}q{}x{}",
             ["zz", "wq", "jx", "qv"][rng.below(4)],
@@ -445,8 +460,11 @@ fn query_sets(people: &[Person], n: usize, seed: u64) -> Vec<(&'static str, Vec<
     vec![
         ("surname prefix (4 chars)", prefix),
         ("email substring (8 chars)", email),
+        ("email across \"@\"", across),
+        ("email domain substring", domain),
         ("exact card serial", serial),
-        ("short (1-2 chars)", short),
+        ("1 char", one),
+        ("2 chars", two),
         ("absent string", absent),
         ("employee id", employee),
     ]
@@ -574,13 +592,23 @@ async fn registrations(
     )
 }
 
-/// This process's resident memory, MiB (Linux).
+/// This process's resident memory, MiB (Linux): all of it (`VmRSS`), or only its own
+/// (`RssAnon`: without the pages of mapped files, which SQLite's memory map of the database
+/// adds and the system can take back at any time).
 fn rss_mib() -> f64 {
+    status_mib("VmRSS:")
+}
+
+fn own_mib() -> f64 {
+    status_mib("RssAnon:")
+}
+
+fn status_mib(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
@@ -741,9 +769,12 @@ impl Drop for Pg {
     }
 }
 
-async fn import_rate(n: usize) -> (f64, Duration) {
+/// Imports `n` users from CSV into a new SQLite database: (users per second, time taken, RSS
+/// and own memory once the directory is open and idle).
+async fn import_rate(n: usize) -> (f64, Duration, (f64, f64)) {
     let dir = tempfile::tempdir().expect("tmp");
     let d = directory(sqlite_db(dir.path()).await);
+    let idle = (rss_mib(), own_mib());
     let mut csv = String::from("username,display_name,email,phone,org_unit,external_id\n");
     for p in people(n, 0, 7) {
         let f = &p.fields;
@@ -754,6 +785,7 @@ async fn import_rate(n: usize) -> (f64, Duration) {
     }
     let start = Instant::now();
     let records = import::parse_csv(csv.as_bytes(), true, b',').expect("valid CSV");
+    drop(csv);
     println!(
         "  CSV parse + validation of {n} users: {:.2} s",
         start.elapsed().as_secs_f64()
@@ -774,7 +806,7 @@ async fn import_rate(n: usize) -> (f64, Duration) {
         .expect("import");
     let took = start.elapsed();
     assert_eq!(report.created as usize, n);
-    (n as f64 / took.as_secs_f64(), took)
+    (n as f64 / took.as_secs_f64(), took, idle)
 }
 
 /// The 8-client searches and the card registrations on database `db`, as notes.
@@ -816,18 +848,11 @@ async fn run() {
         "directory search benchmark: {} users, {} credentials, {} queries per kind, page size 20",
         a.users, a.credentials, a.queries
     );
-    let t = Instant::now();
-    let people = people(a.users, a.credentials, 1);
-    println!("generated data in {:.1} s", t.elapsed().as_secs_f64());
-    let sets = query_sets(&people, a.queries, 42);
-    // None when nothing is measured (an import-only run has no users to draw queries from).
-    let warm_ups = query_sets(&people, WARM_UP_QUERIES.min(a.queries), 7);
-    let data_set = format!("{} users, {} credentials", a.users, a.credentials);
     let mut rows = Vec::new();
     let mut notes = Vec::new();
-    if a.sqlite {
-        if a.import_users > 0 {
-            let idle = rss_mib();
+    // The import first, while the process holds nothing else.
+    if a.sqlite && a.import_users > 0 {
+        {
             let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
             let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
             let sampler = {
@@ -839,13 +864,15 @@ async fn run() {
                     }
                 })
             };
-            let (rate, took) = import_rate(a.import_users).await;
+            let (rate, took, (idle, idle_own)) = import_rate(a.import_users).await;
             sampling.store(false, std::sync::atomic::Ordering::Relaxed);
             sampler.join().expect("sampler");
             notes.push(format!(
-                "RSS of the bench process around the CSV import: {idle:.0} MiB before, {} MiB at most during, {:.0} MiB after",
+                "RSS of the bench process (the directory in-process) around the CSV import of {} users: {idle:.0} MiB idle (own {idle_own:.0}), {} MiB at most during, {:.0} MiB after (own {:.0})",
+                a.import_users,
                 peak.load(std::sync::atomic::Ordering::Relaxed),
-                rss_mib()
+                rss_mib(),
+                own_mib()
             ));
             notes.push(format!(
                 "CSV import on SQLite: {} users in {:.2} s = {:.0} users/s (parse + validate + match + insert + search index, one transaction)",
@@ -855,6 +882,15 @@ async fn run() {
             ));
             println!("{}", notes.last().map(String::as_str).unwrap_or_default());
         }
+    }
+    let t = Instant::now();
+    let people = people(a.users, a.credentials, 1);
+    println!("generated data in {:.1} s", t.elapsed().as_secs_f64());
+    let sets = query_sets(&people, a.queries, 42);
+    // None when nothing is measured (an import-only run has no users to draw queries from).
+    let warm_ups = query_sets(&people, WARM_UP_QUERIES.min(a.queries), 7);
+    let data_set = format!("{} users, {} credentials", a.users, a.credentials);
+    if a.sqlite {
         let dir = tempfile::tempdir().expect("tmp");
         let path = a
             .data

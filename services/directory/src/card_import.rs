@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use crate::card_writer::{holders, insert_cards, refresh_documents};
 use crate::credentials::{check_card, check_profile, new_row};
 use crate::entity::user;
-use crate::search_index::{self, Changes};
+use crate::search::{self, Changes};
 use crate::util::{Sql, now_micros, timestamp};
 use crate::{Directory, Error, normalize};
 
@@ -582,7 +582,7 @@ impl Directory {
     ) -> Result<CardImportReport, Error> {
         let (tx, mut batches) = mpsc::channel(2);
         let reader = tokio::task::spawn_blocking(move || read_batches(file, delimiter, tx));
-        let txn = search_index::write_txn(&self.db).await?;
+        let txn = search::write_txn(&self.db).await?;
         let sqlite = txn.get_database_backend() == DbBackend::Sqlite;
         if sqlite {
             // The owners of a large file are all over the users table: with SQLite's usual
@@ -600,7 +600,7 @@ impl Directory {
         reader
             .await
             .map_err(|e| Error::Internal(format!("reading the upload: {e}")))?;
-        search_index::apply(&txn, std::mem::take(&mut tally.changes)).await?;
+        search::apply(&txn, std::mem::take(&mut tally.changes)).await?;
         if sqlite {
             // The connection goes back to the pool: with its usual cache.
             txn.execute_unprepared(&format!("PRAGMA cache_size = -{POOL_CACHE_KIB}"))
@@ -610,7 +610,7 @@ impl Directory {
             txn.rollback().await?;
         } else {
             txn.commit().await?;
-            search_index::checkpoint(&self.db).await;
+            search::checkpoint(&self.db).await;
         }
         progress(tally.progress(CardImportPhase::Done, received, received));
         tracing::info!(
@@ -806,7 +806,7 @@ impl Directory {
         refresh_documents(txn, &owners, &mut tally.changes).await?;
         if tally.pending >= APPLY_EVERY {
             tally.pending = 0;
-            search_index::apply(txn, std::mem::take(&mut tally.changes)).await?;
+            search::apply(txn, std::mem::take(&mut tally.changes)).await?;
         }
         Ok(())
     }

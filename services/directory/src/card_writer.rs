@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use crate::Error;
 use crate::card_import::{LOOKUP_KEYS, json_list};
 use crate::entity::{credential, user};
-use crate::search_index::{self, Changes};
+use crate::search::{self, Changes};
 use crate::users::UserFields;
 use crate::util::Sql;
 
@@ -128,7 +128,7 @@ async fn commit(
     db: &DatabaseConnection,
     cards: &[NewCard],
 ) -> Result<Vec<Result<(), Error>>, Error> {
-    let txn = search_index::write_txn(db).await?;
+    let txn = search::write_txn(db).await?;
     let ids: Vec<&str> = cards.iter().map(|c| c.row.user_id.as_str()).collect();
     let owners: HashMap<String, user::Model> = users_by_id(&txn, &ids)
         .await?
@@ -182,7 +182,7 @@ async fn commit(
         }
         Err(e) => return Err(e),
     }
-    search_index::apply(&txn, changes).await?;
+    search::apply(&txn, changes).await?;
     txn.commit().await?;
     Ok(results)
 }

@@ -15,7 +15,7 @@ use sea_orm::{
 use crate::card_writer::NewCard;
 use crate::entity::credential;
 use crate::normalize;
-use crate::search_index::Changes;
+use crate::search::Changes;
 use crate::util::{self, check_text, now_micros, timestamp};
 use crate::{Directory, Error, token};
 

@@ -10,7 +10,7 @@ use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryF
 
 use crate::entity::{credential, user};
 use crate::normalize;
-use crate::search_index::{self, Changes};
+use crate::search::{self, Changes};
 use crate::users::{INSERT_BATCH, UserFields, insert_new_users, reindex};
 use crate::util::{Sql, now_micros, timestamp};
 use crate::{Directory, Error};
@@ -349,8 +349,20 @@ impl Directory {
             applied: 0,
             total,
         });
-        let txn = search_index::write_txn(&self.db).await?;
-        if txn.get_database_backend() == sea_orm::DbBackend::Sqlite {
+        let txn = search::write_txn(&self.db).await?;
+        let sqlite = txn.get_database_backend() == sea_orm::DbBackend::Sqlite;
+        // The connection's own cache size, set again when the import is done.
+        let mut cache_size = None;
+        if sqlite {
+            if let Some(row) = txn
+                .query_one_raw(sea_orm::Statement::from_string(
+                    sea_orm::DbBackend::Sqlite,
+                    "PRAGMA cache_size",
+                ))
+                .await?
+            {
+                cache_size = Some(row.try_get_by_index::<i64>(0)?);
+            }
             // A bulk write touches far more pages than SQLite's default 2 MiB cache holds;
             // without room, dirty index pages are spilled and rewritten over and over.
             txn.execute_unprepared(&format!("PRAGMA cache_size = -{IMPORT_CACHE_KIB}"))
@@ -558,7 +570,7 @@ impl Directory {
                     });
                 }
             }
-            search_index::apply(&txn, changes).await?;
+            search::apply(&txn, changes).await?;
         }
         for (status, nums) in [UserStatus::Active, UserStatus::Disabled].map(|status| {
             let nums: Vec<i64> = statuses
@@ -592,9 +604,16 @@ impl Directory {
                 .await?;
         }
         drop((creates, fields, updates));
-        crate::users::drop_later((records, by_name, by_external));
+        // Freed on another thread while the commit runs.
+        let freed = tokio::task::spawn_blocking(move || drop((records, by_name, by_external)));
+        if let Some(size) = cache_size {
+            txn.execute_unprepared(&format!("PRAGMA cache_size = {size}"))
+                .await?;
+        }
         txn.commit().await?;
-        search_index::checkpoint(&self.db).await;
+        search::checkpoint(&self.db).await;
+        let _ = freed.await;
+        release_memory(&self.db).await;
         progress(Progress {
             phase: "done",
             read: total,
@@ -613,6 +632,44 @@ impl Directory {
         Ok(report)
     }
 }
+
+/// Gives back the memory an import used: the SQLite page cache of the connection that ran it
+/// (grown for the import) and of the others, down to what they still need; then the blocks
+/// freed on the heap, which glibc keeps in its arenas (one per thread that allocated) for
+/// reuse, so that the process stayed as large as the import made it.
+async fn release_memory(db: &sea_orm::DatabaseConnection) {
+    if db.get_database_backend() == sea_orm::DbBackend::Sqlite {
+        // The idle connections of the pool, each held until all are done (so that none is
+        // taken twice).
+        let pool = db.get_sqlite_connection_pool();
+        let mut held = Vec::new();
+        while let Some(mut connection) = pool.try_acquire() {
+            if let Err(e) = sea_orm::sqlx::query("PRAGMA shrink_memory")
+                .execute(&mut *connection)
+                .await
+            {
+                tracing::debug!(error = %e, "shrinking a connection's cache failed");
+            }
+            held.push(connection);
+        }
+    }
+    let _ = tokio::task::spawn_blocking(trim_heap).await;
+}
+
+/// Returns the free memory at the top and in the middle of glibc's heaps to the system.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn trim_heap() {
+    // SAFETY: malloc_trim takes no pointers and only walks glibc's own heaps under their
+    // locks; any thread may call it at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Other C libraries give freed memory back on their own (or keep no arenas to trim).
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_heap() {}
 
 #[cfg(test)]
 mod tests {

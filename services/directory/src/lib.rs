@@ -3,7 +3,7 @@
 //!
 //! Storage is sea-orm over SQLite (default) or PostgreSQL. Every text the helpdesk searches is
 //! also stored folded (case and accents removed, see [`normalize`]) in a per-user search
-//! document, indexed by its grams in page order (see [`search_index`]), the same on both.
+//! document, indexed by its grams in page order (see [`search`]), the same on both.
 //! Secrets never leave in clear: security answers are argon2id hashes, TOTP secrets are sealed
 //! with AES-256-GCM under a key from config ([`secrets`]).
 
@@ -19,7 +19,7 @@ mod ldap;
 pub mod migration;
 pub mod normalize;
 mod operators;
-pub mod search_index;
+pub mod search;
 pub mod secrets;
 mod token;
 pub mod users;

@@ -200,8 +200,9 @@ async fn span_grams_migrate_down_and_up() {
         .await
         .unwrap();
     // Without the span grams ("nn.f"), a substring across words has no list to read: the
-    // down migration removed them all, and nothing else (migration 4's down changes nothing).
-    cms_directory::migration::Migrator::down(&db, Some(2))
+    // down migration removed them all, and nothing else (migration 4's down changes nothing,
+    // migration 5's takes only the short grams).
+    cms_directory::migration::Migrator::down(&db, Some(3))
         .await
         .unwrap();
     assert!(pages(&d, "nn.fi").await.is_empty());
@@ -210,6 +211,49 @@ async fn span_grams_migrate_down_and_up() {
     cms_directory::migration::run(&db).await.unwrap();
     assert_eq!(pages(&d, "nn.fi").await, ["ann.first"]);
     assert_eq!(pages(&d, "o.fir").await, ["jo.firth"]);
+}
+
+/// Migration 5 adds the short grams of the users already there (and its down migration takes
+/// them away again, with the grams of one word-start character back).
+#[tokio::test]
+async fn short_grams_migrate_down_and_up() {
+    use sea_orm::ConnectionTrait;
+    use sea_orm_migration::MigratorTrait;
+    let dir = tempfile::tempdir().unwrap();
+    let d = directory(dir.path()).await;
+    create(&d, &[("ann.first", "Ann First"), ("jo.firth", "Jo Firth")]).await;
+    let db = cms_kit::db::connect(&Default::default(), dir.path(), "directory")
+        .await
+        .unwrap();
+    let count = |first: char| {
+        let db = &db;
+        async move {
+            let row = db
+                .query_one_raw(sea_orm::Statement::from_sql_and_values(
+                    db.get_database_backend(),
+                    "SELECT count(*) AS n FROM search_postings WHERE substr(gram, 1, 1) = ?",
+                    [first.to_string().into()],
+                ))
+                .await
+                .unwrap()
+                .unwrap();
+            row.try_get::<i64>("", "n").unwrap()
+        }
+    };
+    assert_eq!(pages(&d, "nn").await, ["ann.first"]);
+    assert_eq!(pages(&d, "j").await, ["jo.firth"]);
+    cms_directory::migration::Migrator::down(&db, Some(1))
+        .await
+        .unwrap();
+    assert_eq!(count('\u{1e}').await + count('\u{1d}').await, 0);
+    // This build finds short queries by their short grams only.
+    assert!(pages(&d, "nn").await.is_empty());
+    cms_directory::migration::run(&db).await.unwrap();
+    assert!(count('\u{1e}').await > 0 && count('\u{1d}').await > 0);
+    assert_eq!(pages(&d, "nn").await, ["ann.first"]);
+    assert_eq!(pages(&d, "j").await, ["jo.firth"]);
+    assert_eq!(pages(&d, "fi").await, ["ann.first", "jo.firth"]);
+    assert_eq!(pages(&d, "t").await, ["ann.first", "jo.firth"]);
 }
 
 /// Users stored before apostrophes were searched as nothing get the second, bare field in

@@ -49,7 +49,7 @@ pub struct Model {
     /// Bumped by every change: the etag.
     pub revision: i64,
     /// Position in page order (display key, username key, id): ascending with it, sparse so
-    /// that new users fit in between (see `search_index`).
+    /// that new users fit in between (see `search`).
     pub sort_rank: i64,
 }
 

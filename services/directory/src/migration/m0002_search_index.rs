@@ -1,4 +1,4 @@
-//! The search index of `search_index`: a sort rank per user (page order), and posting lists of
+//! The search index of `search`: a sort rank per user (page order), and posting lists of
 //! the grams of the search documents, filled from the users already there. They replace the
 //! word-start table and the trigram index (FTS5 on SQLite, pg_trgm on PostgreSQL), which
 //! found candidates in no useful order: a search had to sort all of them, or walk the users in
@@ -8,7 +8,7 @@ use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use sea_orm_migration::prelude::*;
 
 use super::storage;
-use crate::search_index;
+use crate::search;
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -55,13 +55,13 @@ impl MigrationTrait for Migration {
             .iter()
             .map(|row| row.try_get::<i64>("", "num"))
             .collect::<Result<_, _>>()?;
-        let ranks = search_index::even_ranks(nums.len());
+        let ranks = search::even_ranks(nums.len());
         let moved: Vec<(i64, i64)> = nums.into_iter().zip(ranks).collect();
-        search_index::set_ranks(db, &moved).await.map_err(storage)?;
+        search::set_ranks(db, &moved).await.map_err(storage)?;
         drop(moved);
         db.execute_unprepared("CREATE UNIQUE INDEX users_sort_rank ON users (sort_rank)")
             .await?;
-        search_index::fill(db).await.map_err(storage)?;
+        search::fill(db).await.map_err(storage)?;
 
         let old: &[&str] = if pg {
             &["DROP INDEX users_search", "DROP TABLE user_words"]

@@ -1,4 +1,4 @@
-//! Adds the grams that span a word boundary (see `search_index::fill_spans`) to the search
+//! Adds the grams that span a word boundary (see `search::fill_spans`) to the search
 //! index of the users already there. Without them, a substring that crosses words, such as
 //! "en.strom" of an email address, had every "…n strom…" as a candidate to check.
 
@@ -7,7 +7,7 @@ use sea_orm_migration::prelude::*;
 
 use super::storage;
 use crate::normalize::FIELD_SEP;
-use crate::search_index;
+use crate::search;
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -15,7 +15,7 @@ pub struct Migration;
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        search_index::fill_spans(manager.get_connection())
+        search::fill_spans(manager.get_connection())
             .await
             .map_err(storage)
     }

@@ -8,7 +8,7 @@ use sea_orm_migration::prelude::*;
 
 use super::storage;
 use crate::entity::user;
-use crate::search_index::{self, Changes};
+use crate::search::{self, Changes};
 use crate::users::{UserFields, serials_of};
 
 #[derive(DeriveMigrationName)]
@@ -52,7 +52,7 @@ impl MigrationTrait for Migration {
                 .exec(db)
                 .await?;
         }
-        search_index::apply(db, changes).await.map_err(storage)
+        search::apply(db, changes).await.map_err(storage)
     }
 
     /// The second fields stay: they only let more queries find their users.

@@ -7,6 +7,7 @@ mod m0001_directory;
 mod m0002_search_index;
 mod m0003_span_grams;
 mod m0004_apostrophes;
+mod m0005_short_grams;
 
 pub struct Migrator;
 
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0002_search_index::Migration),
             Box::new(m0003_span_grams::Migration),
             Box::new(m0004_apostrophes::Migration),
+            Box::new(m0005_short_grams::Migration),
         ]
     }
 }
