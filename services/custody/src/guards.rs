@@ -2,9 +2,10 @@
 //! bucket, and a bound on requests in progress (load is shed, not queued). The per-card limit
 //! and replay refusal live in the audit writer, where they are decided durably.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Instant;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::Quota;
 
 use cms_kit::{PeerIdentity, SpiffeId};
 use cms_proto::common::v1::{ActorKind, AuthContext};
@@ -12,38 +13,42 @@ use cms_proto::common::v1::{ActorKind, AuthContext};
 use crate::config::{CallerScope, GuardSettings};
 use crate::error::Error;
 
-/// Token bucket per caller identity.
+/// Token bucket per caller identity (governor's keyed GCRA limiter).
 pub struct RateLimiter {
-    rate: f64,
-    burst: f64,
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    buckets: governor::DefaultKeyedRateLimiter<String>,
 }
 
 impl RateLimiter {
     pub fn new(settings: &GuardSettings) -> Self {
+        let burst = NonZeroU32::new(settings.caller_burst).unwrap_or(NonZeroU32::MIN);
         Self {
-            rate: settings.caller_rate_per_sec.max(0.0),
-            burst: f64::from(settings.caller_burst.max(1)),
-            buckets: Mutex::new(HashMap::new()),
+            buckets: governor::RateLimiter::keyed(
+                refill(settings.caller_rate_per_sec).allow_burst(burst),
+            ),
         }
     }
 
     /// Takes one token for `caller`, or refuses.
     pub fn take(&self, caller: &str) -> Result<(), Error> {
-        let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        let (tokens, last) = buckets
-            .entry(caller.to_owned())
-            .or_insert((self.burst, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.burst);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Error::CallerRate)
-        }
+        // Keyed by an owned String: the limiter's map wants owned keys, and a caller is one
+        // of the few identities on the allow-list.
+        self.buckets
+            .check_key(&caller.to_owned())
+            .map_err(|_| Error::CallerRate)
     }
+}
+
+/// One token every 1/rate seconds. A rate of 0 (or less) means a caller gets its burst and
+/// never more, as before: a refill period no run of the service will see.
+fn refill(rate_per_sec: f64) -> Quota {
+    const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    let period = if rate_per_sec > 0.0 && rate_per_sec.is_finite() {
+        Duration::from_secs_f64(1.0 / rate_per_sec).min(NEVER)
+    } else {
+        NEVER
+    };
+    Quota::with_period(period.max(Duration::from_nanos(1)))
+        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
 }
 
 /// A cryptogram or PUK request must say who acts and under which request id (common.proto:
@@ -158,5 +163,18 @@ mod tests {
         limiter.take("b").unwrap();
         std::thread::sleep(std::time::Duration::from_millis(5));
         limiter.take("a").unwrap();
+    }
+
+    #[test]
+    fn a_rate_of_zero_gives_the_burst_and_never_refills() {
+        let limiter = RateLimiter::new(&GuardSettings {
+            caller_rate_per_sec: 0.0,
+            caller_burst: 2,
+            ..GuardSettings::default()
+        });
+        limiter.take("a").unwrap();
+        limiter.take("a").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(matches!(limiter.take("a"), Err(Error::CallerRate)));
     }
 }
