@@ -589,6 +589,9 @@ async fn two_of_everything_on_one_postgres_survive_custody_failovers() {
         }
     }
 
+    // The gateways read operator accounts through a cache (cache_ttl_ms = 200 above): the
+    // load operators exist for them once it has expired.
+    tokio::time::sleep(Duration::from_millis(400)).await;
     let v1_card = register_cards(
         &directories,
         &template,
