@@ -101,17 +101,19 @@ impl AllowListLayer {
     }
 
     /// Lets callers without a SPIFFE ID (certificates a port accepts because a directory
-    /// binds them to accounts) reach the paths starting with one of `prefixes`, and nothing
-    /// else; the service then decides who they are.
-    pub fn admitting_bound_certificates(mut self, prefixes: &[&'static str]) -> Self {
-        self.bound_paths = prefixes.iter().copied().collect();
+    /// binds them to accounts) reach `paths` (one ending in `/`, other than `/` itself,
+    /// covers everything below it), and nothing else; the service then decides who they are.
+    pub fn admitting_bound_certificates(mut self, paths: &[&'static str]) -> Self {
+        self.bound_paths = paths.iter().copied().collect();
         self
     }
 }
 
 /// Whether a caller known only by a bound certificate may reach `path`.
 pub fn admits_bound_certificate(bound_paths: &[&str], path: &str) -> Result<(), Refusal> {
-    if bound_paths.iter().any(|p| path.starts_with(p)) {
+    let admitted =
+        |p: &&str| path == *p || (p.len() > 1 && p.ends_with('/') && path.starts_with(p));
+    if bound_paths.iter().any(admitted) {
         return Ok(());
     }
     Err(Refusal::new(
@@ -238,6 +240,26 @@ mod tests {
             spiffe_id: id.parse().unwrap(),
             remote_addr: None,
         }
+    }
+
+    #[test]
+    fn bound_certificates_reach_only_the_admitted_paths() {
+        let paths = ["/", "/code.js", "/cms.gateway.v1.HelpdeskService/"];
+        for ok in ["/", "/code.js", "/cms.gateway.v1.HelpdeskService/WhoAmI"] {
+            assert!(admits_bound_certificate(&paths, ok).is_ok(), "{ok}");
+        }
+        for refused in [
+            "/x",
+            "/code.jsx",
+            "/cms.gateway.v1.AgentLinkService/Hello",
+            "/cms.gateway.v1.HelpdeskServiceX/WhoAmI",
+        ] {
+            assert!(
+                admits_bound_certificate(&paths, refused).is_err(),
+                "{refused}"
+            );
+        }
+        assert!(admits_bound_certificate(&[], "/").is_err());
     }
 
     #[test]

@@ -132,7 +132,7 @@ pub struct Server {
     /// Services whose health the service itself reports.
     self_reported: Vec<&'static str>,
     /// Paths callers known only by a bound certificate may reach.
-    bound_paths: &'static [&'static str],
+    bound_paths: Vec<&'static str>,
 }
 
 impl Server {
@@ -157,7 +157,7 @@ impl Server {
             grpc_services: Vec::new(),
             health: HealthReporter::new(),
             self_reported: Vec::new(),
-            bound_paths: &[],
+            bound_paths: Vec::new(),
         }
     }
 
@@ -187,9 +187,13 @@ impl Server {
     }
 
     /// Lets callers known only by a certificate bound to an account (a port whose TLS source
-    /// has a bound bundle) reach the paths starting with `prefixes`; nothing else.
-    pub fn admit_bound_certificates(mut self, prefixes: &'static [&'static str]) -> Self {
-        self.bound_paths = prefixes;
+    /// has a bound bundle) reach `paths` (a path ending in `/` covers everything below it);
+    /// nothing else.
+    pub fn admit_bound_certificates(
+        mut self,
+        paths: impl IntoIterator<Item = &'static str>,
+    ) -> Self {
+        self.bound_paths.extend(paths);
         self
     }
 
@@ -333,7 +337,7 @@ async fn serve(spec: Server, listeners: Listeners, shutdown: Shutdown) -> Result
                 &format!("cms.{}", spec.name),
                 spec.access.allow.iter().cloned(),
             )
-            .admitting_bound_certificates(spec.bound_paths),
+            .admitting_bound_certificates(&spec.bound_paths),
         )
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown.wait());
