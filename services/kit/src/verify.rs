@@ -344,11 +344,21 @@ impl ClientCertVerifier for RuledClientVerifier {
                     .map_err(refused)?;
                 Ok(verified)
             });
+        let unknown_issuer = |e: &rustls::Error| {
+            matches!(
+                e,
+                rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+            )
+        };
         match workload {
             Ok(verified) => Ok(verified),
-            // The workload bundle's refusal is the one reported: it is the usual case.
+            // The workload bundle's refusal is reported unless the certificate is one of the
+            // bound bundle's (the workload bundle does not know its issuer) that breaks a rule.
             Err(refusal) => match self.verify_bound(end_entity, intermediates, now) {
                 Some(Ok(verified)) => Ok(verified),
+                Some(Err(bound)) if unknown_issuer(&refusal) && !unknown_issuer(&bound) => {
+                    Err(bound)
+                }
                 _ => Err(refusal),
             },
         }
@@ -539,6 +549,50 @@ mod tests {
             rules.check_without_identity(&chain[0], &chain[1..], UnixTime::now(), Purpose::Client),
             Err(RuleError::MissingEku("clientAuth"))
         );
+    }
+
+    #[test]
+    fn a_bound_bundle_admits_its_certificates_without_spiffe_id_under_the_same_rules() {
+        let workloads = Ca::generate("workloads").unwrap();
+        let enterprise = Ca::generate("enterprise").unwrap();
+        let verifier = rules_for(&workloads)
+            .client_verifier_with_bound(Some(&rules_for(&enterprise)))
+            .unwrap();
+        let verify = |issued: &Issued| {
+            let chain = der_chain(&issued.cert_pem);
+            verifier
+                .verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let bare = |p: &mut rcgen::CertificateParams| p.subject_alt_names.clear();
+        assert_eq!(verify(&workloads.issue(&spec()).unwrap()), Ok(()));
+        assert_eq!(
+            verify(&enterprise.issue_with(&spec(), bare).unwrap()),
+            Ok(())
+        );
+        // A workload certificate still needs its SPIFFE ID.
+        let err = verify(&workloads.issue_with(&spec(), bare).unwrap()).unwrap_err();
+        assert!(err.contains("SPIFFE"), "{err}");
+        // The bound bundle's certificates meet the same rules, and say which they break.
+        let no_eku = enterprise
+            .issue_with(&spec(), |p| {
+                p.subject_alt_names.clear();
+                p.extended_key_usages.clear();
+            })
+            .unwrap();
+        let err = verify(&no_eku).unwrap_err();
+        assert!(err.contains("clientAuth"), "{err}");
+        // Without the bound bundle, the enterprise's certificates are unknown.
+        let plain = rules_for(&workloads).client_verifier().unwrap();
+        let chain = der_chain(&enterprise.issue_with(&spec(), bare).unwrap().cert_pem);
+        assert!(
+            plain
+                .verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
+                .is_err()
+        );
+        // Browsers are offered both bundles' names.
+        assert_eq!(verifier.root_hint_subjects().len(), 2);
     }
 
     #[test]
