@@ -196,6 +196,25 @@ async fn an_operator_signs_in_with_a_certificate_bound_to_their_account() {
     .await;
     assert_eq!(stranger_api.0, 403, "{}", stranger_api.1);
 
+    // The enterprise CA is not trusted for SPIFFE IDs: its certificate naming the dev admin
+    // (who has an account) is just another unbound certificate.
+    let impostor = ca
+        .issue(&LeafSpec::new(cluster.pki.id("operator/admin"), 30))
+        .expect("issue");
+    let refused = who_am_i(
+        channel_as(&impostor, &cluster_ca, gateway)
+            .await
+            .expect("TLS accepts the CA's certificates"),
+    )
+    .await
+    .expect_err("a SPIFFE ID from the operator CA means nothing");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("not bound"),
+        "{}",
+        refused.message()
+    );
+
     // A bound certificate reaches operator services only: not the agent link.
     let agent_link = erin_channel
         .clone()
