@@ -4,7 +4,9 @@
 //! The directory's `GetOperatorByCertificate` answers which ACTIVE operator, if any, a
 //! certificate is bound to. Answers are cached per certificate: a binding for the operator
 //! cache's lifetime, "not bound" only for [`NEGATIVE_TTL`] (a new binding works soon, yet a
-//! caller with an unknown certificate costs the directory one call per that time). The cache
+//! caller with an unknown certificate costs the directory one call per that time). One lookup
+//! runs at a time (callers with other uncached certificates wait for it; cached answers never
+//! wait), so many unknown certificates at once cannot flood the directory either. The cache
 //! is bounded: when full, expired answers go first, then everything.
 
 use std::collections::HashMap;
@@ -36,6 +38,8 @@ pub struct BoundCertificates {
     directory: DirectoryServiceClient<Channel>,
     ttl: Duration,
     cache: Mutex<HashMap<CertificateIds, (Instant, Binding)>>,
+    /// Held for each directory lookup.
+    lookups: Mutex<()>,
 }
 
 impl BoundCertificates {
@@ -44,6 +48,7 @@ impl BoundCertificates {
             directory: DirectoryServiceClient::new(directory),
             ttl,
             cache: Mutex::new(HashMap::new()),
+            lookups: Mutex::new(()),
         }
     }
 
@@ -62,10 +67,13 @@ impl BoundCertificates {
 
     /// The directory's answer for `certificate`, cached.
     pub async fn binding(&self, certificate: &CertificateIds) -> Result<Binding, Error> {
-        if let Some((at, binding)) = self.cache.lock().await.get(certificate)
-            && at.elapsed() < self.lifetime(binding)
-        {
-            return Ok(binding.clone());
+        if let Some(binding) = self.cached(certificate).await {
+            return Ok(binding);
+        }
+        let _turn = self.lookups.lock().await;
+        // The caller before us may have looked this certificate up.
+        if let Some(binding) = self.cached(certificate).await {
+            return Ok(binding);
         }
         let binding = self.lookup(certificate).await?;
         let mut cache = self.cache.lock().await;
@@ -77,6 +85,13 @@ impl BoundCertificates {
         }
         cache.insert(certificate.clone(), (Instant::now(), binding.clone()));
         Ok(binding)
+    }
+
+    async fn cached(&self, certificate: &CertificateIds) -> Option<Binding> {
+        match self.cache.lock().await.get(certificate) {
+            Some((at, binding)) if at.elapsed() < self.lifetime(binding) => Some(binding.clone()),
+            _ => None,
+        }
     }
 
     /// Forgets every answer (after the gateway changed an operator itself).

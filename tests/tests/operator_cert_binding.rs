@@ -196,6 +196,30 @@ async fn an_operator_signs_in_with_a_certificate_bound_to_their_account() {
     .await;
     assert_eq!(stranger_api.0, 403, "{}", stranger_api.1);
 
+    // Many requests with that unknown certificate at once cost the directory at most one
+    // lookup ("not bound" is cached briefly, and one lookup runs at a time).
+    let before = binding_lookups(&cluster).await;
+    assert!(
+        before >= 2,
+        "the directory's metrics count {before} lookups so far"
+    );
+    let stranger_channel = channel_as(&stranger, &cluster_ca, gateway)
+        .await
+        .expect("TLS");
+    let burst: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(who_am_i(stranger_channel.clone())))
+        .collect();
+    for call in burst {
+        let refused = call.await.expect("task").expect_err("unbound");
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    }
+    let after = binding_lookups(&cluster).await;
+    assert!(
+        after - before <= 1,
+        "{} directory lookups for one unknown certificate",
+        after - before
+    );
+
     // The enterprise CA is not trusted for SPIFFE IDs: its certificate naming the dev admin
     // (who has an account) is just another unbound certificate.
     let impostor = ca
@@ -334,6 +358,24 @@ async fn a_spiffe_operator_whose_certificate_is_bound_to_another_account_is_refu
         "{}",
         refused.message()
     );
+}
+
+/// How many GetOperatorByCertificate calls the directory has answered.
+async fn binding_lookups(cluster: &Cluster) -> u64 {
+    let ops = cluster
+        .services
+        .iter()
+        .find(|s| s.name == "directory")
+        .expect("directory")
+        .ops;
+    let (code, body) = cms_kit::ops::http_get(ops, "/metrics")
+        .await
+        .expect("metrics");
+    assert_eq!(code, 200, "{body}");
+    body.lines()
+        .filter(|l| l.contains("grpc_server_requests") && l.contains("GetOperatorByCertificate"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 /// A browser-like GET on the console: the status and the body.
