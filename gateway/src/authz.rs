@@ -1,7 +1,7 @@
 //! Who acts in the helpdesk workflow, and what their roles and scope allow.
 //!
 //! The actor is an operator with an active directory account: either the caller itself
-//! (`/cms/operator/<name>`), or the operator a granted service (`/cms/service/<name>`, listed in
+//! (`/cms/operator/<name>`, or a certificate the directory binds to the account), or the operator a granted service (`/cms/service/<name>`, listed in
 //! `helpdesk.service_callers`) names in the `x-cms-operator` header. The same roles, scope,
 //! template rules, approvals and audit apply to both; the audit also records the service.
 

@@ -36,7 +36,8 @@ pub struct Authorized {
 }
 
 impl Authorized {
-    /// The operator's name (its SPIFFE ID's last segment, its directory username).
+    /// The operator's directory username (its SPIFFE ID's last segment, or the account its
+    /// bound certificate names).
     pub fn operator(&self) -> &str {
         &self.operator
     }
