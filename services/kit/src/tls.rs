@@ -430,3 +430,65 @@ fn client_config(
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{Ca, DevPki, LeafSpec};
+
+    fn bundle(path: &Path) -> Option<BoundBundle> {
+        Some(BoundBundle {
+            key: "operators.client_ca_file",
+            path: path.to_owned(),
+        })
+    }
+
+    #[test]
+    fn a_bound_bundle_is_loaded_reloaded_and_named_in_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::new(dir.path().join("pki"), "cms.test");
+        pki.init().unwrap();
+        let settings = pki.tls_settings("gateway");
+        let enterprise = Ca::generate("enterprise").unwrap();
+        let ca_file = dir.path().join("operators-ca.pem");
+
+        // A missing file is an error naming the setting, not a port that trusts nothing.
+        let err = TlsSource::load_with_bound_bundle(settings.clone(), bundle(&ca_file))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("operators.client_ca_file: "), "{err}");
+
+        fs::write(&ca_file, &enterprise.cert_pem).unwrap();
+        let source = TlsSource::load_with_bound_bundle(settings.clone(), bundle(&ca_file)).unwrap();
+        let leaf = |ca: &Ca| {
+            let spec = LeafSpec::new("spiffe://x.test/unused".parse().unwrap(), 1);
+            let issued = ca
+                .issue_with(&spec, |p| p.subject_alt_names.clear())
+                .unwrap();
+            parse_certs("test", Path::new("leaf"), issued.cert_pem.as_bytes()).unwrap()
+        };
+        let accepts = |source: &TlsSource, chain: &[CertificateDer<'static>]| {
+            source.bound_rules().is_some_and(|rules| {
+                rules
+                    .check_without_identity(
+                        &chain[0],
+                        &chain[1..],
+                        UnixTime::now(),
+                        Purpose::Client,
+                    )
+                    .is_ok()
+            })
+        };
+        assert!(accepts(&source, &leaf(&enterprise)));
+
+        // A new bundle on disk replaces the old one at the next check.
+        let successor = Ca::generate("enterprise 2").unwrap();
+        fs::write(&ca_file, &successor.cert_pem).unwrap();
+        assert!(source.reload_if_changed().unwrap());
+        assert!(accepts(&source, &leaf(&successor)));
+        assert!(!accepts(&source, &leaf(&enterprise)));
+
+        // Without a bound bundle, nothing is trusted beyond the workload CA.
+        assert!(TlsSource::load(settings).unwrap().bound_rules().is_none());
+    }
+}
