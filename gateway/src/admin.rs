@@ -83,9 +83,7 @@ impl Admin {
     ) {
         forward::record_refusal(rpc, action, request, status);
         crate::decisions::Decision {
-            peer: cms_kit::PeerIdentity::of(request)
-                .map(|p| p.spiffe_id.to_string())
-                .unwrap_or_default(),
+            peer: crate::caller::peer_label(request),
             rpc,
             action: "admin",
             rule: "roles",

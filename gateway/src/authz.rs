@@ -1,7 +1,7 @@
 //! Who acts in the helpdesk workflow, and what their roles and scope allow.
 //!
 //! The actor is an operator with an active directory account: either the caller itself
-//! (`/cms/operator/<name>`), or the operator a granted service (`/cms/service/<name>`, listed in
+//! (`/cms/operator/<name>`, or a certificate the directory binds to the account), or the operator a granted service (`/cms/service/<name>`, listed in
 //! `helpdesk.service_callers`) names in the `x-cms-operator` header. The same roles, scope,
 //! template rules, approvals and audit apply to both; the audit also records the service.
 
@@ -22,7 +22,7 @@ pub const ON_BEHALF_OF: &str = crate::forward::ON_BEHALF_OF;
 #[derive(Clone, Debug)]
 pub struct Actor {
     pub account: Operator,
-    /// The verified SPIFFE ID of the connection.
+    /// The verified SPIFFE ID of the connection, or the bound certificate's label.
     pub peer: String,
     /// The service that called on the operator's behalf, if any.
     pub via_service: Option<String>,
@@ -132,10 +132,21 @@ pub async fn actor<T>(
     service_callers: &[IdentityPattern],
     request: &tonic::Request<T>,
 ) -> Result<Actor, Error> {
+    if let Some(certificate) =
+        cms_kit::ConnectionIdentity::of(request).and_then(|c| c.bound_certificate())
+    {
+        let operator = accounts.operator_of(request).await?;
+        let account = accounts.active_account(&operator).await?;
+        return Ok(Actor {
+            account,
+            peer: crate::caller::bound_certificate_label(certificate),
+            via_service: None,
+        });
+    }
     let peer =
         PeerIdentity::of(request).ok_or_else(|| Error::denied("no verified client identity"))?;
     let (operator, via_service) = match classify(peer) {
-        Caller::Operator(name) => (name, None),
+        Caller::Operator(_) => (accounts.operator_of(request).await?, None),
         Caller::Service(_) if service_callers.iter().any(|p| p.matches(&peer.spiffe_id)) => {
             let named = request
                 .metadata()

@@ -29,6 +29,26 @@ pub fn classify(peer: &PeerIdentity) -> Caller {
     }
 }
 
+/// How logs and audit name a caller known by a bound certificate (no SPIFFE ID).
+pub fn bound_certificate_label(certificate: &cms_kit::CertificateIds) -> String {
+    format!(
+        "certificate issuer={:?} serial={}",
+        certificate.issuer_dn,
+        data_encoding::HEXLOWER.encode(&certificate.serial_number)
+    )
+}
+
+/// The caller's SPIFFE ID, or its bound certificate's label (empty when neither).
+pub fn peer_label<T>(request: &tonic::Request<T>) -> String {
+    if let Some(peer) = PeerIdentity::of(request) {
+        return peer.spiffe_id.to_string();
+    }
+    cms_kit::ConnectionIdentity::of(request)
+        .and_then(|c| c.bound_certificate())
+        .map(bound_certificate_label)
+        .unwrap_or_default()
+}
+
 fn peer<T>(request: &tonic::Request<T>) -> Result<&PeerIdentity, Error> {
     PeerIdentity::of(request).ok_or_else(|| Error::Forbidden("no verified client identity".into()))
 }

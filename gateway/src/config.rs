@@ -78,12 +78,19 @@ pub struct OperatorSettings {
     /// directory (a new, disabled or re-roled operator) takes effect within this time.
     #[serde(default = "default_cache_ttl_ms")]
     pub cache_ttl_ms: u64,
+    /// PEM bundle of CAs (the enterprise's own, say) whose client certificates the gateway's
+    /// port accepts without a SPIFFE ID. Such a caller is an operator only when the directory
+    /// binds its certificate to an active operator account (`cmsctl operators create
+    /// --bind-cert`); it never gets service or agent rights.
+    #[serde(default)]
+    pub client_ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for OperatorSettings {
     fn default() -> Self {
         Self {
             cache_ttl_ms: default_cache_ttl_ms(),
+            client_ca_file: None,
         }
     }
 }
@@ -126,9 +133,12 @@ mod tests {
             std::time::Duration::from_secs(10)
         );
         for bad in [0, 99, 300_001] {
-            let err = OperatorSettings { cache_ttl_ms: bad }
-                .cache_ttl()
-                .unwrap_err();
+            let err = OperatorSettings {
+                cache_ttl_ms: bad,
+                client_ca_file: None,
+            }
+            .cache_ttl()
+            .unwrap_err();
             assert!(err.to_string().contains("operators.cache_ttl_ms"), "{err}");
         }
     }

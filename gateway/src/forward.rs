@@ -136,9 +136,7 @@ impl Call {
         request: &Request<T>,
     ) -> Self {
         let request_id = request_id_of(request);
-        let peer = cms_kit::PeerIdentity::of(request)
-            .map(|p| p.spiffe_id.to_string())
-            .unwrap_or_default();
+        let peer = crate::caller::peer_label(request);
         let auth = AuthContext {
             actor_kind: ActorKind::Operator as i32,
             actor_id: who.operator().to_owned(),
@@ -265,9 +263,7 @@ impl Call {
 
 /// Records a refusal before any backend is called (no account, missing role).
 pub fn record_refusal<T>(rpc: &'static str, action: Action, request: &Request<T>, error: &Status) {
-    let peer = cms_kit::PeerIdentity::of(request)
-        .map(|p| p.spiffe_id.to_string())
-        .unwrap_or_default();
+    let peer = crate::caller::peer_label(request);
     tracing::info!(
         target: DECISION_LOG,
         peer = %peer,

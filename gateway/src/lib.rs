@@ -8,6 +8,7 @@ mod agents;
 pub mod approvals;
 pub mod authz;
 mod backends;
+mod bound_certs;
 pub mod caller;
 mod config;
 mod console;
@@ -34,7 +35,7 @@ use std::time::Duration;
 use cms_kit::server::{Listeners, Server};
 use cms_kit::service::{Program, ServiceFuture};
 use cms_kit::shutdown::Shutdown;
-use cms_kit::tls::TlsSource;
+use cms_kit::tls::{BoundBundle, TlsSource};
 use cms_proto::gateway::v1::admin_service_server::AdminServiceServer;
 use cms_proto::gateway::v1::agent_link_service_server::AgentLinkServiceServer;
 use cms_proto::gateway::v1::approval_service_server::ApprovalServiceServer;
@@ -58,6 +59,15 @@ pub fn migrate(config: Config) -> ServiceFuture<Error> {
     })
 }
 
+/// What a caller known only by a bound certificate may reach (with the console's pages):
+/// operator work, each RPC of which finds the operator's account first. Not the agent link.
+const BOUND_CERTIFICATE_PATHS: &[&str] = &[
+    "/cms.gateway.v1.HelpdeskService/",
+    "/cms.gateway.v1.ApprovalService/",
+    "/cms.gateway.v1.AdminService/",
+    "/api/v1/",
+];
+
 /// Serves the gateway on `listeners` until `shutdown`.
 ///
 /// Boxed so that the service's async code is compiled once, in this crate: a binary or test
@@ -73,12 +83,23 @@ async fn serve_gateway(
 ) -> Result<(), Error> {
     let cache_ttl = config.operators.cache_ttl()?;
     let db = db::open(&config).await?;
-    let tls = TlsSource::load(config.tls)?;
+    let bound_bundle = config
+        .operators
+        .client_ca_file
+        .clone()
+        .map(|path| BoundBundle {
+            key: "operators.client_ca_file",
+            path,
+        });
+    let accepts_bound = bound_bundle.is_some();
+    let tls = TlsSource::load_with_bound_bundle(config.tls, bound_bundle)?;
     let backends = backends::Backends::connect(&config.backends, &tls)?;
-    let operators = Arc::new(operators::OperatorAccounts::new(
-        backends.directory.channel.clone(),
-        cache_ttl,
-    ));
+    let mut operators =
+        operators::OperatorAccounts::new(backends.directory.channel.clone(), cache_ttl);
+    if accepts_bound {
+        operators = operators.with_bound_certificates(backends.directory.channel.clone());
+    }
+    let operators = Arc::new(operators);
     let workflow = Arc::new(Workflow {
         directory: admin::DirectoryClient::new(backends.directory.channel.clone()),
         template: admin::TemplateClient::new(backends.template.channel.clone()),
@@ -125,6 +146,8 @@ async fn serve_gateway(
         .add_service(HelpdeskServiceServer::from_arc(helpdesk))
         .add_service(ApprovalServiceServer::from_arc(approvals))
         .map_routes(|routes| Routes::from(console::mount(routes.into_axum_router(), console)))
+        .admit_bound_certificates(BOUND_CERTIFICATE_PATHS.iter().copied())
+        .admit_bound_certificates(console::page_paths())
         .serve(listeners, shutdown)
         .await?;
     Ok(())

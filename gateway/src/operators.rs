@@ -17,6 +17,7 @@ use cms_proto::directory::v1::{ListOperatorsRequest, Operator, OperatorStatus};
 use tokio::sync::Mutex;
 
 use crate::Error;
+use crate::bound_certs::{Binding, BoundCertificates};
 use crate::caller::require_operator;
 use crate::roles::{self, Account, Action};
 
@@ -35,7 +36,8 @@ pub struct Authorized {
 }
 
 impl Authorized {
-    /// The operator's name (its SPIFFE ID's last segment, its directory username).
+    /// The operator's directory username (its SPIFFE ID's last segment, or the account its
+    /// bound certificate names).
     pub fn operator(&self) -> &str {
         &self.operator
     }
@@ -61,15 +63,51 @@ pub struct OperatorAccounts {
     directory: DirectoryServiceClient<Channel>,
     ttl: Duration,
     cache: Mutex<Cache>,
+    /// Set when the port accepts certificates bound to operator accounts.
+    bound: Option<BoundCertificates>,
 }
 
 impl OperatorAccounts {
     pub fn new(directory: Channel, ttl: Duration) -> Self {
         Self {
-            directory: DirectoryServiceClient::new(directory),
+            directory: DirectoryServiceClient::new(directory.clone()),
             ttl,
             cache: Mutex::new(Cache::default()),
+            bound: None,
         }
+    }
+
+    /// Also identifies operators by the certificates the directory binds to their accounts.
+    pub fn with_bound_certificates(mut self, directory: Channel) -> Self {
+        self.bound = Some(BoundCertificates::new(directory, self.ttl));
+        self
+    }
+
+    /// The operator `request` comes from: the account a bound certificate names (on a port
+    /// that accepts them), or the name in an operator SPIFFE ID. When certificates are bound,
+    /// a SPIFFE operator whose certificate is bound to another account is refused.
+    pub async fn operator_of<T>(&self, request: &tonic::Request<T>) -> Result<String, Error> {
+        let connection = cms_kit::ConnectionIdentity::of(request);
+        if let Some(certificate) = connection.and_then(|c| c.bound_certificate()) {
+            let bound = self
+                .bound
+                .as_ref()
+                .ok_or_else(|| Error::denied("no verified client identity"))?;
+            return bound.operator(certificate).await;
+        }
+        let operator = require_operator(request)?;
+        if let (Some(bound), Some(certificate)) = (
+            self.bound.as_ref(),
+            connection.and_then(|c| c.certificate.as_ref()),
+        ) && let Binding::Operator(other) = bound.binding(certificate).await?
+            && other != operator
+        {
+            tracing::info!(%operator, "operator refused: certificate bound to another account");
+            return Err(Error::denied(format!(
+                "the client certificate names operator {operator:?} but is bound to another operator account"
+            )));
+        }
+        Ok(operator)
     }
 
     /// Checks that the caller is an active operator whose roles allow `action`.
@@ -78,7 +116,7 @@ impl OperatorAccounts {
         request: &tonic::Request<T>,
         action: Action,
     ) -> Result<Authorized, Error> {
-        let operator = require_operator(request)?;
+        let operator = self.operator_of(request).await?;
         let snapshot = self.current(action).await?;
         match roles::decide(&operator, snapshot.accounts.get(&operator), action) {
             Ok(()) => Ok(Authorized { operator }),
@@ -113,6 +151,9 @@ impl OperatorAccounts {
     /// them again, so a new or changed operator takes effect at once.
     pub async fn invalidate(&self) {
         self.cache.lock().await.snapshot = None;
+        if let Some(bound) = &self.bound {
+            bound.invalidate().await;
+        }
     }
 
     /// The accounts, fetched again when older than the TTL. One caller fetches while the

@@ -40,6 +40,11 @@ const ASSETS: &[Asset] = &[
     },
 ];
 
+/// The paths of the pages and their files.
+pub fn paths() -> impl Iterator<Item = &'static str> {
+    ASSETS.iter().map(|asset| asset.path)
+}
+
 /// GET (and HEAD) for every asset; other methods get 405 from the router.
 pub fn routes() -> Router {
     ASSETS.iter().fold(Router::new(), |router, asset| {

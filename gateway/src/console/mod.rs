@@ -45,6 +45,11 @@ pub fn audit_query<A: AdminService>(admin: std::sync::Arc<A>) -> AuditQuery {
     })
 }
 
+/// The paths of the console's pages (`/api/v1` is separate).
+pub fn page_paths() -> impl Iterator<Item = &'static str> {
+    assets::paths()
+}
+
 /// Adds the console (pages and `/api/v1`) to the router that serves the gateway's gRPC
 /// services. Requests that match neither get gRPC's UNIMPLEMENTED when they are gRPC, and a
 /// JSON 404 otherwise.

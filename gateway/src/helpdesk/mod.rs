@@ -117,9 +117,7 @@ impl Workflow {
             rpc,
             action,
             request_id: crate::forward::request_id_of(request),
-            peer: cms_kit::PeerIdentity::of(request)
-                .map(|p| p.spiffe_id.to_string())
-                .unwrap_or_default(),
+            peer: crate::caller::peer_label(request),
             rule: "operator account",
             ..Default::default()
         };

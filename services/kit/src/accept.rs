@@ -3,7 +3,8 @@
 //! Handshakes run off the accept loop with a timeout and a cap on how many run at once (a slow
 //! or hostile client cannot hold the listener), ALPN is h2 only, every handshake uses the
 //! current certificates of the [`TlsSource`], and each connection carries the verified
-//! [`PeerIdentity`] that tonic puts into every request's extensions.
+//! [`ConnectionIdentity`] that tonic puts into every request's extensions (the server adds
+//! the `PeerIdentity` derived from it).
 
 use std::io;
 use std::net::SocketAddr;
@@ -20,7 +21,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::identity::{PeerIdentity, SpiffeId};
+use crate::identity::{CertificateIds, ConnectionIdentity, SpiffeId};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::tls::TlsSource;
@@ -36,14 +37,14 @@ pin_project! {
     pub struct TlsConn {
         #[pin]
         inner: TlsStream<TcpStream>,
-        peer: PeerIdentity,
+        peer: ConnectionIdentity,
     }
 }
 
 impl Connected for TlsConn {
-    type ConnectInfo = PeerIdentity;
+    type ConnectInfo = ConnectionIdentity;
 
-    fn connect_info(&self) -> PeerIdentity {
+    fn connect_info(&self) -> ConnectionIdentity {
         self.peer.clone()
     }
 }
@@ -156,16 +157,42 @@ async fn handshake(tcp: TcpStream, remote: SocketAddr, tls: &TlsSource) -> Resul
     if session.alpn_protocol() != Some(b"h2") {
         return Err("client did not negotiate ALPN h2".into());
     }
-    let leaf = session
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .ok_or("client sent no certificate")?;
-    let spiffe_id = SpiffeId::from_certificate(leaf).map_err(|e| e.to_string())?;
+    let peer = identify(session, remote, tls)?;
     Ok(TlsConn {
         inner: stream,
-        peer: PeerIdentity {
-            spiffe_id,
-            remote_addr: Some(remote),
-        },
+        peer,
+    })
+}
+
+/// What the verified certificate says about the client.
+fn identify(
+    session: &rustls::ServerConnection,
+    remote: SocketAddr,
+    tls: &TlsSource,
+) -> Result<ConnectionIdentity, String> {
+    let chain = session
+        .peer_certificates()
+        .filter(|c| !c.is_empty())
+        .ok_or("client sent no certificate")?;
+    let (leaf, intermediates) = (&chain[0], &chain[1..]);
+    let spiffe_id = match tls.bound_rules() {
+        None => Some(SpiffeId::from_certificate(leaf).map_err(|e| e.to_string())?),
+        // The verifier accepted the certificate through one of the two bundles; only the
+        // workload bundle vouches for a SPIFFE ID (a bound certificate's URI SAN means
+        // nothing here).
+        Some(_) => tls
+            .rules()
+            .check(
+                leaf,
+                intermediates,
+                rustls_pki_types::UnixTime::now(),
+                crate::verify::Purpose::Client,
+            )
+            .ok(),
+    };
+    Ok(ConnectionIdentity {
+        spiffe_id,
+        certificate: CertificateIds::from_certificate(leaf).ok(),
+        remote_addr: Some(remote),
     })
 }

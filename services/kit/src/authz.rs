@@ -17,7 +17,7 @@ use cms_proto::common::v1::ErrorReason;
 use tonic::Code;
 
 use crate::error_details::Refusal;
-use crate::identity::{PeerIdentity, SpiffeId};
+use crate::identity::{ConnectionIdentity, PeerIdentity, SpiffeId};
 
 /// The `[access]` section of a service config.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -81,10 +81,13 @@ fn shown(path: &str) -> &str {
     &path[..end]
 }
 
+/// Also puts the [`PeerIdentity`] of the connection (when its certificate has a SPIFFE ID)
+/// into the request's extensions, for the handlers.
 #[derive(Clone, Debug)]
 pub struct AllowListLayer {
     allowed: Arc<[IdentityPattern]>,
     domain: Arc<str>,
+    bound_paths: Arc<[&'static str]>,
 }
 
 impl AllowListLayer {
@@ -93,8 +96,39 @@ impl AllowListLayer {
         Self {
             allowed: allowed.into_iter().collect(),
             domain: Arc::from(domain),
+            bound_paths: Arc::new([]),
         }
     }
+
+    /// Lets callers without a SPIFFE ID (certificates a port accepts because a directory
+    /// binds them to accounts) reach `paths` (one ending in `/`, other than `/` itself,
+    /// covers everything below it), and nothing else; the service then decides who they are.
+    pub fn admitting_bound_certificates(mut self, paths: &[&'static str]) -> Self {
+        self.bound_paths = paths.iter().copied().collect();
+        self
+    }
+}
+
+/// Whether a caller known only by a bound certificate may reach `path`.
+pub fn admits_bound_certificate(bound_paths: &[&str], path: &str) -> Result<(), Refusal> {
+    let admitted =
+        |p: &&str| path == *p || (p.len() > 1 && p.ends_with('/') && path.starts_with(p));
+    if bound_paths.iter().any(admitted) {
+        return Ok(());
+    }
+    Err(Refusal::new(
+        Code::PermissionDenied,
+        ErrorReason::PermissionDenied,
+        format!(
+            "a caller identified by a bound certificate may not call {}",
+            shown(
+                path.trim_start_matches('/')
+                    .split('/')
+                    .next()
+                    .unwrap_or_default()
+            )
+        ),
+    ))
 }
 
 impl<S> tower_layer::Layer<S> for AllowListLayer {
@@ -105,6 +139,7 @@ impl<S> tower_layer::Layer<S> for AllowListLayer {
             inner,
             allowed: self.allowed.clone(),
             domain: self.domain.clone(),
+            bound_paths: self.bound_paths.clone(),
         }
     }
 }
@@ -114,6 +149,7 @@ pub struct AllowList<S> {
     inner: S,
     allowed: Arc<[IdentityPattern]>,
     domain: Arc<str>,
+    bound_paths: Arc<[&'static str]>,
 }
 
 /// Whether `peer` may call `path`. Pure, so it is unit-tested without a server.
@@ -163,9 +199,25 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let connection = req.extensions().get::<ConnectionIdentity>().cloned();
+        if req.extensions().get::<PeerIdentity>().is_none()
+            && let Some(peer) = connection.as_ref().and_then(ConnectionIdentity::peer)
+        {
+            req.extensions_mut().insert(peer);
+        }
         let peer = req.extensions().get::<PeerIdentity>();
-        match decide(&self.allowed, peer, req.uri().path()) {
+        let bound = peer.is_none()
+            && connection
+                .as_ref()
+                .and_then(ConnectionIdentity::bound_certificate)
+                .is_some();
+        let outcome = if bound {
+            admits_bound_certificate(&self.bound_paths, req.uri().path())
+        } else {
+            decide(&self.allowed, peer, req.uri().path())
+        };
+        match outcome {
             Ok(()) => Either::Right(self.inner.call(req)),
             Err(refusal) => {
                 tracing::warn!(
@@ -188,6 +240,26 @@ mod tests {
             spiffe_id: id.parse().unwrap(),
             remote_addr: None,
         }
+    }
+
+    #[test]
+    fn bound_certificates_reach_only_the_admitted_paths() {
+        let paths = ["/", "/code.js", "/cms.gateway.v1.HelpdeskService/"];
+        for ok in ["/", "/code.js", "/cms.gateway.v1.HelpdeskService/WhoAmI"] {
+            assert!(admits_bound_certificate(&paths, ok).is_ok(), "{ok}");
+        }
+        for refused in [
+            "/x",
+            "/code.jsx",
+            "/cms.gateway.v1.AgentLinkService/Hello",
+            "/cms.gateway.v1.HelpdeskServiceX/WhoAmI",
+        ] {
+            assert!(
+                admits_bound_certificate(&paths, refused).is_err(),
+                "{refused}"
+            );
+        }
+        assert!(admits_bound_certificate(&[], "/").is_err());
     }
 
     #[test]

@@ -141,6 +141,140 @@ impl serde::Serialize for SpiffeId {
     }
 }
 
+/// The identifiers of a verified client certificate that a directory can bind an account to.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct CertificateIds {
+    /// The issuer's distinguished name as RFC 4514 writes it (last RDN first, `,` between).
+    pub issuer_dn: String,
+    /// The serial number's big-endian bytes as the certificate holds them.
+    pub serial_number: Vec<u8>,
+    /// SHA-256 of the DER SubjectPublicKeyInfo.
+    pub spki_sha256: [u8; 32],
+}
+
+impl fmt::Debug for CertificateIds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "CertificateIds(issuer {:?}, serial {}, spki sha256 {})",
+            self.issuer_dn,
+            data_encoding::HEXLOWER.encode(&self.serial_number),
+            data_encoding::HEXLOWER.encode(&self.spki_sha256)
+        )
+    }
+}
+
+impl CertificateIds {
+    /// Reads the identifiers of a DER certificate.
+    pub fn from_certificate(cert: &CertificateDer<'_>) -> Result<Self, IdentityError> {
+        use x509_parser::prelude::*;
+        let (_, parsed) =
+            X509Certificate::from_der(cert.as_ref()).map_err(|_| IdentityError::Certificate)?;
+        let digest = ring::digest::digest(
+            &ring::digest::SHA256,
+            parsed.tbs_certificate.subject_pki.raw,
+        );
+        let mut spki_sha256 = [0u8; 32];
+        spki_sha256.copy_from_slice(digest.as_ref());
+        Ok(Self {
+            issuer_dn: rfc4514(parsed.issuer()),
+            serial_number: parsed.raw_serial().to_vec(),
+            spki_sha256,
+        })
+    }
+}
+
+/// A distinguished name as RFC 4514 writes it: RDNs in reverse order separated by `,`,
+/// multi-valued RDNs joined by `+`, special characters escaped, non-string values as `#hex`.
+fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> String {
+    let registry = x509_parser::objects::oid_registry();
+    let mut rdns: Vec<String> = name
+        .iter()
+        .map(|rdn| {
+            let attributes: Vec<String> = rdn
+                .iter()
+                .map(|attr| {
+                    let oid = attr.attr_type();
+                    // RFC 4514's short names (CN, O, C, ...), else the dotted OID.
+                    let key = x509_parser::objects::oid2abbrev(oid, registry)
+                        .ok()
+                        .filter(|name| {
+                            !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric())
+                        })
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| oid.to_id_string());
+                    let value = match attr.as_str() {
+                        Ok(text) => escape_dn_value(text),
+                        Err(_) => format!(
+                            "#{}",
+                            data_encoding::HEXLOWER.encode(attr.attr_value().as_bytes())
+                        ),
+                    };
+                    format!("{key}={value}")
+                })
+                .collect();
+            attributes.join("+")
+        })
+        .collect();
+    rdns.reverse();
+    rdns.join(",")
+}
+
+fn escape_dn_value(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let last = text.chars().count().saturating_sub(1);
+    for (i, c) in text.chars().enumerate() {
+        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
+            || (i == 0 && (c == '#' || c == ' '))
+            || (i == last && c == ' ');
+        if c == '\0' {
+            out.push_str("\\00");
+            continue;
+        }
+        if special {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// What the acceptor verified about a connection; tonic puts it into every request's
+/// extensions, and the server adds a [`PeerIdentity`] when the certificate has a SPIFFE ID.
+/// `spiffe_id` is `None` only on a port that accepts certificates bound to accounts (see
+/// `TlsSource::load_with_bound_bundle`), for a certificate of that bundle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionIdentity {
+    pub spiffe_id: Option<SpiffeId>,
+    /// `None` only when the leaf cannot be re-read (it was verified, so in practice never).
+    pub certificate: Option<CertificateIds>,
+    pub remote_addr: Option<SocketAddr>,
+}
+
+impl ConnectionIdentity {
+    /// The verified connection of a request.
+    pub fn of<T>(request: &tonic::Request<T>) -> Option<&ConnectionIdentity> {
+        request.extensions().get::<ConnectionIdentity>()
+    }
+
+    /// The identity the allow-list and handlers see, when the certificate has a SPIFFE ID.
+    pub fn peer(&self) -> Option<PeerIdentity> {
+        self.spiffe_id.clone().map(|spiffe_id| PeerIdentity {
+            spiffe_id,
+            remote_addr: self.remote_addr,
+        })
+    }
+
+    /// The certificate of a caller without a SPIFFE ID, admitted only because a port trusts
+    /// its CA for certificates bound to accounts.
+    pub fn bound_certificate(&self) -> Option<&CertificateIds> {
+        match self.spiffe_id {
+            None => self.certificate.as_ref(),
+            Some(_) => None,
+        }
+    }
+}
+
 /// Who is on the other end of a mutual-TLS connection, as verified by the acceptor.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerIdentity {
@@ -180,6 +314,34 @@ mod tests {
         ] {
             assert!(bad.parse::<SpiffeId>().is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn certificate_ids_follow_rfc_4514() {
+        use rustls_pki_types::pem::PemObject;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CountryName, "DE");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Acme, Inc.");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Ops CA");
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x01, 0x02]));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let der = CertificateDer::from_pem_slice(cert.pem().as_bytes()).unwrap();
+        let ids = CertificateIds::from_certificate(&der).unwrap();
+        assert_eq!(ids.issuer_dn, "CN=Ops CA,O=Acme\\, Inc.,C=DE");
+        assert_eq!(ids.serial_number, vec![0x01, 0x02]);
+        let spki = ring::digest::digest(
+            &ring::digest::SHA256,
+            &rcgen::PublicKeyData::subject_public_key_info(&key),
+        );
+        assert_eq!(&ids.spki_sha256[..], spki.as_ref());
     }
 
     #[test]

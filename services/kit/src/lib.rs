@@ -25,4 +25,4 @@ pub mod tls;
 pub mod trace;
 pub mod verify;
 
-pub use identity::{PeerIdentity, SpiffeId};
+pub use identity::{CertificateIds, ConnectionIdentity, PeerIdentity, SpiffeId};

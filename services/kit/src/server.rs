@@ -131,6 +131,8 @@ pub struct Server {
     health: HealthReporter,
     /// Services whose health the service itself reports.
     self_reported: Vec<&'static str>,
+    /// Paths callers known only by a bound certificate may reach.
+    bound_paths: Vec<&'static str>,
 }
 
 impl Server {
@@ -155,6 +157,7 @@ impl Server {
             grpc_services: Vec::new(),
             health: HealthReporter::new(),
             self_reported: Vec::new(),
+            bound_paths: Vec::new(),
         }
     }
 
@@ -180,6 +183,17 @@ impl Server {
     /// Routes that are not gRPC services of their own (e.g. an HTTP API on the same port).
     pub fn map_routes(mut self, map: impl FnOnce(Routes) -> Routes) -> Self {
         self.routes = map(self.routes);
+        self
+    }
+
+    /// Lets callers known only by a certificate bound to an account (a port whose TLS source
+    /// has a bound bundle) reach `paths` (a path ending in `/` covers everything below it);
+    /// nothing else.
+    pub fn admit_bound_certificates(
+        mut self,
+        paths: impl IntoIterator<Item = &'static str>,
+    ) -> Self {
+        self.bound_paths.extend(paths);
         self
     }
 
@@ -318,10 +332,13 @@ async fn serve(spec: Server, listeners: Listeners, shutdown: Shutdown) -> Result
             spec.version,
             api.clone(),
         ))
-        .layer(AllowListLayer::new(
-            &format!("cms.{}", spec.name),
-            spec.access.allow.iter().cloned(),
-        ))
+        .layer(
+            AllowListLayer::new(
+                &format!("cms.{}", spec.name),
+                spec.access.allow.iter().cloned(),
+            )
+            .admitting_bound_certificates(&spec.bound_paths),
+        )
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown.wait());
     tracing::info!(

@@ -97,16 +97,28 @@ struct Loaded {
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
     rules: PeerRules,
+    /// The CAs of certificates bound to accounts, when this port accepts them.
+    bound_rules: Option<PeerRules>,
     chain: Vec<CertificateDer<'static>>,
     identity: SpiffeId,
     stamp: Stamp,
 }
 
-/// Modification time and length of the three files: a change in any triggers a reload.
-type Stamp = [(Option<SystemTime>, u64); 3];
+/// Modification time and length of the files (ca, cert, key, the bound bundle if any): a
+/// change in any triggers a reload.
+type Stamp = Vec<(Option<SystemTime>, u64)>;
+
+/// A bundle of CAs whose client certificates a port accepts without a SPIFFE ID, because a
+/// directory binds them to accounts; `key` names the config setting in errors.
+#[derive(Clone, Debug)]
+pub struct BoundBundle {
+    pub key: &'static str,
+    pub path: PathBuf,
+}
 
 pub struct TlsSource {
     settings: TlsSettings,
+    bound: Option<BoundBundle>,
     current: RwLock<Arc<Loaded>>,
     /// The files last refused, so a bad replacement is reported once, not at every check.
     refused: Mutex<Option<Stamp>>,
@@ -123,9 +135,20 @@ impl std::fmt::Debug for TlsSource {
 impl TlsSource {
     /// Reads and checks the files now; errors name the config key and the file.
     pub fn load(settings: TlsSettings) -> Result<Arc<Self>, TlsError> {
-        let loaded = load(&settings)?;
+        Self::load_with_bound_bundle(settings, None)
+    }
+
+    /// [`Self::load`] for a port that also accepts client certificates of `bound`'s CAs
+    /// without a SPIFFE ID (same rules otherwise); the acceptor marks such connections
+    /// (`ConnectionIdentity::spiffe_id` is `None`) and the service decides who they are.
+    pub fn load_with_bound_bundle(
+        settings: TlsSettings,
+        bound: Option<BoundBundle>,
+    ) -> Result<Arc<Self>, TlsError> {
+        let loaded = load(&settings, bound.as_ref())?;
         Ok(Arc::new(Self {
             settings,
+            bound,
             current: RwLock::new(Arc::new(loaded)),
             refused: Mutex::new(None),
         }))
@@ -156,6 +179,11 @@ impl TlsSource {
         self.current().rules.clone()
     }
 
+    /// The rules of certificates bound to accounts, when this port accepts them.
+    pub fn bound_rules(&self) -> Option<PeerRules> {
+        self.current().bound_rules.clone()
+    }
+
     /// This workload's own SPIFFE ID, from its certificate.
     pub fn identity(&self) -> SpiffeId {
         self.current().identity.clone()
@@ -168,11 +196,11 @@ impl TlsSource {
     /// half-written pair complete) but their error is returned once.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
         let old = self.current();
-        let now = stamp(&self.settings);
+        let now = stamp(&self.settings, self.bound.as_ref());
         if now == old.stamp {
             return Ok(false);
         }
-        let outcome = load(&self.settings).and_then(|new| {
+        let outcome = load(&self.settings, self.bound.as_ref()).and_then(|new| {
             check_replacement(&self.settings, &new, &old.identity)?;
             Ok(new)
         });
@@ -189,7 +217,7 @@ impl TlsSource {
                     .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(new);
                 Ok(true)
             }
-            Err(_) if *refused == Some(now) => Ok(false),
+            Err(_) if refused.as_ref() == Some(&now) => Ok(false),
             Err(e) => {
                 *refused = Some(now);
                 Err(e)
@@ -224,12 +252,14 @@ impl TlsSource {
     }
 }
 
-fn stamp(settings: &TlsSettings) -> Stamp {
+fn stamp(settings: &TlsSettings, bound: Option<&BoundBundle>) -> Stamp {
     let one = |p: &Path| match fs::metadata(p) {
         Ok(m) => (m.modified().ok(), m.len()),
         Err(_) => (None, 0),
     };
-    [one(&settings.ca), one(&settings.cert), one(&settings.key)]
+    let mut stamp = vec![one(&settings.ca), one(&settings.cert), one(&settings.key)];
+    stamp.extend(bound.map(|b| one(&b.path)));
+    stamp
 }
 
 fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -262,15 +292,26 @@ pub(crate) fn parse_certs(
     Ok(certs)
 }
 
-fn load(settings: &TlsSettings) -> Result<Loaded, TlsError> {
+fn load(settings: &TlsSettings, bound: Option<&BoundBundle>) -> Result<Loaded, TlsError> {
     // Stamp first: a file replaced while we read is seen again at the next tick.
-    let stamp = stamp(settings);
+    let stamp = stamp(settings, bound);
     let ca_pem = read("tls.ca", &settings.ca)?;
     let cert_pem = read("tls.cert", &settings.cert)?;
     let key_pem = read("tls.key", &settings.key)?;
 
     let rules = PeerRules::new(&parse_certs("tls.ca", &settings.ca, &ca_pem)?, provider())
         .map_err(|e| TlsError::Rustls(format!("tls.ca: {}: {e}", settings.ca.display())))?;
+    let bound_rules = match bound {
+        Some(b) => {
+            let pem = read(b.key, &b.path)?;
+            Some(
+                PeerRules::new(&parse_certs(b.key, &b.path, &pem)?, provider()).map_err(|e| {
+                    TlsError::Rustls(format!("{}: {}: {e}", b.key, b.path.display()))
+                })?,
+            )
+        }
+        None => None,
+    };
     let chain = parse_certs("tls.cert", &settings.cert, &cert_pem)?;
     let identity = SpiffeId::from_certificate(&chain[0]).map_err(|source| TlsError::Identity {
         path: settings.cert.clone(),
@@ -296,12 +337,14 @@ fn load(settings: &TlsSettings) -> Result<Loaded, TlsError> {
         },
         other => other,
     };
-    let server = server_config(&rules, chain.clone(), key.clone_key()).map_err(key_matches)?;
+    let server = server_config(&rules, bound_rules.as_ref(), chain.clone(), key.clone_key())
+        .map_err(key_matches)?;
     let client = client_config(&rules, chain.clone(), key)?;
     Ok(Loaded {
         server: Arc::new(server),
         client: Arc::new(client),
         rules,
+        bound_rules,
         chain,
         identity,
         stamp,
@@ -354,10 +397,13 @@ fn check_replacement(
 
 fn server_config(
     rules: &PeerRules,
+    bound: Option<&PeerRules>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<ServerConfig, TlsError> {
-    let verifier = rules.client_verifier().map_err(TlsError::Rustls)?;
+    let verifier = rules
+        .client_verifier_with_bound(bound)
+        .map_err(TlsError::Rustls)?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Rustls(e.to_string()))?
@@ -383,4 +429,66 @@ fn client_config(
         .map_err(|e| TlsError::Rustls(format!("tls.cert/tls.key do not match: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{Ca, DevPki, LeafSpec};
+
+    fn bundle(path: &Path) -> Option<BoundBundle> {
+        Some(BoundBundle {
+            key: "operators.client_ca_file",
+            path: path.to_owned(),
+        })
+    }
+
+    #[test]
+    fn a_bound_bundle_is_loaded_reloaded_and_named_in_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::new(dir.path().join("pki"), "cms.test");
+        pki.init().unwrap();
+        let settings = pki.tls_settings("gateway");
+        let enterprise = Ca::generate("enterprise").unwrap();
+        let ca_file = dir.path().join("operators-ca.pem");
+
+        // A missing file is an error naming the setting, not a port that trusts nothing.
+        let err = TlsSource::load_with_bound_bundle(settings.clone(), bundle(&ca_file))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("operators.client_ca_file: "), "{err}");
+
+        fs::write(&ca_file, &enterprise.cert_pem).unwrap();
+        let source = TlsSource::load_with_bound_bundle(settings.clone(), bundle(&ca_file)).unwrap();
+        let leaf = |ca: &Ca| {
+            let spec = LeafSpec::new("spiffe://x.test/unused".parse().unwrap(), 1);
+            let issued = ca
+                .issue_with(&spec, |p| p.subject_alt_names.clear())
+                .unwrap();
+            parse_certs("test", Path::new("leaf"), issued.cert_pem.as_bytes()).unwrap()
+        };
+        let accepts = |source: &TlsSource, chain: &[CertificateDer<'static>]| {
+            source.bound_rules().is_some_and(|rules| {
+                rules
+                    .check_without_identity(
+                        &chain[0],
+                        &chain[1..],
+                        UnixTime::now(),
+                        Purpose::Client,
+                    )
+                    .is_ok()
+            })
+        };
+        assert!(accepts(&source, &leaf(&enterprise)));
+
+        // A new bundle on disk replaces the old one at the next check.
+        let successor = Ca::generate("enterprise 2").unwrap();
+        fs::write(&ca_file, &successor.cert_pem).unwrap();
+        assert!(source.reload_if_changed().unwrap());
+        assert!(accepts(&source, &leaf(&successor)));
+        assert!(!accepts(&source, &leaf(&enterprise)));
+
+        // Without a bound bundle, nothing is trusted beyond the workload CA.
+        assert!(TlsSource::load(settings).unwrap().bound_rules().is_none());
+    }
 }

@@ -17,7 +17,7 @@ use opentelemetry::propagation::{Extractor, Injector};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::identity::PeerIdentity;
+use crate::identity::{ConnectionIdentity, PeerIdentity};
 use crate::metrics::Metrics;
 use crate::served::ServedApi;
 
@@ -142,11 +142,18 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let method = self.api.method(req.uri().path()).clone();
-        let peer = req
-            .extensions()
-            .get::<PeerIdentity>()
-            .map(|p| p.spiffe_id.to_string())
-            .unwrap_or_default();
+        let peer = match (
+            req.extensions().get::<PeerIdentity>(),
+            req.extensions().get::<ConnectionIdentity>(),
+        ) {
+            (Some(p), _) => p.spiffe_id.to_string(),
+            (None, Some(c)) => match (&c.spiffe_id, &c.certificate) {
+                (Some(id), _) => id.to_string(),
+                (None, Some(_)) => "bound certificate".to_owned(),
+                (None, None) => String::new(),
+            },
+            (None, None) => String::new(),
+        };
         let span = tracing::info_span!(
             "grpc.server",
             otel.name = %method.path,

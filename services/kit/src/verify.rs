@@ -165,6 +165,19 @@ impl PeerRules {
         now: UnixTime,
         purpose: Purpose,
     ) -> Result<SpiffeId, RuleError> {
+        self.check_without_identity(leaf, intermediates, now, purpose)?;
+        Ok(SpiffeId::from_certificate(leaf)?)
+    }
+
+    /// [`Self::check`] for certificates that need not carry a SPIFFE ID: those a port accepts
+    /// only because a directory binds them to an account.
+    pub fn check_without_identity(
+        &self,
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        purpose: Purpose,
+    ) -> Result<(), RuleError> {
         let end_entity = webpki::EndEntityCert::try_from(leaf)?;
         // Runs for every candidate path webpki builds; a path that breaks an anchor's
         // constraint is refused and the next candidate, if any, tried.
@@ -194,13 +207,36 @@ impl PeerRules {
 
     /// Verifies the certificates clients present: webpki's checks, then [`Self::check`].
     pub fn client_verifier(&self) -> Result<Arc<dyn ClientCertVerifier>, String> {
-        let inner =
-            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
+        self.client_verifier_with_bound(None)
+    }
+
+    /// [`Self::client_verifier`] that also accepts the certificates of `bound`'s CAs without
+    /// a SPIFFE ID (the same rules otherwise), for a port whose callers may be identified by
+    /// a certificate bound to their account.
+    pub fn client_verifier_with_bound(
+        &self,
+        bound: Option<&PeerRules>,
+    ) -> Result<Arc<dyn ClientCertVerifier>, String> {
+        let webpki = |rules: &PeerRules| {
+            WebPkiClientVerifier::builder_with_provider(rules.roots.clone(), rules.provider.clone())
                 .build()
-                .map_err(|e| format!("client verifier: {e}"))?;
+                .map_err(|e| format!("client verifier: {e}"))
+        };
+        let inner = webpki(self)?;
+        let bound = match bound {
+            Some(rules) => Some((webpki(rules)?, rules.clone())),
+            None => None,
+        };
+        // Browsers choose the certificate to present from these names: both bundles.
+        let mut hints = inner.root_hint_subjects().to_vec();
+        if let Some((verifier, _)) = &bound {
+            hints.extend(verifier.root_hint_subjects().iter().cloned());
+        }
         Ok(Arc::new(RuledClientVerifier {
             inner,
             rules: self.clone(),
+            bound,
+            hints,
         }))
     }
 
@@ -232,8 +268,8 @@ fn path_len_constraint(der: &CertificateDer<'_>) -> Result<Option<usize>, RuleEr
 
 /// What webpki leaves to us on the leaf: an extended key usage for `purpose` (present, not
 /// merely "not contradicted"), a key usage that allows signing the handshake, and exactly one
-/// well-formed SPIFFE ID.
-fn check_leaf(leaf: &CertificateDer<'_>, purpose: Purpose) -> Result<SpiffeId, RuleError> {
+/// well-formed SPIFFE ID (the last checked by the caller).
+fn check_leaf(leaf: &CertificateDer<'_>, purpose: Purpose) -> Result<(), RuleError> {
     use x509_parser::prelude::*;
     let (_, cert) = X509Certificate::from_der(leaf.as_ref()).map_err(|_| RuleError::Unparsable)?;
     let eku = cert
@@ -250,7 +286,7 @@ fn check_leaf(leaf: &CertificateDer<'_>, purpose: Purpose) -> Result<SpiffeId, R
     if !key_usage.is_some_and(|k| k.value.digital_signature()) {
         return Err(RuleError::KeyUsage);
     }
-    Ok(SpiffeId::from_certificate(leaf)?)
+    Ok(())
 }
 
 fn refused(e: RuleError) -> rustls::Error {
@@ -261,11 +297,35 @@ fn refused(e: RuleError) -> rustls::Error {
 struct RuledClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     rules: PeerRules,
+    /// The bundle of certificates bound to accounts, accepted without a SPIFFE ID.
+    bound: Option<(Arc<dyn ClientCertVerifier>, PeerRules)>,
+    hints: Vec<DistinguishedName>,
+}
+
+impl RuledClientVerifier {
+    fn verify_bound(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Option<Result<ClientCertVerified, rustls::Error>> {
+        let (inner, rules) = self.bound.as_ref()?;
+        Some(
+            inner
+                .verify_client_cert(end_entity, intermediates, now)
+                .and_then(|verified| {
+                    rules
+                        .check_without_identity(end_entity, intermediates, now, Purpose::Client)
+                        .map_err(refused)?;
+                    Ok(verified)
+                }),
+        )
+    }
 }
 
 impl ClientCertVerifier for RuledClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        &self.hints
     }
 
     fn verify_client_cert(
@@ -275,13 +335,33 @@ impl ClientCertVerifier for RuledClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         // webpki first: its errors carry the standard TLS alerts (expired, unknown CA).
-        let verified = self
+        let workload = self
             .inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        self.rules
-            .check(end_entity, intermediates, now, Purpose::Client)
-            .map_err(refused)?;
-        Ok(verified)
+            .verify_client_cert(end_entity, intermediates, now)
+            .and_then(|verified| {
+                self.rules
+                    .check(end_entity, intermediates, now, Purpose::Client)
+                    .map_err(refused)?;
+                Ok(verified)
+            });
+        let unknown_issuer = |e: &rustls::Error| {
+            matches!(
+                e,
+                rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+            )
+        };
+        match workload {
+            Ok(verified) => Ok(verified),
+            // The workload bundle's refusal is reported unless the certificate is one of the
+            // bound bundle's (the workload bundle does not know its issuer) that breaks a rule.
+            Err(refusal) => match self.verify_bound(end_entity, intermediates, now) {
+                Some(Ok(verified)) => Ok(verified),
+                Some(Err(bound)) if unknown_issuer(&refusal) && !unknown_issuer(&bound) => {
+                    Err(bound)
+                }
+                _ => Err(refusal),
+            },
+        }
     }
 
     fn verify_tls12_signature(
@@ -440,6 +520,79 @@ mod tests {
             check(&rules, &encipher_only, Purpose::Server),
             Err(RuleError::KeyUsage)
         );
+    }
+
+    #[test]
+    fn a_leaf_without_spiffe_id_passes_only_the_check_without_identity() {
+        let ca = Ca::generate("root").unwrap();
+        let rules = rules_for(&ca);
+        let bare = ca
+            .issue_with(&spec(), |p| p.subject_alt_names.clear())
+            .unwrap();
+        assert_eq!(
+            check(&rules, &bare, Purpose::Client),
+            Err(RuleError::Identity(IdentityError::Missing))
+        );
+        let chain = der_chain(&bare.cert_pem);
+        let loose = |purpose| {
+            rules.check_without_identity(&chain[0], &chain[1..], UnixTime::now(), purpose)
+        };
+        assert_eq!(loose(Purpose::Client), Ok(()));
+        let no_eku = ca
+            .issue_with(&spec(), |p| {
+                p.subject_alt_names.clear();
+                p.extended_key_usages.clear();
+            })
+            .unwrap();
+        let chain = der_chain(&no_eku.cert_pem);
+        assert_eq!(
+            rules.check_without_identity(&chain[0], &chain[1..], UnixTime::now(), Purpose::Client),
+            Err(RuleError::MissingEku("clientAuth"))
+        );
+    }
+
+    #[test]
+    fn a_bound_bundle_admits_its_certificates_without_spiffe_id_under_the_same_rules() {
+        let workloads = Ca::generate("workloads").unwrap();
+        let enterprise = Ca::generate("enterprise").unwrap();
+        let verifier = rules_for(&workloads)
+            .client_verifier_with_bound(Some(&rules_for(&enterprise)))
+            .unwrap();
+        let verify = |issued: &Issued| {
+            let chain = der_chain(&issued.cert_pem);
+            verifier
+                .verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let bare = |p: &mut rcgen::CertificateParams| p.subject_alt_names.clear();
+        assert_eq!(verify(&workloads.issue(&spec()).unwrap()), Ok(()));
+        assert_eq!(
+            verify(&enterprise.issue_with(&spec(), bare).unwrap()),
+            Ok(())
+        );
+        // A workload certificate still needs its SPIFFE ID.
+        let err = verify(&workloads.issue_with(&spec(), bare).unwrap()).unwrap_err();
+        assert!(err.contains("SPIFFE"), "{err}");
+        // The bound bundle's certificates meet the same rules, and say which they break.
+        let no_eku = enterprise
+            .issue_with(&spec(), |p| {
+                p.subject_alt_names.clear();
+                p.extended_key_usages.clear();
+            })
+            .unwrap();
+        let err = verify(&no_eku).unwrap_err();
+        assert!(err.contains("clientAuth"), "{err}");
+        // Without the bound bundle, the enterprise's certificates are unknown.
+        let plain = rules_for(&workloads).client_verifier().unwrap();
+        let chain = der_chain(&enterprise.issue_with(&spec(), bare).unwrap().cert_pem);
+        assert!(
+            plain
+                .verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
+                .is_err()
+        );
+        // Browsers are offered both bundles' names.
+        assert_eq!(verifier.root_hint_subjects().len(), 2);
     }
 
     #[test]
