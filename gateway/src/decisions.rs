@@ -6,6 +6,7 @@
 use sea_orm::{ActiveModelTrait, DatabaseConnection, NotSet, Set};
 
 use crate::Error;
+use crate::db::group_commit::GroupCommit;
 use crate::db::{self, decision};
 use crate::forward::DECISION_LOG;
 
@@ -27,9 +28,10 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// Records the outcome; a failure to write is logged and does not change the answer (the
+    /// Records the outcome and returns once the row is committed (group-committed with other
+    /// calls' rows); a failure to write is logged and does not change the answer (the
     /// cryptogram's own audit is custody's, written before it answers).
-    pub async fn record(&self, db: &DatabaseConnection, outcome: Result<(), &Error>) {
+    pub async fn record(&self, writes: &GroupCommit, outcome: Result<(), &Error>) {
         let (result, reason) = match outcome {
             Ok(()) => ("ok".to_owned(), String::new()),
             Err(err) => (format!("{:?}", err.code()), err.to_string()),
@@ -50,7 +52,7 @@ impl Decision {
             "helpdesk decision"
         );
         let row = self.row(result, reason);
-        if let Err(err) = row.insert(db).await {
+        if let Err(err) = writes.decision(row).await {
             tracing::error!(error = %err, "cannot write the decision log");
         }
     }

@@ -106,6 +106,7 @@ async fn serve_gateway(
         custody: admin::CustodyClient::new(backends.custody.channel.clone()),
         operators: operators.clone(),
         db: db.clone(),
+        writes: db::group_commit::GroupCommit::start(db.clone()),
         settings: config.helpdesk,
         templates: Default::default(),
     });

@@ -4,12 +4,14 @@
 //! per second, median and 99th percentile latency, and CPU time per request of each process.
 //!
 //! ```text
-//! cargo build --workspace --bins
-//! cargo bench -p cms-tests --bench helpdesk_offline --profile dev
+//! cargo build --release -p cms-launcher --bin cms
+//! CMS_BIN_DIR=target/release cargo bench -p cms-tests --bench helpdesk_offline --profile dev
 //! ```
-//! `CMS_BENCH_SECS` sets each phase's length (default 10 s), `CMS_BENCH_IN_FLIGHT` the
-//! concurrency (default 64). The target: offline unblocks at >= 0.30x the echo rate, p99 <= 25 ms
-//! (measure with release binaries for those; `--profile dev` measures debug builds).
+//! `CMS_BIN_DIR` picks the service binaries (here the release `cms`; unset, the ones beside
+//! the bench, i.e. debug builds under `--profile dev`): the services are what is measured, the
+//! bench client only drives them. `CMS_BENCH_SECS` sets each phase's length (default 10 s),
+//! `CMS_BENCH_IN_FLIGHT` the concurrency (default 64). The target: offline unblocks at >= 0.30x
+//! the echo rate, p99 <= 25 ms, with release binaries.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -16,14 +16,20 @@ pub mod softhsm;
 
 use std::path::PathBuf;
 
-/// Path of a workspace binary built beside the test executable.
+/// Path of a workspace binary: in `CMS_BIN_DIR` when set (for example `target/release`, to
+/// benchmark release binaries from a debug test build), else beside the test executable.
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target directory");
+    let dir = match std::env::var_os("CMS_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe().expect("test executable path");
+            // target/<profile>/deps/<test> -> target/<profile>/<name>
+            exe.parent()
+                .and_then(|deps| deps.parent())
+                .expect("target directory")
+                .to_path_buf()
+        }
+    };
     let path = dir.join(name);
     assert!(
         path.is_file(),

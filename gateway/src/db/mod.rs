@@ -4,6 +4,7 @@
 
 pub mod approval;
 pub mod decision;
+pub mod group_commit;
 mod migration;
 pub mod one_time_code;
 pub mod rate_window;

@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status};
 use crate::Error;
 use crate::admin::{CustodyClient, DirectoryClient, TemplateClient};
 use crate::authz::{self, Actor};
+use crate::db::group_commit::GroupCommit;
 use crate::decisions::Decision;
 use crate::downstream::Budget;
 use crate::operators::OperatorAccounts;
@@ -91,6 +92,8 @@ pub struct Workflow {
     pub custody: CustodyClient,
     pub operators: Arc<OperatorAccounts>,
     pub db: DatabaseConnection,
+    /// The per-call writes (rate-limit counts, decisions), group-committed.
+    pub writes: GroupCommit,
     pub settings: Settings,
     /// Template versions already read (they never change).
     pub templates: policy::TemplateCache,
@@ -125,13 +128,13 @@ impl Workflow {
             match authz::actor(&self.operators, &self.settings.service_callers, request).await {
                 Ok(actor) => actor,
                 Err(err) => {
-                    decision.record(&self.db, Err(&err)).await;
+                    decision.record(&self.writes, Err(&err)).await;
                     return Err(err);
                 }
             };
         decision.actor = actor.username().to_owned();
         let limited = crate::ratelimit::take(
-            &self.db,
+            &self.writes,
             &format!("operator:{}", actor.username()),
             self.settings.operator_requests_per_window,
             Duration::from_millis(self.settings.operator_window_ms),
@@ -140,7 +143,7 @@ impl Workflow {
         .await;
         if let Err(err) = limited {
             decision.rule = "helpdesk.operator_requests_per_window";
-            decision.record(&self.db, Err(&err)).await;
+            decision.record(&self.writes, Err(&err)).await;
             return Err(err);
         }
         let mut budget = Budget::of(
@@ -159,7 +162,7 @@ impl Workflow {
     /// Records the decision of `call` and returns `outcome`.
     pub async fn finish<R>(&self, call: &Call, outcome: Result<R, Error>) -> Result<R, Status> {
         call.decision
-            .record(&self.db, outcome.as_ref().map(|_| ()))
+            .record(&self.writes, outcome.as_ref().map(|_| ()))
             .await;
         outcome.map_err(Status::from)
     }

@@ -218,7 +218,7 @@ async fn take_limits(wf: &Workflow, call: &mut Call, card: &Card) -> Result<(), 
             continue;
         }
         call.decision.rule = "unblock_policy.rate_limits";
-        crate::ratelimit::take(&wf.db, &bucket, limit.max_count, window, what).await?;
+        crate::ratelimit::take(&wf.writes, &bucket, limit.max_count, window, what).await?;
     }
     Ok(())
 }
