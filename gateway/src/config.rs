@@ -57,8 +57,9 @@ pub struct CustodyUpstream {
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
     /// `host:port` of every custody instance; a host name resolving to several addresses (a
-    /// headless Service) stands for all of them, resolved at each Unseal and Seal. Default:
-    /// `address` alone.
+    /// headless Service) stands for all of them, resolved at each Unseal and Seal. Each
+    /// instance's certificate is checked for the host name of `address`. Default: `address`
+    /// alone.
     #[serde(default)]
     pub instances: Vec<String>,
 }

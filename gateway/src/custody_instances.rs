@@ -50,9 +50,11 @@ impl CustodyInstances {
         if self.settings.instances.is_empty() {
             return vec![(self.settings.address.clone(), Ok(self.service.clone()))];
         }
+        // Every instance is checked for the name of the custody Service (`address`), which
+        // every custody certificate carries, and for custody's SPIFFE ID.
+        let service = self.settings.upstream(&self.settings.address);
         let mut out = Vec::new();
         for address in &self.settings.instances {
-            let upstream = self.settings.upstream(address);
             let resolved: Vec<SocketAddr> = match tokio::net::lookup_host(address.as_str()).await {
                 Ok(found) => {
                     let mut found: Vec<SocketAddr> = found.collect();
@@ -66,15 +68,13 @@ impl CustodyInstances {
                     continue;
                 }
             };
-            if resolved.len() <= 1 {
-                let channel = client::channel(&upstream, self.tls.clone());
-                out.push((address.clone(), channel.map_err(bad_address)));
-            } else {
-                for dial in resolved {
-                    let dial = dial.to_string();
-                    let channel = client::channel_via(&upstream, &dial, self.tls.clone());
-                    out.push((dial, channel.map_err(bad_address)));
-                }
+            let several = resolved.len() > 1;
+            for dial in resolved {
+                let dial = dial.to_string();
+                let channel = client::channel_via(&service, &dial, self.tls.clone());
+                // A name for several pods is listed by their addresses.
+                let label = if several { dial } else { address.clone() };
+                out.push((label, channel.map_err(bad_address)));
             }
         }
         out
