@@ -3,7 +3,8 @@
 //! Every replica serves the API, but only the one holding the lease ([`crate::lease`]) has a
 //! [`Custody`]: it alone writes the audit chain and answers. A standby is up (database,
 //! keystore, TLS ready) but reports not ready on `/readyz` and answers every call except
-//! GetStatus with UNAVAILABLE and a retry hint, so a Kubernetes Service sends it nothing.
+//! GetStatus, Unseal and Seal (kept for its turn: [`crate::standby_seal`]) with UNAVAILABLE
+//! and a retry hint, so a Kubernetes Service sends it nothing.
 //!
 //! When a standby takes the lease it opens its `Custody` then, from the database: chain head,
 //! recent card usage and master key state (imports, rotations, retirements) are read as the
