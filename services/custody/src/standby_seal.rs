@@ -167,3 +167,98 @@ fn answer(state: pb::SealState, progress: u32, threshold: u32) -> pb::UnsealResp
         instances: vec![instance(state, progress, threshold)],
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CallerScope;
+    use crate::store::states::SealMode;
+    use cms_kit::{PeerIdentity, SpiffeId};
+    use sea_orm::{ActiveModelTrait, Set};
+
+    const ADMIN: &str = "spiffe://cms.test/cms/gateway";
+    const OTHER: &str = "spiffe://cms.test/cms/other";
+
+    fn peer(identity: &str) -> Peer {
+        let mut request = tonic::Request::new(());
+        request.extensions_mut().insert(PeerIdentity {
+            spiffe_id: identity.parse::<SpiffeId>().unwrap(),
+            remote_addr: None,
+        });
+        Peer::of(&request)
+    }
+
+    fn unseal(share: &seal::ShownShare) -> pb::UnsealRequest {
+        pb::UnsealRequest {
+            share: Some(pb::Share {
+                index: share.index,
+                value: share.value.to_string(),
+                checksum: share.checksum.clone(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_standby_rebuilds_the_key_from_shares_and_forgets_it_on_seal() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::test_database_in(dir.path()).await;
+        let kek = Kek::generate().unwrap();
+        seal_meta::ActiveModel {
+            id: Set(1),
+            threshold: Set(2),
+            share_count: Set(3),
+            kek_check: Set(kek.check_value()),
+            mode: Set(SealMode::Shares),
+            created_at: Set(0),
+        }
+        .insert(&db)
+        .await
+        .unwrap();
+        let shares = seal::split(&kek, 2, 3).unwrap();
+        let callers = [ADMIN, OTHER].map(|identity| CallerScope {
+            identity: identity.parse().unwrap(),
+            key_references: Vec::new(),
+            admin: identity == ADMIN,
+            release_puk: false,
+        });
+        let standby = StandbySeal::new(Some(db));
+
+        let refused = standby
+            .unseal(&callers, &peer(OTHER), unseal(&shares[0]))
+            .await;
+        assert!(matches!(refused, Err(Error::NotAllowed(_))));
+        let first = standby
+            .unseal(&callers, &peer(ADMIN), unseal(&shares[0]))
+            .await
+            .unwrap();
+        assert_eq!(
+            (first.seal_state, first.progress),
+            (pb::SealState::Sealed as i32, 1)
+        );
+        assert_eq!(first.instances[0].role, pb::ReplicaRole::Standby as i32);
+        let twice = standby
+            .unseal(&callers, &peer(ADMIN), unseal(&shares[0]))
+            .await;
+        assert!(matches!(twice, Err(Error::Seal(_))));
+        let second = standby
+            .unseal(&callers, &peer(ADMIN), unseal(&shares[2]))
+            .await
+            .unwrap();
+        assert_eq!(second.seal_state, pb::SealState::Unsealed as i32);
+        assert_eq!(standby.status().await.0, pb::SealState::Unsealed);
+
+        standby.seal(&callers, &peer(ADMIN)).unwrap();
+        assert_eq!(standby.status().await, (pb::SealState::Sealed, 0, 2));
+        assert!(standby.take_kek().is_none());
+
+        for share in [&shares[1], &shares[2]] {
+            standby
+                .unseal(&callers, &peer(ADMIN), unseal(share))
+                .await
+                .unwrap();
+        }
+        let kept = standby.take_kek().expect("the rebuilt key, for the lease");
+        assert_eq!(kept.check_value(), kek.check_value());
+    }
+}
