@@ -86,7 +86,7 @@ CONFIG_KEYS = {
         "data_dir": None, "database": DATABASE_KEYS,
         "server": SERVER_KEYS, "tls": TLS_KEYS, "access": ACCESS_KEYS,
         "backends": {"template": UPSTREAM_KEYS, "directory": UPSTREAM_KEYS,
-                     "custody": UPSTREAM_KEYS},
+                     "custody": UPSTREAM_KEYS | {"instances"}},
         "agent_link": AGENT_LINK_KEYS, "telemetry": TELEMETRY_KEYS,
     },
 }
@@ -575,6 +575,20 @@ def semantic_checks(scenario: str, values: dict, docs: list[dict]) -> None:
             fail(scenario, f"gateway: backends.{b}.address port is not the Service port")
         if up.get("identity") != f"spiffe://{td}/cms/{b}":
             fail(scenario, f"gateway: backends.{b}.identity is {up.get('identity')}")
+    # Custody active/standby: shares and Seal reach every pod, through a headless Service
+    # that lists the not-ready standbys too.
+    instances = dig(configs.get("gateway", {}), "backends.custody.instances") or []
+    headless = services.get(f"{fullname}-custody-instances")
+    if (headless is not None) != bool(instances):
+        fail(scenario, "gateway: backends.custody.instances and the custody-instances Service "
+                       "must come together")
+    elif headless is not None:
+        spec = headless["spec"]
+        if instances != [f"{fullname}-custody-instances.{NAMESPACE}.svc:"
+                         f"{spec['ports'][0]['port']}"]:
+            fail(scenario, f"gateway: backends.custody.instances is {instances}")
+        if spec.get("clusterIP") != "None" or spec.get("publishNotReadyAddresses") is not True:
+            fail(scenario, "custody-instances must be headless and list not-ready pods")
 
     # Network policies: custody (and the other backends) only from gateway pods on gRPC.
     if values["networkPolicy"]["enabled"]:

@@ -17,6 +17,7 @@ use tracing::Instrument;
 use crate::admin_scope::Target;
 use crate::agents::Registry;
 use crate::backends::Backends;
+use crate::custody_instances::{self, CustodyInstances};
 use crate::forward::{self, Call};
 use crate::key_references;
 use crate::operators::OperatorAccounts;
@@ -34,6 +35,8 @@ pub type DirectoryClient =
 
 pub struct Admin {
     pub custody: CustodyClient,
+    /// Every custody instance, for Unseal and Seal.
+    pub custody_instances: CustodyInstances,
     pub template: TemplateClient,
     pub directory: DirectoryClient,
     pub operators: Arc<OperatorAccounts>,
@@ -250,14 +253,48 @@ impl AdminService for Admin {
         &self,
         r: Request<gw::UnsealRequest>,
     ) -> Result<Response<gw::UnsealResponse>, Status> {
-        pass!(self, r, Action::AdministerCustody, custody.unseal)
+        // The share goes to every custody instance, so that a standby is unsealed too.
+        let call = self.begin("unseal", Action::AdministerCustody, &r).await?;
+        let mut message: cms_proto::custody::v1::UnsealRequest = forward::transcode(r.get_ref())?;
+        forward::BackendRequest::set_auth(&mut message, call.auth());
+        let answers = self
+            .custody_instances
+            .each(&call, message, |mut client, request| async move {
+                client.unseal(request).await
+            })
+            .await;
+        let combined = custody_instances::combine(answers, |a| a.instances.clone());
+        call.record(combined.as_ref().err());
+        let (lead, instances) = combined?;
+        Ok(Response::new(gw::UnsealResponse {
+            seal_state: lead.seal_state,
+            progress: lead.progress,
+            threshold: lead.threshold,
+            instances,
+        }))
     }
 
     async fn seal(
         &self,
         r: Request<gw::SealRequest>,
     ) -> Result<Response<gw::SealResponse>, Status> {
-        pass!(self, r, Action::AdministerCustody, custody.seal)
+        // Every custody instance forgets its key, the standbys included.
+        let call = self.begin("seal", Action::AdministerCustody, &r).await?;
+        let mut message: cms_proto::custody::v1::SealRequest = forward::transcode(r.get_ref())?;
+        forward::BackendRequest::set_auth(&mut message, call.auth());
+        let answers = self
+            .custody_instances
+            .each(&call, message, |mut client, request| async move {
+                client.seal(request).await
+            })
+            .await;
+        let combined = custody_instances::combine(answers, |a| a.instances.clone());
+        call.record(combined.as_ref().err());
+        let (lead, instances) = combined?;
+        Ok(Response::new(gw::SealResponse {
+            seal_state: lead.seal_state,
+            instances,
+        }))
     }
 
     async fn list_master_keys(

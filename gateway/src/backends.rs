@@ -41,7 +41,10 @@ impl Backends {
         Ok(Self {
             template: one("template", &settings.template)?,
             directory: one("directory", &settings.directory)?,
-            custody: one("custody", &settings.custody)?,
+            custody: one(
+                "custody",
+                &settings.custody.upstream(&settings.custody.address),
+            )?,
         })
     }
 

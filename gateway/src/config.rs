@@ -1,5 +1,6 @@
 use std::path::PathBuf;
 
+use cms_kit::SpiffeId;
 use cms_kit::authz::AccessSettings;
 use cms_kit::client::UpstreamSettings;
 use cms_kit::db::DatabaseSettings;
@@ -40,7 +41,51 @@ pub struct Config {
 pub struct Backends {
     pub template: UpstreamSettings,
     pub directory: UpstreamSettings,
-    pub custody: UpstreamSettings,
+    pub custody: CustodyUpstream,
+}
+
+/// Custody: the address every call goes to (a Kubernetes Service routes it to the active
+/// instance), and every instance behind it, each of which gets the Unseal shares and Seal so
+/// that a standby taking over after a failover is unsealed already.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustodyUpstream {
+    /// `host:port` of the custody Service (or of the one instance).
+    pub address: String,
+    /// The SPIFFE ID every custody instance's certificate must carry.
+    pub identity: SpiffeId,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// `host:port` of every custody instance; a host name resolving to several addresses (a
+    /// headless Service) stands for all of them, resolved at each Unseal and Seal. Each
+    /// instance's certificate is checked for the host name of `address`. Default: `address`
+    /// alone.
+    #[serde(default)]
+    pub instances: Vec<String>,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    3_000
+}
+
+impl CustodyUpstream {
+    /// The settings of the Service (or of one instance at `address`).
+    pub fn upstream(&self, address: &str) -> UpstreamSettings {
+        UpstreamSettings {
+            address: address.to_owned(),
+            identity: self.identity.clone(),
+            connect_timeout_ms: self.connect_timeout_ms,
+        }
+    }
+
+    /// The configured instance addresses (`address` when none are listed).
+    pub fn instance_addresses(&self) -> Vec<String> {
+        if self.instances.is_empty() {
+            vec![self.address.clone()]
+        } else {
+            self.instances.clone()
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

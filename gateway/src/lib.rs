@@ -12,6 +12,7 @@ mod bound_certs;
 pub mod caller;
 mod config;
 mod console;
+mod custody_instances;
 pub mod db;
 mod decisions;
 mod downstream;
@@ -118,6 +119,11 @@ async fn serve_gateway(
         .unwrap_or_default();
     let admin = admin::Admin {
         custody: admin::CustodyClient::new(backends.custody.channel.clone()),
+        custody_instances: custody_instances::CustodyInstances::new(
+            config.backends.custody.clone(),
+            tls.clone(),
+            backends.custody.channel.clone(),
+        ),
         template: admin::TemplateClient::new(backends.template.channel.clone()),
         directory: admin::DirectoryClient::new(backends.directory.channel.clone()),
         operators,

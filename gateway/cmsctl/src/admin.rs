@@ -5,7 +5,7 @@ use std::io::{BufRead, IsTerminal, Write};
 
 use clap::Subcommand;
 use cms_proto::common::v1::KeyAlgorithm;
-use cms_proto::custody::v1::{AuditHead, SealState, Share};
+use cms_proto::custody::v1::{AuditHead, InstanceSeal, ReplicaRole, SealState, Share};
 use cms_proto::gateway::v1 as gw;
 use data_encoding::HEXUPPER;
 use zeroize::Zeroizing;
@@ -138,6 +138,33 @@ fn seal_name(state: i32) -> &'static str {
     }
 }
 
+/// One line per custody instance: its role and seal, or why it could not be reached.
+fn print_instances(instances: &[InstanceSeal]) {
+    if instances.len() < 2 && instances.iter().all(|i| i.error.is_empty()) {
+        return;
+    }
+    for i in instances {
+        if !i.error.is_empty() {
+            let what = if i.reached { "refused" } else { "not reached" };
+            println!("  {:<24} {what}: {}", i.address, i.error);
+            continue;
+        }
+        let role = match ReplicaRole::try_from(i.role).unwrap_or(ReplicaRole::Unspecified) {
+            ReplicaRole::Active => "active",
+            ReplicaRole::Standby => "standby",
+            ReplicaRole::Unspecified => "",
+        };
+        let mut line = format!("  {:<24} {role:<8} {}", i.address, seal_name(i.seal_state));
+        if i.seal_state == SealState::Sealed as i32 && i.threshold > 0 {
+            line.push_str(&format!(
+                " ({} of {} shares given)",
+                i.progress, i.threshold
+            ));
+        }
+        println!("{line}");
+    }
+}
+
 /// One line from standard input, prompted for when a person is typing.
 fn read_secret_line(prompt: &str) -> Result<Zeroizing<String>, Error> {
     if std::io::stdin().is_terminal() {
@@ -237,10 +264,13 @@ pub async fn custody(cli: &Cli, command: &CustodyCmd) -> Result<bool, Error> {
                 .into_inner();
             if cli.json {
                 print_json(&r, "cms.gateway.v1.UnsealResponse")?;
-            } else if r.seal_state == SealState::Unsealed as i32 {
-                println!("custody is unsealed");
             } else {
-                println!("share accepted: {} of {} given", r.progress, r.threshold);
+                if r.seal_state == SealState::Unsealed as i32 {
+                    println!("custody is unsealed");
+                } else {
+                    println!("share accepted: {} of {} given", r.progress, r.threshold);
+                }
+                print_instances(&r.instances);
             }
             Ok(true)
         }
@@ -262,6 +292,7 @@ pub async fn custody(cli: &Cli, command: &CustodyCmd) -> Result<bool, Error> {
                 print_json(&r, "cms.gateway.v1.SealResponse")?;
             } else {
                 println!("custody is sealed");
+                print_instances(&r.instances);
             }
             Ok(true)
         }

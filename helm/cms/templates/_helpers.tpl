@@ -308,6 +308,10 @@ max_connections = {{ int64 $w.database.maxConnections }}
 address = {{ printf "%s:%d" (include "cms.serviceHost" $b) (int (index $v $backend).port) | toJson }}
 identity = {{ include "cms.spiffeId" $b | toJson }}
 connect_timeout_ms = {{ int64 $w.backends.connectTimeoutMs }}
+{{- if include "cms.activeStandby" $b }}
+# Every custody pod (a headless Service): each gets the Unseal shares and Seal.
+instances = [{{ printf "%s-instances.%s.svc:%d" (include "cms.componentName" $b) $root.Release.Namespace (int (index $v $backend).port) | toJson }}]
+{{- end }}
 {{- end }}
 
 [agent_link]

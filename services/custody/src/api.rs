@@ -17,6 +17,18 @@ use crate::replica::{Replica, STANDBY};
 
 type Rpc<T> = Result<Response<T>, Status>;
 
+/// The active instance's own entry for the gateway's per-instance seal list.
+fn active_instance(seal_state: i32, progress: u32, threshold: u32) -> pb::InstanceSeal {
+    pb::InstanceSeal {
+        reached: true,
+        role: pb::ReplicaRole::Active as i32,
+        seal_state,
+        progress,
+        threshold,
+        ..Default::default()
+    }
+}
+
 fn answer<T>(result: Result<T, Error>) -> Rpc<T> {
     result.map(Response::new).map_err(Status::from)
 }
@@ -41,7 +53,12 @@ impl CustodyService for Replica {
             Ok(custody) => answer(custody.status(&peer).await),
             Err(_standby) => {
                 guards::caller(self.callers(), &peer)?;
+                let (seal_state, unseal_progress, unseal_threshold) =
+                    self.standby_seal.status().await;
                 Ok(Response::new(pb::GetStatusResponse {
+                    seal_state: seal_state as i32,
+                    unseal_progress,
+                    unseal_threshold,
                     detail: STANDBY.into(),
                     version: env!("CARGO_PKG_VERSION").into(),
                     ..Default::default()
@@ -58,16 +75,32 @@ impl CustodyService for Replica {
     }
 
     async fn unseal(&self, request: Request<pb::UnsealRequest>) -> Rpc<pb::UnsealResponse> {
-        let (custody, peer, req) = self.decode(request)?;
+        let Ok(custody) = self.serving() else {
+            // A standby keeps the seal for its turn (see `standby_seal`).
+            let peer = Peer::of(&request);
+            let req = request.into_inner();
+            return answer(self.standby_seal.unseal(self.callers(), &peer, req).await);
+        };
+        let (peer, req) = (Peer::of(&request), request.into_inner());
         let asker = Asker::new(&peer, req.auth.as_ref());
-        let result = custody.unseal(&peer, req).await;
+        let result = custody.unseal(&peer, req).await.map(|mut r| {
+            r.instances = vec![active_instance(r.seal_state, r.progress, r.threshold)];
+            r
+        });
         answer(custody.gate(AdminRpc::Unseal, asker, result).await)
     }
 
     async fn seal(&self, request: Request<pb::SealRequest>) -> Rpc<pb::SealResponse> {
-        let (custody, peer, req) = self.decode(request)?;
+        let Ok(custody) = self.serving() else {
+            let peer = Peer::of(&request);
+            return answer(self.standby_seal.seal(self.callers(), &peer));
+        };
+        let (peer, req) = (Peer::of(&request), request.into_inner());
         let asker = Asker::new(&peer, req.auth.as_ref());
-        let result = custody.seal(&peer, req).await;
+        let result = custody.seal(&peer, req).await.map(|mut r| {
+            r.instances = vec![active_instance(r.seal_state, 0, 0)];
+            r
+        });
         answer(custody.gate(AdminRpc::Seal, asker, result).await)
     }
 

@@ -53,6 +53,7 @@ pub mod seal;
 mod sealing;
 pub mod selftest;
 mod so_token;
+mod standby_seal;
 pub mod store;
 pub mod wrap;
 
@@ -159,7 +160,7 @@ async fn serve_custody(
     let (replica, follower) = match db.get_database_backend() {
         sea_orm::DbBackend::Postgres => {
             readiness.hold(replica::STANDBY);
-            let replica = Arc::new(Replica::standby(options.callers.clone()));
+            let replica = Arc::new(Replica::standby(options.callers.clone(), db.clone()));
             let follower = tokio::spawn(replica::follow_lease(
                 lease::PgLease::new(&db),
                 replica.clone(),
@@ -169,7 +170,7 @@ async fn serve_custody(
             (replica, Some(follower))
         }
         _ => {
-            let replica = Arc::new(Replica::standby(options.callers.clone()));
+            let replica = Arc::new(Replica::standby(options.callers.clone(), db.clone()));
             replica.activate(Custody::open(options).await?).await;
             (replica, None)
         }

@@ -3,7 +3,8 @@
 //! Every replica serves the API, but only the one holding the lease ([`crate::lease`]) has a
 //! [`Custody`]: it alone writes the audit chain and answers. A standby is up (database,
 //! keystore, TLS ready) but reports not ready on `/readyz` and answers every call except
-//! GetStatus with UNAVAILABLE and a retry hint, so a Kubernetes Service sends it nothing.
+//! GetStatus, Unseal and Seal (kept for its turn: [`crate::standby_seal`]) with UNAVAILABLE
+//! and a retry hint, so a Kubernetes Service sends it nothing.
 //!
 //! When a standby takes the lease it opens its `Custody` then, from the database: chain head,
 //! recent card usage and master key state (imports, rotations, retirements) are read as the
@@ -15,12 +16,14 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use cms_kit::ops::Readiness;
+use sea_orm::DatabaseConnection;
 use tonic::Status;
 
 use crate::config::CallerScope;
 use crate::custody::{Custody, Options};
 use crate::error::Error;
 use crate::lease::{POLL, PgLease};
+use crate::standby_seal::StandbySeal;
 use crate::wrap::Kek;
 
 /// Why a standby is not ready, on `/readyz`.
@@ -38,6 +41,8 @@ pub enum Role {
 pub struct Replica {
     active: RwLock<Option<Arc<Custody>>>,
     callers: Vec<CallerScope>,
+    /// The seal kept while standing by: shares handed to every instance unseal it too.
+    pub(crate) standby_seal: StandbySeal,
 }
 
 impl Replica {
@@ -49,14 +54,17 @@ impl Replica {
         Self {
             active: RwLock::new(Some(Arc::new(custody))),
             callers,
+            standby_seal: StandbySeal::new(None),
         }
     }
 
-    /// A replica that waits for the lease.
-    pub fn standby(callers: Vec<CallerScope>) -> Self {
+    /// A replica that waits for the lease; `db` holds the seal metadata its shares are
+    /// checked against.
+    pub fn standby(callers: Vec<CallerScope>, db: DatabaseConnection) -> Self {
         Self {
             active: RwLock::new(None),
             callers,
+            standby_seal: StandbySeal::new(Some(db)),
         }
     }
 
@@ -118,16 +126,16 @@ pub async fn follow_lease(
 ) {
     // Failures are logged when they start, not at every poll.
     let mut failing = false;
-    // Unsealed by custodian shares while this process last served: kept for its next turn.
-    let mut unsealed = None;
     loop {
         match replica.role() {
             Role::Standby => match lease.try_take().await {
                 Ok(true) => {
                     let started = Instant::now();
+                    // Unsealed by shares while standing by, or while this process last served.
+                    let kept = replica.standby_seal.take_kek();
                     let fenced = Options {
                         fence: lease.fence(),
-                        unsealed: unsealed.clone(),
+                        unsealed: kept.clone(),
                         ..options.clone()
                     };
                     match Custody::open(fenced).await {
@@ -142,6 +150,7 @@ pub async fn follow_lease(
                         }
                         Err(e) => {
                             // Nobody serves with state that could not be read: let another try.
+                            replica.standby_seal.keep(kept);
                             lease.give_up();
                             if !failing {
                                 tracing::error!(error = %cms_kit::exit::one_line(&e), "custody lease taken but custody cannot open; lease given up");
@@ -160,7 +169,8 @@ pub async fn follow_lease(
             },
             Role::Active => {
                 if !lease.still_held().await {
-                    unsealed = replica.stand_by().await;
+                    let kek = replica.stand_by().await;
+                    replica.standby_seal.keep(kek);
                     readiness.hold(STANDBY);
                     tracing::error!(
                         "custody lease lost (its database session ended): refusing all calls, standing by"

@@ -163,6 +163,7 @@ impl Custody {
             seal_state: pb::SealState::Unsealed as i32,
             progress,
             threshold,
+            instances: Vec::new(),
         };
         let outcome = {
             let mut state = self.write();
@@ -206,6 +207,7 @@ impl Custody {
                     seal_state: pb::SealState::Sealed as i32,
                     progress,
                     threshold,
+                    instances: Vec::new(),
                 })
             }
             // Recorded as a refused administrative call by `audit::gate`.
@@ -246,6 +248,7 @@ impl Custody {
         tracing::warn!("custody sealed on request");
         Ok(pb::SealResponse {
             seal_state: pb::SealState::Sealed as i32,
+            instances: Vec::new(),
         })
     }
 }

@@ -49,11 +49,21 @@ pub enum ClientError {
 /// A lazily connecting channel: the first request dials, later requests reuse the connection
 /// and a broken one is redialled.
 pub fn channel(upstream: &UpstreamSettings, tls: Arc<TlsSource>) -> Result<Channel, ClientError> {
+    channel_via(upstream, &upstream.address, tls)
+}
+
+/// As [`channel`], but dialling `dial` (one address a DNS name of `upstream.address`
+/// resolved to), while the certificate is checked for the configured host name.
+pub fn channel_via(
+    upstream: &UpstreamSettings,
+    dial: &str,
+    tls: Arc<TlsSource>,
+) -> Result<Channel, ClientError> {
     let (host, _) = split_host(&upstream.address)?;
     let server_name = ServerName::try_from(host.to_owned())
         .map_err(|_| ClientError::Address(upstream.address.clone()))?;
-    let endpoint = Endpoint::from_shared(format!("http://{}", upstream.address))
-        .map_err(|_| ClientError::Address(upstream.address.clone()))?
+    let endpoint = Endpoint::from_shared(format!("http://{dial}"))
+        .map_err(|_| ClientError::Address(dial.to_owned()))?
         .connect_timeout(Duration::from_millis(upstream.connect_timeout_ms))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
