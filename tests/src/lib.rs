@@ -17,10 +17,14 @@ pub mod softhsm;
 use std::path::PathBuf;
 
 /// Path of a workspace binary: in `CMS_BIN_DIR` when set (for example `target/release`, to
-/// benchmark release binaries from a debug test build), else beside the test executable.
+/// benchmark release binaries from a debug test build; a relative path is taken from the
+/// workspace root, since cargo runs tests and benches in the package's directory), else
+/// beside the test executable.
 pub fn binary(name: &str) -> PathBuf {
     let dir = match std::env::var_os("CMS_BIN_DIR") {
-        Some(dir) => PathBuf::from(dir),
+        Some(dir) => std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(dir),
         None => {
             let exe = std::env::current_exe().expect("test executable path");
             // target/<profile>/deps/<test> -> target/<profile>/<name>
