@@ -22,7 +22,6 @@ use tonic::{Code, Request, Response, Status};
 use super::policy::{self, Card};
 use super::{Call, Workflow};
 use crate::Error;
-use crate::approvals::store::{self, Use};
 
 /// Challenge lengths in bytes: 3DES cards 8, AES cards 16.
 const CHALLENGE_LENGTHS: [usize; 2] = [8, 16];
@@ -87,32 +86,14 @@ async fn run(
 
     take_limits(wf, call, &card).await?;
 
-    let approval_id = req.approval_id.trim();
-    if policy::needs_approval(&card, HelpdeskAction::OfflineResponse) {
-        call.decision.rule = "operator_policy.dual_control";
-        call.decision.approval_id = approval_id.to_owned();
-        if approval_id.is_empty() {
-            return Err(Error::refused(
-                Code::FailedPrecondition,
-                ErrorReason::ApprovalRequired,
-                format!(
-                    "template {:?} requires a second operator's approval first: request one (RequestApproval) and pass its id once it is approved",
-                    card.template_name()
-                ),
-            ));
-        }
-        store::consume(
-            &wf.db,
-            &Use {
-                approval_id,
-                requester: call.actor.username(),
-                user_id: &card.user.id,
-                credential_id: &card.credential.id,
-                action: HelpdeskAction::OfflineResponse,
-            },
-        )
-        .await?;
-    }
+    policy::consume_approval(
+        wf,
+        call,
+        &card,
+        HelpdeskAction::OfflineResponse,
+        &req.approval_id,
+    )
+    .await?;
 
     call.decision.rule = "custody";
     let master_key_version = if card.credential.master_key_version != 0 {

@@ -14,6 +14,7 @@ use tonic::Code;
 
 use super::{Call, Settings, Workflow};
 use crate::Error;
+use crate::approvals::store::{self, Use};
 use crate::authz::Actor;
 
 /// A user's card with the template version it was issued under.
@@ -241,6 +242,45 @@ pub fn needs_approval(card: &Card, action: HelpdeskAction) -> bool {
                 | HelpdeskAction::OnlineUnblock
                 | HelpdeskAction::ReadPivPuk
         )
+}
+
+/// Dual control for `action` on `card`: when the template asks for it, the approval
+/// `approval_id` (bound to this requester, user, card and action) is used up, or the call
+/// is refused; otherwise nothing happens. Records the rule and approval in the decision.
+pub async fn consume_approval(
+    wf: &Workflow,
+    call: &mut Call,
+    card: &Card,
+    action: HelpdeskAction,
+    approval_id: &str,
+) -> Result<(), Error> {
+    if !needs_approval(card, action) {
+        return Ok(());
+    }
+    let approval_id = approval_id.trim();
+    call.decision.rule = "operator_policy.dual_control";
+    call.decision.approval_id = approval_id.to_owned();
+    if approval_id.is_empty() {
+        return Err(Error::refused(
+            Code::FailedPrecondition,
+            ErrorReason::ApprovalRequired,
+            format!(
+                "template {:?} requires a second operator's approval first: request one (RequestApproval) and pass its id once it is approved",
+                card.template_name()
+            ),
+        ));
+    }
+    store::consume(
+        &wf.db,
+        &Use {
+            approval_id,
+            requester: call.actor.username(),
+            user_id: &card.user.id,
+            credential_id: &card.credential.id,
+            action,
+        },
+    )
+    .await
 }
 
 /// How long a granted approval stays usable: the template's approval_ttl, or the default.

@@ -12,7 +12,6 @@ use tonic::Code;
 use super::policy;
 use super::{Call, Workflow};
 use crate::Error;
-use crate::approvals::store::{self, Use};
 
 /// PIV allows 6 to 8 characters; 8 when the template says nothing.
 const DEFAULT_PUK_LENGTH: u32 = 8;
@@ -44,32 +43,14 @@ pub async fn read(
             ),
         ));
     }
-    let approval_id = req.approval_id.trim();
-    if policy::needs_approval(&card, HelpdeskAction::ReadPivPuk) {
-        call.decision.rule = "operator_policy.dual_control";
-        call.decision.approval_id = approval_id.to_owned();
-        if approval_id.is_empty() {
-            return Err(Error::refused(
-                Code::FailedPrecondition,
-                ErrorReason::ApprovalRequired,
-                format!(
-                    "template {:?} requires a second operator's approval first: request one (RequestApproval) and pass its id once it is approved",
-                    card.template_name()
-                ),
-            ));
-        }
-        store::consume(
-            &wf.db,
-            &Use {
-                approval_id,
-                requester: call.actor.username(),
-                user_id: &card.user.id,
-                credential_id: &card.credential.id,
-                action: HelpdeskAction::ReadPivPuk,
-            },
-        )
-        .await?;
-    }
+    policy::consume_approval(
+        wf,
+        call,
+        &card,
+        HelpdeskAction::ReadPivPuk,
+        &req.approval_id,
+    )
+    .await?;
     call.decision.rule = "custody";
     let auth = AuthContext {
         actor_kind: call.actor.actor_kind() as i32,
