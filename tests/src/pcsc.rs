@@ -303,7 +303,9 @@ impl Pcscd {
             card_file: card_file.to_owned(),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !card.control.exists() {
+        // The socket's file appears at bind(2), a moment before listen(2): wait until it
+        // takes a connection, not just until it exists.
+        while UnixStream::connect(&card.control).is_err() {
             assert!(
                 Instant::now() < deadline,
                 "cms-vcard did not start: {}",
