@@ -42,3 +42,32 @@ pub fn binary(name: &str) -> PathBuf {
     );
     path
 }
+
+/// A base port for `cms up` / `cms demo --base-port` with the `count` ports after it free,
+/// below the kernel's ephemeral range (32768-60999 here) and vpcd's ports (see
+/// [`pcsc`]), so that no
+/// outgoing connection or kernel-chosen listener of a parallel test takes one before the
+/// services bind them. Each test process starts at its own offset, and a base handed out
+/// once is never handed out again by the same process.
+pub fn free_base_port(count: u16) -> u16 {
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    const LOW: u16 = 10_000;
+    const HIGH: u16 = 20_000;
+    let step = count.max(1).next_multiple_of(16);
+    let slots = (HIGH - LOW) / step;
+    let start = LOW + (std::process::id() % u32::from(slots)) as u16 * step;
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let candidates = (start..HIGH - step).step_by(step.into());
+    for base in candidates.chain((LOW..start).step_by(step.into())) {
+        if given.contains(&base) {
+            continue;
+        }
+        let free = (0..count).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
+        if free {
+            given.push(base);
+            return base;
+        }
+    }
+    panic!("no {count} free ports in a row below {HIGH}");
+}

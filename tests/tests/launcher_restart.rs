@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-/// `cms up` on `data`, ports from a per-process range apart from system.rs's.
+/// `cms up` on `data`, on ports that are free.
 fn cms_up(data: &std::path::Path) -> Child {
-    let base = 42_000 + (std::process::id() % 1_000) as u16 * 20;
+    let base = cms_tests::free_base_port(20);
     Command::new(cms_tests::binary("cms"))
         .args(["up", "--trust-domain", "cms.test", "--base-port"])
         .arg(base.to_string())

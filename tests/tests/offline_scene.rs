@@ -230,22 +230,6 @@ async fn the_helpdesk_unblocks_a_card_in_a_real_reader_through_the_gateway() {
     cluster.stop().await;
 }
 
-/// A base port with the 15 ports `cms demo` uses free, below vpcd's and the kernel's
-/// ephemeral ranges.
-fn free_base_port() -> u16 {
-    let start = 12_000 + (std::process::id() % 400) as u16 * 16;
-    for base in (start..19_000)
-        .step_by(16)
-        .chain((12_000..start).step_by(16))
-    {
-        let free = (0..15u16).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
-        if free {
-            return base;
-        }
-    }
-    panic!("no 15 free ports for cms demo");
-}
-
 #[test]
 fn cms_demo_walks_through_and_stops_on_sigint() {
     let dir = tempfile::tempdir().unwrap();
@@ -255,7 +239,7 @@ fn cms_demo_walks_through_and_stops_on_sigint() {
         .arg("--data-dir")
         .arg(&data)
         .arg("--base-port")
-        .arg(free_base_port().to_string())
+        .arg(cms_tests::free_base_port(15).to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -329,7 +313,7 @@ fn cms_demo_leaves_a_directory_it_did_not_make_alone() {
         .arg("--data-dir")
         .arg(dir.path())
         .arg("--base-port")
-        .arg(free_base_port().to_string())
+        .arg(cms_tests::free_base_port(15).to_string())
         .stdin(Stdio::null())
         .output()
         .expect("run cms demo");

@@ -84,7 +84,7 @@ async fn cmsctl_status_fails_when_a_backend_is_down() {
 /// `cms up` on a data dir, with ports from a per-process range (the launcher's ports are
 /// fixed by design; the pid keeps parallel runs apart).
 fn cms_up(data: &std::path::Path) -> Child {
-    let base = 20_000 + (std::process::id() % 2_000) as u16 * 20;
+    let base = cms_tests::free_base_port(20);
     Command::new(cms_tests::binary("cms"))
         .args(["up", "--trust-domain", "cms.test", "--base-port"])
         .arg(base.to_string())
