@@ -10,7 +10,7 @@
 //!     cargo bench -p cms-directory --bench search -- --users 100000 --credentials 120000 --no-postgres
 //!
 //! Options: --users N, --credentials N, --queries N (per kind), --import-users N,
-//! --no-postgres, --no-sqlite, --data DIR (keep both databases in DIR, and on later runs with
+//! --no-postgres, --no-sqlite, --query Q (only Q, repeatable), --data DIR (keep both databases in DIR, and on later runs with
 //! the same --users/--credentials search them again instead of loading them anew).
 //! PostgreSQL binaries: /usr/lib/postgresql/*/bin or $CMS_TEST_PG_BIN.
 
@@ -36,6 +36,8 @@ struct Args {
     sqlite: bool,
     postgres: bool,
     registrations: usize,
+    /// Only these queries, each timed (`--query Q`, repeatable): for looking into one.
+    only: Vec<String>,
 }
 
 fn args() -> Args {
@@ -48,6 +50,7 @@ fn args() -> Args {
         sqlite: true,
         postgres: true,
         registrations: 2_000,
+        only: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -65,6 +68,7 @@ fn args() -> Args {
             "--data" => a.data = it.next().map(PathBuf::from),
             "--no-sqlite" => a.sqlite = false,
             "--registrations" => a.registrations = num("--registrations"),
+            "--query" => a.only.extend(it.next()),
             "--bench" => {}
             other => panic!("unknown argument {other:?}"),
         }
@@ -886,7 +890,11 @@ async fn run() {
     let t = Instant::now();
     let people = people(a.users, a.credentials, 1);
     println!("generated data in {:.1} s", t.elapsed().as_secs_f64());
-    let sets = query_sets(&people, a.queries, 42);
+    let sets = if a.only.is_empty() {
+        query_sets(&people, a.queries, 42)
+    } else {
+        vec![("given", a.only.clone())]
+    };
     // None when nothing is measured (an import-only run has no users to draw queries from).
     let warm_ups = query_sets(&people, WARM_UP_QUERIES.min(a.queries), 7);
     let data_set = format!("{} users, {} credentials", a.users, a.credentials);
