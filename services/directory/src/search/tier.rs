@@ -3,7 +3,7 @@
 
 use sea_orm::{ConnectionTrait, DbBackend, FromQueryResult};
 
-use super::filters::{Filters, push_after};
+use super::filters::{Filters, push_after, result_columns};
 use crate::Error;
 use crate::entity::user;
 use crate::normalize::{self, FIELD_SEP};
@@ -11,9 +11,15 @@ use crate::search;
 use crate::util::{Sql, now_micros};
 
 /// Chunks of the rarest list a search reads in its first window of ranks; a further window
-/// is at most `WINDOW_GROWTH` times as large as the one before.
+/// is at most `WINDOW_GROWTH` times as large as the one before. Where the first window found
+/// nothing (a card serial matches one user), the next reaches about as far as the matches
+/// wanted need at most: one more round trip rather than several growing ones.
 const WINDOW_CHUNKS: i64 = 1;
-const WINDOW_GROWTH: i64 = 4;
+const WINDOW_GROWTH: i64 = 32;
+
+/// Candidates checked at once while the lists have let through mostly not matches and another
+/// list could still rule them out: reading that list costs less than checking hundreds.
+const PROBE: usize = 64;
 
 /// Chunks of the rarest list for the next window after one of `chunks`, for `missing` more
 /// matches, `found` of them in the `read` chunks so far: as many as the matches so far say
@@ -105,14 +111,18 @@ async fn check<C: ConnectionTrait>(
         // A lateral subquery with a LIMIT is never pulled up into a join: each candidate is
         // looked up in the array's order, and the outer LIMIT stops at the first matches
         // instead of reading and sorting every candidate.
-        sql.push("SELECT u.* FROM unnest(string_to_array(")
+        sql.push("SELECT ")
+            .push(result_columns(backend))
+            .push(" FROM unnest(string_to_array(")
             .bind(ranks.join(","))
             .push(
                 ", ',')::bigint[]) AS c(r) CROSS JOIN LATERAL \
                  (SELECT * FROM users x WHERE x.sort_rank = c.r LIMIT 1) u WHERE 1 = 1",
             );
     } else {
-        sql.push("SELECT u.* FROM json_each(")
+        sql.push("SELECT ")
+            .push(result_columns(backend))
+            .push(" FROM json_each(")
             .bind(format!("[{}]", ranks.join(",")))
             .push(") AS c CROSS JOIN users u ON u.sort_rank = c.value WHERE 1 = 1");
     }
@@ -214,11 +224,13 @@ async fn walk_names<C: ConnectionTrait>(
     let backend = db.get_database_backend();
     let mut sql = Sql::new(backend);
     // SQLite is told to walk the name index: left alone it may scan and sort everything.
-    sql.push(if backend == DbBackend::Postgres {
-        "SELECT u.* FROM users u WHERE 1 = 1"
-    } else {
-        "SELECT u.* FROM users u INDEXED BY users_order WHERE 1 = 1"
-    });
+    sql.push("SELECT ")
+        .push(result_columns(backend))
+        .push(if backend == DbBackend::Postgres {
+            " FROM users u WHERE 1 = 1"
+        } else {
+            " FROM users u INDEXED BY users_order WHERE 1 = 1"
+        });
     conditions(&mut sql);
     sql.push(" ORDER BY u.display_key, u.username_key, u.id LIMIT ")
         .bind(i64::try_from(need).unwrap_or(i64::MAX));
@@ -376,7 +388,10 @@ impl Scan {
         let mut rest = candidates;
         while !rest.is_empty() && self.out.len() < self.need {
             let missing = self.need - self.out.len();
-            let batch = check_batch(missing, self.checked, self.out.len());
+            let mut batch = check_batch(missing, self.checked, self.out.len());
+            if self.spare.len() > 0 && self.out.len() * 4 < self.checked {
+                batch = batch.min(PROBE);
+            }
             let (now, later) = rest.split_at(batch.min(rest.len()));
             self.checked += now.len();
             let found = check(db, now, conditions, missing).await?;
