@@ -2,8 +2,9 @@
 //! page, and exact employee (external) ids.
 
 use cms_proto::directory::v1::{SearchUsersRequest, UserStatus};
-use sea_orm::{ConnectionTrait, DbBackend, FromQueryResult};
+use sea_orm::ConnectionTrait;
 
+use super::rows;
 use crate::Error;
 use crate::entity::user;
 use crate::users::{MAX_EXTERNAL_ID, MAX_ORG_UNIT};
@@ -144,9 +145,8 @@ pub(super) async fn external_id_matches<C: ConnectionTrait>(
         return Ok(Vec::new());
     }
     let mut sql = Sql::new(db.get_database_backend());
-    let columns = result_columns(sql.backend);
     sql.push("SELECT ")
-        .push(columns)
+        .push(&rows::select_list())
         .push(" FROM users u WHERE u.external_id IN (");
     push_list(&mut sql, ids);
     sql.push(")");
@@ -154,35 +154,6 @@ pub(super) async fn external_id_matches<C: ConnectionTrait>(
     push_after(&mut sql, after);
     sql.push(" ORDER BY u.display_key, u.username_key, u.id LIMIT ")
         .bind(i64::try_from(need).unwrap_or(i64::MAX));
-    db.query_all_raw(sql.statement())
-        .await?
-        .iter()
-        .map(|row| user::Model::from_query_result(row, "").map_err(Error::from))
-        .collect()
-}
-
-/// The columns of a user a search returns, as `u`'s: all but the search documents (the
-/// longest of a row, which no result shows) and the TOTP secrets (which a search has no use
-/// for), given as empty in their place.
-pub(super) fn result_columns(backend: DbBackend) -> &'static str {
-    macro_rules! shown {
-        () => {
-            "u.num, u.id, u.username, u.username_key, u.display_name, u.display_key, u.email, \
-             u.phone, u.org_unit, u.status, u.external_id, u.source, u.failed_attempts, \
-             u.locked_until, u.questions_enrolled, u.questions_updated_at, u.totp_state, \
-             u.totp_confirmed_at, u.totp_last_step, u.totp_pending_until, u.created_at, \
-             u.updated_at, u.revision, u.sort_rank, '' AS search_doc, '' AS prefix_doc, \
-             '' AS totp_params, '' AS totp_pending_params, "
-        };
-    }
-    match backend {
-        DbBackend::Postgres => concat!(
-            shown!(),
-            "CAST(NULL AS bytea) AS totp_secret, CAST(NULL AS bytea) AS totp_pending_secret"
-        ),
-        _ => concat!(
-            shown!(),
-            "CAST(NULL AS BLOB) AS totp_secret, CAST(NULL AS BLOB) AS totp_pending_secret"
-        ),
-    }
+    // In page order (the caller merges them with the word starts' and sorts those).
+    rows::fetch(db, sql).await
 }

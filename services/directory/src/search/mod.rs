@@ -28,6 +28,7 @@
 //! * [`store`]: the stored lists: counts, chunks, windows of ranks; writing changes; filling.
 //! * [`changes`]: posting changes gathered in memory (one user, or a bulk load).
 //! * [`rank`]: sort ranks, placed between neighbours, renumbered when crowded.
+//! * [`rows`]: the users a search returns, with the columns a result shows.
 //! * [`txn`]: one writer at a time, one snapshot per search, the WAL checkpoint after imports.
 
 mod changes;
@@ -37,6 +38,7 @@ mod grams;
 mod page;
 mod plan;
 mod rank;
+mod rows;
 mod store;
 mod tier;
 mod txn;

@@ -1,9 +1,10 @@
 //! One tier of a search: its candidates from the index in page order, window by window,
 //! checked against the text in batches.
 
-use sea_orm::{ConnectionTrait, DbBackend, FromQueryResult};
+use sea_orm::{ConnectionTrait, DbBackend};
 
-use super::filters::{Filters, push_after, result_columns};
+use super::filters::{Filters, push_after};
+use super::rows;
 use crate::Error;
 use crate::entity::user;
 use crate::normalize::{self, FIELD_SEP};
@@ -112,7 +113,7 @@ async fn check<C: ConnectionTrait>(
         // looked up in the array's order, and the outer LIMIT stops at the first matches
         // instead of reading and sorting every candidate.
         sql.push("SELECT ")
-            .push(result_columns(backend))
+            .push(&rows::select_list())
             .push(" FROM unnest(string_to_array(")
             .bind(ranks.join(","))
             .push(
@@ -121,7 +122,7 @@ async fn check<C: ConnectionTrait>(
             );
     } else {
         sql.push("SELECT ")
-            .push(result_columns(backend))
+            .push(&rows::select_list())
             .push(" FROM json_each(")
             .bind(format!("[{}]", ranks.join(",")))
             .push(") AS c CROSS JOIN users u ON u.sort_rank = c.value WHERE 1 = 1");
@@ -132,12 +133,7 @@ async fn check<C: ConnectionTrait>(
     // below all the same.
     sql.push(" LIMIT ")
         .bind(i64::try_from(missing).unwrap_or(i64::MAX));
-    let mut found = db
-        .query_all_raw(sql.statement())
-        .await?
-        .iter()
-        .map(|row| user::Model::from_query_result(row, "").map_err(Error::from))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut found = rows::fetch(db, sql).await?;
     found.sort_by_key(|m| m.sort_rank);
     Ok(found)
 }
@@ -225,7 +221,7 @@ async fn walk_names<C: ConnectionTrait>(
     let mut sql = Sql::new(backend);
     // SQLite is told to walk the name index: left alone it may scan and sort everything.
     sql.push("SELECT ")
-        .push(result_columns(backend))
+        .push(&rows::select_list())
         .push(if backend == DbBackend::Postgres {
             " FROM users u WHERE 1 = 1"
         } else {
@@ -234,11 +230,12 @@ async fn walk_names<C: ConnectionTrait>(
     conditions(&mut sql);
     sql.push(" ORDER BY u.display_key, u.username_key, u.id LIMIT ")
         .bind(i64::try_from(need).unwrap_or(i64::MAX));
-    db.query_all_raw(sql.statement())
-        .await?
-        .iter()
-        .map(|row| user::Model::from_query_result(row, "").map_err(Error::from))
-        .collect()
+    // Keys compare bytewise in both databases (COLLATE "C" on PostgreSQL), as here.
+    let mut found = rows::fetch(db, sql).await?;
+    found.sort_by(|a, b| {
+        (&a.display_key, &a.username_key, &a.id).cmp(&(&b.display_key, &b.username_key, &b.id))
+    });
+    Ok(found)
 }
 
 /// The lists a tier intersects: the rarest (see [`search::lists_to_read`]), with those an
