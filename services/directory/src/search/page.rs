@@ -5,9 +5,10 @@ use cms_proto::common::v1::PageResponse;
 use cms_proto::directory::v1::{
     MatchField, SearchUsersRequest, SearchUsersResponse, UserSearchResult,
 };
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder};
+use sea_orm::ConnectionTrait;
 
 use super::filters::{Filters, external_id_matches, external_ids};
+use super::rows;
 use super::tier::{IndexView, search_tier};
 use crate::entity::{credential, user};
 use crate::users::{MAX_QUERY, to_proto};
@@ -156,15 +157,7 @@ async fn credentials_of<C: ConnectionTrait>(
     db: &C,
     page: &[(user::Model, u8)],
 ) -> Result<Vec<credential::Model>, Error> {
-    let user_ids: Vec<String> = page.iter().map(|(m, _)| m.id.clone()).collect();
-    if user_ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    Ok(credential::Entity::find()
-        .filter(credential::Column::UserId.is_in(user_ids))
-        .order_by_desc(credential::Column::IssuedAt)
-        .all(db)
-        .await?)
+    rows::credentials_of(db, page.iter().map(|(m, _)| m.id.clone()).collect()).await
 }
 
 /// What a search looked for, to say which fields and credentials of a user matched.

@@ -1,15 +1,18 @@
 //! The users a search returns, with only the columns a result shows: not the search
-//! documents (the longest of a row) nor the TOTP secrets (which a search has no use for).
+//! documents (the longest of a row) nor the TOTP secrets (which a search has no use for);
+//! and their cards.
 //!
-//! On SQLite they come back as one JSON row: sqlx hands each row over from its connection's
+//! On SQLite both come back as one JSON row: sqlx hands each row over from its connection's
 //! worker thread separately, about 15 µs a row, several times what SQLite takes to find it,
-//! and a page is twenty rows and more.
+//! and a page is twenty users and more, with their cards.
 
-use sea_orm::{ConnectionTrait, DbBackend, FromQueryResult};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
+};
 use serde::Deserialize;
 
 use crate::Error;
-use crate::entity::user;
+use crate::entity::{credential, user};
 use crate::util::Sql;
 
 /// The columns shown, in the order of [`Shown`]'s fields (a JSON array is read in it).
@@ -138,4 +141,103 @@ pub(super) async fn fetch<C: ConnectionTrait>(db: &C, sql: Sql) -> Result<Vec<us
     let shown: Vec<Shown> = serde_json::from_str(&text)
         .map_err(|e| Error::Internal(format!("reading searched users: {e}")))?;
     Ok(shown.into_iter().map(user::Model::from).collect())
+}
+
+/// A card as the JSON array of [`credentials_of`] holds it on SQLite: blobs in hex, the flag
+/// as the integer SQLite stores.
+#[derive(Deserialize)]
+struct Card {
+    id: String,
+    user_id: String,
+    card_id: String,
+    serial: String,
+    serial_key: String,
+    atr: String,
+    profile: i32,
+    template_id: String,
+    template_version: i64,
+    master_key_version: i64,
+    puk_version: i64,
+    puk_rotation_pending: i64,
+    status: i32,
+    status_reason: String,
+    issued_at: i64,
+    last_unblock_at: Option<i64>,
+    last_unblock_flow: i32,
+    unblock_count: i64,
+    updated_at: i64,
+    label: String,
+}
+
+impl TryFrom<Card> for credential::Model {
+    type Error = Error;
+
+    fn try_from(c: Card) -> Result<Self, Error> {
+        let bytes = |hex: &str| {
+            data_encoding::HEXUPPER
+                .decode(hex.as_bytes())
+                .map_err(|e| Error::Internal(format!("reading searched cards: {e}")))
+        };
+        Ok(Self {
+            card_id: bytes(&c.card_id)?,
+            atr: bytes(&c.atr)?,
+            id: c.id,
+            user_id: c.user_id,
+            serial: c.serial,
+            serial_key: c.serial_key,
+            profile: c.profile,
+            template_id: c.template_id,
+            template_version: c.template_version,
+            master_key_version: c.master_key_version,
+            puk_version: c.puk_version,
+            puk_rotation_pending: c.puk_rotation_pending != 0,
+            status: c.status,
+            status_reason: c.status_reason,
+            issued_at: c.issued_at,
+            last_unblock_at: c.last_unblock_at,
+            last_unblock_flow: c.last_unblock_flow,
+            unblock_count: c.unblock_count,
+            updated_at: c.updated_at,
+            label: c.label,
+        })
+    }
+}
+
+/// The cards of users `user_ids`, newest first.
+pub(super) async fn credentials_of<C: ConnectionTrait>(
+    db: &C,
+    user_ids: Vec<String>,
+) -> Result<Vec<credential::Model>, Error> {
+    if user_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    if db.get_database_backend() == DbBackend::Postgres {
+        return Ok(credential::Entity::find()
+            .filter(credential::Column::UserId.is_in(user_ids))
+            .order_by_desc(credential::Column::IssuedAt)
+            .all(db)
+            .await?);
+    }
+    let mut sql = Sql::new(DbBackend::Sqlite);
+    sql.push(
+        "SELECT json_group_array(json_array(id, user_id, hex(card_id), serial, serial_key, \
+         hex(atr), profile, template_id, template_version, master_key_version, puk_version, \
+         puk_rotation_pending, status, status_reason, issued_at, last_unblock_at, \
+         last_unblock_flow, unblock_count, updated_at, label)) AS cards \
+         FROM credentials WHERE user_id IN (SELECT value FROM json_each(",
+    )
+    .bind(serde_json::Value::from(user_ids).to_string())
+    .push("))");
+    let Some(row) = db.query_one_raw(sql.statement()).await? else {
+        return Ok(Vec::new());
+    };
+    let text: String = row.try_get("", "cards")?;
+    let cards: Vec<Card> = serde_json::from_str(&text)
+        .map_err(|e| Error::Internal(format!("reading searched cards: {e}")))?;
+    let mut out = cards
+        .into_iter()
+        .map(credential::Model::try_from)
+        .collect::<Result<Vec<_>, _>>()?;
+    out.sort_by_key(|c| std::cmp::Reverse(c.issued_at));
+    Ok(out)
 }
