@@ -29,6 +29,9 @@ pub const COLUMNS: [&str; 6] = [
 const IMPORT_CACHE_KIB: u32 = 131_072;
 /// Most errors reported for one input.
 const MAX_ERRORS: usize = 1_000;
+/// Records from which on an import gives its memory back when done (see [`crate::memory`]):
+/// a smaller one leaves little behind, and the pool's connections stay warm.
+const LARGE_IMPORT: usize = 10_000;
 
 /// One validated input record.
 #[derive(Clone, Debug)]
@@ -341,6 +344,22 @@ impl Directory {
         options: Options,
         progress: &mut (dyn FnMut(Progress) + Send),
     ) -> Result<ImportReport, Error> {
+        let large = records.len() >= LARGE_IMPORT;
+        let outcome = self.apply_records(records, source, options, progress).await;
+        // Everything the import held is freed by now (an error's too).
+        if large {
+            crate::memory::release_after_import(&self.db).await;
+        }
+        outcome
+    }
+
+    async fn apply_records(
+        &self,
+        records: Vec<Record>,
+        source: UserSource,
+        options: Options,
+        progress: &mut (dyn FnMut(Progress) + Send),
+    ) -> Result<ImportReport, Error> {
         let started = now_micros();
         let total = records.len() as u64;
         progress(Progress {
@@ -605,7 +624,8 @@ impl Directory {
         }
         drop((creates, fields, updates));
         // Freed on another thread while the commit runs.
-        let freed = tokio::task::spawn_blocking(move || drop((records, by_name, by_external)));
+        let freed =
+            tokio::task::spawn_blocking(move || drop((records, keys, by_name, by_external)));
         if let Some(size) = cache_size {
             txn.execute_unprepared(&format!("PRAGMA cache_size = {size}"))
                 .await?;
@@ -613,7 +633,6 @@ impl Directory {
         txn.commit().await?;
         search::checkpoint(&self.db).await;
         let _ = freed.await;
-        release_memory(&self.db).await;
         progress(Progress {
             phase: "done",
             read: total,
@@ -632,44 +651,6 @@ impl Directory {
         Ok(report)
     }
 }
-
-/// Gives back the memory an import used: the SQLite page cache of the connection that ran it
-/// (grown for the import) and of the others, down to what they still need; then the blocks
-/// freed on the heap, which glibc keeps in its arenas (one per thread that allocated) for
-/// reuse, so that the process stayed as large as the import made it.
-async fn release_memory(db: &sea_orm::DatabaseConnection) {
-    if db.get_database_backend() == sea_orm::DbBackend::Sqlite {
-        // The idle connections of the pool, each held until all are done (so that none is
-        // taken twice).
-        let pool = db.get_sqlite_connection_pool();
-        let mut held = Vec::new();
-        while let Some(mut connection) = pool.try_acquire() {
-            if let Err(e) = sea_orm::sqlx::query("PRAGMA shrink_memory")
-                .execute(&mut *connection)
-                .await
-            {
-                tracing::debug!(error = %e, "shrinking a connection's cache failed");
-            }
-            held.push(connection);
-        }
-    }
-    let _ = tokio::task::spawn_blocking(trim_heap).await;
-}
-
-/// Returns the free memory at the top and in the middle of glibc's heaps to the system.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn trim_heap() {
-    // SAFETY: malloc_trim takes no pointers and only walks glibc's own heaps under their
-    // locks; any thread may call it at any time.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-/// Other C libraries give freed memory back on their own (or keep no arenas to trim).
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim_heap() {}
 
 #[cfg(test)]
 mod tests {

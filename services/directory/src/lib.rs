@@ -16,6 +16,7 @@ pub mod entity;
 mod error;
 pub mod import;
 mod ldap;
+mod memory;
 pub mod migration;
 pub mod normalize;
 mod operators;
@@ -505,6 +506,8 @@ impl Directory {
                 ImportPart::Empty => {}
             }
         }
+        // The request's buffers go now, not after the import (they would miss its trim).
+        drop(stream);
         let received = csv.len() as u64;
         progress(
             import::Progress {
@@ -579,6 +582,7 @@ async fn serve_directory(
     listeners: Listeners,
     shutdown: Shutdown,
 ) -> Result<(), Error> {
+    memory::tune_allocator();
     let tls = TlsSource::load(config.tls.clone())?;
     let key = secrets::SecretKey::load(config.secrets.key_file.as_deref(), &config.data_dir)?;
     let db = open_database(&config).await?;

@@ -1,0 +1,92 @@
+//! Giving memory back after a bulk import, so that the process returns to about its idle size.
+//!
+//! What an import leaves behind, measured on the real process (tests/benches/directory_import.rs):
+//! SQLite's page cache and prepared statements of the connection that ran it (its statement
+//! cache holds the big multi-row INSERTs), and glibc's heaps: freed blocks stay in the arenas
+//! (one per thread that allocated) for reuse until `malloc_trim` returns them, and the few
+//! blocks still in use are scattered over the pages the import filled, pinning them.
+
+use std::time::Duration;
+
+use sea_orm::{DatabaseConnection, DbBackend};
+
+/// Longest wait for a connection that is busy (or on its way back to the pool) when
+/// releasing memory: a search holding one is not waited for longer.
+const ACQUIRE_WAIT: Duration = Duration::from_millis(250);
+
+/// Sets how the allocator serves large blocks, once at start. glibc raises its threshold for
+/// serving a block from its own mapping each time such a block is freed (up to 32 MiB), so that
+/// after the first big buffer an import's buffers (CSV chunks, record vectors, hash tables)
+/// come from the arenas, where they fragment the heap and stay resident. A fixed threshold
+/// keeps blocks of 128 KiB and more in mappings of their own, returned whole when freed.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+pub fn tune_allocator() {
+    const MMAP_THRESHOLD: libc::c_int = 128 * 1024;
+    // SAFETY: mallopt takes two integers and changes glibc's own settings under its lock;
+    // any thread may call it at any time.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+    }
+}
+
+/// Other C libraries have no such adaptive threshold.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn tune_allocator() {}
+
+/// Gives back the memory an import used: each SQLite connection's page cache and prepared
+/// statements (the import's own connection included: it may still be on its way back to the
+/// pool), then the free memory of the heaps.
+pub async fn release_after_import(db: &DatabaseConnection) {
+    if db.get_database_backend() == DbBackend::Sqlite {
+        use sea_orm::sqlx::Connection;
+        let pool = db.get_sqlite_connection_pool();
+        // Each connection is held until all are done, so that none is taken twice.
+        let mut held = Vec::new();
+        while held.len() < pool.size() as usize {
+            let connection = match pool.try_acquire() {
+                Some(c) => c,
+                None => match tokio::time::timeout(ACQUIRE_WAIT, pool.acquire()).await {
+                    Ok(Ok(c)) => c,
+                    _ => break,
+                },
+            };
+            held.push(connection);
+        }
+        // One connection stays open, emptied; the others are closed (with their caches,
+        // statements and buffers): the pool opens new ones when the load needs them.
+        let mut held = held.into_iter();
+        if let Some(mut kept) = held.next() {
+            if let Err(e) = sea_orm::sqlx::query("PRAGMA shrink_memory")
+                .execute(&mut *kept)
+                .await
+            {
+                tracing::debug!(error = %e, "shrinking a connection's page cache failed");
+            }
+            if let Err(e) = kept.clear_cached_statements().await {
+                tracing::debug!(error = %e, "clearing a connection's statements failed");
+            }
+        }
+        for connection in held {
+            if let Err(e) = connection.close().await {
+                tracing::debug!(error = %e, "closing a connection failed");
+            }
+        }
+    }
+    let _ = tokio::task::spawn_blocking(trim_heap).await;
+}
+
+/// Returns the free memory at the top and in the middle of glibc's heaps to the system.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn trim_heap() {
+    // SAFETY: malloc_trim takes no pointers and only walks glibc's own heaps under their
+    // locks; any thread may call it at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Other C libraries give freed memory back on their own (or keep no arenas to trim).
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_heap() {}
