@@ -8,6 +8,7 @@ use cms_proto::directory::v1::{ImportError, ImportReport, UserSource, UserStatus
 use sea_orm::ActiveValue::Set;
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter};
 
+use crate::csv_upload::Utf8Chunks;
 use crate::entity::{credential, user};
 use crate::normalize;
 use crate::search::{self, Changes};
@@ -77,31 +78,24 @@ pub fn parse_csv(
     has_header: bool,
     delimiter: u8,
 ) -> Result<Vec<Record>, Vec<ImportError>> {
-    let bytes = bytes
-        .strip_prefix(b"\xEF\xBB\xBF".as_slice())
-        .unwrap_or(bytes);
-    if let Err(e) = std::str::from_utf8(bytes) {
-        let at = e.valid_up_to();
-        let line = bytes[..at].iter().filter(|b| **b == b'\n').count() as u64 + 1;
-        return Err(vec![error(
-            line,
-            "",
-            format!(
-                "invalid UTF-8 at byte {} of the file: save it as UTF-8",
-                at + 1
-            ),
-        )]);
-    }
-    // In CSV, quotes come in pairs (open and close, or "" inside a quoted field): an odd
-    // count means a quoted field runs to the end of the file.
-    let unbalanced_quotes = bytes.iter().filter(|b| **b == b'"').count() % 2 == 1;
+    let chunks = bytes.chunks(64 * 1024).map(<[u8]>::to_vec);
+    parse_source(Utf8Chunks::new(chunks), has_header, delimiter)
+}
+
+/// Parses the CSV that `source` reads (as it arrives), as [`parse_csv`].
+pub(crate) fn parse_source<I: Iterator<Item = Vec<u8>>>(
+    mut source: Utf8Chunks<I>,
+    has_header: bool,
+    delimiter: u8,
+) -> Result<Vec<Record>, Vec<ImportError>> {
     let mut last_start = 0u64;
     let mut header_only = false;
+    let mut header_failed = false;
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
         .delimiter(delimiter)
-        .from_reader(bytes);
+        .from_reader(&mut source);
     let mut errors = Vec::new();
     let mut records = Vec::new();
     let mut columns: Vec<usize> = (0..COLUMNS.len()).collect();
@@ -166,7 +160,8 @@ pub fn parse_csv(
             }
             expected = columns.len();
             if !errors.is_empty() {
-                return Err(errors);
+                header_failed = true;
+                break;
             }
             continue;
         }
@@ -237,6 +232,18 @@ pub fn parse_csv(
             Err((column, message)) => errors.push(error(line, &column, message)),
         }
     }
+    drop(reader);
+    // The rest of the file after too many errors: only its bytes are checked and counted.
+    let _ = std::io::copy(&mut source, &mut std::io::sink());
+    if let Some(invalid) = source.invalid {
+        return Err(vec![invalid]);
+    }
+    if header_failed {
+        return Err(errors);
+    }
+    // In CSV, quotes come in pairs (open and close, or "" inside a quoted field): an odd
+    // count means a quoted field runs to the end of the file.
+    let unbalanced_quotes = source.quotes % 2 == 1;
     if unbalanced_quotes && last_start > 0 {
         // Whatever was said about the swallowed lines is a consequence, not the cause.
         errors.retain(|e| e.line < last_start);
