@@ -9,22 +9,21 @@
 //! ```
 //! `--users N` (default 1,000,000); `--postgres` runs it again with the directory on a
 //! throwaway PostgreSQL cluster (tests/src/postgres.rs). `CMS_BIN_DIR` picks the service
-//! binaries, as for the helpdesk_offline bench. The target (issue 12): after the import the
+//! binaries, as for the helpdesk_offline bench; `CMS_BENCH_SAMPLES=1` prints every 100 ms
+//! sample, `CMS_BENCH_HOLD=<secs>` keeps the process up afterwards (to look inside with
+//! `gdb -p`: `call (void)malloc_stats()`). The target (issue 12): after the import the
 //! process holds at most 2x its idle memory. `RssAnon` is the measure: the process's own
 //! memory. `VmRSS` also counts the pages of SQLite's memory map of the database file
 //! (`RssFile`), which are the kernel's page cache and are given back under memory pressure.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cms_launcher::layout::{Layout, Peers, Ports};
-use cms_launcher::supervise;
 use cms_proto::directory::v1::{
     ImportUsersOptions, ImportUsersRequest, SearchUsersRequest, import_users_request::Payload,
 };
-use cms_tests::pki::{TRUST_DOMAIN, TestPki};
+use cms_tests::directory_process::{self, Memory};
 use cms_tests::postgres::Postgres;
 
 /// Bytes per CSV chunk, as cmsctl sends them.
@@ -57,120 +56,16 @@ fn args() -> Args {
     a
 }
 
-/// splitmix64: deterministic data without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
-        from[(self.next() % from.len() as u64) as usize]
-    }
-}
-
-const FIRST: &[&str] = &[
-    "James", "Mary", "John", "Patricia", "Robert", "Jennifer", "Michael", "Linda", "Zoë",
-    "Chloé", "Jürgen", "Søren", "Agnès", "Łukasz", "Renée", "José", "François", "Björn", "Inés",
-    "Ólafur", "Dörte", "Małgorzata", "Håkon", "Noémie", "Li", "Wei", "Yuki", "Aarav", "Fatima",
-    "Omar", "Ngozi", "Kwame", "Priya",
-];
-const SYLLABLES: &[&str] = &[
-    "an", "ber", "ca", "dal", "en", "fer", "gar", "hol", "in", "jo", "kel", "lan", "mor", "nor",
-    "os", "par", "quin", "ros", "sch", "tan", "ul", "van", "wil", "xa", "yor", "zim", "mül", "øst",
-    "bré", "ström", "son", "mann", "berg", "ley", "ton", "ski", "ez", "ini", "ova", "dt",
-];
-const OUS: &[&str] = &[
-    "Finance",
-    "Finance/Payroll",
-    "IT",
-    "IT/Operations",
-    "HR",
-    "Sales/EMEA",
-    "R&D/Lab",
-    "Legal",
-];
-const DOMAINS: &[&str] = &["example.com", "corp.example.org", "mail.example.net"];
-
-/// `users` users as CSV with a header: unique usernames and employee ids, names with
-/// diacritics, some hyphenated or with an apostrophe.
-fn csv(users: usize) -> Vec<u8> {
-    use std::fmt::Write;
-    let mut rng = Rng(7);
-    let mut out = String::from("username,display_name,email,phone,org_unit,external_id\n");
-    for i in 0..users {
-        let first = rng.pick(FIRST);
-        let mut last = String::new();
-        for _ in 0..2 + rng.next() % 2 {
-            last.push_str(rng.pick(SYLLABLES));
-        }
-        let mut last: String = match last.chars().next() {
-            Some(c) => c.to_uppercase().chain(last.chars().skip(1)).collect(),
-            None => last,
-        };
-        match i % 50 {
-            0 => last.insert_str(0, "O'"),
-            1 => last.push_str("-Smith"),
-            _ => {}
-        }
-        let ascii: String = format!("{first}.{last}")
-            .chars()
-            .filter(char::is_ascii_alphanumeric)
-            .collect::<String>()
-            .to_lowercase();
-        let _ = writeln!(
-            out,
-            "{ascii}{i},\"{first} {last}\",{ascii}{}@{},+1555{:07},{},E{i:08}",
-            i % 1000,
-            rng.pick(DOMAINS),
-            i,
-            rng.pick(OUS),
-        );
-    }
-    out.into_bytes()
-}
-
-/// One reading of /proc/<pid>/status, KiB.
-#[derive(Clone, Copy, Debug, Default)]
-struct Memory {
-    vm_rss: u64,
-    rss_anon: u64,
-    rss_file: u64,
-}
-
-impl Memory {
-    fn of(pid: u32) -> Self {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|kb| kb.parse().ok())
-                .unwrap_or(0)
-        };
-        Self {
-            vm_rss: field("VmRSS:"),
-            rss_anon: field("RssAnon:"),
-            rss_file: field("RssFile:"),
-        }
-    }
-
-    fn row(&self, what: &str, idle: &Memory) {
-        let mib = |kib: u64| kib as f64 / 1024.0;
-        println!(
-            "{what:<10} {:>9.1} {:>9.1} {:>9.1} {:>8.2}x",
-            mib(self.vm_rss),
-            mib(self.rss_anon),
-            mib(self.rss_file),
-            self.rss_anon as f64 / idle.rss_anon.max(1) as f64,
-        );
-    }
+/// One line of the table: MiB, and own memory against idle.
+fn row(what: &str, m: &Memory, idle: &Memory) {
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    println!(
+        "{what:<10} {:>9.1} {:>9.1} {:>9.1} {:>8.2}x",
+        mib(m.vm_rss),
+        mib(m.rss_anon),
+        mib(m.rss_file),
+        m.rss_anon as f64 / idle.rss_anon.max(1) as f64,
+    );
 }
 
 /// The largest of each field over `samples` (not necessarily one sample).
@@ -186,38 +81,9 @@ fn file_size(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
-/// Starts `cms serve directory` in `dir` with `extra` appended to its config.
-async fn start_directory(dir: &Path, extra: &str) -> (Layout, supervise::Service) {
-    let _pki = TestPki::new(dir);
-    let layout = Layout::new(dir, TRUST_DOMAIN).expect("layout");
-    layout.create_dirs().expect("dirs");
-    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-    let text = layout
-        .service_config(
-            "directory",
-            Ports {
-                grpc: any,
-                ops: any,
-            },
-            &Peers::default(),
-            extra,
-        )
-        .expect("config");
-    std::fs::write(layout.config_path("directory"), text).expect("write config");
-    let service = supervise::start(
-        &cms_tests::binary("cms"),
-        &layout,
-        "directory",
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    (layout, service)
-}
-
 async fn run(backend: &str, extra: &str, csv: Arc<Vec<u8>>, users: usize) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (layout, mut service) = start_directory(dir.path(), extra).await;
+    let (layout, mut service) = directory_process::start(dir.path(), extra).await;
     let pid = service.process.id().expect("directory pid");
     let mut client =
         cms_launcher::bootstrap::directory_client(&layout, service.grpc).expect("client");
@@ -270,7 +136,9 @@ async fn run(backend: &str, extra: &str, csv: Arc<Vec<u8>>, users: usize) {
     sampler.abort();
     let after = Memory::of(pid);
     assert_eq!(report.created as usize, users, "{report:?}");
-    let wal = layout.service_dir("directory").join("directory.sqlite3-wal");
+    let wal = layout
+        .service_dir("directory")
+        .join("directory.sqlite3-wal");
     let wal_after = file_size(&wal);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let later = Memory::of(pid);
@@ -288,10 +156,10 @@ async fn run(backend: &str, extra: &str, csv: Arc<Vec<u8>>, users: usize) {
             .join(" ")
     );
     println!("           VmRSS MiB RssAnon MiB RssFile MiB  RssAnon/idle");
-    idle.row("idle", &idle);
-    during.row("peak", &idle);
-    after.row("after", &idle);
-    later.row("after+5s", &idle);
+    row("idle", &idle, &idle);
+    row("peak", &during, &idle);
+    row("after", &after, &idle);
+    row("after+5s", &later, &idle);
     if backend == "sqlite" {
         println!(
             "WAL after the import: {:.1} MiB; database {:.1} MiB",
@@ -309,7 +177,10 @@ async fn run(backend: &str, extra: &str, csv: Arc<Vec<u8>>, users: usize) {
             );
         }
     }
-    if let Some(secs) = std::env::var("CMS_BENCH_HOLD").ok().and_then(|s| s.parse().ok()) {
+    if let Some(secs) = std::env::var("CMS_BENCH_HOLD")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
         // Time to look inside (gdb -p, heaptrack) before it stops.
         println!("holding the directory (pid {pid}) for {secs} s");
         tokio::time::sleep(Duration::from_secs(secs)).await;
@@ -321,7 +192,7 @@ async fn run(backend: &str, extra: &str, csv: Arc<Vec<u8>>, users: usize) {
 async fn main() {
     let a = args();
     let t = Instant::now();
-    let csv = Arc::new(csv(a.users));
+    let csv = Arc::new(directory_process::users_csv(a.users));
     println!(
         "directory import benchmark: {} users, CSV {:.1} MiB (generated in {:.1} s), binaries {}",
         a.users,
