@@ -423,7 +423,7 @@ impl Directory {
         .collect();
 
         let mut creates = Vec::new();
-        let mut updates: Vec<(&user::Model, UserFields)> = Vec::new();
+        let mut updates: Vec<(&user::Model, &UserFields)> = Vec::new();
         // Users whose status the source sets: (num, new status).
         let mut statuses: Vec<(i64, UserStatus)> = Vec::new();
         let mut unchanged = 0u64;
@@ -450,7 +450,9 @@ impl Directory {
                         ));
                         continue;
                     }
-                    matched.insert(m.num);
+                    if options.disable_missing {
+                        matched.insert(m.num);
+                    }
                     let changed = UserFields::of(m) != r.fields;
                     if source == UserSource::Csv
                         && m.source == UserSource::Ldap as i32
@@ -473,7 +475,7 @@ impl Directory {
                         statuses.push((m.num, status));
                     }
                     if options.update_existing && changed {
-                        updates.push((m, r.fields.clone()));
+                        updates.push((m, &r.fields));
                     } else if status.is_some() {
                         // Counted as updated: its status changed.
                     } else {
@@ -482,6 +484,8 @@ impl Directory {
                 }
             }
         }
+        // A folded copy of every username is no longer needed: freed on another thread.
+        let keys_freed = tokio::task::spawn_blocking(move || drop(keys));
         if !errors.is_empty() {
             return Err(Error::Import(describe(&errors, 20)));
         }
@@ -498,10 +502,12 @@ impl Directory {
         } else {
             Vec::new()
         };
+        let updated: HashSet<i64> = updates.iter().map(|(m, _)| m.num).collect();
         let status_only = statuses
             .iter()
-            .filter(|(num, _)| !updates.iter().any(|(m, _)| m.num == *num))
+            .filter(|(num, _)| !updated.contains(num))
             .count() as u64;
+        drop(updated);
         let mut report = ImportReport {
             created: creates.len() as u64,
             updated: updates.len() as u64 + status_only,
@@ -632,14 +638,14 @@ impl Directory {
         drop((creates, fields, updates));
         // Freed on another thread while the commit runs.
         let freed =
-            tokio::task::spawn_blocking(move || drop((records, keys, by_name, by_external)));
+            tokio::task::spawn_blocking(move || drop((records, by_name, by_external, matched)));
         if let Some(size) = cache_size {
             txn.execute_unprepared(&format!("PRAGMA cache_size = {size}"))
                 .await?;
         }
         txn.commit().await?;
         search::checkpoint(&self.db).await;
-        let _ = freed.await;
+        let _ = (freed.await, keys_freed.await);
         progress(Progress {
             phase: "done",
             read: total,
