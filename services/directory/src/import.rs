@@ -352,7 +352,9 @@ impl Directory {
         progress: &mut (dyn FnMut(Progress) + Send),
     ) -> Result<ImportReport, Error> {
         let large = records.len() >= LARGE_IMPORT;
+        let trimmer = large.then(crate::memory::Trimmer::start);
         let outcome = self.apply_records(records, source, options, progress).await;
+        drop(trimmer);
         // Everything the import held is freed by now (an error's too).
         if large {
             crate::memory::release_after_import(&self.db).await;

@@ -34,6 +34,31 @@ pub fn tune_allocator() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn tune_allocator() {}
 
+/// How often the heaps are trimmed while an import runs.
+const TRIM_EVERY: Duration = Duration::from_secs(1);
+
+/// Trims the heaps every [`TRIM_EVERY`] until dropped: an import frees its work buffers
+/// round after round on several threads, and glibc keeps each thread's freed blocks in that
+/// thread's arena, where the others cannot reuse them.
+pub struct Trimmer(tokio::task::JoinHandle<()>);
+
+impl Trimmer {
+    pub fn start() -> Self {
+        Self(tokio::spawn(async {
+            loop {
+                tokio::time::sleep(TRIM_EVERY).await;
+                let _ = tokio::task::spawn_blocking(trim_heap).await;
+            }
+        }))
+    }
+}
+
+impl Drop for Trimmer {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Gives back the memory an import used: each SQLite connection's page cache and prepared
 /// statements (the import's own connection included: it may still be on its way back to the
 /// pool), then the free memory of the heaps.
