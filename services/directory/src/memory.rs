@@ -1,13 +1,16 @@
 //! Giving memory back after a bulk import, so that the process returns to about its idle size.
 //!
 //! What an import leaves behind, measured on the real process (tests/benches/directory_import.rs):
-//! SQLite's page cache and prepared statements of the connection that ran it (its statement
-//! cache holds the big multi-row INSERTs), and glibc's heaps: freed blocks stay in the arenas
+//! the page cache (SQLite), prepared statements and grown buffers of the connections that ran
+//! it (their statement caches hold the big multi-row INSERTs), and glibc's heaps: freed blocks stay in the arenas
 //! (one per thread that allocated) for reuse until `malloc_trim` returns them, and the few
 //! blocks still in use are scattered over the pages the import filled, pinning them.
 
 use std::time::Duration;
 
+use sea_orm::sqlx::database::HasStatementCache;
+use sea_orm::sqlx::pool::PoolConnection;
+use sea_orm::sqlx::{Connection, Database, Pool};
 use sea_orm::{DatabaseConnection, DbBackend};
 
 /// Longest wait for a connection that is busy (or on its way back to the pool) when
@@ -59,46 +62,60 @@ impl Drop for Trimmer {
     }
 }
 
-/// Gives back the memory an import used: each SQLite connection's page cache and prepared
-/// statements (the import's own connection included: it may still be on its way back to the
+/// Gives back the memory an import used: each connection's cache, prepared statements and
+/// buffers (the import's own connection included: it may still be on its way back to the
 /// pool), then the free memory of the heaps.
 pub async fn release_after_import(db: &DatabaseConnection) {
-    if db.get_database_backend() == DbBackend::Sqlite {
-        use sea_orm::sqlx::Connection;
-        let pool = db.get_sqlite_connection_pool();
-        // Each connection is held until all are done, so that none is taken twice.
-        let mut held = Vec::new();
-        while held.len() < pool.size() as usize {
-            let connection = match pool.try_acquire() {
-                Some(c) => c,
-                None => match tokio::time::timeout(ACQUIRE_WAIT, pool.acquire()).await {
-                    Ok(Ok(c)) => c,
-                    _ => break,
-                },
-            };
-            held.push(connection);
-        }
-        // One connection stays open, emptied; the others are closed (with their caches,
-        // statements and buffers): the pool opens new ones when the load needs them.
-        let mut held = held.into_iter();
-        if let Some(mut kept) = held.next() {
-            if let Err(e) = sea_orm::sqlx::query("PRAGMA shrink_memory")
-                .execute(&mut *kept)
-                .await
+    match db.get_database_backend() {
+        DbBackend::Sqlite => {
+            let mut held = take_all(db.get_sqlite_connection_pool()).await;
+            if let Some(kept) = held.first_mut()
+                && let Err(e) = sea_orm::sqlx::query("PRAGMA shrink_memory")
+                    .execute(&mut **kept)
+                    .await
             {
                 tracing::debug!(error = %e, "shrinking a connection's page cache failed");
             }
-            if let Err(e) = kept.clear_cached_statements().await {
-                tracing::debug!(error = %e, "clearing a connection's statements failed");
-            }
+            keep_one(held).await;
         }
-        for connection in held {
-            if let Err(e) = connection.close().await {
-                tracing::debug!(error = %e, "closing a connection failed");
-            }
-        }
+        DbBackend::Postgres => keep_one(take_all(db.get_postgres_connection_pool()).await).await,
+        _ => {}
     }
     let _ = tokio::task::spawn_blocking(trim_heap).await;
+}
+
+/// Every connection of `pool`, each held until all are taken (so that none is taken twice);
+/// one that stays busy longer than [`ACQUIRE_WAIT`] is left alone.
+async fn take_all<DB: Database>(pool: &Pool<DB>) -> Vec<PoolConnection<DB>> {
+    let mut held = Vec::new();
+    while held.len() < pool.size() as usize {
+        match pool.try_acquire() {
+            Some(c) => held.push(c),
+            None => match tokio::time::timeout(ACQUIRE_WAIT, pool.acquire()).await {
+                Ok(Ok(c)) => held.push(c),
+                _ => break,
+            },
+        }
+    }
+    held
+}
+
+/// Keeps the first connection of `held`, emptied of its prepared statements and with its
+/// buffers shrunk, and closes the others (with all they hold): the pool opens new ones when
+/// the load needs them.
+async fn keep_one<DB: Database + HasStatementCache>(held: Vec<PoolConnection<DB>>) {
+    let mut held = held.into_iter();
+    if let Some(mut kept) = held.next() {
+        if let Err(e) = kept.clear_cached_statements().await {
+            tracing::debug!(error = %e, "clearing a connection's statements failed");
+        }
+        kept.shrink_buffers();
+    }
+    for connection in held {
+        if let Err(e) = connection.close().await {
+            tracing::debug!(error = %e, "closing a connection failed");
+        }
+    }
 }
 
 /// Returns the free memory at the top and in the middle of glibc's heaps to the system.
