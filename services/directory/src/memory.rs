@@ -2,9 +2,10 @@
 //!
 //! What an import leaves behind, measured on the real process (tests/benches/directory_import.rs):
 //! the page cache (SQLite), prepared statements and grown buffers of the connections that ran
-//! it (their statement caches hold the big multi-row INSERTs), and glibc's heaps: freed blocks stay in the arenas
-//! (one per thread that allocated) for reuse until `malloc_trim` returns them, and the few
-//! blocks still in use are scattered over the pages the import filled, pinning them.
+//! it (their statement caches hold the big multi-row INSERTs), and glibc's heaps: freed blocks
+//! stay in the arenas (one per thread that allocated) for reuse until `malloc_trim` returns
+//! them, and the few blocks still in use are scattered over the pages the import filled,
+//! pinning them.
 
 use std::time::Duration;
 
