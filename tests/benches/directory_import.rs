@@ -77,6 +77,19 @@ fn peak(samples: &[Memory]) -> Memory {
     })
 }
 
+/// User + system CPU time of a process, s (/proc/<pid>/stat, in USER_HZ = 100 per second).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name (in parentheses, may hold spaces): utime and stime
+    // are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<u64> = rest
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    (fields.get(11).unwrap_or(&0) + fields.get(12).unwrap_or(&0)) as f64 / 100.0
+}
+
 fn file_size(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
@@ -97,6 +110,7 @@ async fn run(backend: &str, extra: &str, csv: Arc<Vec<u8>>, users: usize) {
         .expect("search");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = Memory::of(pid);
+    let cpu_before = cpu_secs(pid);
 
     let samples = Arc::new(Mutex::new(Vec::new()));
     let sampler = {
@@ -135,6 +149,7 @@ async fn run(backend: &str, extra: &str, csv: Arc<Vec<u8>>, users: usize) {
     let took = started.elapsed();
     sampler.abort();
     let after = Memory::of(pid);
+    let cpu = cpu_secs(pid) - cpu_before;
     assert_eq!(report.created as usize, users, "{report:?}");
     let wal = layout
         .service_dir("directory")
@@ -145,7 +160,7 @@ async fn run(backend: &str, extra: &str, csv: Arc<Vec<u8>>, users: usize) {
     let during = peak(&samples.lock().expect("samples"));
 
     println!(
-        "\n{backend}: {users} users imported in {:.1} s = {:.0} users/s (load average {})",
+        "\n{backend}: {users} users imported in {:.1} s = {:.0} users/s, directory CPU {cpu:.1} s (load average {})",
         took.as_secs_f64(),
         users as f64 / took.as_secs_f64(),
         std::fs::read_to_string("/proc/loadavg")
