@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod custody;
+pub mod directory_process;
 pub mod inproc;
 pub mod ldap;
 pub mod pcsc;

@@ -8,6 +8,7 @@ use cms_proto::directory::v1::{ImportError, ImportReport, UserSource, UserStatus
 use sea_orm::ActiveValue::Set;
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter};
 
+use crate::csv_upload::Utf8Chunks;
 use crate::entity::{credential, user};
 use crate::normalize;
 use crate::search::{self, Changes};
@@ -29,6 +30,9 @@ pub const COLUMNS: [&str; 6] = [
 const IMPORT_CACHE_KIB: u32 = 131_072;
 /// Most errors reported for one input.
 const MAX_ERRORS: usize = 1_000;
+/// Records from which on an import gives its memory back when done (see [`crate::memory`]):
+/// a smaller one leaves little behind, and the pool's connections stay warm.
+const LARGE_IMPORT: usize = 10_000;
 
 /// One validated input record.
 #[derive(Clone, Debug)]
@@ -74,31 +78,24 @@ pub fn parse_csv(
     has_header: bool,
     delimiter: u8,
 ) -> Result<Vec<Record>, Vec<ImportError>> {
-    let bytes = bytes
-        .strip_prefix(b"\xEF\xBB\xBF".as_slice())
-        .unwrap_or(bytes);
-    if let Err(e) = std::str::from_utf8(bytes) {
-        let at = e.valid_up_to();
-        let line = bytes[..at].iter().filter(|b| **b == b'\n').count() as u64 + 1;
-        return Err(vec![error(
-            line,
-            "",
-            format!(
-                "invalid UTF-8 at byte {} of the file: save it as UTF-8",
-                at + 1
-            ),
-        )]);
-    }
-    // In CSV, quotes come in pairs (open and close, or "" inside a quoted field): an odd
-    // count means a quoted field runs to the end of the file.
-    let unbalanced_quotes = bytes.iter().filter(|b| **b == b'"').count() % 2 == 1;
+    let chunks = bytes.chunks(64 * 1024).map(<[u8]>::to_vec);
+    parse_source(Utf8Chunks::new(chunks), has_header, delimiter)
+}
+
+/// Parses the CSV that `source` reads (as it arrives), as [`parse_csv`].
+pub(crate) fn parse_source<I: Iterator<Item = Vec<u8>>>(
+    mut source: Utf8Chunks<I>,
+    has_header: bool,
+    delimiter: u8,
+) -> Result<Vec<Record>, Vec<ImportError>> {
     let mut last_start = 0u64;
     let mut header_only = false;
+    let mut header_failed = false;
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
         .delimiter(delimiter)
-        .from_reader(bytes);
+        .from_reader(&mut source);
     let mut errors = Vec::new();
     let mut records = Vec::new();
     let mut columns: Vec<usize> = (0..COLUMNS.len()).collect();
@@ -163,7 +160,8 @@ pub fn parse_csv(
             }
             expected = columns.len();
             if !errors.is_empty() {
-                return Err(errors);
+                header_failed = true;
+                break;
             }
             continue;
         }
@@ -234,6 +232,18 @@ pub fn parse_csv(
             Err((column, message)) => errors.push(error(line, &column, message)),
         }
     }
+    drop(reader);
+    // The rest of the file after too many errors: only its bytes are checked and counted.
+    let _ = std::io::copy(&mut source, &mut std::io::sink());
+    if let Some(invalid) = source.invalid {
+        return Err(vec![invalid]);
+    }
+    if header_failed {
+        return Err(errors);
+    }
+    // In CSV, quotes come in pairs (open and close, or "" inside a quoted field): an odd
+    // count means a quoted field runs to the end of the file.
+    let unbalanced_quotes = source.quotes % 2 == 1;
     if unbalanced_quotes && last_start > 0 {
         // Whatever was said about the swallowed lines is a consequence, not the cause.
         errors.retain(|e| e.line < last_start);
@@ -341,6 +351,24 @@ impl Directory {
         options: Options,
         progress: &mut (dyn FnMut(Progress) + Send),
     ) -> Result<ImportReport, Error> {
+        let large = records.len() >= LARGE_IMPORT;
+        let trimmer = large.then(crate::memory::Trimmer::start);
+        let outcome = self.apply_records(records, source, options, progress).await;
+        drop(trimmer);
+        // Everything the import held is freed by now (an error's too).
+        if large {
+            crate::memory::release_after_import(&self.db).await;
+        }
+        outcome
+    }
+
+    async fn apply_records(
+        &self,
+        records: Vec<Record>,
+        source: UserSource,
+        options: Options,
+        progress: &mut (dyn FnMut(Progress) + Send),
+    ) -> Result<ImportReport, Error> {
         let started = now_micros();
         let total = records.len() as u64;
         progress(Progress {
@@ -397,7 +425,7 @@ impl Directory {
         .collect();
 
         let mut creates = Vec::new();
-        let mut updates: Vec<(&user::Model, UserFields)> = Vec::new();
+        let mut updates: Vec<(&user::Model, &UserFields)> = Vec::new();
         // Users whose status the source sets: (num, new status).
         let mut statuses: Vec<(i64, UserStatus)> = Vec::new();
         let mut unchanged = 0u64;
@@ -424,7 +452,9 @@ impl Directory {
                         ));
                         continue;
                     }
-                    matched.insert(m.num);
+                    if options.disable_missing {
+                        matched.insert(m.num);
+                    }
                     let changed = UserFields::of(m) != r.fields;
                     if source == UserSource::Csv
                         && m.source == UserSource::Ldap as i32
@@ -447,7 +477,7 @@ impl Directory {
                         statuses.push((m.num, status));
                     }
                     if options.update_existing && changed {
-                        updates.push((m, r.fields.clone()));
+                        updates.push((m, &r.fields));
                     } else if status.is_some() {
                         // Counted as updated: its status changed.
                     } else {
@@ -456,6 +486,8 @@ impl Directory {
                 }
             }
         }
+        // A folded copy of every username is no longer needed: freed on another thread.
+        let keys_freed = tokio::task::spawn_blocking(move || drop(keys));
         if !errors.is_empty() {
             return Err(Error::Import(describe(&errors, 20)));
         }
@@ -472,10 +504,12 @@ impl Directory {
         } else {
             Vec::new()
         };
+        let updated: HashSet<i64> = updates.iter().map(|(m, _)| m.num).collect();
         let status_only = statuses
             .iter()
-            .filter(|(num, _)| !updates.iter().any(|(m, _)| m.num == *num))
+            .filter(|(num, _)| !updated.contains(num))
             .count() as u64;
+        drop(updated);
         let mut report = ImportReport {
             created: creates.len() as u64,
             updated: updates.len() as u64 + status_only,
@@ -605,15 +639,15 @@ impl Directory {
         }
         drop((creates, fields, updates));
         // Freed on another thread while the commit runs.
-        let freed = tokio::task::spawn_blocking(move || drop((records, by_name, by_external)));
+        let freed =
+            tokio::task::spawn_blocking(move || drop((records, by_name, by_external, matched)));
         if let Some(size) = cache_size {
             txn.execute_unprepared(&format!("PRAGMA cache_size = {size}"))
                 .await?;
         }
         txn.commit().await?;
         search::checkpoint(&self.db).await;
-        let _ = freed.await;
-        release_memory(&self.db).await;
+        let _ = (freed.await, keys_freed.await);
         progress(Progress {
             phase: "done",
             read: total,
@@ -632,44 +666,6 @@ impl Directory {
         Ok(report)
     }
 }
-
-/// Gives back the memory an import used: the SQLite page cache of the connection that ran it
-/// (grown for the import) and of the others, down to what they still need; then the blocks
-/// freed on the heap, which glibc keeps in its arenas (one per thread that allocated) for
-/// reuse, so that the process stayed as large as the import made it.
-async fn release_memory(db: &sea_orm::DatabaseConnection) {
-    if db.get_database_backend() == sea_orm::DbBackend::Sqlite {
-        // The idle connections of the pool, each held until all are done (so that none is
-        // taken twice).
-        let pool = db.get_sqlite_connection_pool();
-        let mut held = Vec::new();
-        while let Some(mut connection) = pool.try_acquire() {
-            if let Err(e) = sea_orm::sqlx::query("PRAGMA shrink_memory")
-                .execute(&mut *connection)
-                .await
-            {
-                tracing::debug!(error = %e, "shrinking a connection's cache failed");
-            }
-            held.push(connection);
-        }
-    }
-    let _ = tokio::task::spawn_blocking(trim_heap).await;
-}
-
-/// Returns the free memory at the top and in the middle of glibc's heaps to the system.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn trim_heap() {
-    // SAFETY: malloc_trim takes no pointers and only walks glibc's own heaps under their
-    // locks; any thread may call it at any time.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-/// Other C libraries give freed memory back on their own (or keep no arenas to trim).
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim_heap() {}
 
 #[cfg(test)]
 mod tests {

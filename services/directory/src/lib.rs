@@ -11,11 +11,13 @@ pub mod card_import;
 mod card_writer;
 mod config;
 mod credentials;
+mod csv_upload;
 mod enrol;
 pub mod entity;
 mod error;
 pub mod import;
 mod ldap;
+mod memory;
 pub mod migration;
 pub mod normalize;
 mod operators;
@@ -462,7 +464,8 @@ impl Directory {
             None => return Err(Error::invalid("options", "the import stream was empty")),
         };
         let delimiter = card_import::delimiter(&options.delimiter)?;
-        let mut csv = Vec::new();
+        // Parsed as it arrives: the file is never whole in memory.
+        let mut upload = csv_upload::CsvUpload::start(options.has_header, delimiter);
         let mut next_report = 1 << 20;
         while let Some(message) = stream.next().await {
             let message = message.map_err(|s| {
@@ -473,7 +476,7 @@ impl Directory {
             })?;
             match message.into() {
                 ImportPart::Chunk(chunk) => {
-                    if (csv.len() + chunk.len()) as u64 > self.import.max_bytes {
+                    if upload.received() + chunk.len() as u64 > self.import.max_bytes {
                         return Err(Error::invalid(
                             "csv_chunk",
                             format!(
@@ -482,8 +485,8 @@ impl Directory {
                             ),
                         ));
                     }
-                    csv.extend_from_slice(&chunk);
-                    if csv.len() >= next_report {
+                    upload.push(chunk).await;
+                    if upload.received() >= next_report {
                         next_report += 1 << 20;
                         progress(
                             import::Progress {
@@ -492,7 +495,7 @@ impl Directory {
                                 applied: 0,
                                 total: 0,
                             },
-                            csv.len() as u64,
+                            upload.received(),
                         );
                     }
                 }
@@ -505,7 +508,9 @@ impl Directory {
                 ImportPart::Empty => {}
             }
         }
-        let received = csv.len() as u64;
+        // The request's buffers go now, not after the import (they would miss its trim).
+        drop(stream);
+        let received = upload.received();
         progress(
             import::Progress {
                 phase: "parsing",
@@ -515,12 +520,11 @@ impl Directory {
             },
             received,
         );
-        let records = tokio::task::spawn_blocking(move || {
-            import::parse_csv(&csv, options.has_header, delimiter)
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("parsing task: {e}")))?
-        .map_err(|errors| Error::Import(import::describe(&errors, 20)))?;
+        let records = upload
+            .finish()
+            .await
+            .map_err(Error::Internal)?
+            .map_err(|errors| Error::Import(import::describe(&errors, 20)))?;
         self.apply_import(
             records,
             UserSource::Csv,
@@ -579,6 +583,7 @@ async fn serve_directory(
     listeners: Listeners,
     shutdown: Shutdown,
 ) -> Result<(), Error> {
+    memory::tune_allocator();
     let tls = TlsSource::load(config.tls.clone())?;
     let key = secrets::SecretKey::load(config.secrets.key_file.as_deref(), &config.data_dir)?;
     let db = open_database(&config).await?;
