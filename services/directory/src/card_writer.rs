@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::Error;
-use crate::card_import::{LOOKUP_KEYS, json_list};
+use crate::card_import::{LOOKUP_KEYS, in_json_list};
 use crate::entity::{credential, user};
 use crate::search::{self, Changes};
 use crate::users::UserFields;
@@ -215,8 +215,8 @@ async fn users_by_id(db: &DatabaseTransaction, ids: &[&str]) -> Result<Vec<user:
     let mut out = Vec::new();
     for chunk in ids.chunks(LOOKUP_KEYS) {
         let mut sql = Sql::new(db.get_database_backend());
-        sql.push("SELECT * FROM users WHERE id IN ");
-        json_list(&mut sql, chunk)?;
+        sql.push("SELECT * FROM users WHERE ");
+        in_json_list(&mut sql, "id", chunk)?;
         for row in db.query_all_raw(sql.statement()).await? {
             out.push(user::Model::from_query_result(&row, "")?);
         }
@@ -293,21 +293,28 @@ pub(crate) async fn refresh_documents(
     owners: &[&user::Model],
     changes: &mut Changes,
 ) -> Result<(), Error> {
-    let mut serials: HashMap<String, Vec<String>> = HashMap::new();
+    let mut rows: Vec<(String, i64, String, String)> = Vec::new();
     let ids: Vec<&str> = owners.iter().map(|m| m.id.as_str()).collect();
     for chunk in ids.chunks(LOOKUP_KEYS) {
         let mut sql = Sql::new(txn.get_database_backend());
-        sql.push("SELECT user_id, serial FROM credentials WHERE user_id IN ");
-        json_list(&mut sql, chunk)?;
-        // The order of `users::serials_of`, ties broken by id (new cards come last).
-        sql.push(" ORDER BY user_id, issued_at, id");
+        // Sorted here, not by the database: no order that a plan could serve by walking the
+        // whole owner index instead of looking each owner up.
+        sql.push("SELECT user_id, issued_at, id, serial FROM credentials WHERE ");
+        in_json_list(&mut sql, "user_id", chunk)?;
         for row in txn.query_all_raw(sql.statement()).await? {
-            let owner: String = row.try_get("", "user_id")?;
-            serials
-                .entry(owner)
-                .or_default()
-                .push(row.try_get("", "serial")?);
+            rows.push((
+                row.try_get("", "user_id")?,
+                row.try_get("", "issued_at")?,
+                row.try_get("", "id")?,
+                row.try_get("", "serial")?,
+            ));
         }
+    }
+    // The order of `users::serials_of`, ties broken by id (new cards come last).
+    rows.sort_unstable();
+    let mut serials: HashMap<String, Vec<String>> = HashMap::new();
+    for (owner, _, _, serial) in rows {
+        serials.entry(owner).or_default().push(serial);
     }
     let mut docs = Vec::with_capacity(owners.len());
     for m in owners {
