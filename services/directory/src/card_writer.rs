@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use cms_proto::directory::v1::UserStatus;
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DatabaseTransaction, FromQueryResult, TransactionTrait,
-    Value,
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, FromQueryResult,
+    SqlxSqliteConnector, TransactionTrait, Value,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -58,10 +58,14 @@ pub(crate) struct CardWriter {
 }
 
 impl CardWriter {
-    /// Starts the writer on `db` (on the current tokio runtime).
+    /// Starts the writer on `db` (on the current tokio runtime), with a connection of its own
+    /// on SQLite.
     pub fn start(db: DatabaseConnection) -> Self {
         let (jobs, queue) = mpsc::channel(QUEUE);
-        tokio::spawn(run(db, queue));
+        tokio::spawn(async move {
+            let db = own_connection(db).await;
+            run(db, queue).await
+        });
         Self { jobs }
     }
 
@@ -79,6 +83,36 @@ impl CardWriter {
         answer
             .await
             .map_err(|_| Error::Busy("the card writer stopped; try again shortly".into()))?
+    }
+}
+
+/// The writer's own connection to `db`'s SQLite file (`db` itself on PostgreSQL, or when one
+/// cannot be opened). A connection drops its whole page cache whenever it begins a
+/// transaction after another connection wrote: taking whichever pooled connection was free,
+/// each group started on a cold cache (and emptying a large one costs time of its own), so a
+/// registration alone took twice as long.
+async fn own_connection(db: DatabaseConnection) -> DatabaseConnection {
+    if db.get_database_backend() != DbBackend::Sqlite {
+        return db;
+    }
+    let options = (*db.get_sqlite_connection_pool().connect_options()).clone();
+    if options.get_filename() == std::path::Path::new(":memory:") {
+        return db; // each connection would be a database of its own
+    }
+    let own = sea_orm::sqlx::pool::PoolOptions::<sea_orm::sqlx::Sqlite>::new()
+        .max_connections(1)
+        .min_connections(1)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .test_before_acquire(false)
+        .connect_with(options)
+        .await;
+    match own {
+        Ok(pool) => SqlxSqliteConnector::from_sqlx_sqlite_pool(pool),
+        Err(e) => {
+            tracing::warn!(error = %e, "the card writer shares the pool's connections");
+            db
+        }
     }
 }
 
