@@ -9,13 +9,13 @@
 //! past that it is refused as busy (UNAVAILABLE with a retry hint), never written, so a
 //! client may retry it safely.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use cms_proto::directory::v1::UserStatus;
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, FromQueryResult,
-    SqlxSqliteConnector, TransactionTrait, Value,
+    SqlxSqliteConnector, Value,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -173,7 +173,6 @@ async fn commit(
     let mut taken = holders(&txn, &card_ids).await?;
     let mut results = Vec::with_capacity(cards.len());
     let mut rows = Vec::with_capacity(cards.len());
-    let mut changed: HashMap<i64, &user::Model> = HashMap::new();
     for card in cards {
         let result = match owners.get(&card.row.user_id) {
             None => Err(Error::NotFound(format!("user {}", card.row.user_id))),
@@ -188,7 +187,6 @@ async fn commit(
             )),
             Some(m) => {
                 taken.insert(card.row.card_id.clone(), m.id.clone());
-                changed.insert(m.num, m);
                 rows.push(card.row.clone());
                 Ok(())
             }
@@ -196,52 +194,31 @@ async fn commit(
         results.push(result);
     }
     // The write lock keeps other registrations and imports out, so the card ids checked above
-    // stay new. Should one be taken all the same, each card is written alone, in a savepoint
-    // of its own, so that only that one is refused.
-    let mut changes = Changes::default();
-    let savepoint = txn.begin().await?;
-    match insert_cards(&savepoint, &rows).await {
-        Ok(()) => {
-            savepoint.commit().await?;
-            let owners: Vec<&user::Model> = changed.into_values().collect();
-            refresh_documents(&txn, &owners, &mut changes).await?;
+    // stay new. Should one be taken all the same, only that card is refused: the INSERT skips
+    // it and says which it wrote (no savepoint, and no second pass card by card).
+    let written = insert_new_cards(&txn, &rows).await?;
+    let mut changed: HashMap<i64, &user::Model> = HashMap::new();
+    for (card, result) in cards.iter().zip(results.iter_mut()) {
+        if result.is_err() {
+            continue;
         }
-        Err(Error::Storage(e)) if crate::util::unique_violation(&e) => {
-            savepoint.rollback().await?;
-            for (card, result) in cards.iter().zip(results.iter_mut()) {
-                if result.is_ok() {
-                    *result = one_by_one(&txn, card, &mut changes).await?;
-                }
+        match owners.get(&card.row.user_id) {
+            Some(m) if written.contains(&card.row.card_id) => {
+                changed.insert(m.num, m);
+            }
+            _ => {
+                *result = Err(Error::AlreadyExists(
+                    "a credential with this card_id is already registered".into(),
+                ));
             }
         }
-        Err(e) => return Err(e),
     }
+    let mut changes = Changes::default();
+    let owners: Vec<&user::Model> = changed.into_values().collect();
+    refresh_documents(&txn, &owners, &mut changes).await?;
     search::apply(&txn, changes).await?;
     txn.commit().await?;
     Ok(results)
-}
-
-/// Writes `card` in a savepoint of `txn`: its result, or the storage error that stops the
-/// group.
-async fn one_by_one(
-    txn: &DatabaseTransaction,
-    card: &NewCard,
-    changes: &mut Changes,
-) -> Result<Result<(), Error>, Error> {
-    let savepoint = txn.begin().await?;
-    let mut own = Changes::default();
-    match crate::Directory::register_in(&savepoint, card, &mut own).await {
-        Ok(()) => {
-            savepoint.commit().await?;
-            changes.merge(own);
-            Ok(Ok(()))
-        }
-        Err(e @ Error::Storage(_)) => Err(e),
-        Err(e) => {
-            savepoint.rollback().await?;
-            Ok(Err(e))
-        }
-    }
 }
 
 /// The users with the ids `ids`.
@@ -281,43 +258,65 @@ pub(crate) async fn insert_cards(
     rows: &[credential::Model],
 ) -> Result<(), Error> {
     for chunk in rows.chunks(INSERT_ROWS) {
-        let mut sql = Sql::new(txn.get_database_backend());
-        sql.push(
-            "INSERT INTO credentials (id, user_id, card_id, serial, serial_key, atr, profile, \
-             template_id, template_version, master_key_version, puk_version, \
-             puk_rotation_pending, status, status_reason, issued_at, last_unblock_at, \
-             last_unblock_flow, unblock_count, updated_at, label) VALUES ",
-        );
-        for (i, c) in chunk.iter().enumerate() {
-            sql.tuple(
-                i == 0,
-                [
-                    Value::from(c.id.clone()),
-                    c.user_id.clone().into(),
-                    c.card_id.clone().into(),
-                    c.serial.clone().into(),
-                    c.serial_key.clone().into(),
-                    c.atr.clone().into(),
-                    c.profile.into(),
-                    c.template_id.clone().into(),
-                    c.template_version.into(),
-                    c.master_key_version.into(),
-                    c.puk_version.into(),
-                    c.puk_rotation_pending.into(),
-                    c.status.into(),
-                    c.status_reason.clone().into(),
-                    c.issued_at.into(),
-                    c.last_unblock_at.into(),
-                    c.last_unblock_flow.into(),
-                    c.unblock_count.into(),
-                    c.updated_at.into(),
-                    c.label.clone().into(),
-                ],
-            );
-        }
-        txn.execute_raw(sql.statement()).await?;
+        txn.execute_raw(insert_sql(txn.get_database_backend(), chunk).statement())
+            .await?;
     }
     Ok(())
+}
+
+/// [`insert_cards`], skipping a row whose card id is taken: the card ids written.
+async fn insert_new_cards(
+    txn: &DatabaseTransaction,
+    rows: &[credential::Model],
+) -> Result<HashSet<Vec<u8>>, Error> {
+    let mut written = HashSet::with_capacity(rows.len());
+    for chunk in rows.chunks(INSERT_ROWS) {
+        let mut sql = insert_sql(txn.get_database_backend(), chunk);
+        sql.push(" ON CONFLICT DO NOTHING RETURNING card_id");
+        for row in txn.query_all_raw(sql.statement()).await? {
+            written.insert(row.try_get("", "card_id")?);
+        }
+    }
+    Ok(written)
+}
+
+/// The multi-row INSERT of `rows`.
+fn insert_sql(backend: DbBackend, rows: &[credential::Model]) -> Sql {
+    let mut sql = Sql::new(backend);
+    sql.push(
+        "INSERT INTO credentials (id, user_id, card_id, serial, serial_key, atr, profile, \
+         template_id, template_version, master_key_version, puk_version, \
+         puk_rotation_pending, status, status_reason, issued_at, last_unblock_at, \
+         last_unblock_flow, unblock_count, updated_at, label) VALUES ",
+    );
+    for (i, c) in rows.iter().enumerate() {
+        sql.tuple(
+            i == 0,
+            [
+                Value::from(c.id.clone()),
+                c.user_id.clone().into(),
+                c.card_id.clone().into(),
+                c.serial.clone().into(),
+                c.serial_key.clone().into(),
+                c.atr.clone().into(),
+                c.profile.into(),
+                c.template_id.clone().into(),
+                c.template_version.into(),
+                c.master_key_version.into(),
+                c.puk_version.into(),
+                c.puk_rotation_pending.into(),
+                c.status.into(),
+                c.status_reason.clone().into(),
+                c.issued_at.into(),
+                c.last_unblock_at.into(),
+                c.last_unblock_flow.into(),
+                c.unblock_count.into(),
+                c.updated_at.into(),
+                c.label.clone().into(),
+            ],
+        );
+    }
+    sql
 }
 
 /// Rebuilds the search documents of `owners` (whose cards changed) from their cards' serials,
