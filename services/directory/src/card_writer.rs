@@ -63,8 +63,14 @@ impl CardWriter {
     pub fn start(db: DatabaseConnection) -> Self {
         let (jobs, queue) = mpsc::channel(QUEUE);
         tokio::spawn(async move {
-            let db = own_connection(db).await;
-            run(db, queue).await
+            match own_connection(&db).await {
+                Some(own) => {
+                    let (wake, commits) = mpsc::channel(1);
+                    tokio::spawn(checkpoints(db, commits));
+                    run(own, queue, Some(wake)).await
+                }
+                None => run(db, queue, None).await,
+            }
         });
         Self { jobs }
     }
@@ -86,18 +92,18 @@ impl CardWriter {
     }
 }
 
-/// The writer's own connection to `db`'s SQLite file (`db` itself on PostgreSQL, or when one
-/// cannot be opened). A connection drops its whole page cache whenever it begins a
-/// transaction after another connection wrote: taking whichever pooled connection was free,
-/// each group started on a cold cache (and emptying a large one costs time of its own), so a
-/// registration alone took twice as long.
-async fn own_connection(db: DatabaseConnection) -> DatabaseConnection {
+/// The writer's own connection to `db`'s SQLite file (none on PostgreSQL, or when one cannot
+/// be opened). A connection drops its whole page cache whenever it begins a transaction after
+/// another connection wrote: taking whichever pooled connection was free, each group started
+/// on a cold cache (and emptying a large one costs time of its own), so a registration alone
+/// took twice as long. Its commits leave the WAL to [`checkpoints`].
+async fn own_connection(db: &DatabaseConnection) -> Option<DatabaseConnection> {
     if db.get_database_backend() != DbBackend::Sqlite {
-        return db;
+        return None;
     }
     let options = (*db.get_sqlite_connection_pool().connect_options()).clone();
     if options.get_filename() == std::path::Path::new(":memory:") {
-        return db; // each connection would be a database of its own
+        return None; // each connection would be a database of its own
     }
     let own = sea_orm::sqlx::pool::PoolOptions::<sea_orm::sqlx::Sqlite>::new()
         .max_connections(1)
@@ -105,18 +111,44 @@ async fn own_connection(db: DatabaseConnection) -> DatabaseConnection {
         .idle_timeout(None)
         .max_lifetime(None)
         .test_before_acquire(false)
-        .connect_with(options)
+        .connect_with(options.pragma("wal_autocheckpoint", "0"))
         .await;
     match own {
-        Ok(pool) => SqlxSqliteConnector::from_sqlx_sqlite_pool(pool),
+        Ok(pool) => Some(SqlxSqliteConnector::from_sqlx_sqlite_pool(pool)),
         Err(e) => {
             tracing::warn!(error = %e, "the card writer shares the pool's connections");
-            db
+            None
         }
     }
 }
 
-async fn run(db: DatabaseConnection, mut queue: mpsc::Receiver<Job>) {
+/// Pause between two WAL checkpoints of the card writer's commits.
+const CHECKPOINT_PAUSE: Duration = Duration::from_millis(50);
+
+/// Copies the card writer's commits from the WAL into the database file, on a pooled
+/// connection, at most every [`CHECKPOINT_PAUSE`], until the writer ends. Done by the commit
+/// that crossed SQLite's threshold (1,000 pages, a few groups), each such group waited for a
+/// checkpoint and its sync: most of the slowest registrations. A passive checkpoint waits
+/// for no one, and the writer goes on meanwhile.
+async fn checkpoints(db: DatabaseConnection, mut commits: mpsc::Receiver<()>) {
+    while commits.recv().await.is_some() {
+        if let Err(e) = db
+            .execute_unprepared("PRAGMA wal_checkpoint(PASSIVE)")
+            .await
+        {
+            tracing::warn!(error = %e, "WAL checkpoint after card registrations failed");
+        }
+        tokio::time::sleep(CHECKPOINT_PAUSE).await;
+    }
+}
+
+/// Commits the queued registrations group by group; after each commit, wakes `checkpoint`
+/// (when the writer has a connection of its own).
+async fn run(
+    db: DatabaseConnection,
+    mut queue: mpsc::Receiver<Job>,
+    checkpoint: Option<mpsc::Sender<()>>,
+) {
     let mut group = Vec::with_capacity(MAX_GROUP);
     while queue.recv_many(&mut group, MAX_GROUP).await > 0 {
         let now = Instant::now();
@@ -133,6 +165,9 @@ async fn run(db: DatabaseConnection, mut queue: mpsc::Receiver<Job>) {
             live.into_iter().map(|j| (j.card, j.reply)).unzip();
         match commit(&db, &cards).await {
             Ok(results) => {
+                if let Some(wake) = &checkpoint {
+                    let _ = wake.try_send(());
+                }
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result);
                 }

@@ -73,3 +73,58 @@ async fn registrations_go_on_while_reads_hold_the_pool() {
         .expect("the second card is stored");
     assert_eq!(listed.id, registered.id);
 }
+
+/// The card writer's commits are checkpointed in the background: the WAL does not grow with
+/// every registration (the writer's own connection leaves checkpoints to another).
+#[tokio::test]
+async fn registrations_leave_the_wal_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = cms_kit::db::connect(&Default::default(), dir.path(), "directory")
+        .await
+        .expect("open the SQLite file");
+    cms_directory::migration::run(&db)
+        .await
+        .expect("migrations");
+    let d = Directory::new(
+        db.clone(),
+        SecretKey::from_bytes(&[3; 32]),
+        SelfServiceSettings::default(),
+    );
+    let mut owners = Vec::new();
+    for i in 0..20 {
+        let u = d
+            .create_user(Some(User {
+                username: format!("holder{i}"),
+                display_name: format!("Holder Number {i}"),
+                ..Default::default()
+            }))
+            .await
+            .expect("create user");
+        owners.push(u.id);
+    }
+    let wal = dir.path().join("directory.sqlite3-wal");
+    let mut largest = 0;
+    for i in 0..300u32 {
+        d.register_credential(Some(Credential {
+            user_id: owners[i as usize % owners.len()].clone(),
+            card_id: i.to_be_bytes().to_vec(),
+            serial: format!("SC{:010}", u64::from(i) * 2_654_435_761 % 10_000_000_000),
+            profile: CardProfile::Minidriver as i32,
+            template_id: "00000000-0000-4000-8000-000000000001".into(),
+            template_version: 1,
+            master_key_version: 1,
+            ..Default::default()
+        }))
+        .await
+        .expect("register");
+        if i % 10 == 0 {
+            // Room for the background checkpoint to run (as between a helpdesk's calls).
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+        largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+    }
+    assert!(
+        largest < 8 << 20,
+        "the WAL reached {largest} bytes during 300 registrations"
+    );
+}
