@@ -23,8 +23,8 @@ use tokio::time::Instant;
 use crate::Error;
 use crate::card_import::{LOOKUP_KEYS, in_json_list};
 use crate::entity::{credential, user};
+use crate::normalize;
 use crate::search::{self, Changes};
-use crate::users::UserFields;
 use crate::util::Sql;
 
 /// Rows per multi-row INSERT of cards (20 parameters each).
@@ -354,6 +354,61 @@ fn insert_sql(backend: DbBackend, rows: &[credential::Model]) -> Sql {
     sql
 }
 
+/// Owners whose documents one thread makes, at least (fewer are made on the caller's thread).
+const OWNERS_PER_THREAD: usize = 256;
+
+/// The new search and prefix documents of `owners` (`(num, doc, prefix)`) from their cards'
+/// `serials`, and their posting list changes, added to `changes`. A large import batch is
+/// shared among the machine's cores: this is most of its time outside the database, which
+/// otherwise waited for it.
+fn new_documents(
+    owners: &[&user::Model],
+    serials: &HashMap<String, Vec<String>>,
+    changes: &mut Changes,
+) -> Vec<(i64, String, String)> {
+    let make = |owners: &[&user::Model]| {
+        let mut changes = Changes::default();
+        let mut docs = Vec::with_capacity(owners.len());
+        for m in owners {
+            let theirs = serials.get(&m.id).map(Vec::as_slice).unwrap_or_default();
+            let doc = normalize::search_doc(&m.display_name, &m.username, &m.email, theirs);
+            changes.replace((m.sort_rank, &m.search_doc), (m.sort_rank, &doc));
+            docs.push((m.num, normalize::prefix_doc(&doc), doc));
+        }
+        (docs, changes)
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(owners.len() / OWNERS_PER_THREAD)
+        .max(1);
+    let parts: Vec<_> = if threads == 1 {
+        vec![make(owners)]
+    } else {
+        let per = owners.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let mut chunks = owners.chunks(per);
+            let first = chunks.next().unwrap_or_default();
+            let others: Vec<_> = chunks.map(|c| scope.spawn(move || make(c))).collect();
+            let mut parts = vec![make(first)];
+            // A thread that panicked passes its panic on.
+            parts.extend(others.into_iter().map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            }));
+            parts
+        })
+    };
+    let mut docs = Vec::with_capacity(owners.len());
+    for (part, theirs) in parts {
+        docs.extend(
+            part.into_iter()
+                .map(|(num, prefix, doc)| (num, doc, prefix)),
+        );
+        changes.merge(theirs);
+    }
+    docs
+}
+
 /// Rebuilds the search documents of `owners` (whose cards changed) from their cards' serials,
 /// writes them, and records the posting list changes in `changes`.
 pub(crate) async fn refresh_documents(
@@ -384,19 +439,7 @@ pub(crate) async fn refresh_documents(
     for (owner, _, _, serial) in rows {
         serials.entry(owner).or_default().push(serial);
     }
-    let mut docs = Vec::with_capacity(owners.len());
-    for m in owners {
-        let mut am = user::ActiveModel::default();
-        let theirs = serials.get(&m.id).map(Vec::as_slice).unwrap_or_default();
-        UserFields::of(m).apply(&mut am, theirs);
-        let (sea_orm::ActiveValue::Set(doc), sea_orm::ActiveValue::Set(prefix)) =
-            (am.search_doc, am.prefix_doc)
-        else {
-            return Err(Error::Internal("a search document was not made".into()));
-        };
-        changes.replace((m.sort_rank, &m.search_doc), (m.sort_rank, &doc));
-        docs.push((m.num, doc, prefix));
-    }
+    let docs = new_documents(owners, &serials, changes);
     for chunk in docs.chunks(UPDATE_ROWS) {
         let mut sql = Sql::new(txn.get_database_backend());
         sql.push("WITH v (num, doc, prefix) AS (VALUES ");
