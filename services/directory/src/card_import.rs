@@ -29,7 +29,7 @@ use crate::{Directory, Error, normalize};
 /// Lines checked and written together.
 const BATCH: usize = 2_000;
 /// New cards whose posting list changes are gathered before they are written.
-const APPLY_EVERY: usize = 100_000;
+const APPLY_EVERY: usize = 250_000;
 /// Most refusals listed in a report (all are counted).
 pub const MAX_REFUSALS: usize = 1_000;
 /// SQLite page cache of the connection applying an import, KiB.
