@@ -29,7 +29,7 @@ use crate::{Directory, Error, normalize};
 /// Lines checked and written together.
 const BATCH: usize = 2_000;
 /// New cards whose posting list changes are gathered before they are written.
-const APPLY_EVERY: usize = 100_000;
+const APPLY_EVERY: usize = 250_000;
 /// Most refusals listed in a report (all are counted).
 pub const MAX_REFUSALS: usize = 1_000;
 /// SQLite page cache of the connection applying an import, KiB.
@@ -388,8 +388,8 @@ async fn users_by(
     let mut out = Vec::new();
     for chunk in keys.chunks(LOOKUP_KEYS) {
         let mut sql = Sql::new(db.get_database_backend());
-        sql.push(&format!("SELECT * FROM users WHERE {column} IN "));
-        json_list(&mut sql, chunk)?;
+        sql.push("SELECT * FROM users WHERE ");
+        in_json_list(&mut sql, column, chunk)?;
         for row in db.query_all_raw(sql.statement()).await? {
             out.push(user::Model::from_query_result(&row, "")?);
         }
@@ -397,16 +397,19 @@ async fn users_by(
     Ok(out)
 }
 
-/// `(SELECT …)` of the texts in `keys`, bound as one JSON array.
-pub(crate) fn json_list(sql: &mut Sql, keys: &[&str]) -> Result<(), Error> {
+/// `column IN <keys>`, the texts in `keys` bound as one JSON array. On PostgreSQL the list is
+/// an array built once (an InitPlan), so that each key is looked up in the column's index:
+/// `IN (SELECT …)` hash-joined a scan of the whole table, for every batch of an import.
+pub(crate) fn in_json_list(sql: &mut Sql, column: &str, keys: &[&str]) -> Result<(), Error> {
     let list = serde_json::to_string(keys)
         .map_err(|e| Error::Internal(format!("a key list as JSON: {e}")))?;
+    sql.push(column);
     if sql.backend == DbBackend::Postgres {
-        sql.push("(SELECT jsonb_array_elements_text(")
+        sql.push(" = ANY(ARRAY(SELECT jsonb_array_elements_text(")
             .bind(list)
-            .push("::jsonb))");
+            .push("::jsonb)))");
     } else {
-        sql.push("(SELECT value FROM json_each(")
+        sql.push(" IN (SELECT value FROM json_each(")
             .bind(list)
             .push("))");
     }
@@ -584,6 +587,13 @@ impl Directory {
         let reader = tokio::task::spawn_blocking(move || read_batches(file, delimiter, tx));
         let txn = search::write_txn(&self.db).await?;
         let sqlite = txn.get_database_backend() == DbBackend::Sqlite;
+        if !sqlite {
+            // Each statement planned for the tables as they are: a plan cached early (while
+            // the import's first batches were all the cards there were) scanned the whole
+            // credentials table for every batch as the import grew it.
+            txn.execute_unprepared("SET LOCAL plan_cache_mode = force_custom_plan")
+                .await?;
+        }
         if sqlite {
             // The owners of a large file are all over the users table: with SQLite's usual
             // cache, dirty pages were spilled and written again and again.

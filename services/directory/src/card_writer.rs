@@ -9,22 +9,22 @@
 //! past that it is refused as busy (UNAVAILABLE with a retry hint), never written, so a
 //! client may retry it safely.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use cms_proto::directory::v1::UserStatus;
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DatabaseTransaction, FromQueryResult, TransactionTrait,
-    Value,
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, FromQueryResult,
+    SqlxSqliteConnector, Value,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::Error;
-use crate::card_import::{LOOKUP_KEYS, json_list};
+use crate::card_import::{LOOKUP_KEYS, in_json_list};
 use crate::entity::{credential, user};
+use crate::normalize;
 use crate::search::{self, Changes};
-use crate::users::UserFields;
 use crate::util::Sql;
 
 /// Rows per multi-row INSERT of cards (20 parameters each).
@@ -58,10 +58,20 @@ pub(crate) struct CardWriter {
 }
 
 impl CardWriter {
-    /// Starts the writer on `db` (on the current tokio runtime).
+    /// Starts the writer on `db` (on the current tokio runtime), with a connection of its own
+    /// on SQLite.
     pub fn start(db: DatabaseConnection) -> Self {
         let (jobs, queue) = mpsc::channel(QUEUE);
-        tokio::spawn(run(db, queue));
+        tokio::spawn(async move {
+            match own_connection(&db).await {
+                Some(own) => {
+                    let (wake, commits) = mpsc::channel(1);
+                    tokio::spawn(checkpoints(db, commits));
+                    run(own, queue, Some(wake)).await
+                }
+                None => run(db, queue, None).await,
+            }
+        });
         Self { jobs }
     }
 
@@ -82,7 +92,63 @@ impl CardWriter {
     }
 }
 
-async fn run(db: DatabaseConnection, mut queue: mpsc::Receiver<Job>) {
+/// The writer's own connection to `db`'s SQLite file (none on PostgreSQL, or when one cannot
+/// be opened). A connection drops its whole page cache whenever it begins a transaction after
+/// another connection wrote: taking whichever pooled connection was free, each group started
+/// on a cold cache (and emptying a large one costs time of its own), so a registration alone
+/// took twice as long. Its commits leave the WAL to [`checkpoints`].
+async fn own_connection(db: &DatabaseConnection) -> Option<DatabaseConnection> {
+    if db.get_database_backend() != DbBackend::Sqlite {
+        return None;
+    }
+    let options = (*db.get_sqlite_connection_pool().connect_options()).clone();
+    if options.get_filename() == std::path::Path::new(":memory:") {
+        return None; // each connection would be a database of its own
+    }
+    let own = sea_orm::sqlx::pool::PoolOptions::<sea_orm::sqlx::Sqlite>::new()
+        .max_connections(1)
+        .min_connections(1)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .test_before_acquire(false)
+        .connect_with(options.pragma("wal_autocheckpoint", "0"))
+        .await;
+    match own {
+        Ok(pool) => Some(SqlxSqliteConnector::from_sqlx_sqlite_pool(pool)),
+        Err(e) => {
+            tracing::warn!(error = %e, "the card writer shares the pool's connections");
+            None
+        }
+    }
+}
+
+/// Pause between two WAL checkpoints of the card writer's commits.
+const CHECKPOINT_PAUSE: Duration = Duration::from_millis(50);
+
+/// Copies the card writer's commits from the WAL into the database file, on a pooled
+/// connection, at most every [`CHECKPOINT_PAUSE`], until the writer ends. Done by the commit
+/// that crossed SQLite's threshold (1,000 pages, a few groups), each such group waited for a
+/// checkpoint and its sync: most of the slowest registrations. A passive checkpoint waits
+/// for no one, and the writer goes on meanwhile.
+async fn checkpoints(db: DatabaseConnection, mut commits: mpsc::Receiver<()>) {
+    while commits.recv().await.is_some() {
+        if let Err(e) = db
+            .execute_unprepared("PRAGMA wal_checkpoint(PASSIVE)")
+            .await
+        {
+            tracing::warn!(error = %e, "WAL checkpoint after card registrations failed");
+        }
+        tokio::time::sleep(CHECKPOINT_PAUSE).await;
+    }
+}
+
+/// Commits the queued registrations group by group; after each commit, wakes `checkpoint`
+/// (when the writer has a connection of its own).
+async fn run(
+    db: DatabaseConnection,
+    mut queue: mpsc::Receiver<Job>,
+    checkpoint: Option<mpsc::Sender<()>>,
+) {
     let mut group = Vec::with_capacity(MAX_GROUP);
     while queue.recv_many(&mut group, MAX_GROUP).await > 0 {
         let now = Instant::now();
@@ -99,6 +165,9 @@ async fn run(db: DatabaseConnection, mut queue: mpsc::Receiver<Job>) {
             live.into_iter().map(|j| (j.card, j.reply)).unzip();
         match commit(&db, &cards).await {
             Ok(results) => {
+                if let Some(wake) = &checkpoint {
+                    let _ = wake.try_send(());
+                }
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result);
                 }
@@ -139,7 +208,6 @@ async fn commit(
     let mut taken = holders(&txn, &card_ids).await?;
     let mut results = Vec::with_capacity(cards.len());
     let mut rows = Vec::with_capacity(cards.len());
-    let mut changed: HashMap<i64, &user::Model> = HashMap::new();
     for card in cards {
         let result = match owners.get(&card.row.user_id) {
             None => Err(Error::NotFound(format!("user {}", card.row.user_id))),
@@ -154,7 +222,6 @@ async fn commit(
             )),
             Some(m) => {
                 taken.insert(card.row.card_id.clone(), m.id.clone());
-                changed.insert(m.num, m);
                 rows.push(card.row.clone());
                 Ok(())
             }
@@ -162,52 +229,31 @@ async fn commit(
         results.push(result);
     }
     // The write lock keeps other registrations and imports out, so the card ids checked above
-    // stay new. Should one be taken all the same, each card is written alone, in a savepoint
-    // of its own, so that only that one is refused.
-    let mut changes = Changes::default();
-    let savepoint = txn.begin().await?;
-    match insert_cards(&savepoint, &rows).await {
-        Ok(()) => {
-            savepoint.commit().await?;
-            let owners: Vec<&user::Model> = changed.into_values().collect();
-            refresh_documents(&txn, &owners, &mut changes).await?;
+    // stay new. Should one be taken all the same, only that card is refused: the INSERT skips
+    // it and says which it wrote (no savepoint, and no second pass card by card).
+    let written = insert_new_cards(&txn, &rows).await?;
+    let mut changed: HashMap<i64, &user::Model> = HashMap::new();
+    for (card, result) in cards.iter().zip(results.iter_mut()) {
+        if result.is_err() {
+            continue;
         }
-        Err(Error::Storage(e)) if crate::util::unique_violation(&e) => {
-            savepoint.rollback().await?;
-            for (card, result) in cards.iter().zip(results.iter_mut()) {
-                if result.is_ok() {
-                    *result = one_by_one(&txn, card, &mut changes).await?;
-                }
+        match owners.get(&card.row.user_id) {
+            Some(m) if written.contains(&card.row.card_id) => {
+                changed.insert(m.num, m);
+            }
+            _ => {
+                *result = Err(Error::AlreadyExists(
+                    "a credential with this card_id is already registered".into(),
+                ));
             }
         }
-        Err(e) => return Err(e),
     }
+    let mut changes = Changes::default();
+    let owners: Vec<&user::Model> = changed.into_values().collect();
+    refresh_documents(&txn, &owners, &mut changes).await?;
     search::apply(&txn, changes).await?;
     txn.commit().await?;
     Ok(results)
-}
-
-/// Writes `card` in a savepoint of `txn`: its result, or the storage error that stops the
-/// group.
-async fn one_by_one(
-    txn: &DatabaseTransaction,
-    card: &NewCard,
-    changes: &mut Changes,
-) -> Result<Result<(), Error>, Error> {
-    let savepoint = txn.begin().await?;
-    let mut own = Changes::default();
-    match crate::Directory::register_in(&savepoint, card, &mut own).await {
-        Ok(()) => {
-            savepoint.commit().await?;
-            changes.merge(own);
-            Ok(Ok(()))
-        }
-        Err(e @ Error::Storage(_)) => Err(e),
-        Err(e) => {
-            savepoint.rollback().await?;
-            Ok(Err(e))
-        }
-    }
 }
 
 /// The users with the ids `ids`.
@@ -215,8 +261,8 @@ async fn users_by_id(db: &DatabaseTransaction, ids: &[&str]) -> Result<Vec<user:
     let mut out = Vec::new();
     for chunk in ids.chunks(LOOKUP_KEYS) {
         let mut sql = Sql::new(db.get_database_backend());
-        sql.push("SELECT * FROM users WHERE id IN ");
-        json_list(&mut sql, chunk)?;
+        sql.push("SELECT * FROM users WHERE ");
+        in_json_list(&mut sql, "id", chunk)?;
         for row in db.query_all_raw(sql.statement()).await? {
             out.push(user::Model::from_query_result(&row, "")?);
         }
@@ -247,43 +293,120 @@ pub(crate) async fn insert_cards(
     rows: &[credential::Model],
 ) -> Result<(), Error> {
     for chunk in rows.chunks(INSERT_ROWS) {
-        let mut sql = Sql::new(txn.get_database_backend());
-        sql.push(
-            "INSERT INTO credentials (id, user_id, card_id, serial, serial_key, atr, profile, \
-             template_id, template_version, master_key_version, puk_version, \
-             puk_rotation_pending, status, status_reason, issued_at, last_unblock_at, \
-             last_unblock_flow, unblock_count, updated_at, label) VALUES ",
-        );
-        for (i, c) in chunk.iter().enumerate() {
-            sql.tuple(
-                i == 0,
-                [
-                    Value::from(c.id.clone()),
-                    c.user_id.clone().into(),
-                    c.card_id.clone().into(),
-                    c.serial.clone().into(),
-                    c.serial_key.clone().into(),
-                    c.atr.clone().into(),
-                    c.profile.into(),
-                    c.template_id.clone().into(),
-                    c.template_version.into(),
-                    c.master_key_version.into(),
-                    c.puk_version.into(),
-                    c.puk_rotation_pending.into(),
-                    c.status.into(),
-                    c.status_reason.clone().into(),
-                    c.issued_at.into(),
-                    c.last_unblock_at.into(),
-                    c.last_unblock_flow.into(),
-                    c.unblock_count.into(),
-                    c.updated_at.into(),
-                    c.label.clone().into(),
-                ],
-            );
-        }
-        txn.execute_raw(sql.statement()).await?;
+        txn.execute_raw(insert_sql(txn.get_database_backend(), chunk).statement())
+            .await?;
     }
     Ok(())
+}
+
+/// [`insert_cards`], skipping a row whose card id is taken: the card ids written.
+async fn insert_new_cards(
+    txn: &DatabaseTransaction,
+    rows: &[credential::Model],
+) -> Result<HashSet<Vec<u8>>, Error> {
+    let mut written = HashSet::with_capacity(rows.len());
+    for chunk in rows.chunks(INSERT_ROWS) {
+        let mut sql = insert_sql(txn.get_database_backend(), chunk);
+        sql.push(" ON CONFLICT DO NOTHING RETURNING card_id");
+        for row in txn.query_all_raw(sql.statement()).await? {
+            written.insert(row.try_get("", "card_id")?);
+        }
+    }
+    Ok(written)
+}
+
+/// The multi-row INSERT of `rows`.
+fn insert_sql(backend: DbBackend, rows: &[credential::Model]) -> Sql {
+    let mut sql = Sql::new(backend);
+    sql.push(
+        "INSERT INTO credentials (id, user_id, card_id, serial, serial_key, atr, profile, \
+         template_id, template_version, master_key_version, puk_version, \
+         puk_rotation_pending, status, status_reason, issued_at, last_unblock_at, \
+         last_unblock_flow, unblock_count, updated_at, label) VALUES ",
+    );
+    for (i, c) in rows.iter().enumerate() {
+        sql.tuple(
+            i == 0,
+            [
+                Value::from(c.id.clone()),
+                c.user_id.clone().into(),
+                c.card_id.clone().into(),
+                c.serial.clone().into(),
+                c.serial_key.clone().into(),
+                c.atr.clone().into(),
+                c.profile.into(),
+                c.template_id.clone().into(),
+                c.template_version.into(),
+                c.master_key_version.into(),
+                c.puk_version.into(),
+                c.puk_rotation_pending.into(),
+                c.status.into(),
+                c.status_reason.clone().into(),
+                c.issued_at.into(),
+                c.last_unblock_at.into(),
+                c.last_unblock_flow.into(),
+                c.unblock_count.into(),
+                c.updated_at.into(),
+                c.label.clone().into(),
+            ],
+        );
+    }
+    sql
+}
+
+/// Owners whose documents one thread makes, at least (fewer are made on the caller's thread).
+const OWNERS_PER_THREAD: usize = 256;
+
+/// The new search and prefix documents of `owners` (`(num, doc, prefix)`) from their cards'
+/// `serials`, and their posting list changes, added to `changes`. A large import batch is
+/// shared among the machine's cores: this is most of its time outside the database, which
+/// otherwise waited for it.
+fn new_documents(
+    owners: &[&user::Model],
+    serials: &HashMap<String, Vec<String>>,
+    changes: &mut Changes,
+) -> Vec<(i64, String, String)> {
+    let make = |owners: &[&user::Model]| {
+        let mut changes = Changes::default();
+        let mut docs = Vec::with_capacity(owners.len());
+        for m in owners {
+            let theirs = serials.get(&m.id).map(Vec::as_slice).unwrap_or_default();
+            let doc = normalize::search_doc(&m.display_name, &m.username, &m.email, theirs);
+            changes.replace((m.sort_rank, &m.search_doc), (m.sort_rank, &doc));
+            docs.push((m.num, normalize::prefix_doc(&doc), doc));
+        }
+        (docs, changes)
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(owners.len() / OWNERS_PER_THREAD)
+        .max(1);
+    let parts: Vec<_> = if threads == 1 {
+        vec![make(owners)]
+    } else {
+        let per = owners.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let mut chunks = owners.chunks(per);
+            let first = chunks.next().unwrap_or_default();
+            let others: Vec<_> = chunks.map(|c| scope.spawn(move || make(c))).collect();
+            let mut parts = vec![make(first)];
+            // A thread that panicked passes its panic on.
+            parts.extend(others.into_iter().map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            }));
+            parts
+        })
+    };
+    let mut docs = Vec::with_capacity(owners.len());
+    for (part, theirs) in parts {
+        docs.extend(
+            part.into_iter()
+                .map(|(num, prefix, doc)| (num, doc, prefix)),
+        );
+        changes.merge(theirs);
+    }
+    docs
 }
 
 /// Rebuilds the search documents of `owners` (whose cards changed) from their cards' serials,
@@ -293,35 +416,30 @@ pub(crate) async fn refresh_documents(
     owners: &[&user::Model],
     changes: &mut Changes,
 ) -> Result<(), Error> {
-    let mut serials: HashMap<String, Vec<String>> = HashMap::new();
+    let mut rows: Vec<(String, i64, String, String)> = Vec::new();
     let ids: Vec<&str> = owners.iter().map(|m| m.id.as_str()).collect();
     for chunk in ids.chunks(LOOKUP_KEYS) {
         let mut sql = Sql::new(txn.get_database_backend());
-        sql.push("SELECT user_id, serial FROM credentials WHERE user_id IN ");
-        json_list(&mut sql, chunk)?;
-        // The order of `users::serials_of`, ties broken by id (new cards come last).
-        sql.push(" ORDER BY user_id, issued_at, id");
+        // Sorted here, not by the database: no order that a plan could serve by walking the
+        // whole owner index instead of looking each owner up.
+        sql.push("SELECT user_id, issued_at, id, serial FROM credentials WHERE ");
+        in_json_list(&mut sql, "user_id", chunk)?;
         for row in txn.query_all_raw(sql.statement()).await? {
-            let owner: String = row.try_get("", "user_id")?;
-            serials
-                .entry(owner)
-                .or_default()
-                .push(row.try_get("", "serial")?);
+            rows.push((
+                row.try_get("", "user_id")?,
+                row.try_get("", "issued_at")?,
+                row.try_get("", "id")?,
+                row.try_get("", "serial")?,
+            ));
         }
     }
-    let mut docs = Vec::with_capacity(owners.len());
-    for m in owners {
-        let mut am = user::ActiveModel::default();
-        let theirs = serials.get(&m.id).map(Vec::as_slice).unwrap_or_default();
-        UserFields::of(m).apply(&mut am, theirs);
-        let (sea_orm::ActiveValue::Set(doc), sea_orm::ActiveValue::Set(prefix)) =
-            (am.search_doc, am.prefix_doc)
-        else {
-            return Err(Error::Internal("a search document was not made".into()));
-        };
-        changes.replace((m.sort_rank, &m.search_doc), (m.sort_rank, &doc));
-        docs.push((m.num, doc, prefix));
+    // The order of `users::serials_of`, ties broken by id (new cards come last).
+    rows.sort_unstable();
+    let mut serials: HashMap<String, Vec<String>> = HashMap::new();
+    for (owner, _, _, serial) in rows {
+        serials.entry(owner).or_default().push(serial);
     }
+    let docs = new_documents(owners, &serials, changes);
     for chunk in docs.chunks(UPDATE_ROWS) {
         let mut sql = Sql::new(txn.get_database_backend());
         sql.push("WITH v (num, doc, prefix) AS (VALUES ");

@@ -3,19 +3,16 @@
 use cms_proto::common::v1::{CardProfile, Flow, PageResponse};
 use cms_proto::directory::v1::{
     Credential, CredentialStatus, ListUserCredentialsRequest, ListUserCredentialsResponse,
-    RecordUnblockRequest, UpdateCredentialStatusRequest, UserStatus,
+    RecordUnblockRequest, UpdateCredentialStatusRequest,
 };
 use cms_proto::template::v1::{GetTemplateRequest, TemplateState};
 use sea_orm::ActiveValue::Set;
 use sea_orm::sea_query::{Expr, ExprTrait};
-use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-};
+use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 
 use crate::card_writer::NewCard;
 use crate::entity::credential;
 use crate::normalize;
-use crate::search::Changes;
 use crate::util::{self, check_text, now_micros, timestamp};
 use crate::{Directory, Error, token};
 
@@ -211,40 +208,6 @@ impl Directory {
         self.card_writer().register(card).await?;
         tracing::info!(credential = %registered.id, user = %c.user_id, "credential registered");
         Ok(registered)
-    }
-
-    /// Writes a registration on `db` (a savepoint of the card writer's group): the owner must
-    /// exist and be enabled, the card id be new. Records the owner's search index changes.
-    pub(crate) async fn register_in<C: ConnectionTrait>(
-        db: &C,
-        card: &NewCard,
-        changes: &mut Changes,
-    ) -> Result<(), Error> {
-        let owner = Self::user_by_id(db, &card.row.user_id)
-            .await
-            .map_err(|e| match e {
-                Error::Invalid { .. } | Error::NotFound(_) => {
-                    Error::NotFound(format!("user {}", card.row.user_id))
-                }
-                other => other,
-            })?;
-        if owner.status == UserStatus::Disabled as i32 {
-            return Err(Error::FailedPrecondition(format!(
-                "user {} is disabled: no card may be registered for it",
-                card.row.user_id
-            )));
-        }
-        let row = credential::ActiveModel::from(card.row.clone());
-        match credential::Entity::insert(row).exec(db).await {
-            Ok(_) => {}
-            Err(e) if util::unique_violation(&e) => {
-                return Err(Error::AlreadyExists(
-                    "a credential with this card_id is already registered".into(),
-                ));
-            }
-            Err(e) => return Err(e.into()),
-        }
-        Self::refresh_search(db, &owner, changes).await
     }
 
     pub async fn get_credential(&self, id: &str) -> Result<Credential, Error> {

@@ -736,28 +736,4 @@ impl Directory {
         }
         self.get_user(id).await
     }
-
-    /// Recomputes a user's search document after its credentials changed.
-    /// The posting list changes are left in `changes`, to apply with others.
-    pub(crate) async fn refresh_search<C: ConnectionTrait>(
-        db: &C,
-        m: &user::Model,
-        changes: &mut Changes,
-    ) -> Result<(), Error> {
-        let serials = serials_of(db, &m.id).await?;
-        let mut am = user::ActiveModel::default();
-        UserFields::of(m).apply(&mut am, &serials);
-        reindex(db, m, &am, changes).await?;
-        let am = user::ActiveModel {
-            search_doc: am.search_doc,
-            prefix_doc: am.prefix_doc,
-            ..Default::default()
-        };
-        user::Entity::update_many()
-            .set(am)
-            .filter(user::Column::Num.eq(m.num))
-            .exec(db)
-            .await?;
-        Ok(())
-    }
 }

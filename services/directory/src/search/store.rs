@@ -229,7 +229,8 @@ pub async fn apply<C: ConnectionTrait>(db: &C, changes: Changes) -> Result<(), E
     // order: into an empty table that appends instead of splitting pages all over.
     grams.sort_by_cached_key(|g| gram_text(*g));
     for batch in grams.chunks(GRAM_BATCH) {
-        let stored = counts(db, batch).await?;
+        // Every changed list is probed: one without chunks reads none (asking first which
+        // lists have chunks was a statement more per write, a third of a registration's).
         let mut probes = Vec::new();
         let mut work = Vec::with_capacity(batch.len());
         for g in batch {
@@ -239,14 +240,12 @@ pub async fn apply<C: ConnectionTrait>(db: &C, changes: Changes) -> Result<(), E
             add.dedup();
             remove.sort_unstable();
             remove.dedup();
-            if stored.get(g).is_some_and(|n| *n > 0) {
-                let mut all: Vec<i64> = add.iter().chain(&remove).copied().collect();
-                all.sort_unstable();
-                match all.as_slice() {
-                    [] => {}
-                    few if few.len() <= 8 => probes.extend(few.iter().map(|r| (*g, *r, *r))),
-                    many => probes.push((*g, many[0], many[many.len() - 1])),
-                }
+            let mut all: Vec<i64> = add.iter().chain(&remove).copied().collect();
+            all.sort_unstable();
+            match all.as_slice() {
+                [] => {}
+                few if few.len() <= 8 => probes.extend(few.iter().map(|r| (*g, *r, *r))),
+                many => probes.push((*g, many[0], many[many.len() - 1])),
             }
             work.push((*g, add, remove));
         }
@@ -289,10 +288,16 @@ pub async fn apply<C: ConnectionTrait>(db: &C, changes: Changes) -> Result<(), E
                 merged.sort_unstable();
                 merged.dedup();
                 delta += merged.len() as i64 - before as i64;
-                deletes.push((g, chunk.lo));
-                if !merged.is_empty() {
-                    inserts.extend(pieces(merged).into_iter().map(|p| (g, p)));
+                let parts = if merged.is_empty() {
+                    Vec::new()
+                } else {
+                    pieces(merged)
+                };
+                // A piece that starts where the chunk did overwrites it (see [`write`]).
+                if !parts.iter().any(|p| p[0] == chunk.lo) {
+                    deletes.push((g, chunk.lo));
                 }
+                inserts.extend(parts.into_iter().map(|p| (g, p)));
             }
             deltas.push((g, delta));
         }
@@ -337,6 +342,8 @@ async fn write<C: ConnectionTrait>(
             ];
             sql.tuple(i == 0, row);
         }
+        // A chunk rewritten in place: one change of the row instead of a delete and an insert.
+        sql.push(" ON CONFLICT (gram, lo) DO UPDATE SET n = excluded.n, data = excluded.data");
         sql.statement()
     });
     run_overlapped(db, statements, &mut |_| {}).await?;
