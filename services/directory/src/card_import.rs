@@ -36,6 +36,8 @@ pub const MAX_REFUSALS: usize = 1_000;
 const IMPORT_CACHE_KIB: u32 = 262_144;
 /// The page cache `cms_kit::db` gives pooled SQLite connections, KiB.
 const POOL_CACHE_KIB: u32 = 65_536;
+/// Uploads from which an import gives its memory back afterwards (about 10,000 cards).
+const LARGE_UPLOAD: u64 = 1 << 20;
 /// Keys per lookup statement.
 pub(crate) const LOOKUP_KEYS: usize = 1_000;
 
@@ -560,16 +562,25 @@ impl Directory {
         file.rewind()
             .map_err(|e| Error::Internal(format!("reading the upload back: {e}")))?;
         progress(tally.progress(CardImportPhase::Receiving, received, 0));
-        self.apply_cards(
-            file,
-            delimiter,
-            options.dry_run,
-            received,
-            started,
-            tally,
-            progress,
-        )
-        .await
+        // A large inventory gives back what it used, as a large user import does.
+        let large = received >= LARGE_UPLOAD;
+        let trimmer = large.then(crate::memory::Trimmer::start);
+        let outcome = self
+            .apply_cards(
+                file,
+                delimiter,
+                options.dry_run,
+                received,
+                started,
+                tally,
+                progress,
+            )
+            .await;
+        drop(trimmer);
+        if large {
+            crate::memory::release_after_import(&self.db).await;
+        }
+        outcome
     }
 
     #[allow(clippy::too_many_arguments)]
