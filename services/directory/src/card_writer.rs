@@ -111,6 +111,7 @@ async fn own_connection(db: &DatabaseConnection) -> Option<DatabaseConnection> {
         .idle_timeout(None)
         .max_lifetime(None)
         .test_before_acquire(false)
+        .after_connect(|connection, _| Box::pin(cms_kit::db::stable_plans(connection)))
         .connect_with(options.pragma("wal_autocheckpoint", "0"))
         .await;
     match own {

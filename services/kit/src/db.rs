@@ -123,13 +123,14 @@ pub async fn connect(
         })
 }
 
-/// Turns on SQLite's query planner stability guarantee for `connection`: a statement keeps
+/// Turns on SQLite's query planner stability guarantee for `connection` (every pooled
+/// connection has it; a connection opened apart needs it too): a statement keeps
 /// the plan it was prepared with whatever values are bound to it. Without it, once ANALYZE
 /// has written `sqlite_stat4` (an operator's maintenance, or `PRAGMA optimize`), every
 /// statement comparing a bound value with an indexed column is prepared again each time it
 /// runs with other values: a fifth of a directory search's CPU, and a third of the throughput
 /// of concurrent searches. Our statements are written for one plan; they need no other.
-async fn stable_plans(
+pub async fn stable_plans(
     connection: &mut sea_orm::sqlx::SqliteConnection,
 ) -> Result<(), sea_orm::sqlx::Error> {
     let mut handle = connection.lock_handle().await?;
