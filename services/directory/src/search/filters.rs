@@ -154,6 +154,6 @@ pub(super) async fn external_id_matches<C: ConnectionTrait>(
     push_after(&mut sql, after);
     sql.push(" ORDER BY u.display_key, u.username_key, u.id LIMIT ")
         .bind(i64::try_from(need).unwrap_or(i64::MAX));
-    // In page order (the caller merges them with the word starts' and sorts those).
+    // In any order: the caller merges them with the word starts and sorts them all.
     rows::fetch(db, sql).await
 }
