@@ -12,8 +12,10 @@
 //! time), --no-sqlite, --no-postgres. PostgreSQL binaries: /usr/lib/postgresql/*/bin or
 //! $CMS_TEST_PG_BIN.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+#[path = "common/pg.rs"]
+mod pg;
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cms_directory::users::{UserFields, insert_new_users};
@@ -23,6 +25,7 @@ use cms_proto::directory::v1::{
     Credential, ImportCredentialsEnd, ImportCredentialsOptions, ImportCredentialsRequest,
     UserSource, import_credentials_request::Payload,
 };
+use pg::Pg;
 use sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait};
 
 const TEMPLATE: &str = "00000000-0000-4000-8000-000000000001";
@@ -280,113 +283,6 @@ async fn run_on(db: DatabaseConnection, name: &str, a: &Args, notes: &mut Vec<St
 }
 
 /// A throwaway PostgreSQL cluster on a Unix socket, stopped on drop.
-struct Pg {
-    dir: tempfile::TempDir,
-    bin: PathBuf,
-    root: bool,
-}
-
-impl Pg {
-    fn start() -> Self {
-        let bin = std::env::var_os("CMS_TEST_PG_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                let mut v: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-                    .expect("PostgreSQL not installed (postgresql-15)")
-                    .flatten()
-                    .map(|e| e.path().join("bin"))
-                    .filter(|b| b.join("initdb").is_file())
-                    .collect();
-                v.sort();
-                v.pop().expect("no initdb under /usr/lib/postgresql/*/bin")
-            });
-        let root = Command::new("id")
-            .arg("-u")
-            .output()
-            .is_ok_and(|o| o.stdout.starts_with(b"0"));
-        let dir = tempfile::Builder::new()
-            .prefix("cms-pgcards-")
-            .tempdir()
-            .expect("tmp");
-        let pg = Self { dir, bin, root };
-        if root {
-            pg.sh(Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(pg.dir.path()));
-        }
-        let data = pg.dir.path().join("data");
-        pg.sh(pg.cmd("initdb").arg("-D").arg(&data).args([
-            "-U",
-            "cms",
-            "--auth=trust",
-            "--encoding=UTF8",
-            "--no-locale",
-            "--no-sync",
-        ]));
-        let conf = data.join("postgresql.conf");
-        let mut text = std::fs::read_to_string(&conf).expect("conf");
-        text.push_str(&format!(
-            "\nlisten_addresses = ''\nunix_socket_directories = '{}'\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\nshared_buffers = 512MB\nwork_mem = 32MB\nmax_wal_size = 4GB\n",
-            pg.dir.path().display()
-        ));
-        std::fs::write(&conf, text).expect("conf");
-        pg.sh(pg
-            .cmd("pg_ctl")
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(pg.dir.path().join("log"))
-            .args(["-w", "start"]));
-        pg.sh(pg.cmd("psql").arg("-h").arg(pg.dir.path()).args([
-            "-U",
-            "cms",
-            "-d",
-            "postgres",
-            "-c",
-            "CREATE DATABASE bench",
-        ]));
-        pg
-    }
-
-    fn cmd(&self, program: &str) -> Command {
-        if self.root {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(self.bin.join(program));
-            c
-        } else {
-            Command::new(self.bin.join(program))
-        }
-    }
-
-    fn sh(&self, c: &mut Command) {
-        let out = c.output().expect("run");
-        assert!(
-            out.status.success(),
-            "{:?}: {}",
-            c,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn url(&self) -> String {
-        format!(
-            "postgres://cms@localhost/bench?host={}",
-            self.dir.path().display()
-        )
-    }
-}
-
-impl Drop for Pg {
-    fn drop(&mut self) {
-        let _ = self
-            .cmd("pg_ctl")
-            .arg("-D")
-            .arg(self.dir.path().join("data"))
-            .args(["-m", "immediate", "stop"])
-            .output();
-    }
-}
-
 async fn run() {
     let a = args();
     println!(
@@ -403,7 +299,7 @@ async fn run() {
         run_on(db, "SQLite", &a, &mut notes).await;
     }
     if a.postgres {
-        let pg = Pg::start();
+        let pg = Pg::start(None, "shared_buffers = 512MB\nwork_mem = 32MB");
         let settings = cms_kit::db::DatabaseSettings {
             url: Some(pg.url()),
             max_connections: 8,

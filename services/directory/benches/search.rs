@@ -14,8 +14,10 @@
 //! the same --users/--credentials search them again instead of loading them anew).
 //! PostgreSQL binaries: /usr/lib/postgresql/*/bin or $CMS_TEST_PG_BIN.
 
+#[path = "common/pg.rs"]
+mod pg;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cms_directory::entity::{credential, user};
@@ -24,6 +26,7 @@ use cms_directory::users::{UserFields, insert_users, new_row};
 use cms_directory::{Directory, SelfServiceSettings, secrets::SecretKey};
 use cms_proto::common::v1::{CardProfile, Flow, PageRequest};
 use cms_proto::directory::v1::{CredentialStatus, SearchUsersRequest, UserSource};
+use pg::Pg;
 use sea_orm::ActiveValue::Set;
 use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, TransactionTrait};
 
@@ -645,134 +648,6 @@ async fn sqlite_db(dir: &Path) -> DatabaseConnection {
     db
 }
 
-/// A throwaway PostgreSQL on a Unix socket (as in the test harness, tests/src/postgres.rs).
-struct Pg {
-    dir: PathBuf,
-    _temp: Option<tempfile::TempDir>,
-    bin: PathBuf,
-    root: bool,
-}
-
-impl Pg {
-    /// Starts the cluster in `keep` (created there when new), or in a temporary directory.
-    fn start(keep: Option<&Path>) -> Self {
-        let bin = std::env::var_os("CMS_TEST_PG_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                let mut v: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-                    .expect("PostgreSQL not installed (postgresql-15)")
-                    .flatten()
-                    .map(|e| e.path().join("bin"))
-                    .filter(|b| b.join("initdb").is_file())
-                    .collect();
-                v.sort();
-                v.pop().expect("no initdb under /usr/lib/postgresql/*/bin")
-            });
-        let root = Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| o.stdout.starts_with(b"0"))
-            .unwrap_or(false);
-        let (dir, _temp) = match keep {
-            Some(dir) => {
-                std::fs::create_dir_all(dir).expect("pg dir");
-                (dir.to_owned(), None)
-            }
-            None => {
-                let t = tempfile::Builder::new()
-                    .prefix("cms-pgbench-")
-                    .tempdir()
-                    .expect("tmp");
-                (t.path().to_owned(), Some(t))
-            }
-        };
-        let pg = Self {
-            dir,
-            _temp,
-            bin,
-            root,
-        };
-        if root {
-            pg.sh(Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&pg.dir));
-        }
-        let data = pg.dir.join("data");
-        let fresh = !data.join("PG_VERSION").is_file();
-        if fresh {
-            pg.sh(pg.cmd("initdb").arg("-D").arg(&data).args([
-                "-U",
-                "cms",
-                "--auth=trust",
-                "--encoding=UTF8",
-                "--no-locale",
-                "--no-sync",
-            ]));
-            let conf = data.join("postgresql.conf");
-            let mut text = std::fs::read_to_string(&conf).expect("conf");
-            text.push_str(&format!(
-                "\nlisten_addresses = ''\nunix_socket_directories = '{}'\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\nshared_buffers = 1GB\nwork_mem = 32MB\nmaintenance_work_mem = 512MB\nmax_wal_size = 4GB\n",
-                pg.dir.display()
-            ));
-            std::fs::write(&conf, text).expect("conf");
-        }
-        pg.sh(pg
-            .cmd("pg_ctl")
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(pg.dir.join("log"))
-            .args(["-w", "start"]));
-        if fresh {
-            pg.sh(pg.cmd("psql").arg("-h").arg(&pg.dir).args([
-                "-U",
-                "cms",
-                "-d",
-                "postgres",
-                "-c",
-                "CREATE DATABASE bench",
-            ]));
-        }
-        pg
-    }
-
-    fn cmd(&self, program: &str) -> Command {
-        if self.root {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(self.bin.join(program));
-            c
-        } else {
-            Command::new(self.bin.join(program))
-        }
-    }
-
-    fn sh(&self, c: &mut Command) {
-        let out = c.output().expect("run");
-        assert!(
-            out.status.success(),
-            "{:?}: {}",
-            c,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://cms@localhost/bench?host={}", self.dir.display())
-    }
-}
-
-impl Drop for Pg {
-    fn drop(&mut self) {
-        let data = self.dir.join("data");
-        let _ = self
-            .cmd("pg_ctl")
-            .arg("-D")
-            .arg(&data)
-            .args(["-m", "immediate", "stop"])
-            .output();
-    }
-}
-
 /// Imports `n` users from CSV into a new SQLite database: (users per second, time taken, RSS
 /// and own memory once the directory is open and idle).
 async fn import_rate(n: usize) -> (f64, Duration, (f64, f64)) {
@@ -922,7 +797,10 @@ async fn run() {
         extra(&d, "SQLite", &sets, &people, a.registrations, &mut notes).await;
     }
     if a.postgres {
-        let pg = Pg::start(a.data.as_ref().map(|d| d.join("pg")).as_deref());
+        let pg = Pg::start(
+            a.data.as_ref().map(|d| d.join("pg")).as_deref(),
+            "shared_buffers = 1GB\nwork_mem = 32MB\nmaintenance_work_mem = 512MB",
+        );
         let settings = cms_kit::db::DatabaseSettings {
             url: Some(pg.url()),
             max_connections: 8,
